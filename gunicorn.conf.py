@@ -1,0 +1,67 @@
+"""gunicorn settings for Jarvis: plain settings under headers, then hooks.
+
+Nothing from jarvis is imported at module level: the gevent worker must
+monkey-patch before the app (and requests) are imported, and the master must
+stay free of application state. Command-line flags (-b, -w, ...) still win.
+"""
+
+import os
+import sys
+
+
+def _positive_int(name, default):
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"jarvis: {name} must be a whole number of at least 1 (got {raw!r})")
+    return int(raw)
+
+
+# -- Server socket -------------------------------------------------------------
+bind = [os.environ.get("JARVIS_BIND", "127.0.0.1:8000")]
+
+# -- Workers ---------------------------------------------------------------------
+workers = _positive_int("JARVIS_WORKERS", 1)
+worker_class = "gevent"
+worker_connections = 2000  # counts idle keep-alive connections too
+preload_app = False  # the gevent worker must patch before the app is imported
+timeout = 30  # fires only when the hub is blocked: streams themselves never time out here
+graceful_timeout = 30  # open streams end with server_shutdown a few seconds before this
+keepalive = 15  # above the 5 s that httpx-based clients (openai SDK) reuse idle connections for
+
+# gunicorn's control socket lives at one path per user: two Jarvis instances would fight over it.
+control_socket_disable = True
+
+# -- Logging -----------------------------------------------------------------------
+loglevel = "info"
+errorlog = "-"
+capture_output = True  # stack dumps on stderr land in the error log when it is a file
+
+# A blocked hub is reported with its stack by gevent's monitor thread.
+os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
+os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
+
+
+# -- Hooks ---------------------------------------------------------------------------
+def on_starting(server):
+    """Validate JARVIS_* settings once in the master: a bad value stops start-up with a clear message."""
+    from jarvis.settings import Settings, SettingsError
+
+    try:
+        Settings.from_env()
+    except SettingsError as error:
+        sys.exit(f"jarvis: {error}")
+
+
+def post_worker_init(worker):
+    """After gunicorn set its own signal handlers: add stack dumps and the shutdown watch."""
+    from jarvis import diagnostics, lifecycle
+
+    diagnostics.install_stack_dump()
+    lifecycle.watch_worker(worker)
+
+
+def worker_abort(worker):
+    """The master killed this worker for blocking its hub: show where it was stuck."""
+    from jarvis import diagnostics
+
+    diagnostics.dump_blocked_worker()

@@ -1,0 +1,61 @@
+"""The backend seam: where chat completions come from.
+
+A backend turns an OpenAI chat request into a `Generation`. Nothing outside
+this package knows which backend is running.
+
+    backend.models()            -> OpenAI's model list object
+    backend.open(request)       -> Generation; raises ApiError before any output
+    generation.batches()        -> iterator of lists of `data:` payloads (JSON bytes),
+                                   ends after [DONE]; raises StreamError on an abnormal end
+    generation.result()         -> the whole non-streaming response (status, JSON bytes)
+    generation.close()          -> cancel at the source; safe to call twice, from any greenlet
+
+`open` may block (connecting, waiting for headers); the relay runs it in a
+pump greenlet and cancels it by killing that greenlet, so every blocking call
+in a backend must be a gevent-cooperative one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from jarvis.settings import Settings
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request, as the client sent it."""
+
+    body: dict
+    raw: bytes  # the client's bytes, forwarded unchanged when `body` was not modified
+    stream: bool
+    trace_id: str
+
+
+class Generation(Protocol):
+    def batches(self) -> Iterator[list[bytes]]: ...
+
+    def result(self) -> tuple[int, bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def models(self) -> dict: ...
+
+    def open(self, request: ChatRequest) -> Generation: ...
+
+
+def create_backend(settings: Settings) -> Backend:
+    """The upstream backend when JARVIS_UPSTREAM_URL is set, else the embedded model."""
+    if settings.upstream_url:
+        from jarvis.backends.upstream import UpstreamBackend
+
+        return UpstreamBackend(settings)
+    from jarvis.backends.unconfigured import UnconfiguredBackend
+
+    return UnconfiguredBackend()

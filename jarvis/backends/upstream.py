@@ -1,0 +1,197 @@
+"""The upstream backend: an OpenAI-compatible server (Ollama, llama.cpp, vLLM, OpenAI) over HTTP.
+
+Only the configured base URL is ever contacted, redirects are not followed,
+and the key goes to that host alone. Bodies are read with `raw.read1`, which
+returns whatever has arrived under chunked and close-delimited framing alike;
+`iter_lines` would hold a close-delimited answer until the upstream hangs up.
+Closing the response is how a generation is cancelled: the upstream sees its
+socket close and stops generating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import gevent
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from jarvis.backends import ChatRequest
+from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_object
+from jarvis.settings import Settings
+from jarvis.sse import DONE, MalformedStream, SSEDecoder
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 65536
+_ERROR_BODY_LIMIT = 65536
+_DRAIN_SECONDS = 1.0
+_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+class UpstreamBackend:
+    name = "upstream"
+
+    def __init__(self, settings: Settings):
+        self.base_url = settings.upstream_url
+        self.model = settings.model
+        # The read timeout is only a backstop: the relay enforces inactivity itself.
+        self.stream_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds + 30)
+        self.result_timeout = (settings.upstream_connect_seconds, settings.stream_max_seconds)
+        self.session = _new_session(settings.upstream_api_key)
+
+    def models(self) -> dict:
+        """The upstream's model list, unchanged."""
+        response = self._send("GET", "/models", None, "-", self.stream_timeout, stream=False)
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(502, "The upstream's /models answer is not JSON", "upstream_error", "upstream_malformed")
+        finally:
+            response.close()
+
+    def open(self, request: ChatRequest) -> UpstreamGeneration:
+        """POST the request; return once the upstream has answered with a success status."""
+        body = request.raw
+        if "model" not in request.body and self.model:
+            body = json.dumps({**request.body, "model": self.model}).encode()
+        timeout = self.stream_timeout if request.stream else self.result_timeout
+        response = self._send("POST", "/chat/completions", body, request.trace_id, timeout, stream=True)
+        return UpstreamGeneration(response)
+
+    def _send(self, method, path, body, trace_id, timeout, stream) -> requests.Response:
+        headers = {"X-Request-Id": trace_id}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = self.session.request(method, self.base_url + path, data=body, headers=headers,
+                                            timeout=timeout, stream=stream, allow_redirects=False)
+        except requests.exceptions.ConnectTimeout:
+            raise ApiError(502, f"The upstream at {self.base_url} did not accept a connection in time",
+                           "upstream_error", "upstream_unreachable")
+        except requests.exceptions.ReadTimeout:
+            raise ApiError(504, "The upstream did not answer in time", "upstream_error", "upstream_timeout")
+        except _READ_ERRORS as error:
+            raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
+                           "upstream_error", "upstream_unreachable")
+        if response.status_code >= 300:
+            raise _status_error(response)
+        return response
+
+
+def _new_session(api_key: str | None) -> requests.Session:
+    session = requests.Session()
+    # No proxies or .netrc credentials from the environment: Jarvis talks to its upstream only.
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2048, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update({"Accept-Encoding": "identity", "User-Agent": "jarvis"})
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
+    return session
+
+
+def _status_error(response: requests.Response) -> ApiError:
+    """Keep the upstream's status and, when it is OpenAI-shaped, its error body."""
+    status = response.status_code
+    try:
+        text = response.raw.read(_ERROR_BODY_LIMIT)
+    except _READ_ERRORS:
+        text = b""
+    finally:
+        response.close()
+    if 300 <= status < 400:
+        return ApiError(502, f"The upstream answered with a redirect ({status}); Jarvis does not follow "
+                             "redirects: set JARVIS_UPSTREAM_URL to the final URL",
+                        "upstream_error", "upstream_redirect")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return ApiError(status, "upstream error", body=body)
+    detail = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), str) else \
+        text.decode("utf-8", "replace").strip()[:500]
+    message = f"The upstream answered {status}: {detail}" if detail else f"The upstream answered {status}"
+    type_ = "invalid_request_error" if status < 500 else "upstream_error"
+    return ApiError(status, message, type_, "upstream_status")
+
+
+class UpstreamGeneration:
+    """One open upstream response."""
+
+    def __init__(self, response: requests.Response):
+        self.response = response
+        self.finished = False
+        self.malformed = 0
+
+    def batches(self):
+        """The data payloads of each read, until [DONE]; StreamError on any other end."""
+        decoder = SSEDecoder()
+        read1 = self.response.raw.read1
+        while True:
+            try:
+                chunk = read1(_READ_SIZE)
+            except _READ_ERRORS as error:
+                raise StreamError("upstream_disconnected",
+                                  f"The upstream connection broke mid-stream ({type(error).__name__})",
+                                  "upstream_error")
+            try:
+                payloads = decoder.feed(chunk) if chunk else decoder.finish()
+            except MalformedStream as error:
+                raise StreamError("upstream_malformed", str(error), "upstream_error")
+            batch = self._checked(payloads)
+            if self.finished:
+                yield batch
+                return
+            if not chunk:
+                if batch:
+                    yield batch
+                raise StreamError("upstream_incomplete", "The upstream ended the stream without [DONE]; "
+                                  "the answer may be cut short", "upstream_error")
+            if batch:
+                yield batch
+
+    def _checked(self, payloads: list[bytes]) -> list[bytes]:
+        """Keep JSON object payloads up to [DONE]; raise on an upstream error event."""
+        batch = []
+        for payload in payloads:
+            if payload == DONE:
+                self.finished = True
+                break
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                self.malformed += 1
+                continue
+            if "error" in event:
+                error = event["error"]
+                raise UpstreamErrorEvent(error if isinstance(error, dict) else
+                                         error_object(str(error), "upstream_error", "upstream_error"))
+            batch.append(payload)
+        return batch
+
+    def result(self) -> tuple[int, bytes]:
+        """The whole body of a non-streaming answer."""
+        try:
+            body = self.response.raw.read()
+        except _READ_ERRORS as error:
+            raise ApiError(502, f"The upstream connection broke ({type(error).__name__})",
+                           "upstream_error", "upstream_disconnected")
+        self.finished = True
+        return self.response.status_code, body
+
+    def close(self) -> None:
+        """After [DONE], drain to the end so the connection can be reused; otherwise close it."""
+        if self.finished:
+            try:
+                with gevent.Timeout(_DRAIN_SECONDS):
+                    self.response.raw.drain_conn()
+            except (gevent.Timeout, *_READ_ERRORS):
+                pass
+        self.response.close()

@@ -1,0 +1,46 @@
+"""Stack dumps for a worker that seems stuck: `kill -USR1 <pid>` prints every greenlet and thread.
+
+Two dumps, because each sees what the other cannot. The Python handler prints
+every greenlet (`gevent.util.print_run_info`), but it runs only when the hub
+gets to run. faulthandler prints from the signal itself, so it works even when
+the hub is blocked, but it sees only the greenlet that is running. gunicorn's
+own USR1 handler (reopen the log files) still runs after ours.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+
+import gevent.util
+
+
+def install_stack_dump() -> None:
+    """Chain a greenlet dump and faulthandler in front of the current SIGUSR1 handler."""
+    previous = signal.getsignal(signal.SIGUSR1)
+
+    def dump_then_chain(signum, frame):
+        dump_greenlets("SIGUSR1")
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGUSR1, dump_then_chain)
+    # After signal.signal, which would otherwise replace faulthandler's C-level handler.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=True)
+
+
+def dump_greenlets(reason: str) -> None:
+    """Print every thread's and greenlet's stack to stderr (the error log)."""
+    stream = sys.stderr
+    stream.write(f"==== jarvis stack dump ({reason}) pid {os.getpid()}: greenlets and threads ====\n")
+    gevent.util.print_run_info(file=stream)
+    stream.write(f"==== end of jarvis stack dump pid {os.getpid()} ====\n")
+    stream.flush()
+
+
+def dump_blocked_worker() -> None:
+    """For gunicorn's worker_abort: the hub was blocked; show what blocked it."""
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    dump_greenlets("worker timeout")

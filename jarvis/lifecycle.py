@@ -1,0 +1,117 @@
+"""Worker shutdown: end open streams cleanly before gunicorn's graceful_timeout runs out.
+
+gunicorn SIGKILLs a worker whose requests outlive graceful_timeout, and a
+killed stream's `finally` never runs: the upstream keeps generating and the
+client sees a body cut without [DONE]. So once the worker stops being alive
+(SIGTERM, HUP, max_requests), open streams get a little time to finish on
+their own, then end with a `server_shutdown` error event and [DONE].
+
+Idle keep-alive connections are closed at once: gunicorn would otherwise keep
+the stopping worker alive until each one's keepalive timer ran out.
+"""
+
+from __future__ import annotations
+
+import _socket
+import logging
+import socket
+import weakref
+
+import gevent
+from werkzeug.wsgi import ClosingIterator
+
+from jarvis import relay
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.2
+
+
+def shutdown_delay(graceful_timeout: float) -> float:
+    """How long open streams may run on after the worker stops: a few seconds short of the limit."""
+    return max(0.0, graceful_timeout - min(3.0, graceful_timeout / 2))
+
+
+def watch_worker(worker) -> gevent.Greenlet:
+    """Start the greenlet that ends open streams when `worker` stops being alive."""
+    return gevent.spawn(_watch, worker, shutdown_delay(float(worker.cfg.graceful_timeout)))
+
+
+class ConnectionTracker:
+    """WSGI middleware that knows which client connections are between requests."""
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+        self.known: weakref.WeakSet = weakref.WeakSet()
+        self.busy: weakref.WeakSet = weakref.WeakSet()
+
+    def __call__(self, environ, start_response):
+        sock = environ.get("gunicorn.socket")
+        if sock is None:
+            return self.wsgi_app(environ, start_response)
+        self.known.add(sock)
+        self.busy.add(sock)
+        try:
+            iterable = self.wsgi_app(environ, start_response)
+        except BaseException:
+            self.busy.discard(sock)
+            raise
+        return ClosingIterator(iterable, lambda: self.busy.discard(sock))
+
+    def close_idle(self) -> int:
+        """Shut down connections with no request in flight; their readers see EOF and end."""
+        idle = [sock for sock in list(self.known) if sock not in self.busy]
+        for sock in idle:
+            _shutdown_quietly(sock)
+        return len(idle)
+
+
+def _shutdown_quietly(sock) -> None:
+    """Shut a gevent socket down through a plain socket object on the same descriptor.
+
+    gevent's own shutdown() wakes the greenlet reading it with EBADF, which
+    gunicorn logs as an ERROR; a plain shutdown makes that read return EOF.
+    """
+    fileno = sock.fileno()
+    if fileno < 0:
+        return  # already closed
+    try:
+        plain = _socket.socket(fileno=fileno)
+    except OSError:
+        return
+    try:
+        plain.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        plain.detach()
+
+
+tracker: ConnectionTracker | None = None
+
+
+def track_connections(wsgi_app):
+    """Wrap the app so that shutdown can close idle keep-alive connections."""
+    global tracker
+    tracker = ConnectionTracker(wsgi_app)
+    return tracker
+
+
+def _watch(worker, delay: float) -> None:
+    while worker.alive:
+        gevent.sleep(_POLL_SECONDS)
+    _close_idle()
+    if relay.open_stream_count():
+        log.info("worker stopping: %d open streams may finish within %.1f s", relay.open_stream_count(), delay)
+        gevent.sleep(delay)
+    ended = relay.interrupt_all("shutdown")
+    if ended:
+        log.info("worker stopping: ended %d open streams with server_shutdown", ended)
+    # Connections whose stream just ended are idle now; close them too.
+    gevent.sleep(_POLL_SECONDS)
+    _close_idle()
+
+
+def _close_idle() -> None:
+    if tracker is not None:
+        tracker.close_idle()

@@ -1,0 +1,57 @@
+"""Trace ids and log set-up: every line Jarvis writes names the request it belongs to.
+
+The trace id lives in a context variable. A greenlet serves one request at a
+time but the same greenlet serves the next keep-alive request, so the id is
+set afresh for every request; greenlets spawned for a request get a copy of
+the context through `spawn`. Logs go to stderr, which gunicorn's
+`capture_output` points at its error log, so USR1 log reopening covers them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import sys
+import uuid
+
+import gevent
+
+trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="-")
+
+_VALID_TRACE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s [%(trace_id)s] %(message)s"
+_DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
+
+
+def new_trace_id(proposed: str | None = None) -> str:
+    """Adopt a client's X-Request-Id when it is a sane token, else make one."""
+    if proposed and _VALID_TRACE_ID.fullmatch(proposed):
+        return proposed
+    return uuid.uuid4().hex
+
+
+def spawn(function, *args) -> gevent.Greenlet:
+    """gevent.spawn that carries the caller's context (trace id) into the greenlet."""
+    context = contextvars.copy_context()
+    return gevent.spawn(context.run, function, *args)
+
+
+class _TraceIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.trace_id = trace_id_var.get()
+        return True
+
+
+def configure(level: str) -> None:
+    """Send the `jarvis` loggers to stderr with the trace id on every line (idempotent)."""
+    root = logging.getLogger("jarvis")
+    root.setLevel(level)
+    root.propagate = False
+    if any(getattr(handler, "_jarvis", False) for handler in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler._jarvis = True
+    handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+    handler.addFilter(_TraceIdFilter())
+    root.addHandler(handler)

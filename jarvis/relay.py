@@ -1,0 +1,357 @@
+"""The relay: the one place where a backend's output becomes a client's SSE stream, and where it ends.
+
+Three greenlets per stream, so that nothing ever waits on one thing while
+another matters:
+
+    pump      opens the backend and reads it into a bounded queue
+    response  (gunicorn's greenlet) waits on the queue; writes events, `: ping`
+              heartbeats when the queue is quiet, and the in-band error + [DONE]
+              on any abnormal end (inactivity, max duration, shutdown, upstream)
+    watcher   waits on the client socket with MSG_PEEK and reports FIN/RST at
+              once, even while the upstream is silent
+
+Cancelling is killing the pump: its `finally` closes the backend's generation,
+which for an upstream closes the socket, and the upstream stops generating.
+Every stream ends with exactly one INFO line naming its outcome.
+
+Never `yield` in an `except GeneratorExit` or `finally` block here: gunicorn
+closes the generator when a write fails, and a yield there raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import gevent
+import gevent.queue
+from flask import Response
+
+from jarvis.backends import Backend, ChatRequest
+from jarvis.errors import ApiError, StreamError
+from jarvis.logs import spawn, trace_id_var
+from jarvis.settings import Settings
+from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
+
+log = logging.getLogger(__name__)
+
+_QUEUE_BATCHES = 256
+_KILL_SECONDS = 2.0
+
+_OPENED = object()
+_END = object()
+_WAKE = object()
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _Result:
+    __slots__ = ("status", "body")
+
+    def __init__(self, status: int, body: bytes):
+        self.status = status
+        self.body = body
+
+
+_open_relays: set[Relay] = set()
+
+
+def open_stream_count() -> int:
+    return len(_open_relays)
+
+
+def interrupt_all(reason: str) -> int:
+    """End every open stream with `reason` (used at shutdown); return how many there were."""
+    relays = list(_open_relays)
+    for relay in relays:
+        relay.interrupt(reason)
+    return len(relays)
+
+
+_STOP_ERRORS = {
+    "shutdown": StreamError("server_shutdown", "Jarvis is shutting down; send the request again in a moment",
+                            "server_error"),
+    "inactivity": None,  # built per stream: the message names the limit
+    "max_duration": None,
+}
+
+
+class Relay:
+    """One chat completion on its way from a backend to a client."""
+
+    def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict):
+        self.backend = backend
+        self.request = request
+        self.heartbeat = settings.heartbeat_seconds
+        self.inactivity = settings.stream_inactivity_seconds
+        self.max_seconds = settings.stream_max_seconds
+        self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
+        self.watcher = ClientWatcher(environ, self._client_gone)
+        self.pump: gevent.Greenlet | None = None
+        self.stop_reason: str | None = None
+        self.outcome = "client_stop"
+        self.events = 0
+        self.started = time.monotonic()
+        self.first_event_at: float | None = None
+        self.last_event = self.started
+        self.error_code: str | None = None
+        self.client_gone_at: float | None = None
+        self.upstream_closed_at: float | None = None
+        self.closed = False
+
+    # -- start ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the pump and the watcher; return once the backend has accepted, or raise ApiError."""
+        _open_relays.add(self)
+        self.watcher.start()
+        self.pump = spawn(self._pump)
+        try:
+            if self.request.stream:
+                self._wait_for(_OPENED, self.inactivity, "upstream_timeout",
+                               "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for(self, wanted, seconds: float, timeout_code: str, timeout_message: str):
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.stop_reason:
+                raise self._stopped_before_start()
+            try:
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except gevent.queue.Empty:
+                self.outcome = "inactivity"
+                raise ApiError(504, timeout_message, "upstream_error", timeout_code)
+            if isinstance(item, _Failure):
+                self.outcome = "upstream_error"
+                error = item.error
+                raise error if isinstance(error, ApiError) else ApiError(502, str(error), "upstream_error", error.code)
+            if item is wanted or (wanted is _Result and isinstance(item, _Result)):
+                return item
+
+    def _stopped_before_start(self) -> ApiError:
+        self.outcome = self.stop_reason
+        if self.stop_reason == "shutdown":
+            return ApiError(503, "Jarvis is shutting down; send the request again in a moment",
+                            "server_error", "server_shutdown")
+        # 499: nginx's "client closed request"; nobody is left to read it.
+        return ApiError(499, "The client closed the connection", "invalid_request_error", "client_closed")
+
+    # -- the pump greenlet -------------------------------------------------
+
+    def _pump(self) -> None:
+        generation = None
+        put = self.queue.put
+        try:
+            generation = self.backend.open(self.request)
+            put(_OPENED)
+            if self.request.stream:
+                for batch in generation.batches():
+                    put(batch)
+                put(_END)
+            else:
+                put(_Result(*generation.result()))
+        except (ApiError, StreamError) as error:
+            put(_Failure(error))
+        except Exception as error:  # a bug: report it in-band rather than hang the client
+            log.exception("backend failed")
+            put(_Failure(StreamError("internal_error", f"Jarvis failed while reading the backend "
+                                                       f"({type(error).__name__}); see the server log")))
+        finally:
+            if generation is not None:
+                try:
+                    generation.close()
+                except Exception:
+                    log.warning("closing the backend generation failed", exc_info=True)
+            self.upstream_closed_at = time.monotonic()
+
+    # -- stop signals from other greenlets -----------------------------------
+
+    def _client_gone(self, how: str) -> None:
+        self.client_gone_at = time.monotonic()
+        self.watcher_saw = how
+        self._stop("client_stop")
+
+    def interrupt(self, reason: str) -> None:
+        """Stop this stream from another greenlet (shutdown)."""
+        self._stop(reason)
+
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.pump is not None:
+            self.pump.kill(block=False)  # cancel at the source now, not when the response wakes
+        try:
+            self.queue.put_nowait(_WAKE)
+        except gevent.queue.Full:
+            pass  # the response greenlet has plenty to read and checks stop_reason each turn
+
+    # -- the response ----------------------------------------------------------
+
+    def sse_response(self) -> Response:
+        response = Response(self._sse(), status=200, content_type="text/event-stream; charset=utf-8")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.implicit_sequence_conversion = False  # middleware calling get_data() must fail loudly
+        response.call_on_close(self.close)  # covers a generator that never started
+        return response
+
+    def _sse(self):
+        trace_id_var.set(self.request.trace_id)
+        try:
+            yield OPENING  # gunicorn sends the headers with the first body write
+            get = self.queue.get
+            while True:
+                if self.stop_reason:
+                    yield from self._stopped()
+                    return
+                now = time.monotonic()
+                wait = min(self.heartbeat, self.last_event + self.inactivity - now, self.started + self.max_seconds - now)
+                try:
+                    item = get(timeout=max(wait, 0.0))
+                except gevent.queue.Empty:
+                    limit = self._limit_reached(time.monotonic())
+                    if limit is not None:
+                        yield self._fail(limit)
+                        return
+                    yield PING
+                    continue
+                if type(item) is list:
+                    if item:
+                        yield self._events(item)
+                    else:
+                        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+                elif item is _END:
+                    self.outcome = "complete"
+                    yield DONE_EVENT
+                    return
+                elif isinstance(item, _Failure):
+                    yield self._fail(item.error)
+                    return
+        except GeneratorExit:
+            self.outcome = "client_stop"
+            raise
+        finally:
+            self.close()
+
+    def _events(self, batch: list[bytes]) -> bytes:
+        now = time.monotonic()
+        if self.first_event_at is None:
+            self.first_event_at = now
+        self.last_event = now
+        self.events += len(batch)
+        if len(batch) == 1:
+            return data_event(batch[0])
+        return b"".join([data_event(payload) for payload in batch])
+
+    def _stopped(self):
+        if self.stop_reason == "client_stop":
+            self.outcome = "client_stop"
+            return
+        yield self._fail(_STOP_ERRORS[self.stop_reason])
+
+    def _limit_reached(self, now: float) -> StreamError | None:
+        if now - self.started >= self.max_seconds:
+            return StreamError("stream_max_duration", f"The stream reached JARVIS_STREAM_MAX_SECONDS "
+                                                      f"({self.max_seconds:g} s) and was ended", "timeout_error")
+        if now - self.last_event >= self.inactivity:
+            return StreamError("stream_inactivity", f"The backend sent nothing for {self.inactivity:g} s "
+                                                    "(JARVIS_STREAM_INACTIVITY_SECONDS); the stream was ended",
+                               "timeout_error")
+        return None
+
+    def _fail(self, error: StreamError | ApiError) -> bytes:
+        if isinstance(error, ApiError):
+            error = StreamError(error.code or "upstream_error", str(error), "upstream_error")
+        self.outcome = _OUTCOMES.get(error.code, "upstream_error")
+        self.error_code = error.code
+        return error_event(error.error)
+
+    # -- non-streaming -----------------------------------------------------------
+
+    def result_response(self) -> Response:
+        """Wait for a whole answer, cancelling the backend if the client leaves first."""
+        try:
+            result = self._wait_for(_Result, self.max_seconds, "upstream_timeout",
+                                    "The upstream did not finish within JARVIS_STREAM_MAX_SECONDS")
+            self.first_event_at = time.monotonic()
+            self.events = 1
+            self.outcome = "complete"
+            return Response(result.body, status=result.status, content_type="application/json")
+        finally:
+            self.close()
+
+    # -- the end ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the watcher, cancel the backend unless it finished, and log the one end line."""
+        if self.closed:
+            return
+        self.closed = True
+        _open_relays.discard(self)
+        self.watcher.stop()
+        if self.pump is not None and self.outcome != "complete":
+            self.pump.kill(block=True, timeout=_KILL_SECONDS)
+        self._log_end()
+
+    def _log_end(self) -> None:
+        now = time.monotonic()
+        ttft = f"{(self.first_event_at - self.started) * 1000:.1f}" if self.first_event_at else "-"
+        extra = ""
+        if self.error_code:
+            extra += f" error={self.error_code}"
+        if self.client_gone_at is not None and self.upstream_closed_at is not None:
+            extra += f" cancel_ms={(self.upstream_closed_at - self.client_gone_at) * 1000:.1f}"
+        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f%s",
+                 self.outcome, self.events, ttft, (now - self.started) * 1000, extra)
+
+
+_OUTCOMES = {
+    "stream_inactivity": "inactivity",
+    "stream_max_duration": "max_duration",
+    "server_shutdown": "shutdown",
+}
+
+
+class ClientWatcher:
+    """Reports a client's FIN or RST the moment it arrives, by peeking at its socket.
+
+    Skipped where peeking is impossible or unsafe (TLS, HTTP/2, no socket). If
+    the peek returns data the client pipelined its next request: stop watching
+    and let a failing heartbeat write report the disconnect instead. The relay
+    stops the watcher before gunicorn reads the next request on the socket.
+    """
+
+    def __init__(self, environ: dict, on_gone):
+        sock = environ.get("gunicorn.socket")
+        usable = (sock is not None and getattr(sock, "cipher", None) is None
+                  and str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1"))
+        self.sock = sock if usable else None
+        self.on_gone = on_gone
+        self.greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        if self.sock is not None:
+            self.greenlet = spawn(self._watch)
+
+    def _watch(self) -> None:
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            self.on_gone("reset")
+            return
+        if not data:
+            self.on_gone("fin")
+
+    def stop(self) -> None:
+        if self.greenlet is not None:
+            self.greenlet.kill(block=True, timeout=_KILL_SECONDS)
+            self.greenlet = None

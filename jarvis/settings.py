@@ -1,0 +1,125 @@
+"""Jarvis settings: read once from the environment at start-up and validated.
+
+A bad value raises `SettingsError` with a message that names the variable and
+says what would be valid; the server refuses to start rather than misbehave
+later. This module must stay importable without gevent or requests, because
+gunicorn's master process validates settings before it forks any worker.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from dataclasses import dataclass, field, fields
+
+LOCAL_MODEL_ID = "smollm2-135m-instruct"
+
+
+class SettingsError(ValueError):
+    """A JARVIS_* variable has a value Jarvis cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream_url: str | None = None
+    upstream_api_key: str | None = field(default=None, repr=False)
+    model: str | None = None
+    heartbeat_seconds: float = 5.0
+    stream_inactivity_seconds: float = 120.0
+    stream_max_seconds: float = 1800.0
+    upstream_connect_seconds: float = 10.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    local_model: str | None = None
+    local_context: int = 4096
+    local_max_tokens: int = 512
+    local_threads: int = 0  # 0: one per available core
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Build settings from JARVIS_* variables; raise SettingsError on a bad value."""
+        env = os.environ if environ is None else environ
+        reader = _Reader(env)
+        settings = cls(
+            upstream_url=reader.url("JARVIS_UPSTREAM_URL"),
+            upstream_api_key=reader.text("JARVIS_UPSTREAM_API_KEY"),
+            model=reader.text("JARVIS_MODEL"),
+            heartbeat_seconds=reader.seconds("JARVIS_HEARTBEAT_SECONDS", 5.0),
+            stream_inactivity_seconds=reader.seconds("JARVIS_STREAM_INACTIVITY_SECONDS", 120.0),
+            stream_max_seconds=reader.seconds("JARVIS_STREAM_MAX_SECONDS", 1800.0),
+            upstream_connect_seconds=reader.seconds("JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0),
+            max_body_bytes=reader.integer("JARVIS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
+            local_model=reader.text("JARVIS_LOCAL_MODEL"),
+            local_context=reader.integer("JARVIS_LOCAL_CONTEXT", 4096, minimum=256),
+            local_max_tokens=reader.integer("JARVIS_LOCAL_MAX_TOKENS", 512, minimum=1),
+            local_threads=reader.integer("JARVIS_LOCAL_THREADS", 0, minimum=0),
+            log_level=reader.choice("JARVIS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+        return settings
+
+    def replace(self, **changes) -> Settings:
+        """Return a copy with `changes` applied (used by tests and the app factory)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return Settings(**values)
+
+
+class _Reader:
+    """Parses one kind of value per method, naming the variable in every error."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def text(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def url(self, name: str) -> str | None:
+        value = self.text(name)
+        if value is None:
+            return None
+        parsed = urllib.parse.urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise SettingsError(
+                f"{name} must be an http:// or https:// base URL including /v1, "
+                f"for example http://127.0.0.1:11434/v1 (got {value!r})"
+            )
+        if parsed.query or parsed.fragment:
+            raise SettingsError(f"{name} must not carry a query string or fragment (got {value!r})")
+        return value.rstrip("/")
+
+    def seconds(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value == float("inf"):
+            raise SettingsError(f"{name} must be a positive number of seconds, like 5 or 0.5 (got {raw!r})")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise SettingsError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.upper() not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
+        return raw.upper()

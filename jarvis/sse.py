@@ -1,0 +1,86 @@
+"""Server-Sent Events framing, both directions, as bytes.
+
+`SSEDecoder` turns whatever bytes an upstream delivers (split anywhere, LF, CRLF
+or CR line ends, comment lines) into complete `data` payloads, following the
+WHATWG field rules. The encoders produce exactly what OpenAI clients accept:
+`data:` lines and `: ping` comments, never `id:`, `retry:` or `event:` lines.
+"""
+
+from __future__ import annotations
+
+import json
+
+DONE = b"[DONE]"
+PING = b": ping\n\n"
+OPENING = b": ok\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class MalformedStream(ValueError):
+    """The upstream sent an event larger than MAX_EVENT_BYTES without ending it."""
+
+
+class SSEDecoder:
+    """Incremental decoder: `feed(bytes)` returns the data payloads completed so far."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._carriage_return_pending = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._carriage_return_pending:
+            chunk = b"\r" + chunk
+            self._carriage_return_pending = False
+        if chunk.endswith(b"\r"):
+            # The LF of a CRLF may be in the next chunk: decide when it comes.
+            chunk = chunk[:-1]
+            self._carriage_return_pending = True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\n\n" not in buffer:
+            if len(buffer) > MAX_EVENT_BYTES:
+                raise MalformedStream(f"an upstream event exceeded {MAX_EVENT_BYTES} bytes")
+            self._buffer = buffer
+            return []
+        *blocks, self._buffer = buffer.split(b"\n\n")
+        payloads = []
+        for block in blocks:
+            payload = _data_of(block)
+            if payload is not None:
+                payloads.append(payload)
+        return payloads
+
+    def finish(self) -> list[bytes]:
+        """At end of input: the last event may lack its blank line (some upstreams end so)."""
+        rest, self._buffer = self._buffer + (b"\n" if self._carriage_return_pending else b""), b""
+        payload = _data_of(rest.strip(b"\n")) if rest.strip() else None
+        return [payload] if payload is not None else []
+
+
+def _data_of(block: bytes) -> bytes | None:
+    """The data of one event block, or None when it has no data field."""
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return block[6:]
+    data = []
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(data) if data else None
+
+
+def data_event(payload: bytes) -> bytes:
+    """Frame one payload as a `data:` event (multi-line payloads as several data lines)."""
+    if b"\n" in payload:
+        return b"".join(b"data: " + line + b"\n" for line in payload.split(b"\n")) + b"\n"
+    return b"data: " + payload + b"\n\n"
+
+
+def error_event(error: dict) -> bytes:
+    """An in-band error followed by [DONE]: what every abnormal end looks like to a client."""
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n" + DONE_EVENT

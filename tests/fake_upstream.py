@@ -1,0 +1,360 @@
+"""A fault-injecting OpenAI-compatible upstream on loopback, controlled by the tests.
+
+It speaks raw HTTP/1.1 from threads so that every byte and every framing
+choice is the test's: chunked or close-delimited bodies, LF or CRLF events,
+delays before the headers and before the first token, stalls, resets, HTTP
+errors, error events, malformed lines, a missing [DONE]. It records, per
+request, how many tokens it sent and when the peer closed the connection, so
+a test can assert that Jarvis cancelled the generation.
+
+A request picks its scenario with an `x_fault` object in the JSON body
+(Jarvis forwards unknown fields unchanged); otherwise `upstream.scenario`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Scenario:
+    tokens: int = 5
+    interval: float = 0.0  # seconds between tokens
+    headers_delay: float = 0.0  # before the status line
+    first_token_delay: float = 0.0  # after the headers, before the first token
+    stall_after: int | None = None  # stop sending (connection stays open) after N tokens
+    reset_after: int | None = None  # RST the connection after N tokens
+    close_after: int | None = None  # FIN the connection after N tokens (no terminator)
+    status: int = 200
+    error_body: object = None  # the JSON body sent with a non-200 status
+    error_event_after: int | None = None  # send data: {"error": ...} after N tokens
+    done: bool = True  # send data: [DONE]
+    crlf: bool = False
+    framing: str = "chunked"  # or "close"
+    malformed_after: int | None = None  # a line that is not JSON after N tokens
+    comments: bool = False  # ": ping" comment lines between events
+    stamp: bool = False  # token text carries its send time: "<monotonic>|"
+    content: str | None = None  # one token with this text, instead of numbered tokens
+
+    @classmethod
+    def from_request(cls, default: Scenario, body: dict) -> Scenario:
+        override = body.get("x_fault") if isinstance(body, dict) else None
+        if isinstance(override, dict):
+            return dataclasses.replace(default, **override)
+        return default
+
+
+@dataclass
+class Exchange:
+    """What happened to one request."""
+
+    path: str
+    headers: dict
+    body: dict
+    scenario: Scenario
+    opened_at: float
+    tokens_sent: int = 0
+    send_times: list = field(default_factory=list)
+    finished_at: float | None = None  # the response ended as the scenario planned
+    closed_at: float | None = None  # the peer closed while the response was in progress
+
+    @property
+    def ended(self) -> bool:
+        return self.finished_at is not None or self.closed_at is not None
+
+
+class PeerClosed(Exception):
+    pass
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.scenario = Scenario()
+        self.exchanges: list[Exchange] = []
+        self.connections = 0
+        self._lock = threading.Condition()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(1024)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._open_sockets: set[socket.socket] = set()
+        self._running = True
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    # -- test-facing ---------------------------------------------------------
+
+    def wait_for(self, predicate, timeout: float = 10.0):
+        """Wait until predicate(self) is truthy; return its value or raise AssertionError."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                value = predicate(self)
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"upstream condition not met within {timeout} s: {self.exchanges}")
+                self._lock.wait(min(remaining, 0.05))
+
+    def wait_for_exchange(self, count: int = 1, timeout: float = 10.0) -> Exchange:
+        return self.wait_for(lambda up: len(up.chats) >= count and up.chats[count - 1], timeout)
+
+    def wait_for_tokens(self, exchange: Exchange, tokens: int, timeout: float = 10.0) -> None:
+        self.wait_for(lambda up: exchange.tokens_sent >= tokens, timeout)
+
+    def wait_until_ended(self, exchange: Exchange, timeout: float = 10.0) -> Exchange:
+        self.wait_for(lambda up: exchange.ended, timeout)
+        return exchange
+
+    @property
+    def chats(self) -> list[Exchange]:
+        return [exchange for exchange in self.exchanges if exchange.path.endswith("/chat/completions")]
+
+    def stop(self) -> None:
+        self._running = False
+        self._listener.close()
+        for sock in list(self._open_sockets):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    # -- server ------------------------------------------------------------------
+
+    def _accept_loop(self):
+        while self._running:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket):
+        self._open_sockets.add(sock)
+        buffer = b""
+        try:
+            while self._running:
+                request, buffer = _read_request(sock, buffer)
+                if request is None:
+                    return
+                keep_open = self._respond(sock, *request)
+                if not keep_open:
+                    return
+        except (OSError, PeerClosed):
+            return
+        finally:
+            self._open_sockets.discard(sock)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _record(self, exchange: Exchange, **changes):
+        with self._lock:
+            for name, value in changes.items():
+                setattr(exchange, name, value)
+            self._lock.notify_all()
+
+    def _respond(self, sock, method, path, headers, body) -> bool:
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError:
+            payload = {}
+        scenario = Scenario.from_request(self.scenario, payload)
+        exchange = Exchange(path, headers, payload, scenario, time.monotonic())
+        with self._lock:
+            self.exchanges.append(exchange)
+            self._lock.notify_all()
+        try:
+            if path.endswith("/models") and method == "GET":
+                _send_json(sock, 200, {"object": "list", "data": [{"id": "fake-model", "object": "model",
+                                                                    "owned_by": "tests"}]})
+                self._record(exchange, finished_at=time.monotonic())
+                return True
+            if not path.endswith("/chat/completions"):
+                _send_json(sock, 404, {"error": {"message": "no such path", "type": "invalid_request_error",
+                                                 "param": None, "code": None}})
+                self._record(exchange, finished_at=time.monotonic())
+                return True
+            return self._chat(sock, exchange, scenario, payload)
+        except PeerClosed:
+            self._record(exchange, closed_at=time.monotonic())
+            return False
+        except OSError:
+            self._record(exchange, closed_at=time.monotonic())
+            return False
+
+    def _chat(self, sock, exchange: Exchange, scenario: Scenario, payload: dict) -> bool:
+        _pause(sock, scenario.headers_delay)
+        if scenario.status != 200:
+            _send_json(sock, scenario.status, scenario.error_body)
+            self._record(exchange, finished_at=time.monotonic())
+            return True
+        if not payload.get("stream"):
+            text = scenario.content if scenario.content is not None else \
+                "".join(f"w{i} " for i in range(scenario.tokens))
+            _pause(sock, scenario.first_token_delay)
+            _send_json(sock, 200, _completion(text))
+            self._record(exchange, tokens_sent=scenario.tokens, finished_at=time.monotonic())
+            return True
+        writer = _BodyWriter(sock, scenario)
+        writer.start()
+        _pause(sock, scenario.first_token_delay)
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        tokens = 1 if scenario.content is not None else scenario.tokens
+        for index in range(tokens):
+            if index == scenario.stall_after:
+                _pause(sock, 120)
+            if index == scenario.reset_after:
+                _reset(sock)
+                self._record(exchange, finished_at=time.monotonic())
+                return False
+            if index == scenario.close_after:
+                self._record(exchange, finished_at=time.monotonic())
+                return False
+            if index == scenario.error_event_after:
+                writer.event(json.dumps({"error": {"message": "the model crashed", "type": "server_error",
+                                                   "param": None, "code": "model_crash"}}))
+                writer.finish(scenario.done)
+                self._record(exchange, finished_at=time.monotonic())
+                return scenario.framing == "chunked"
+            if index == scenario.malformed_after:
+                writer.event("{this is not json")
+            if index and scenario.interval:
+                _pause(sock, scenario.interval)
+            if scenario.comments:
+                writer.comment()
+            now = time.monotonic()
+            text = scenario.content if scenario.content is not None else \
+                (f"{now:.6f}|" if scenario.stamp else f"w{index} ")
+            writer.event(json.dumps(_chunk({"content": text, **({"role": "assistant"} if index == 0 else {})})))
+            with self._lock:
+                exchange.tokens_sent += 1
+                exchange.send_times.append(now)
+                self._lock.notify_all()
+        if scenario.stall_after is not None and scenario.stall_after >= tokens:
+            _pause(sock, 120)
+        writer.event(json.dumps(_chunk({}, "stop")))
+        if include_usage:
+            writer.event(json.dumps({**_chunk({}), "choices": [],
+                                     "usage": {"prompt_tokens": 3, "completion_tokens": tokens,
+                                               "total_tokens": tokens + 3}}))
+        writer.finish(scenario.done)
+        self._record(exchange, finished_at=time.monotonic())
+        return scenario.framing == "chunked"
+
+
+class _BodyWriter:
+    def __init__(self, sock, scenario: Scenario):
+        self.sock = sock
+        self.scenario = scenario
+        self.newline = b"\r\n" if scenario.crlf else b"\n"
+
+    def start(self):
+        head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache"]
+        if self.scenario.framing == "chunked":
+            head.append("Transfer-Encoding: chunked")
+        else:
+            head.append("Connection: close")
+        _send(self.sock, ("\r\n".join(head) + "\r\n\r\n").encode())
+
+    def _write(self, data: bytes):
+        if self.scenario.framing == "chunked":
+            data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+        _send(self.sock, data)
+
+    def event(self, data: str):
+        self._write(b"data: " + data.encode() + self.newline + self.newline)
+
+    def comment(self):
+        self._write(b": ping" + self.newline + self.newline)
+
+    def finish(self, done: bool):
+        if done:
+            self.event("[DONE]")
+        if self.scenario.framing == "chunked":
+            _send(self.sock, b"0\r\n\r\n")
+        else:
+            self.sock.shutdown(socket.SHUT_WR)
+
+
+def _chunk(delta: dict, finish_reason=None) -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "fake-model", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+def _completion(text: str) -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": "fake-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+
+
+def _send(sock, data: bytes):
+    try:
+        sock.sendall(data)
+    except OSError:
+        raise PeerClosed()
+
+
+def _send_json(sock, status: int, body) -> None:
+    data = json.dumps(body).encode()
+    head = (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    _send(sock, head + data)
+
+
+def _pause(sock, seconds: float) -> None:
+    """Wait, but notice at once if the peer closes the connection meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        readable, _, _ = select.select([sock], [], [], remaining)
+        if readable:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                raise PeerClosed()
+            if not data:
+                raise PeerClosed()
+            time.sleep(min(remaining, 0.01))  # a pipelined request: keep waiting
+
+
+def _reset(sock) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _read_request(sock, buffer: bytes):
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    head, buffer = buffer.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(buffer) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    body, buffer = buffer[:length], buffer[length:]
+    return (method, path, headers, body), buffer

@@ -1,0 +1,138 @@
+"""Real gunicorn for live tests: started with the project's gunicorn.conf.py on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """One gunicorn master (gevent workers) serving app:app; its error log is a file the test can read."""
+
+    def __init__(self, tmp_path: Path, env: dict | None = None, args: list[str] | None = None,
+                 app: str = "app:app"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("JARVIS_")}
+        self.env.update({"JARVIS_HEARTBEAT_SECONDS": "5", "PYTHONUNBUFFERED": "1"})
+        self.env.update(env or {})
+        self.command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
+                        "--bind", f"127.0.0.1:{self.port}", "--error-logfile", str(self.log_path),
+                        *(args or []), app]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}"
+                                   f"{self.process.stderr.read().decode()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gunicorn did not answer within {timeout} s:\n{self.log()}")
+
+    # -- looking inside -----------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} x{count} not in the log within {timeout} s:\n{self.log()[-4000:]}")
+
+    def end_lines(self) -> list[str]:
+        return [line for line in self.log().splitlines() if "stream end outcome=" in line]
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children()
+
+    def worker(self) -> psutil.Process:
+        workers = self.workers()
+        assert len(workers) == 1, workers
+        return workers[0]
+
+    def chat(self, stream: bool = True, fault: dict | None = None, **body) -> requests.Response:
+        payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                   **body}
+        if fault is not None:
+            payload["x_fault"] = fault
+        return requests.post(self.url + "/v1/chat/completions", json=payload, stream=stream, timeout=30)
+
+    # -- stopping ------------------------------------------------------------
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def sse_events(response: requests.Response):
+    """Parse a Jarvis SSE response into (kind, value, arrival_time) tuples: kind is data, comment or done."""
+    buffer = b""
+    for chunk in _read1_chunks(response):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            now = time.monotonic()
+            for line in block.split(b"\n"):
+                if line.startswith(b":"):
+                    yield ("comment", line.decode(), now)
+                elif line == b"data: [DONE]":
+                    yield ("done", None, now)
+                elif line.startswith(b"data: "):
+                    yield ("data", json.loads(line[6:]), now)
+                else:
+                    yield ("other", line.decode(), now)
+
+
+def _read1_chunks(response: requests.Response):
+    while True:
+        chunk = response.raw.read1(65536)
+        if not chunk:
+            return
+        yield chunk
+
+
+def content_of(events) -> str:
+    text = ""
+    for kind, value, _ in events:
+        if kind == "data" and value.get("choices"):
+            text += value["choices"][0]["delta"].get("content") or ""
+    return text
