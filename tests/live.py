@@ -40,13 +40,15 @@ class LiveServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> LiveServer:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.stderr_path = self.log_path.with_suffix(".stderr")
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}"
-                                   f"{self.process.stderr.read().decode()}")
+                                   f"{self.stderr_path.read_text(errors='replace')}")
             try:
                 if requests.get(self.url + "/healthz", timeout=1).ok:
                     return self
@@ -89,13 +91,14 @@ class LiveServer:
 
     # -- stopping ------------------------------------------------------------
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         os.kill(self.process.pid, signum)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = 30.0, signum: int = signal.SIGINT) -> int:
+        """Stop gunicorn (SIGINT: at once; tests of graceful shutdown send SIGTERM themselves)."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signum)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:

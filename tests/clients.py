@@ -1,0 +1,88 @@
+"""A raw-socket HTTP client, for closing a connection with FIN or RST at a chosen moment."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import struct
+import time
+
+
+def chat_request(body: dict, path: str = "/v1/chat/completions", extra_headers: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: jarvis\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n{extra_headers}\r\n").encode() + data
+
+
+def chat_body(fault: dict | None = None, stream: bool = True) -> dict:
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    if fault is not None:
+        body["x_fault"] = fault
+    return body
+
+
+class _KeptOpenReader(io.BufferedReader):
+    """http.client closes its file after each response; keep it for the next one."""
+
+    def close(self):
+        pass
+
+
+class _SocketFile:
+    """Lets http.client read several responses from one buffered socket file (keep-alive, pipelining)."""
+
+    def __init__(self, sock):
+        self.file = _KeptOpenReader(socket.SocketIO(sock, "rb"))
+
+    def makefile(self, *args, **kwargs):
+        return self.file
+
+
+class RawClient:
+    def __init__(self, port: int, timeout: float = 30.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.received = b""
+        self._file = None
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_until(self, marker: bytes, count: int = 1, timeout: float = 15.0) -> bytes:
+        """Read until `marker` has arrived `count` times; return everything received so far."""
+        deadline = time.monotonic() + timeout
+        while self.received.count(marker) < count:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError(f"connection closed before {marker!r} x{count}: {self.received[-500:]!r}")
+            self.received += data
+        return self.received
+
+    def response(self) -> http.client.HTTPResponse:
+        """The next whole response on this connection (http.client handles chunked framing)."""
+        if self._file is None:
+            self._file = _SocketFile(self.sock)
+        response = http.client.HTTPResponse(self._file)
+        response.begin()
+        return response
+
+    def close_fin(self) -> float:
+        """Send FIN (half-close); return the moment it was sent."""
+        now = time.monotonic()
+        self.sock.shutdown(socket.SHUT_WR)
+        return now
+
+    def close_rst(self) -> float:
+        """Abort the connection with RST; return the moment it was sent."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        now = time.monotonic()
+        self.sock.close()
+        return now
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

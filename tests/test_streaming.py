@@ -1,0 +1,140 @@
+"""Streams arrive token by token, in OpenAI's exact format, whatever the upstream's framing."""
+
+import json
+import time
+
+import pytest
+import requests
+
+from tests.clients import RawClient, chat_body, chat_request
+from tests.live import content_of, sse_events
+
+pytestmark = pytest.mark.live
+
+
+@pytest.mark.parametrize("framing, crlf", [("chunked", False), ("close", False), ("chunked", True),
+                                           ("close", True)])
+def test_tokens_arrive_at_the_upstreams_pace(jarvis, framing, crlf):
+    response = jarvis.chat(fault={"tokens": 8, "interval": 0.15, "stamp": True, "framing": framing,
+                                  "crlf": crlf, "comments": True})
+    arrivals = []
+    for kind, value, arrived in sse_events(response):
+        if kind == "data" and value["choices"] and value["choices"][0]["delta"].get("content"):
+            sent = float(value["choices"][0]["delta"]["content"].rstrip("|"))
+            arrivals.append((sent, arrived))
+    assert len(arrivals) == 8
+    lags = [arrived - sent for sent, arrived in arrivals]
+    # Each token reaches the client while the upstream is still producing the next one.
+    assert max(lags) < 0.1, lags
+    assert arrivals[-1][1] - arrivals[0][1] > 0.8
+
+
+def test_stream_is_openai_shaped_and_ends_right_after_done(jarvis):
+    response = jarvis.chat(fault={"tokens": 3})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    body = response.raw.read()
+    lines = [line for line in body.split(b"\n") if line]
+    assert all(line.startswith((b"data: ", b": ")) for line in lines), lines
+    assert not any(line.startswith((b"id:", b"retry:", b"event:")) for line in lines)
+    assert body.endswith(b"data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "w0 w1 w2 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_headers_are_flushed_before_the_first_token(jarvis, upstream):
+    started = time.monotonic()
+    response = jarvis.chat(fault={"tokens": 1, "first_token_delay": 3})
+    assert time.monotonic() - started < 1.5
+    assert response.status_code == 200
+    assert content_of(sse_events(response)) == "w0 "
+
+
+def test_unknown_fields_and_stream_options_reach_the_upstream_unchanged(jarvis, upstream):
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "model": "m1", "temperature": 0.3,
+            "max_tokens": 7, "stop": ["x"], "tools": [{"type": "function", "function": {"name": "f"}}],
+            "stream_options": {"include_usage": True}, "vendor_extension": {"a": [1, 2]}}
+    events = list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, stream=True)))
+    assert upstream.chats[0].body == body
+    assert any(kind == "data" and value.get("usage") for kind, value, _ in events)
+
+
+def test_default_model_is_added_when_the_request_names_none(start_jarvis, upstream):
+    jarvis = start_jarvis({"JARVIS_MODEL": "llama3"})
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, stream=True)))
+    assert upstream.chats[0].body["model"] == "llama3"
+
+
+def test_trace_id_goes_to_the_upstream_back_to_the_client_and_into_the_log(jarvis, upstream):
+    response = requests.post(jarvis.url + "/v1/chat/completions", json=chat_body({"tokens": 2}), stream=True,
+                             headers={"X-Request-Id": "trace-abc-123"})
+    list(sse_events(response))
+    assert response.headers["X-Request-Id"] == "trace-abc-123"
+    assert upstream.chats[0].headers["x-request-id"] == "trace-abc-123"
+    log = jarvis.wait_for_log("[trace-abc-123] stream end outcome=complete")
+    assert log.count("stream end") == 1
+
+
+def test_a_fresh_trace_id_for_each_keep_alive_request(jarvis, upstream):
+    with requests.Session() as session:
+        ids = [session.post(jarvis.url + "/v1/chat/completions", json=chat_body({"tokens": 1}, stream=False))
+               .headers["X-Request-Id"] for _ in range(3)]
+    assert len(set(ids)) == 3
+    assert [exchange.headers["x-request-id"] for exchange in upstream.chats] == ids
+
+
+def test_non_streaming_completion(jarvis):
+    response = jarvis.chat(stream=False, fault={"tokens": 3})
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "w0 w1 w2 "
+
+
+def test_models_come_from_the_upstream(jarvis):
+    response = requests.get(jarvis.url + "/v1/models")
+    assert response.json()["data"][0]["id"] == "fake-model"
+
+
+def test_healthz_answers_without_the_upstream(start_jarvis):
+    jarvis = start_jarvis(upstream_url="http://127.0.0.1:9/v1")
+    started = time.monotonic()
+    response = requests.get(jarvis.url + "/healthz")
+    assert response.json()["status"] == "ok"
+    assert time.monotonic() - started < 0.5
+
+
+def test_keep_alive_connection_serves_stream_after_stream(jarvis):
+    client = RawClient(jarvis.port)
+    try:
+        for _ in range(3):
+            client.send(chat_request(chat_body({"tokens": 3})))
+            response = client.response()
+            body = response.read()
+            assert response.status == 200 and body.endswith(b"data: [DONE]\n\n")
+    finally:
+        client.close()
+
+
+def test_pipelined_requests_on_one_connection(jarvis):
+    client = RawClient(jarvis.port)
+    try:
+        client.send(chat_request(chat_body({"tokens": 3, "interval": 0.05})) +
+                    chat_request(chat_body({"tokens": 2})))
+        first, second = client.response().read(), client.response().read()
+        assert first.endswith(b"data: [DONE]\n\n") and b"w2 " in first
+        assert second.endswith(b"data: [DONE]\n\n") and b"w1 " in second
+    finally:
+        client.close()
+    assert "[ERROR]" not in jarvis.log()
+
+
+def test_heartbeats_while_the_upstream_is_silent(start_jarvis):
+    jarvis = start_jarvis({"JARVIS_HEARTBEAT_SECONDS": "0.3"})
+    events = list(sse_events(jarvis.chat(fault={"tokens": 2, "first_token_delay": 1.2})))
+    pings = [event for event in events if event[:2] == ("comment", ": ping")]
+    assert len(pings) >= 2
+    assert events[-1][0] == "done"
