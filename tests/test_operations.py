@@ -1,0 +1,116 @@
+"""Operating Jarvis under gunicorn: graceful shutdown, stack dumps on SIGUSR1, log reopening, a blocked hub."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.clients import RawClient, chat_body, chat_request
+from tests.live import content_of, sse_events
+
+pytestmark = pytest.mark.live
+
+
+def test_sigterm_ends_open_streams_with_server_shutdown_before_graceful_timeout(start_jarvis, upstream):
+    jarvis = start_jarvis(args=["--graceful-timeout", "4"])
+    response = jarvis.chat(fault={"tokens": 1000, "interval": 0.05})
+    events = sse_events(response)
+    received = [next(events) for _ in range(4)]
+    signalled = time.monotonic()
+    jarvis.send_signal(signal.SIGTERM)
+    received += list(events)  # ends only when the body ends
+    ended = time.monotonic()
+    assert received[-1][0] == "done"
+    assert received[-2][1]["error"]["code"] == "server_shutdown"
+    assert ended - signalled < 4, "the stream outlived graceful_timeout"
+    assert upstream.wait_until_ended(upstream.chats[0], timeout=2).closed_at is not None
+    assert jarvis.process.wait(10) == 0
+    log = jarvis.log()
+    assert "outcome=shutdown" in log and "[ERROR]" not in log and "Traceback" not in log
+
+
+def test_sigterm_lets_a_stream_that_ends_in_time_complete(start_jarvis, upstream):
+    jarvis = start_jarvis(args=["--graceful-timeout", "6"])
+    response = jarvis.chat(fault={"tokens": 10, "interval": 0.1})
+    events = sse_events(response)
+    received = [next(events) for _ in range(2)]
+    jarvis.send_signal(signal.SIGTERM)
+    received += list(events)
+    assert received[-1][0] == "done"
+    assert content_of(received) == "".join(f"w{i} " for i in range(10))
+    assert jarvis.process.wait(10) == 0
+
+
+def test_sigusr1_dumps_every_greenlet_and_thread_and_streams_keep_running(jarvis, upstream):
+    response = jarvis.chat(fault={"tokens": 30, "interval": 0.05})
+    events = sse_events(response)
+    received = [next(events) for _ in range(3)]
+    os.kill(jarvis.worker().pid, signal.SIGUSR1)
+    log = jarvis.wait_for_log("==== end of jarvis stack dump")
+    assert "Current thread" in log or "Thread 0x" in log  # faulthandler, from the signal itself
+    assert "_sse" in log and "_pump" in log and "ClientWatcher._watch" in log  # the stream's greenlets
+    received += list(events)
+    assert content_of(received) == "".join(f"w{i} " for i in range(30))
+    assert received[-1][0] == "done"
+    assert requests.get(jarvis.url + "/healthz").ok
+    assert content_of(sse_events(jarvis.chat(fault={"tokens": 2}))) == "w0 w1 "
+    assert "[ERROR]" not in jarvis.log()
+
+
+def test_sigusr1_to_the_master_reopens_the_log_file(jarvis):
+    moved = jarvis.log_path.with_suffix(".old")
+    jarvis.log_path.rename(moved)
+    jarvis.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not jarvis.log_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    requests.get(jarvis.url + "/healthz")
+    content_of(sse_events(jarvis.chat(fault={"tokens": 1})))
+    jarvis.wait_for_log("stream end outcome=complete")  # the worker writes to the new file
+    assert "Booting worker" in moved.read_text()
+
+
+def test_gevent_monitor_reports_a_blocked_hub(start_jarvis):
+    jarvis = start_jarvis(app="tests.blocking_app:app")
+    assert requests.post(jarvis.url + "/test/block-hub?seconds=0.5").ok
+    log = jarvis.wait_for_log("appears to be blocked")
+    assert "block_hub" in log
+    assert requests.get(jarvis.url + "/healthz").ok
+
+
+def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
+    jarvis = start_jarvis(args=["--timeout", "2"], app="tests.blocking_app:app")
+    worker = jarvis.worker().pid
+
+    def block():
+        try:
+            requests.post(jarvis.url + "/test/block-hub?seconds=8", timeout=15)
+        except requests.RequestException:
+            pass  # the worker dies under this request
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    log = jarvis.wait_for_log("jarvis stack dump (worker timeout)", timeout=15)
+    thread.join(15)
+    assert "block_hub" in log
+    jarvis.wait_for_log("Booting worker", count=2, timeout=15)  # the master replaced the worker
+    assert worker not in [process.pid for process in jarvis.workers()]
+    assert requests.get(jarvis.url + "/healthz", timeout=5).ok
+
+
+def test_a_stream_survives_a_neighbour_that_pipelines(jarvis):
+    """The watcher steps aside when the client pipelines; the stream still completes."""
+    client = RawClient(jarvis.port)
+    try:
+        client.send(chat_request(chat_body({"tokens": 5, "interval": 0.05})))
+        first = client.response()
+        while b'"content": "w0 "' not in first.readline():
+            pass
+        client.send(chat_request(chat_body({"tokens": 1})))  # the watcher's peek now sees data
+        assert first.read().endswith(b"data: [DONE]\n\n")
+        assert client.response().read().endswith(b"data: [DONE]\n\n")
+    finally:
+        client.close()
