@@ -52,6 +52,12 @@ def on_starting(server):
         sys.exit(f"jarvis: {error}")
 
 
+def when_ready(server):
+    """Say where to point a browser once the master is listening."""
+    for listener in server.LISTENERS:
+        server.log.info("Jarvis is ready: open %s/ in a browser", listener)
+
+
 def post_worker_init(worker):
     """After gunicorn set its own signal handlers: add stack dumps and the shutdown watch."""
     from jarvis import diagnostics, lifecycle

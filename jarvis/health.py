@@ -13,4 +13,7 @@ bp = Blueprint("health", __name__)
 def healthz():
     """Liveness and a little state, for load balancers and people."""
     backend = current_app.extensions["jarvis.backend"]
-    return jsonify(status="ok", backend=backend.name, open_streams=open_stream_count())
+    body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count()}
+    if hasattr(backend, "status"):
+        body["model"] = backend.status()
+    return jsonify(body)

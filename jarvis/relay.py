@@ -209,24 +209,29 @@ class Relay:
         try:
             yield OPENING  # gunicorn sends the headers with the first body write
             get = self.queue.get
+            last_write = time.monotonic()
             while True:
                 if self.stop_reason:
                     yield from self._stopped()
                     return
-                now = time.monotonic()
-                wait = min(self.heartbeat, self.last_event + self.inactivity - now, self.started + self.max_seconds - now)
+                wake_at = min(last_write + self.heartbeat, self.last_event + self.inactivity,
+                              self.started + self.max_seconds)
                 try:
-                    item = get(timeout=max(wait, 0.0))
+                    item = get(timeout=max(wake_at - time.monotonic(), 0.0))
                 except gevent.queue.Empty:
-                    limit = self._limit_reached(time.monotonic())
+                    now = time.monotonic()
+                    limit = self._limit_reached(now)
                     if limit is not None:
                         yield self._fail(limit)
                         return
-                    yield PING
+                    if now - last_write >= self.heartbeat:
+                        last_write = now
+                        yield PING
                     continue
                 if type(item) is list:
                     if item:
                         yield self._events(item)
+                        last_write = self.last_event
                     else:
                         self.last_event = time.monotonic()  # the backend is alive but has nothing yet
                 elif item is _END:

