@@ -43,13 +43,18 @@ os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
 
 # -- Hooks ---------------------------------------------------------------------------
 def on_starting(server):
-    """Validate JARVIS_* settings once in the master: a bad value stops start-up with a clear message."""
+    """In the master, once: validate JARVIS_* settings (a bad value stops start-up with a clear message)
+    and mark answers that a crashed run left streaming as interrupted."""
     from jarvis.settings import Settings, SettingsError
+    from jarvis.store import recover_interrupted
 
     try:
-        Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as error:
         sys.exit(f"jarvis: {error}")
+    recovered = recover_interrupted(settings.data_dir)
+    if recovered:
+        server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
 
 
 def when_ready(server):

@@ -7,6 +7,7 @@ from flask import Flask, Response, request
 from jarvis import errors, lifecycle, logs
 from jarvis.backends import create_backend
 from jarvis.settings import Settings
+from jarvis.store import SQLiteStore
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -20,14 +21,16 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["jarvis.settings"] = settings
     app.extensions["jarvis.backend"] = create_backend(settings)
+    app.extensions["jarvis.store"] = SQLiteStore(settings.data_dir)
 
     errors.init_app(app)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
 
-    from jarvis import api, health, page
+    from jarvis import api, conversations, health, page
 
     app.register_blueprint(api.bp)
+    app.register_blueprint(conversations.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
     app.wsgi_app = lifecycle.track_connections(app.wsgi_app)

@@ -36,6 +36,11 @@ class ApiError(Exception):
         self.body = body or {"error": error_object(message, type_, code, param)}
 
     @property
+    def message(self) -> str:
+        error = self.body.get("error")
+        return error["message"] if isinstance(error, dict) and isinstance(error.get("message"), str) else str(self)
+
+    @property
     def code(self) -> str | None:
         return self.body.get("error", {}).get("code") if isinstance(self.body.get("error"), dict) else None
 

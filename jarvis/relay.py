@@ -77,16 +77,18 @@ def interrupt_all(reason: str) -> int:
 _STOP_ERRORS = {
     "shutdown": StreamError("server_shutdown", "Jarvis is shutting down; send the request again in a moment",
                             "server_error"),
-    "inactivity": None,  # built per stream: the message names the limit
-    "max_duration": None,
+    "deleted": StreamError("conversation_deleted", "The conversation was deleted while its answer streamed",
+                           "invalid_request_error"),
 }
 
 
 class Relay:
     """One chat completion on its way from a backend to a client."""
 
-    def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict):
+    def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
+                 observer=None):
         self.backend = backend
+        self.observer = observer  # optional: .events(batch) as they are sent, .ended(outcome, error_message)
         self.request = request
         self.heartbeat = settings.heartbeat_seconds
         self.inactivity = settings.stream_inactivity_seconds
@@ -101,6 +103,7 @@ class Relay:
         self.first_event_at: float | None = None
         self.last_event = self.started
         self.error_code: str | None = None
+        self.error_message: str | None = None
         self.client_gone_at: float | None = None
         self.upstream_closed_at: float | None = None
         self.closed = False
@@ -116,7 +119,9 @@ class Relay:
             if self.request.stream:
                 self._wait_for(_OPENED, self.inactivity, "upstream_timeout",
                                "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, ApiError):
+                self.error_code, self.error_message = error.code, error.message
             self.close()
             raise
 
@@ -253,6 +258,8 @@ class Relay:
             self.first_event_at = now
         self.last_event = now
         self.events += len(batch)
+        if self.observer is not None:
+            self.observer.events(batch)
         if len(batch) == 1:
             return data_event(batch[0])
         return b"".join([data_event(payload) for payload in batch])
@@ -278,6 +285,7 @@ class Relay:
             error = StreamError(error.code or "upstream_error", str(error), "upstream_error")
         self.outcome = _OUTCOMES.get(error.code, "upstream_error")
         self.error_code = error.code
+        self.error_message = str(error.error.get("message") or error)
         return error_event(error.error)
 
     # -- non-streaming -----------------------------------------------------------
@@ -306,6 +314,11 @@ class Relay:
         if self.pump is not None and self.outcome != "complete":
             self.pump.kill(block=True, timeout=_KILL_SECONDS)
         self._log_end()
+        if self.observer is not None:
+            try:
+                self.observer.ended(self.outcome, self.error_message)
+            except Exception:
+                log.exception("recording the end of the stream failed")
 
     def _log_end(self) -> None:
         now = time.monotonic()
@@ -323,6 +336,7 @@ _OUTCOMES = {
     "stream_inactivity": "inactivity",
     "stream_max_duration": "max_duration",
     "server_shutdown": "shutdown",
+    "conversation_deleted": "deleted",
 }
 
 

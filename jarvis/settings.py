@@ -14,6 +14,7 @@ import urllib.parse
 from dataclasses import dataclass, field, fields
 
 LOCAL_MODEL_ID = "smollm2-135m-instruct"
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 class SettingsError(ValueError):
@@ -35,6 +36,7 @@ class Settings:
     local_max_tokens: int = 512
     local_threads: int = 0  # 0: one per available core but one (see local_threads_or_cores)
     log_level: str = "INFO"
+    data_dir: str = DEFAULT_DATA_DIR
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -55,6 +57,7 @@ class Settings:
             local_max_tokens=reader.integer("JARVIS_LOCAL_MAX_TOKENS", 512, minimum=1),
             local_threads=reader.integer("JARVIS_LOCAL_THREADS", 0, minimum=0),
             log_level=reader.choice("JARVIS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            data_dir=reader.directory("JARVIS_DATA_DIR", DEFAULT_DATA_DIR),
         )
         if settings.upstream_url is None:
             settings = settings.replace(local_model=resolve_local_model(settings.local_model))
@@ -151,6 +154,17 @@ class _Reader:
         if value < minimum:
             raise SettingsError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
         return value
+
+    def directory(self, name: str, default: str) -> str:
+        path = os.path.abspath(os.path.expanduser(self.text(name) or default))
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as error:
+            raise SettingsError(f"{name} must name a directory Jarvis can create and write to "
+                                f"({path}: {error.strerror})") from None
+        if not os.access(path, os.W_OK):
+            raise SettingsError(f"{name} must name a directory Jarvis can write to ({path} is not writable)")
+        return path
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         raw = self.text(name)

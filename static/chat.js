@@ -1,162 +1,389 @@
 // @ts-check
 /**
- * The chat page: sends the conversation to /v1/chat/completions and renders
- * the streamed answer as plain text. Stop aborts the fetch; the server notices
- * at once and cancels the generation at its source.
+ * The chat page. The server owns the conversation: it saves every answer as it
+ * streams, so this page only shows what the server has and what is arriving.
+ * Stop aborts the fetch; the server notices at once, cancels the generation and
+ * keeps the partial answer with status "stopped".
  */
+import * as api from "./api.js";
+import { renderMarkdown } from "./markdown.js";
 import { readEvents } from "./sse.js";
 
-const messagesView = /** @type {HTMLElement} */ (document.getElementById("messages"));
-const form = /** @type {HTMLFormElement} */ (document.getElementById("composer"));
-const prompt = /** @type {HTMLTextAreaElement} */ (document.getElementById("prompt"));
-const sendButton = /** @type {HTMLButtonElement} */ (document.getElementById("send"));
-const stopButton = /** @type {HTMLButtonElement} */ (document.getElementById("stop"));
-const modelPicker = /** @type {HTMLSelectElement} */ (document.getElementById("model"));
+const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
+const messagesView = $("messages");
+const conversationList = $("conversation-list");
+const form = /** @type {HTMLFormElement} */ ($("composer"));
+const prompt = /** @type {HTMLTextAreaElement} */ ($("prompt"));
+const sendButton = /** @type {HTMLButtonElement} */ ($("send"));
+const stopButton = /** @type {HTMLButtonElement} */ ($("stop"));
+const modelPicker = /** @type {HTMLSelectElement} */ ($("model"));
+const title = $("title");
+const editing = $("editing");
 
-/** @type {{role: string, content: string}[]} */
-const history = [];
-/** @type {AbortController | null} */
-let controller = null;
+const LAST_CONVERSATION = "jarvis.conversation";
+const LAST_MODEL = "jarvis.model";
+
+/** @type {{conversationId: string | null, controller: AbortController | null, editId: number | null}} */
+const state = { conversationId: null, controller: null, editId: null };
+
+// -- rendering ------------------------------------------------------------
 
 /**
- * @param {string} role
- * @param {string} text
- * @returns {HTMLElement}
+ * One message on screen. Assistant text is rendered as sanitised Markdown, at most once per frame.
  */
-function addMessage(role, text) {
-  const element = document.createElement("div");
-  element.className = `message ${role}`;
-  element.dataset.role = role;
-  element.textContent = text;
-  messagesView.append(element);
-  element.scrollIntoView({ block: "end" });
+class MessageView {
+  /**
+   * @param {{id?: number, role: string, content: string, status?: string, error?: string | null, trace_id?: string | null}} message
+   */
+  constructor(message) {
+    this.message = message;
+    this.element = document.createElement("article");
+    this.element.className = `message ${message.role}`;
+    this.element.dataset.role = message.role;
+    this.body = document.createElement("div");
+    this.body.className = "content";
+    this.errorNote = document.createElement("p");
+    this.errorNote.className = "error";
+    this.errorNote.hidden = true;
+    this.actions = document.createElement("div");
+    this.actions.className = "actions";
+    this.element.append(this.body, this.errorNote, this.actions);
+    this.text = message.content;
+    this.frameRequested = false;
+    this.setStatus(message.status ?? "complete", message.error ?? null, message.trace_id ?? null);
+    this.render();
+  }
+
+  /** @param {string} text */
+  update(text) {
+    this.text = text;
+    if (this.frameRequested) return;
+    this.frameRequested = true;
+    requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    this.frameRequested = false;
+    if (this.message.role === "assistant") {
+      try {
+        this.body.replaceChildren(renderMarkdown(this.text));
+      } catch (error) {
+        console.warn("rendering Markdown failed; showing plain text", error);
+        this.body.textContent = this.text;
+      }
+    } else {
+      this.body.textContent = this.text;
+    }
+  }
+
+  /**
+   * @param {string} status
+   * @param {string | null} error
+   * @param {string | null} traceId
+   */
+  setStatus(status, error, traceId) {
+    if (this.message.role === "assistant") this.element.dataset.status = status;
+    const notes = {
+      error: error ? `Error: ${error}` : "Error",
+      stopped: "Stopped.",
+      interrupted: "Interrupted: the answer was cut short.",
+    };
+    const note = notes[/** @type {keyof typeof notes} */ (status)];
+    this.errorNote.hidden = !note;
+    this.errorNote.textContent = note ? `${note}${status === "error" && traceId ? ` (trace ${traceId})` : ""}` : "";
+  }
+}
+
+/** @param {any} message */
+function addMessage(message) {
+  const view = new MessageView(message);
+  messagesView.append(view.element);
+  return view;
+}
+
+function scrollToEnd() {
+  messagesView.scrollTop = messagesView.scrollHeight;
+}
+
+/** Adds Edit to user messages and Regenerate to the last answer. */
+function refreshActions() {
+  const articles = [...messagesView.querySelectorAll("article.message")];
+  for (const article of articles) article.querySelector(".actions")?.replaceChildren();
+  const lastAssistant = articles.filter((a) => a.getAttribute("data-role") === "assistant").pop();
+  if (lastAssistant && !state.controller) {
+    lastAssistant.querySelector(".actions")?.append(button("Regenerate", () => regenerate()));
+  }
+  for (const article of articles) {
+    const id = Number(article.getAttribute("data-id"));
+    if (article.getAttribute("data-role") === "user" && id && !state.controller) {
+      article.querySelector(".actions")?.append(button("Edit", () => startEdit(id, article)));
+    }
+  }
+}
+
+/**
+ * @param {string} label
+ * @param {() => void} action
+ */
+function button(label, action) {
+  const element = document.createElement("button");
+  element.type = "button";
+  element.textContent = label;
+  element.addEventListener("click", action);
   return element;
 }
 
-/** Batches text updates to one DOM write per animation frame. */
-class FrameWriter {
-  /** @param {HTMLElement} element */
-  constructor(element) {
-    this.element = element;
-    this.text = "";
-    this.scheduled = false;
-  }
-  /** @param {string} text */
-  set(text) {
-    this.text = text;
-    if (this.scheduled) return;
-    this.scheduled = true;
-    requestAnimationFrame(() => this.flush());
-  }
-  flush() {
-    this.scheduled = false;
-    this.element.textContent = this.text;
-    this.element.scrollIntoView({ block: "end" });
-  }
+// -- conversations ------------------------------------------------------------
+
+async function refreshConversationList() {
+  const conversations = await api.listConversations();
+  conversationList.replaceChildren(...conversations.map((/** @type {any} */ conversation) => {
+    const item = document.createElement("li");
+    item.className = conversation.id === state.conversationId ? "current" : "";
+    const open = button(conversation.title, () => openConversation(conversation.id).catch(report));
+    open.className = "open";
+    if (conversation.id === state.conversationId) open.setAttribute("aria-current", "true");
+    const rename = button("✎", () => renameConversation(conversation.id, conversation.title).catch(report));
+    rename.setAttribute("aria-label", `Rename ${conversation.title}`);
+    const remove = button("×", () => removeConversation(conversation.id).catch(report));
+    remove.setAttribute("aria-label", `Delete ${conversation.title}`);
+    item.append(open, rename, remove);
+    return item;
+  }));
+  return conversations;
 }
+
+/** @param {string} id */
+async function openConversation(id) {
+  stop();
+  const conversation = await api.readConversation(id);
+  state.conversationId = id;
+  localStorage.setItem(LAST_CONVERSATION, id);
+  title.textContent = conversation.title;
+  cancelEdit();
+  messagesView.replaceChildren();
+  for (const message of conversation.messages) {
+    addMessage(message).element.dataset.id = String(message.id);
+  }
+  refreshActions();
+  scrollToEnd();
+  await refreshConversationList();
+  document.body.classList.remove("sidebar-open");
+}
+
+async function newConversation() {
+  const conversation = await api.createConversation();
+  await openConversation(conversation.id);
+  prompt.focus();
+}
+
+/**
+ * @param {string} id
+ * @param {string} current
+ */
+async function renameConversation(id, current) {
+  const name = window.prompt("Rename conversation", current);
+  if (!name || !name.trim()) return;
+  await api.renameConversation(id, name.trim());
+  if (id === state.conversationId) title.textContent = name.trim();
+  await refreshConversationList();
+}
+
+/** @param {string} id */
+async function removeConversation(id) {
+  if (!window.confirm("Delete this conversation?")) return;
+  if (id === state.conversationId) stop();
+  await api.deleteConversation(id);
+  if (id === state.conversationId) {
+    state.conversationId = null;
+    localStorage.removeItem(LAST_CONVERSATION);
+    messagesView.replaceChildren();
+    title.textContent = "Jarvis";
+  }
+  await refreshConversationList();
+}
+
+// -- sending and streaming ------------------------------------------------------
 
 /** @param {string} text */
 async function send(text) {
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
-  const element = addMessage("assistant", "");
-  element.dataset.status = "streaming";
-  const writer = new FrameWriter(element);
-  controller = new AbortController();
+  if (!state.conversationId) {
+    const conversation = await api.createConversation();
+    state.conversationId = conversation.id;
+    localStorage.setItem(LAST_CONVERSATION, conversation.id);
+  }
+  const body = { content: text, model: modelPicker.value || undefined, edit: state.editId ?? undefined };
+  if (state.editId !== null) {
+    const edited = messagesView.querySelector(`article[data-id="${state.editId}"]`);
+    while (edited?.nextElementSibling) edited.nextElementSibling.remove();
+    edited?.remove();
+    cancelEdit();
+  }
+  addMessage({ role: "user", content: text });
+  await streamReply(body);
+}
+
+async function regenerate() {
+  const articles = [...messagesView.querySelectorAll("article.message")];
+  const lastUser = articles.filter((a) => a.getAttribute("data-role") === "user").pop();
+  while (lastUser?.nextElementSibling) lastUser.nextElementSibling.remove();
+  await streamReply({ regenerate: true, model: modelPicker.value || undefined });
+}
+
+/**
+ * Streams one reply into a new assistant message. Every way out ends in a status:
+ * complete, stopped (our own Stop), error (shown inline), or interrupted (no [DONE]).
+ * @param {object} body
+ */
+async function streamReply(body) {
+  const conversationId = /** @type {string} */ (state.conversationId);
+  const view = addMessage({ role: "assistant", content: "", status: "streaming" });
+  scrollToEnd();
+  const controller = new AbortController();
+  state.controller = controller;
   setStreaming(true);
-  let answer = "";
+  let text = "";
   let status = "interrupted";
+  /** @type {string | null} */ let error = null;
+  /** @type {string | null} */ let traceId = null;
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: modelPicker.value || undefined, messages: history, stream: true }),
-      signal: controller.signal,
-    });
+    const response = await api.sendMessage(conversationId, body, controller.signal);
+    traceId = response.headers.get("X-Request-Id");
     if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error(body?.error?.message || `HTTP ${response.status}`);
+      const failure = await response.json().catch(() => ({}));
+      status = "error";
+      error = failure?.error?.message ?? `HTTP ${response.status}`;
+      return;
     }
     for await (const event of readEvents(response)) {
       if (event.type === "chunk") {
-        answer += event.chunk?.choices?.[0]?.delta?.content ?? "";
-        writer.set(answer);
+        const content = event.chunk?.choices?.[0]?.delta?.content;
+        if (typeof content === "string" && content) {
+          text += content;
+          view.update(text);
+        }
       } else if (event.type === "error") {
         status = "error";
-        showError(element, `${event.error?.message ?? "error"} (trace ${response.headers.get("X-Request-Id")})`);
-      } else if (event.type === "done" && status !== "error") {
+        error = String(event.error?.message ?? "the stream failed");
+      } else if (status !== "error") {
         status = "complete";
       }
     }
-  } catch (error) {
-    if (error instanceof DOMException && error.name === "AbortError") {
-      status = "stopped";
+  } catch (failure) {
+    if (controller.signal.aborted) {
+      status = "stopped"; // our own Stop: expected, silent
     } else {
       status = "error";
-      showError(element, String(error instanceof Error ? error.message : error));
+      error = failure instanceof Error ? failure.message : String(failure);
+      console.warn("the reply stream failed", failure);
     }
   } finally {
-    writer.flush();
-    element.dataset.status = status;
-    if (answer) history.push({ role: "assistant", content: answer });
-    controller = null;
+    view.text = text;
+    view.render();
+    view.setStatus(status, error, traceId);
+    if (state.controller === controller) state.controller = null;
     setStreaming(false);
+    await settleWithServer(conversationId).catch(report);
   }
 }
 
 /**
- * @param {HTMLElement} element
- * @param {string} message
+ * Re-reads the conversation from the server, which owns it: ids for Edit, and the saved text.
+ * @param {string} conversationId
  */
-function showError(element, message) {
-  const note = document.createElement("div");
-  note.className = "error";
-  note.textContent = message;
-  element.after(note);
+async function settleWithServer(conversationId) {
+  if (state.conversationId !== conversationId || state.controller) return;
+  const conversation = await api.readConversation(conversationId);
+  if (state.conversationId !== conversationId || state.controller) return;
+  title.textContent = conversation.title;
+  const articles = [...messagesView.querySelectorAll("article.message")];
+  conversation.messages.forEach((/** @type {any} */ message, /** @type {number} */ index) => {
+    if (articles[index]) articles[index].setAttribute("data-id", String(message.id));
+  });
+  refreshActions();
+  await refreshConversationList();
+}
+
+function stop() {
+  state.controller?.abort();
 }
 
 /** @param {boolean} streaming */
 function setStreaming(streaming) {
   stopButton.disabled = !streaming;
   sendButton.disabled = streaming;
+  if (streaming) refreshActions();
 }
 
-function stop() {
-  controller?.abort();
+/**
+ * @param {number} id
+ * @param {Element} article
+ */
+function startEdit(id, article) {
+  state.editId = id;
+  prompt.value = article.querySelector(".content")?.textContent ?? "";
+  editing.hidden = false;
+  prompt.focus();
 }
+
+function cancelEdit() {
+  state.editId = null;
+  editing.hidden = true;
+}
+
+/** @param {unknown} error */
+function report(error) {
+  console.warn(error);
+}
+
+// -- start-up and keys -------------------------------------------------------------
 
 async function loadModels() {
   try {
-    const response = await fetch("/v1/models");
-    if (!response.ok) return;
-    const list = await response.json();
-    for (const model of list.data ?? []) {
+    const models = await api.listModels();
+    modelPicker.replaceChildren(...models.map((/** @type {string} */ id) => {
       const option = document.createElement("option");
-      option.value = option.textContent = String(model.id);
-      modelPicker.append(option);
-    }
+      option.value = option.textContent = id;
+      return option;
+    }));
+    const remembered = localStorage.getItem(LAST_MODEL);
+    if (remembered && models.includes(remembered)) modelPicker.value = remembered;
   } catch (error) {
     console.warn("could not load the model list", error);
   }
 }
 
+async function start() {
+  await loadModels();
+  const conversations = await refreshConversationList();
+  const remembered = localStorage.getItem(LAST_CONVERSATION);
+  const last = conversations.find((/** @type {any} */ c) => c.id === remembered) ?? conversations[0];
+  if (last) await openConversation(last.id);
+  document.body.dataset.ready = "true";
+}
+
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = prompt.value.trim();
-  if (!text || controller) return;
+  if (!text || state.controller) return;
   prompt.value = "";
-  send(text).catch((error) => console.warn("send failed", error));
+  send(text).catch(report);
 });
 prompt.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     form.requestSubmit();
-  } else if (event.key === "Escape") {
-    stop();
   }
 });
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape") stop();
 });
 stopButton.addEventListener("click", stop);
-loadModels();
+$("new-chat").addEventListener("click", () => newConversation().catch(report));
+$("cancel-edit").addEventListener("click", cancelEdit);
+$("toggle-sidebar").addEventListener("click", () => {
+  const open = document.body.classList.toggle("sidebar-open");
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+});
+modelPicker.addEventListener("change", () => localStorage.setItem(LAST_MODEL, modelPicker.value));
+start().catch(report);

@@ -32,7 +32,9 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("JARVIS_")}
-        self.env.update({"JARVIS_HEARTBEAT_SECONDS": "5", "PYTHONUNBUFFERED": "1"})
+        self.data_dir = tmp_path / f"data-{self.port}"
+        self.env.update({"JARVIS_HEARTBEAT_SECONDS": "5", "PYTHONUNBUFFERED": "1",
+                         "JARVIS_DATA_DIR": str(self.data_dir)})
         self.env.update(env or {})
         self.command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
                         "--bind", f"127.0.0.1:{self.port}", "--error-logfile", str(self.log_path),

@@ -1,0 +1,202 @@
+"""The page's JSON API: conversations, and a streaming endpoint that saves the answer as it streams.
+
+The reply streams through the same relay, in the same OpenAI chunk format, as
+/v1/chat/completions. The server keeps the answer itself: `ReplyRecorder`
+saves it at least every FLUSH_SECONDS while it streams and records how it
+ended, so a Stop, a reload or a vanished browser never loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import gevent
+from flask import Blueprint, current_app, jsonify, request
+
+from jarvis.backends import ChatRequest
+from jarvis.errors import ApiError
+from jarvis.logs import trace_id_var
+from jarvis.relay import Relay
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("conversations", __name__, url_prefix="/api/conversations")
+
+FLUSH_SECONDS = 0.5
+TITLE_LENGTH = 60
+_STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped"}
+
+_live: dict[str, Relay] = {}  # conversation id -> its streaming reply, in this worker
+
+
+def _store():
+    return current_app.extensions["jarvis.store"]
+
+
+def _conversation_or_404(conversation_id: str) -> dict:
+    conversation = _store().get_conversation(conversation_id)
+    if conversation is None:
+        raise ApiError(404, "No such conversation", "invalid_request_error", "conversation_not_found")
+    return conversation
+
+
+def _json_body() -> dict:
+    if request.mimetype != "application/json":
+        raise ApiError(415, "Send JSON with Content-Type: application/json", code="unsupported_media_type")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _text(body: dict, name: str, required: bool = True) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, f"'{name}' must be a non-empty string", param=name, code="invalid_value")
+    return value
+
+
+@bp.get("")
+def list_conversations():
+    """All conversations, most recently active first."""
+    return jsonify(data=_store().list_conversations())
+
+
+@bp.post("")
+def create_conversation():
+    """A new, empty conversation."""
+    title = _text(_json_body(), "title", required=False) or "New chat"
+    return jsonify(_store().create_conversation(title[:200])), 201
+
+
+@bp.get("/<conversation_id>")
+def read_conversation(conversation_id):
+    """One conversation with its messages and their statuses."""
+    return jsonify(_conversation_or_404(conversation_id))
+
+
+@bp.put("/<conversation_id>")
+def rename_conversation(conversation_id):
+    """Rename a conversation."""
+    title = _text(_json_body(), "title")
+    if not _store().rename_conversation(conversation_id, title[:200]):
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
+    return jsonify(_conversation_or_404(conversation_id))
+
+
+@bp.delete("/<conversation_id>")
+def delete_conversation(conversation_id):
+    """Delete a conversation; a reply still streaming into it stops."""
+    relay = _live.get(conversation_id)
+    if relay is not None:
+        relay.interrupt("deleted")
+    if not _store().delete_conversation(conversation_id):
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
+    return "", 204
+
+
+@bp.post("/<conversation_id>/messages")
+def send_message(conversation_id):
+    """Add the user's message (or regenerate, or edit and resend) and stream the assistant's reply."""
+    body = _json_body()
+    conversation = _conversation_or_404(conversation_id)
+    if conversation_id in _live:
+        raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
+    history = _prepare_history(conversation, body)
+    store = _store()
+    model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
+    trace_id = trace_id_var.get()
+    message_id = store.add_message(conversation_id, "assistant", "", "streaming", model, trace_id)
+    chat_body = {"messages": history, "stream": True, **({"model": model} if model else {})}
+    chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
+    recorder = ReplyRecorder(store, message_id)
+    relay = Relay(current_app.extensions["jarvis.backend"], chat, current_app.extensions["jarvis.settings"],
+                  request.environ, observer=recorder)
+    recorder.relay = relay
+    _live[conversation_id] = relay
+    recorder.on_end = lambda: _live.pop(conversation_id, None)
+    relay.open()
+    response = relay.sse_response()
+    response.headers["X-Message-Id"] = str(message_id)
+    return response
+
+
+def _prepare_history(conversation: dict, body: dict) -> list[dict]:
+    """Apply a regenerate or an edit to the stored conversation; return the messages to send."""
+    store = _store()
+    messages = conversation["messages"]
+    if body.get("regenerate") is True:
+        last_user = max((m["id"] for m in messages if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise ApiError(400, "There is no message to answer again", code="nothing_to_regenerate")
+        store.delete_messages_from(conversation["id"], last_user + 1)
+        messages = [m for m in messages if m["id"] <= last_user]
+    else:
+        content = _text(body, "content")
+        edit = body.get("edit")
+        if edit is not None:
+            if not any(m["id"] == edit and m["role"] == "user" for m in messages):
+                raise ApiError(400, "'edit' must name one of this conversation's user messages", param="edit",
+                               code="invalid_value")
+            store.delete_messages_from(conversation["id"], edit)
+            messages = [m for m in messages if m["id"] < edit]
+        store.add_message(conversation["id"], "user", content)
+        messages = [*messages, {"role": "user", "content": content, "status": "complete"}]
+        if not conversation["messages"] and conversation["title"] == "New chat":
+            store.rename_conversation(conversation["id"], content.strip().splitlines()[0][:TITLE_LENGTH])
+    return [{"role": m["role"], "content": m["content"]} for m in messages
+            if m["role"] == "user" or m["content"]]
+
+
+class ReplyRecorder:
+    """Saves a streaming reply: at least every FLUSH_SECONDS while it streams, and once at the end."""
+
+    def __init__(self, store, message_id: int):
+        self.store = store
+        self.message_id = message_id
+        self.parts: list[str] = []
+        self.last_flush = time.monotonic()
+        self.timer: gevent.Greenlet | None = None
+        self.relay: Relay | None = None
+        self.on_end = None
+
+    def events(self, batch: list[bytes]) -> None:
+        for payload in batch:
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                if isinstance(content, str):
+                    self.parts.append(content)
+        if self.timer is None:
+            delay = max(0.0, self.last_flush + FLUSH_SECONDS - time.monotonic())
+            self.timer = gevent.spawn_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self.timer = None
+        self.last_flush = time.monotonic()
+        result = self.store.submit(self.store._update_message, self.message_id, "".join(self.parts), "streaming",
+                                   None)
+        result.rawlink(self._check_still_there)
+
+    def _check_still_there(self, result) -> None:
+        if result.successful() and result.value is False and self.relay is not None:
+            self.relay.interrupt("deleted")  # the conversation was deleted, perhaps by another worker
+
+    def ended(self, outcome: str, error_message: str | None) -> None:
+        if self.timer is not None:
+            self.timer.kill(block=False)
+            self.timer = None
+        if self.on_end is not None:
+            self.on_end()
+        if outcome == "deleted":
+            return
+        status = _STATUS_OF_OUTCOME.get(outcome, "error")
+        self.store.submit(self.store._update_message, self.message_id, "".join(self.parts), status,
+                          error_message if status == "error" else None)

@@ -1,0 +1,49 @@
+// @ts-check
+/** The page's JSON API for conversations. Errors come back as Error with the server's message. */
+
+/**
+ * @param {string} path
+ * @param {RequestInit} [options]
+ */
+async function call(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: options.body ? { "Content-Type": "application/json" } : {},
+  });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body?.error?.message || `HTTP ${response.status}`);
+  }
+  return response.status === 204 ? null : response.json();
+}
+
+export const listConversations = () => call("/api/conversations").then((body) => body.data);
+export const createConversation = () => call("/api/conversations", { method: "POST", body: "{}" });
+/** @param {string} id */
+export const readConversation = (id) => call(`/api/conversations/${encodeURIComponent(id)}`);
+/** @param {string} id @param {string} title */
+export const renameConversation = (id, title) =>
+  call(`/api/conversations/${encodeURIComponent(id)}`, { method: "PUT", body: JSON.stringify({ title }) });
+/** @param {string} id */
+export const deleteConversation = (id) =>
+  call(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+
+/**
+ * Starts the assistant's reply; the caller reads the SSE body.
+ * @param {string} id
+ * @param {object} body {content, model, regenerate, edit}
+ * @param {AbortSignal} signal
+ */
+export function sendMessage(id, body, signal) {
+  return fetch(`/api/conversations/${encodeURIComponent(id)}/messages`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    signal,
+  });
+}
+
+export async function listModels() {
+  const body = await call("/v1/models");
+  return (body.data ?? []).map((/** @type {{id: string}} */ model) => String(model.id));
+}
