@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+import gc
+
+import gevent
+from flask import Blueprint, current_app, jsonify, request
 
 from jarvis.relay import open_stream_count
 
@@ -16,4 +19,8 @@ def healthz():
     body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count()}
     if hasattr(backend, "status"):
         body["model"] = backend.status()
+    if request.args.get("debug"):  # collects and walks the heap: milliseconds, for benchmarks and debugging
+        gc.collect()
+        # Spawned greenlets still alive; the threadpools' per-thread greenlets are not counted.
+        body["greenlets"] = sum(1 for thing in gc.get_objects() if isinstance(thing, gevent.Greenlet) and not thing.dead)
     return jsonify(body)

@@ -159,7 +159,17 @@ class Relay:
             generation = self.backend.open(self.request)
             put(_OPENED)
             if self.request.stream:
-                for batch in generation.batches():
+                batches = generation.batches()
+                for batch in batches:
+                    if batch:
+                        # The first token goes out before the rest of a burst is even decoded.
+                        put(batch[:1])
+                        gevent.sleep(0)
+                        if len(batch) > 1:
+                            put(batch[1:])
+                        break
+                    put(batch)
+                for batch in batches:
                     put(batch)
                 put(_END)
             else:

@@ -156,25 +156,39 @@ class UpstreamGeneration:
                 yield batch
 
     def _checked(self, payloads: list[bytes]) -> list[bytes]:
-        """Keep JSON object payloads up to [DONE]; raise on an upstream error event."""
+        """Keep JSON object payloads up to [DONE]; raise on an upstream error event.
+
+        This is the per-chunk hot path, so a payload is fully parsed only when it could be an
+        error: inside a JSON string a quote is always escaped, so the bytes `"error"` appear
+        only where "error" is a key or a whole value.
+        """
         batch = []
         for payload in payloads:
             if payload == DONE:
                 self.finished = True
                 break
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                event = None
-            if not isinstance(event, dict):
+            if not (payload[:1] == b"{" and payload.rstrip()[-1:] == b"}"):
                 self.malformed += 1
                 continue
-            if "error" in event:
-                error = event["error"]
-                raise UpstreamErrorEvent(error if isinstance(error, dict) else
-                                         error_object(str(error), "upstream_error", "upstream_error"))
+            if b'"error"' in payload:
+                self._raise_if_error(payload)
             batch.append(payload)
         return batch
+
+    def _raise_if_error(self, payload: bytes) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if "error" in event:
+            error = event["error"]
+            raise UpstreamErrorEvent(error if isinstance(error, dict) else
+                                     error_object(str(error), "upstream_error", "upstream_error"))
+        if event.get("object") == "error":  # vLLM's flat form
+            raise UpstreamErrorEvent(error_object(str(event.get("message") or "upstream error"),
+                                                  str(event.get("type") or "upstream_error"), "upstream_error"))
 
     def result(self) -> tuple[int, bytes]:
         """The whole body of a non-streaming answer."""
