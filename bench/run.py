@@ -224,8 +224,11 @@ def scenario_concurrency(servers, sizes, summary):
         measured = {}
         for name, port in servers.targets():
             pool = gevent.pool.Pool(count)
+            cpu_before = sum(servers.worker.cpu_times()[:2])
             streams = [pool.spawn(one_stream, port, {"tokens": 100, "interval": 0.02}) for _ in range(count)]
             gevent.joinall(streams, timeout=120)
+            if name == "jarvis":
+                cpu_per_token = (sum(servers.worker.cpu_times()[:2]) - cpu_before) / (count * 100) * 1e6
             done = [g.value for g in streams if g.successful() and g.value is not None]
             latencies = [value for stream in done for value in stream.latencies]
             complete = sum(1 for stream in done if stream.complete and stream.tokens == 100)
@@ -235,13 +238,14 @@ def scenario_concurrency(servers, sizes, summary):
         added99 = (percentile(jarvis[1], 0.99) - percentile(direct[1], 0.99)) * 1000
         rows.append([count, f"{direct[0]:.1%}", f"{jarvis[0]:.1%}", f"{percentile(direct[1], 0.5) * 1000:.1f}",
                      f"{percentile(direct[1], 0.99) * 1000:.1f}", f"{percentile(jarvis[1], 0.5) * 1000:.1f}",
-                     f"{percentile(jarvis[1], 0.99) * 1000:.1f}", f"{added50:+.1f}", f"{added99:+.1f}"])
+                     f"{percentile(jarvis[1], 0.99) * 1000:.1f}", f"{added50:+.1f}", f"{added99:+.1f}",
+                     f"{cpu_per_token:.0f}"])
         summary[f"{count} streams: completion"] = jarvis[0]
         summary[f"{count} streams: added per-token latency p99 (ms)"] = added99
     table("3. Concurrency: streams of 100 tokens at 20 ms/token (50 tokens/s), one worker; latency = receive - "
           "upstream send (ms)",
           ["streams", "direct done", "jarvis done", "direct p50", "direct p99", "jarvis p50", "jarvis p99",
-           "added p50", "added p99"], rows)
+           "added p50", "added p99", "jarvis CPU µs/token"], rows)
 
 
 def scenario_cancel(servers, sizes, summary):
@@ -368,11 +372,14 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the scripts run")
     parser.add_argument("--only", choices=list(SCENARIOS), action="append", help="run only these scenarios")
     parser.add_argument("--latency-streams", type=int, help="how many streams scenario 1 runs")
+    parser.add_argument("--concurrency", type=int, action="append", help="stream counts for scenario 3")
     parser.add_argument("--profile", metavar="SVG", help="record the Jarvis worker with py-spy into this flame graph")
     args = parser.parse_args()
     sizes = dict(SMOKE if args.smoke else FULL)
     if args.latency_streams:
         sizes["latency_streams"] = args.latency_streams
+    if args.concurrency:
+        sizes["concurrency"] = args.concurrency
     summary: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:

@@ -42,6 +42,7 @@ _KILL_SECONDS = 2.0
 _OPENED = object()
 _END = object()
 _WAKE = object()
+_TICK = object()
 
 
 class _Failure:
@@ -93,6 +94,8 @@ class Relay:
         self.heartbeat = settings.heartbeat_seconds
         self.inactivity = settings.stream_inactivity_seconds
         self.max_seconds = settings.stream_max_seconds
+        # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
+        self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
         self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
         self.watcher = ClientWatcher(environ, self._client_gone)
         self.pump: gevent.Greenlet | None = None
@@ -221,6 +224,10 @@ class Relay:
 
     def _sse(self):
         trace_id_var.set(self.request.trace_id)
+        # One repeating timer per stream drives heartbeats and time limits, rather than a timeout
+        # on every queue wait: this loop runs once per chunk.
+        ticker = gevent.get_hub().loop.timer(self.tick_seconds, self.tick_seconds)
+        ticker.start(self._tick)
         try:
             yield OPENING  # gunicorn sends the headers with the first body write
             get = self.queue.get
@@ -229,11 +236,17 @@ class Relay:
                 if self.stop_reason:
                     yield from self._stopped()
                     return
-                wake_at = min(last_write + self.heartbeat, self.last_event + self.inactivity,
-                              self.started + self.max_seconds)
-                try:
-                    item = get(timeout=max(wake_at - time.monotonic(), 0.0))
-                except gevent.queue.Empty:
+                item = get()
+                if type(item) is list:
+                    if item:
+                        yield self._events(item)
+                        last_write = self.last_event
+                        if last_write - self.started >= self.max_seconds:
+                            yield self._fail(self._limit_reached(last_write))
+                            return
+                    else:
+                        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+                elif item is _TICK:
                     now = time.monotonic()
                     limit = self._limit_reached(now)
                     if limit is not None:
@@ -242,13 +255,6 @@ class Relay:
                     if now - last_write >= self.heartbeat:
                         last_write = now
                         yield PING
-                    continue
-                if type(item) is list:
-                    if item:
-                        yield self._events(item)
-                        last_write = self.last_event
-                    else:
-                        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
                 elif item is _END:
                     self.outcome = "complete"
                     yield DONE_EVENT
@@ -260,7 +266,15 @@ class Relay:
             self.outcome = "client_stop"
             raise
         finally:
+            ticker.stop()
+            ticker.close()
             self.close()
+
+    def _tick(self) -> None:
+        try:
+            self.queue.put_nowait(_TICK)
+        except gevent.queue.Full:
+            pass  # the response has plenty to read; limits are checked when it gets here
 
     def _events(self, batch: list[bytes]) -> bytes:
         now = time.monotonic()

@@ -37,14 +37,15 @@ class UpstreamBackend:
     def __init__(self, settings: Settings):
         self.base_url = settings.upstream_url
         self.model = settings.model
-        # The read timeout is only a backstop: the relay enforces inactivity itself.
-        self.stream_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds + 30)
-        self.result_timeout = (settings.upstream_connect_seconds, settings.stream_max_seconds)
+        self.models_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds)
+        # No read timeout on completions: the relay enforces inactivity and duration by cancelling
+        # the read, and a timeout here would cost a timer on every socket read of every chunk.
+        self.chat_timeout = (settings.upstream_connect_seconds, None)
         self.session = _new_session(settings.upstream_api_key)
 
     def models(self) -> dict:
         """The upstream's model list, unchanged."""
-        response = self._send("GET", "/models", None, "-", self.stream_timeout, stream=False)
+        response = self._send("GET", "/models", None, "-", self.models_timeout, stream=False)
         try:
             return response.json()
         except ValueError:
@@ -57,8 +58,7 @@ class UpstreamBackend:
         body = request.raw
         if "model" not in request.body and self.model:
             body = json.dumps({**request.body, "model": self.model}).encode()
-        timeout = self.stream_timeout if request.stream else self.result_timeout
-        response = self._send("POST", "/chat/completions", body, request.trace_id, timeout, stream=True)
+        response = self._send("POST", "/chat/completions", body, request.trace_id, self.chat_timeout, stream=True)
         return UpstreamGeneration(response)
 
     def _send(self, method, path, body, trace_id, timeout, stream) -> requests.Response:
