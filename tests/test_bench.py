@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end at tiny sizes, so they cannot rot (no timing is asserted)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.live import ROOT
+
+pytestmark = pytest.mark.live
+
+
+def test_bench_run_smoke():
+    result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for heading in ("1. Added latency", "2. Per-chunk cost", "3. Concurrency", "4. Cancel under load", "5. Leaks",
+                    "6. Memory", "Summary", "ERROR lines in Jarvis's log: 0"):
+        assert heading in result.stdout, result.stdout
+    assert "not closed" in result.stdout and "nan" not in result.stdout
+
+
+def test_store_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/store_hub_block.py", "--writes", "50"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "store thread (Jarvis)" in result.stdout and "directly on the hub" in result.stdout
