@@ -213,7 +213,8 @@ def scenario_chunk(servers, sizes, summary):
     summary["jarvis CPU per chunk (µs)"] = cpu_per_chunk
     table(f"2. Per-chunk cost: one {tokens}-token stream, no delay",
           ["", "direct", "jarvis", "ratio"],
-          [["chunks/s", f"{rates['direct']:.0f}", f"{rates['jarvis']:.0f}", f"{rates['jarvis'] / rates['direct']:.2f}x"],
+          [["chunks/s", f"{rates['direct']:.0f}", f"{rates['jarvis']:.0f}",
+            f"{rates['jarvis'] / rates['direct']:.2f}x"],
            ["µs per chunk (wall)", f"{1e6 / rates['direct']:.1f}", f"{1e6 / rates['jarvis']:.1f}", f"{added_us:+.1f}"],
            ["jarvis worker CPU µs per chunk", "", f"{cpu_per_chunk:.1f}", ""]])
 
@@ -252,12 +253,12 @@ def scenario_cancel(servers, sizes, summary):
     rows = []
     for name, port in servers.targets():
         pool = gevent.pool.Pool()
-        background = [pool.spawn(one_stream, port, {"tokens": 400, "interval": 0.02}, keep_latencies=False)
-                      for _ in range(sizes["cancel_background"])]
+        for _ in range(sizes["cancel_background"]):
+            pool.spawn(one_stream, port, {"tokens": 400, "interval": 0.02}, keep_latencies=False)
         gevent.sleep(1.0)  # let the background load reach its steady state
         closes = {}
 
-        def leave(request_id: str, early: bool):
+        def leave(request_id: str, early: bool, port=port, closes=closes):
             sock = socket.create_connection(("127.0.0.1", port))
             options = {"tokens": 400, "interval": 0.02, "id": request_id, "delay": 5 if early else 0}
             if early:

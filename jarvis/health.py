@@ -22,5 +22,6 @@ def healthz():
     if request.args.get("debug"):  # collects and walks the heap: milliseconds, for benchmarks and debugging
         gc.collect()
         # Spawned greenlets still alive; the threadpools' per-thread greenlets are not counted.
-        body["greenlets"] = sum(1 for thing in gc.get_objects() if isinstance(thing, gevent.Greenlet) and not thing.dead)
+        body["greenlets"] = sum(1 for thing in gc.get_objects()
+                                if isinstance(thing, gevent.Greenlet) and not thing.dead)
     return jsonify(body)

@@ -108,6 +108,7 @@ class Relay:
         self.error_code: str | None = None
         self.error_message: str | None = None
         self.client_gone_at: float | None = None
+        self.client_left_by: str | None = None  # "fin" or "reset", as the watcher saw it
         self.upstream_closed_at: float | None = None
         self.closed = False
 
@@ -150,6 +151,8 @@ class Relay:
         if self.stop_reason == "shutdown":
             return ApiError(503, "Jarvis is shutting down; send the request again in a moment",
                             "server_error", "server_shutdown")
+        if self.stop_reason == "deleted":
+            return ApiError(404, "The conversation was deleted", "invalid_request_error", "conversation_deleted")
         # 499: nginx's "client closed request"; nobody is left to read it.
         return ApiError(499, "The client closed the connection", "invalid_request_error", "client_closed")
 
@@ -165,7 +168,7 @@ class Relay:
                 batches = generation.batches()
                 for batch in batches:
                     if batch:
-                        # The first token goes out before the rest of a burst is even decoded.
+                        # Hand the client its first token before relaying the rest of a burst.
                         put(batch[:1])
                         gevent.sleep(0)
                         if len(batch) > 1:
@@ -195,7 +198,7 @@ class Relay:
 
     def _client_gone(self, how: str) -> None:
         self.client_gone_at = time.monotonic()
-        self.watcher_saw = how
+        self.client_left_by = how
         self._stop("client_stop")
 
     def interrupt(self, reason: str) -> None:
@@ -351,7 +354,8 @@ class Relay:
         if self.error_code:
             extra += f" error={self.error_code}"
         if self.client_gone_at is not None and self.upstream_closed_at is not None:
-            extra += f" cancel_ms={(self.upstream_closed_at - self.client_gone_at) * 1000:.1f}"
+            cancel_ms = (self.upstream_closed_at - self.client_gone_at) * 1000
+            extra += f" client={self.client_left_by} cancel_ms={cancel_ms:.1f}"
         log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f%s",
                  self.outcome, self.events, ttft, (now - self.started) * 1000, extra)
 
