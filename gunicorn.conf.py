@@ -5,8 +5,10 @@ monkey-patch before the app (and requests) are imported, and the master must
 stay free of application state. Command-line flags (-b, -w, ...) still win.
 """
 
+import glob
 import os
 import sys
+import tempfile
 
 
 def _positive_int(name, default):
@@ -36,6 +38,9 @@ loglevel = "info"
 errorlog = "-"
 capture_output = True  # stack dumps on stderr land in the error log when it is a file
 
+# Prometheus metrics summed across workers: each worker writes its own files here.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="jarvis-metrics-"))
+
 # A blocked hub is reported with its stack by gevent's monitor thread.
 os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
 os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
@@ -52,6 +57,14 @@ def on_starting(server):
         settings = Settings.from_env()
     except SettingsError as error:
         sys.exit(f"jarvis: {error}")
+    from jarvis.security import is_loopback_bind
+
+    exposed = [address for address in server.cfg.bind if not is_loopback_bind(address)]
+    if exposed and settings.api_key is None and not settings.allow_no_auth:
+        sys.exit(f"jarvis: refusing to listen on {', '.join(exposed)} without authentication: set JARVIS_API_KEY "
+                 "(or JARVIS_API_KEY_FILE), or JARVIS_ALLOW_NO_AUTH=1 if that is really what you mean")
+    for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(stale)  # counts from an earlier run
     recovered = recover_interrupted(settings.data_dir)
     if recovered:
         server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
@@ -69,6 +82,13 @@ def post_worker_init(worker):
 
     diagnostics.install_stack_dump()
     lifecycle.watch_worker(worker)
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (active streams, model queue) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def worker_abort(worker):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-from jarvis import errors, lifecycle, logs
+from jarvis import errors, lifecycle, logs, security
 from jarvis.backends import create_backend
 from jarvis.settings import Settings
 from jarvis.store import SQLiteStore
@@ -15,7 +15,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     settings = Settings.from_env()
     if test_config:
         settings = settings.replace(**test_config)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -24,15 +24,17 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["jarvis.store"] = SQLiteStore(settings.data_dir)
 
     errors.init_app(app)
+    security.init_app(app, settings)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
 
-    from jarvis import api, conversations, health, page
+    from jarvis import api, conversations, health, metrics, page
 
     app.register_blueprint(api.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
+    app.register_blueprint(metrics.bp)
     app.wsgi_app = lifecycle.track_connections(app.wsgi_app)
     return app
 

@@ -47,18 +47,27 @@ def parse_chat_request() -> ChatRequest:
         raise ApiError(400, "The request body is not valid JSON", "invalid_request_error", "invalid_json")
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", "invalid_request_error", "invalid_json")
-    _check_messages(body.get("messages"))
+    _check_messages(body.get("messages"), current_app.extensions["jarvis.settings"])
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "invalid_request_error", "invalid_type", "stream")
     return ChatRequest(body=body, raw=raw, stream=stream, trace_id=trace_id_var.get())
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages, settings) -> None:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
                        "invalid_request_error", "invalid_messages", "messages")
+    if len(messages) > settings.max_messages:
+        raise ApiError(400, f"Too many messages: {len(messages)}; at most {settings.max_messages} "
+                            "(JARVIS_MAX_MESSAGES)", "invalid_request_error", "too_many_messages", "messages")
+    characters = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ApiError(400, f"messages[{index}] must be an object with a string 'role'",
                            "invalid_request_error", "invalid_messages", f"messages[{index}].role")
+        content = message.get("content")
+        characters += len(content) if isinstance(content, str) else len(json.dumps(content))
+    if characters > settings.max_message_chars:
+        raise ApiError(400, f"The messages hold {characters} characters; at most {settings.max_message_chars} "
+                            "(JARVIS_MAX_MESSAGE_CHARS)", "invalid_request_error", "messages_too_long", "messages")

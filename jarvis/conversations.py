@@ -152,6 +152,27 @@ def _prepare_history(conversation: dict, body: dict) -> list[dict]:
             if m["role"] == "user" or m["content"]]
 
 
+def _known_chunk(chunk) -> dict:
+    """An OpenAI chunk reduced to the fields the page uses, each of the expected type."""
+    chunk = chunk if isinstance(chunk, dict) else {}
+    known = {"object": "chat.completion.chunk"}
+    for name, kind in (("id", str), ("created", int), ("model", str)):
+        if isinstance(chunk.get(name), kind):
+            known[name] = chunk[name]
+    choices = []
+    for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        clean_delta = {name: delta[name] for name in ("role", "content") if isinstance(delta.get(name), str)}
+        clean = {"index": choice.get("index") if isinstance(choice.get("index"), int) else 0, "delta": clean_delta,
+                 "finish_reason": choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str)
+                 else None}
+        choices.append(clean)
+    known["choices"] = choices
+    return known
+
+
 class ReplyRecorder:
     """Saves a streaming reply: at least every FLUSH_SECONDS while it streams, and once at the end."""
 
@@ -164,19 +185,24 @@ class ReplyRecorder:
         self.relay: Relay | None = None
         self.on_end = None
 
-    def events(self, batch: list[bytes]) -> None:
+    def events(self, batch: list[bytes]) -> list[bytes]:
+        """Keep the text; pass the page only the chunk fields it knows (model output is untrusted)."""
+        page_batch = []
         for payload in batch:
             try:
                 chunk = json.loads(payload)
             except ValueError:
                 continue
-            for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
-                if isinstance(content, str):
+            known = _known_chunk(chunk)
+            for choice in known["choices"]:
+                content = choice["delta"].get("content")
+                if content:
                     self.parts.append(content)
+            page_batch.append(json.dumps(known).encode())
         if self.timer is None:
             delay = max(0.0, self.last_flush + FLUSH_SECONDS - time.monotonic())
             self.timer = gevent.spawn_later(delay, self._flush)
+        return page_batch
 
     def _flush(self) -> None:
         self.timer = None

@@ -30,9 +30,11 @@ class ApiError(Exception):
     """An error answered with an HTTP status and OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, body: dict | None = None):
+                 code: str | None = None, param: str | None = None, body: dict | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.body = body or {"error": error_object(message, type_, code, param)}
 
     @property
@@ -46,6 +48,7 @@ class ApiError(Exception):
 
     def to_response(self) -> Response:
         response = Response(json.dumps(self.body), status=self.status, mimetype="application/json")
+        response.headers.update(self.headers)
         if self.status not in _RETRYABLE:
             response.headers["x-should-retry"] = "false"
         return response

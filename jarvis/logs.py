@@ -10,6 +10,7 @@ the context through `spawn`. Logs go to stderr, which gunicorn's
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import sys
@@ -43,7 +44,20 @@ class _TraceIdFilter(logging.Filter):
         return True
 
 
-def configure(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, trace id, message, and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                 "logger": record.name, "pid": record.process, "trace_id": getattr(record, "trace_id", "-"),
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(level: str, log_format: str = "text") -> None:
     """Send the `jarvis` loggers to stderr with the trace id on every line (idempotent)."""
     root = logging.getLogger("jarvis")
     root.setLevel(level)
@@ -52,6 +66,6 @@ def configure(level: str) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler._jarvis = True
-    handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_FORMAT, _DATE_FORMAT))
     handler.addFilter(_TraceIdFilter())
     root.addHandler(handler)

@@ -28,6 +28,7 @@ import gevent
 import gevent.queue
 from flask import Response
 
+from jarvis import metrics
 from jarvis.backends import Backend, ChatRequest
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn, trace_id_var
@@ -89,11 +90,13 @@ class Relay:
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
                  observer=None):
         self.backend = backend
-        self.observer = observer  # optional: .events(batch) as they are sent, .ended(outcome, error_message)
+        # Optional: .events(batch) -> the batch to send (it may filter), and .ended(outcome, error_message).
+        self.observer = observer
         self.request = request
         self.heartbeat = settings.heartbeat_seconds
         self.inactivity = settings.stream_inactivity_seconds
         self.max_seconds = settings.stream_max_seconds
+        self.max_streams = settings.max_streams
         # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
         self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
         self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
@@ -111,15 +114,23 @@ class Relay:
         self.client_left_by: str | None = None  # "fin" or "reset", as the watcher saw it
         self.upstream_closed_at: float | None = None
         self.closed = False
+        self.counted = False
 
     # -- start ---------------------------------------------------------------
 
     def open(self) -> None:
         """Start the pump and the watcher; return once the backend has accepted, or raise ApiError."""
-        _open_relays.add(self)
-        self.watcher.start()
-        self.pump = spawn(self._pump)
         try:
+            if len(_open_relays) >= self.max_streams:
+                self.outcome = "refused"
+                raise ApiError(429, f"This worker already serves {self.max_streams} streams (JARVIS_MAX_STREAMS); "
+                                    "try again shortly", "rate_limit_error", "too_many_streams",
+                               headers={"Retry-After": "1"})
+            _open_relays.add(self)
+            metrics.ACTIVE_STREAMS.inc()
+            self.counted = True
+            self.watcher.start()
+            self.pump = spawn(self._pump)
             if self.request.stream:
                 self._wait_for(_OPENED, self.inactivity, "upstream_timeout",
                                "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
@@ -242,8 +253,10 @@ class Relay:
                 item = get()
                 if type(item) is list:
                     if item:
-                        yield self._events(item)
-                        last_write = self.last_event
+                        data = self._events(item)
+                        if data:
+                            yield data
+                            last_write = self.last_event
                         if last_write - self.started >= self.max_seconds:
                             yield self._fail(self._limit_reached(last_write))
                             return
@@ -286,7 +299,9 @@ class Relay:
         self.last_event = now
         self.events += len(batch)
         if self.observer is not None:
-            self.observer.events(batch)
+            batch = self.observer.events(batch)
+            if not batch:
+                return b""
         if len(batch) == 1:
             return data_event(batch[0])
         return b"".join([data_event(payload) for payload in batch])
@@ -341,23 +356,41 @@ class Relay:
         if self.pump is not None and self.outcome != "complete":
             self.pump.kill(block=True, timeout=_KILL_SECONDS)
         self._log_end()
+        self._record_metrics()
         if self.observer is not None:
             try:
                 self.observer.ended(self.outcome, self.error_message)
             except Exception:
                 log.exception("recording the end of the stream failed")
 
+    def _record_metrics(self) -> None:
+        if self.counted:
+            metrics.ACTIVE_STREAMS.dec()
+        metrics.STREAMS.labels(self.outcome).inc()
+        metrics.STREAM_DURATION.observe(time.monotonic() - self.started)
+        if self.first_event_at is not None:
+            metrics.TIME_TO_FIRST_TOKEN.observe(self.first_event_at - self.started)
+        if self.client_gone_at is not None and self.upstream_closed_at is not None:
+            metrics.CANCEL_LATENCY.observe(max(0.0, self.upstream_closed_at - self.client_gone_at))
+        if self.outcome == "upstream_error":
+            metrics.UPSTREAM_ERRORS.labels(self.error_code or "unknown").inc()
+
     def _log_end(self) -> None:
         now = time.monotonic()
-        ttft = f"{(self.first_event_at - self.started) * 1000:.1f}" if self.first_event_at else "-"
+        fields = {"outcome": self.outcome, "events": self.events,
+                  "ttft_ms": round((self.first_event_at - self.started) * 1000, 1) if self.first_event_at else None,
+                  "duration_ms": round((now - self.started) * 1000, 1)}
         extra = ""
         if self.error_code:
+            fields["error"] = self.error_code
             extra += f" error={self.error_code}"
         if self.client_gone_at is not None and self.upstream_closed_at is not None:
-            cancel_ms = (self.upstream_closed_at - self.client_gone_at) * 1000
-            extra += f" client={self.client_left_by} cancel_ms={cancel_ms:.1f}"
-        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f%s",
-                 self.outcome, self.events, ttft, (now - self.started) * 1000, extra)
+            fields["client"] = self.client_left_by
+            fields["cancel_ms"] = round((self.upstream_closed_at - self.client_gone_at) * 1000, 1)
+            extra += f" client={self.client_left_by} cancel_ms={fields['cancel_ms']}"
+        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f%s", self.outcome, self.events,
+                 "-" if fields["ttft_ms"] is None else fields["ttft_ms"], fields["duration_ms"], extra,
+                 extra={"fields": fields})
 
 
 _OUTCOMES = {

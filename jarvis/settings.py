@@ -36,7 +36,14 @@ class Settings:
     local_max_tokens: int = 512
     local_threads: int = 0  # 0: one per available core but one (see local_threads_or_cores)
     log_level: str = "INFO"
+    log_format: str = "text"
     data_dir: str = DEFAULT_DATA_DIR
+    api_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    allow_no_auth: bool = False
+    max_streams: int = 1000  # per worker; above it new streams get 429
+    max_messages: int = 1000
+    max_message_chars: int = 2_000_000
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -58,6 +65,13 @@ class Settings:
             local_threads=reader.integer("JARVIS_LOCAL_THREADS", 0, minimum=0),
             log_level=reader.choice("JARVIS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             data_dir=reader.directory("JARVIS_DATA_DIR", DEFAULT_DATA_DIR),
+            log_format=reader.choice("JARVIS_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
+            api_key=reader.secret("JARVIS_API_KEY", "JARVIS_API_KEY_FILE"),
+            secret_key=reader.text("JARVIS_SECRET_KEY"),
+            allow_no_auth=reader.flag("JARVIS_ALLOW_NO_AUTH"),
+            max_streams=reader.integer("JARVIS_MAX_STREAMS", 1000, minimum=1),
+            max_messages=reader.integer("JARVIS_MAX_MESSAGES", 1000, minimum=1),
+            max_message_chars=reader.integer("JARVIS_MAX_MESSAGE_CHARS", 2_000_000, minimum=1),
         )
         if settings.upstream_url is None:
             settings = settings.replace(local_model=resolve_local_model(settings.local_model))
@@ -154,6 +168,29 @@ class _Reader:
         if value < minimum:
             raise SettingsError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
         return value
+
+    def secret(self, name: str, file_name: str) -> str | None:
+        value, path = self.text(name), self.text(file_name)
+        if value and path:
+            raise SettingsError(f"set {name} or {file_name}, not both")
+        if path is None:
+            if value is not None and len(value) < 16:
+                raise SettingsError(f"{name} must be at least 16 characters long")
+            return value
+        try:
+            with open(os.path.expanduser(path)) as file:
+                value = file.read().strip()
+        except OSError as error:
+            raise SettingsError(f"{file_name} names {path!r}, which cannot be read ({error.strerror})") from None
+        if len(value) < 16:
+            raise SettingsError(f"the key in {file_name} must be at least 16 characters long")
+        return value
+
+    def flag(self, name: str) -> bool:
+        raw = (self.text(name) or "0").lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no"):
+            raise SettingsError(f"{name} must be 1 or 0 (got {raw!r})")
+        return raw in ("1", "true", "yes")
 
     def directory(self, name: str, default: str) -> str:
         path = os.path.abspath(os.path.expanduser(self.text(name) or default))

@@ -17,6 +17,9 @@ async function call(path, options = {}) {
   return response.status === 204 ? null : response.json();
 }
 
+export const sessionState = () => call("/api/session");
+/** @param {string} key */
+export const signIn = (key) => call("/api/session", { method: "POST", body: JSON.stringify({ key }) });
 export const listConversations = () => call("/api/conversations").then((body) => body.data);
 export const createConversation = () => call("/api/conversations", { method: "POST", body: "{}" });
 /** @param {string} id */

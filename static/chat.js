@@ -353,7 +353,34 @@ async function loadModels() {
   }
 }
 
+/** When Jarvis has an API key, ask for it once; the server then keeps a session cookie. */
+async function signInIfNeeded() {
+  const session = await api.sessionState();
+  if (!session.required || session.signed_in) return;
+  const signIn = /** @type {HTMLFormElement} */ ($("sign-in"));
+  const keyInput = /** @type {HTMLInputElement} */ ($("api-key"));
+  const failure = $("sign-in-error");
+  $("app").hidden = true;
+  signIn.hidden = false;
+  keyInput.focus();
+  await new Promise((resolve) => {
+    signIn.addEventListener("submit", (event) => {
+      event.preventDefault();
+      api.signIn(keyInput.value).then(() => {
+        signIn.hidden = true;
+        $("app").hidden = false;
+        keyInput.value = "";
+        resolve(undefined);
+      }, (error) => {
+        failure.textContent = error instanceof Error ? error.message : String(error);
+        failure.hidden = false;
+      });
+    });
+  });
+}
+
 async function start() {
+  await signInIfNeeded();
   await loadModels();
   const conversations = await refreshConversationList();
   const remembered = localStorage.getItem(LAST_CONVERSATION);

@@ -25,6 +25,7 @@ import gevent.event
 import gevent.lock
 from gevent.threadpool import ThreadPool
 
+from jarvis import metrics
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn
@@ -144,12 +145,16 @@ class LocalGeneration:
 
     def _wait_for_slot(self):
         self.backend.queued += 1
+        metrics.MODEL_QUEUE_DEPTH.inc()
+        queued_at = time.monotonic()
         try:
             while not self.backend.slot.acquire(timeout=_QUEUE_POLL_SECONDS):
                 yield []  # still queued, still alive: keeps the relay's inactivity timer fresh
             self.holds_slot = True
         finally:
             self.backend.queued -= 1
+            metrics.MODEL_QUEUE_DEPTH.dec()
+            metrics.MODEL_QUEUE_WAIT.observe(time.monotonic() - queued_at)
 
     def _start_thread(self) -> None:
         hub = gevent.get_hub()

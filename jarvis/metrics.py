@@ -1,0 +1,52 @@
+"""Prometheus metrics, summed across gunicorn workers (prometheus-client's multiprocess mode).
+
+gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a fresh directory before any
+worker starts and marks dead workers' files; without it (tests, a plain Flask
+run) the metrics are this process's own. GET /metrics serves them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+bp = Blueprint("metrics", __name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+ACTIVE_STREAMS = Gauge("jarvis_active_streams", "Streams open right now", multiprocess_mode="livesum")
+STREAMS = Counter("jarvis_streams", "Streams ended, by outcome", ["outcome"])
+TIME_TO_FIRST_TOKEN = Histogram("jarvis_time_to_first_token_seconds", "Request start to first backend event",
+                                buckets=_LATENCY_BUCKETS)
+STREAM_DURATION = Histogram("jarvis_stream_duration_seconds", "Request start to stream end",
+                            buckets=_DURATION_BUCKETS)
+CANCEL_LATENCY = Histogram("jarvis_cancel_latency_seconds", "Client gone to backend generation cancelled",
+                           buckets=_LATENCY_BUCKETS)
+UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (the error code)", ["kind"])
+MODEL_QUEUE_DEPTH = Gauge("jarvis_model_queue_depth", "Requests waiting for the embedded model",
+                          multiprocess_mode="livesum")
+MODEL_QUEUE_WAIT = Histogram("jarvis_model_queue_wait_seconds", "Time a request waited for the embedded model",
+                             buckets=_DURATION_BUCKETS)
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text format."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

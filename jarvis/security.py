@@ -1,0 +1,155 @@
+"""Who may call Jarvis, from where, and the headers every response carries.
+
+- With JARVIS_API_KEY set, every /v1/*, /api/* and /metrics request needs it:
+  `Authorization: Bearer <key>` or `x-api-key: <key>` (the same check, compared
+  in constant time; a wrong key in either header fails even with a good
+  cookie), or the page's signed, HttpOnly, SameSite=Strict session cookie that
+  POST /api/session sets. /healthz, the page shell and its static files stay open.
+- State-changing requests from another site are refused (Origin and
+  Sec-Fetch-Site), so a page elsewhere cannot start, rename or delete anything.
+- Every response says nosniff, no-referrer and no framing.
+
+Keys never appear in a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+import urllib.parse
+
+from flask import Blueprint, Flask, Response, current_app, request, session
+
+from jarvis.errors import ApiError
+from jarvis.settings import Settings
+
+bp = Blueprint("session", __name__, url_prefix="/api/session")
+
+_PROTECTED = ("/v1/", "/api/", "/metrics")
+_STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    app.config.update(SECRET_KEY=settings.secret_key or _stored_secret(settings.data_dir),
+                      SESSION_COOKIE_NAME="jarvis_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict")
+    app.before_request(_check_request)
+    app.after_request(_add_headers)
+    app.register_blueprint(bp)
+
+
+def _stored_secret(data_dir: str) -> str:
+    """The cookie-signing secret: generated once and kept (mode 0600) under the data directory."""
+    path = os.path.join(data_dir, "secret_key")
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_urlsafe(48)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another worker won the race
+        with open(path) as file:
+            return file.read().strip()
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret)
+    return secret
+
+
+def _fingerprint(key: str) -> str:
+    """What the session cookie holds: proof of the key, not the key; a new key logs everyone out."""
+    return hashlib.sha256(("jarvis-session:" + key).encode()).hexdigest()
+
+
+def _check_request() -> None:
+    path = request.path
+    if request.method in _STATE_CHANGING:
+        _refuse_cross_site()
+    if not path.startswith(_PROTECTED):
+        return
+    key = current_app.extensions["jarvis.settings"].api_key
+    if key is None or path == "/api/session":
+        return
+    if not _authenticated(key):
+        raise ApiError(401, "Send the API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>', "
+                            "or sign in on the page", "authentication_error", "invalid_api_key")
+
+
+def _authenticated(key: str) -> bool:
+    presented = []
+    authorization = request.headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.partition(" ")
+        presented.append(token.strip() if scheme.lower() == "bearer" else "")
+    if "x-api-key" in request.headers:
+        presented.append(request.headers["x-api-key"].strip())
+    if presented:  # every key presented must be right: a second header is never a bypass
+        return all(hmac.compare_digest(candidate.encode(), key.encode()) for candidate in presented)
+    proof = session.get("auth")
+    return isinstance(proof, str) and hmac.compare_digest(proof, _fingerprint(key))
+
+
+def _refuse_cross_site() -> None:
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
+        raise ApiError(403, "Cross-site requests are not accepted", "permission_error", "cross_site")
+    origin = request.headers.get("Origin")
+    # Compare hosts, not schemes: behind a TLS-terminating proxy the page is https, Jarvis sees http.
+    if origin is not None and urllib.parse.urlsplit(origin).netloc != request.host:
+        raise ApiError(403, "Cross-site requests are not accepted", "permission_error", "cross_site")
+
+
+def _add_headers(response: Response) -> Response:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+    return response
+
+
+@bp.get("")
+def session_state():
+    """Whether the page needs to ask for the key."""
+    key = current_app.extensions["jarvis.settings"].api_key
+    return {"required": key is not None, "signed_in": key is None or _authenticated(key)}
+
+
+@bp.post("")
+def sign_in():
+    """Exchange the API key for the page's session cookie."""
+    key = current_app.extensions["jarvis.settings"].api_key
+    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
+    candidate = body.get("key") if isinstance(body, dict) else None
+    if key is None:
+        return "", 204
+    if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):
+        raise ApiError(401, "That is not the API key", "authentication_error", "invalid_api_key")
+    session.clear()
+    session["auth"] = _fingerprint(key)
+    session.permanent = True
+    return "", 204
+
+
+@bp.delete("")
+def sign_out():
+    """Forget the page's session."""
+    session.clear()
+    return "", 204
+
+
+def is_loopback_bind(address: str) -> bool:
+    """True for unix sockets and loopback TCP addresses (gunicorn bind syntax)."""
+    if address.startswith(("unix:", "fd://")):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
