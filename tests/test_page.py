@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.browser import open_page
+from tests.browser import PageProblems, open_page
 from tests.fake_upstream import Scenario
 
 pytestmark = [pytest.mark.live, pytest.mark.browser]
@@ -278,3 +278,109 @@ def test_model_picker_lists_the_backend_models(jarvis, upstream, context):
     wait_status(page, "complete")
     assert upstream.chats[0].body["model"] == "fake-model"
     problems.assert_clean()
+
+
+def hostile_corpus(canary: str) -> list[str]:
+    """At least 30 model outputs that try to run script or make the browser fetch something."""
+    pwn = "window.__pwned=1"
+    return [
+        f"<script>{pwn}</script>",
+        f"<SCRIPT SRC={canary}/script.js></SCRIPT>",
+        f"<img src=x onerror=\"{pwn}\">",
+        f"<img src=\"{canary}/img.png\">",
+        f"<img srcset=\"{canary}/srcset.png 2x\">",
+        f"<picture><source srcset=\"{canary}/source.png\"><img></picture>",
+        f"![markdown image]({canary}/md.png)",
+        f"![protocol relative](//{canary.split('//')[1]}/pr.png)",
+        f"[![image in link]({canary}/nested.png)](https://example.org)",
+        f"[click](javascript:{pwn})",
+        f"[mixed case](JaVaScRiPt:{pwn})",
+        f"[entity](&#106;avascript:{pwn})",
+        f"[named entity](javascript&colon;{pwn})",
+        f"[tab](java\tscript:{pwn})",
+        f"<a href=\"  javascript:{pwn}\">spaces</a>",
+        f"<a href=\"vbscript:{pwn}\">vb</a>",
+        "[data html](data:text/html,<script>alert(1)</script>)",
+        "<a href=\"data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==\">b64</a>",
+        f"<javascript:{pwn}>",
+        f"[ref][1]\n\n[1]: javascript:{pwn}",
+        f"<svg onload=\"{pwn}\"><circle r=5></circle></svg>",
+        f"<svg><image href=\"{canary}/svg-image.png\"/></svg>",
+        f"<math><mtext><table><mglyph><style><img src=x onerror=\"{pwn}\">",
+        f"<div style=\"background:url({canary}/css.png)\">styled</div>",
+        f"<style>@import url({canary}/import.css); body{{background:url({canary}/bg.png)}}</style>",
+        f"<link rel=stylesheet href=\"{canary}/link.css\">",
+        "<iframe src=\"javascript:parent.__pwned=1\"></iframe>",
+        "<iframe srcdoc=\"<script>parent.__pwned=1</script>\"></iframe>",
+        f"<object data=\"{canary}/object.swf\"></object><embed src=\"{canary}/embed.swf\">",
+        f"<meta http-equiv=\"refresh\" content=\"0;url={canary}/refresh\">",
+        f"<base href=\"{canary}/\"><a href=\"relative\">base</a>",
+        f"<form action=\"{canary}/form\"><button>go</button></form>",
+        f"<details open ontoggle=\"{pwn}\"><summary>x</summary></details>",
+        f"<input autofocus onfocus=\"{pwn}\">",
+        f"<video poster=\"{canary}/poster.png\"><source src=\"{canary}/video.mp4\"></video>",
+        f"<noscript><p title=\"</noscript><img src=x onerror={pwn}>\"></noscript>",
+        f"<a href=\"https://ok.example\" onclick=\"{pwn}\">handler on a good link</a>",
+        f"```html\n<script>{pwn}</script>\n```",
+        f"<scr<script>ipt>{pwn}</scr</script>ipt>",
+        f"<img src=\"data:image/svg+xml,<svg onload='{pwn}'/>\">",
+    ]
+
+
+def test_hostile_corpus_renders_inert(jarvis, upstream, context, canary):
+    corpus = hostile_corpus(canary)
+    assert len(corpus) >= 30
+    page, problems = open_page(context, jarvis.url)
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    rendered = page.evaluate("""async (corpus) => {
+        const { renderMarkdown } = await import('/static/markdown.js');
+        const results = [];
+        for (const text of corpus) {
+            const holder = document.createElement('div');
+            holder.className = 'message assistant';
+            holder.append(renderMarkdown(text));
+            document.querySelector('#messages').append(holder);
+            results.push(holder.innerHTML);
+        }
+        return results;
+    }""", corpus)
+    for element in page.locator("#messages a").all():
+        href = element.get_attribute("href")
+        assert href is None or href.startswith(("https://", "http://", "mailto:")), href
+    dangerous = "script, iframe, object, embed, img, svg, math, style, link, meta, base, form, input, video, " \
+                "picture, source, [style], [onerror], [onload], [onclick], [onfocus], [ontoggle], [srcset]"
+    inside = ", ".join(f"#messages {selector.strip()}" for selector in dangerous.split(","))
+    assert page.locator(inside).count() == 0, rendered
+    for button in page.locator(".image-placeholder").all():
+        assert "click to open" in button.inner_text() or "(blocked)" in button.inner_text()
+    page.get_by_label("Message").focus()  # give autofocus/ontoggle tricks their moment, then look
+    page.wait_for_function("() => document.readyState === 'complete'")
+    assert page.evaluate("window.__pwned") is None
+    assert _Canary.requests == []
+    assert not [url for url in requested if not url.startswith(jarvis.url)], requested
+    problems.assert_clean()
+
+
+def test_page_asks_for_the_api_key_once(start_jarvis, upstream, context):
+    key = "page-key-0123456789abcdef"
+    jarvis = start_jarvis({"JARVIS_API_KEY": key})
+    page = context.new_page()
+    problems = PageProblems(page)
+    page.goto(jarvis.url)
+    page.get_by_label("API key").fill("not the key at all")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("#sign-in-error:not([hidden])")
+    assert "not the API key" in page.locator("#sign-in-error").inner_text()
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_selector("body[data-ready=true]")
+    send(page, "hello after signing in")
+    wait_status(page, "complete")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")  # the session cookie: no second prompt
+    assert page.locator("#sign-in").is_hidden()
+    cookie = next(c for c in context.cookies() if c["name"] == "jarvis_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert [m for m in problems.console_errors if "401" not in m] == []
+    assert problems.page_errors == [] and problems.rejections() == []

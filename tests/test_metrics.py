@@ -1,0 +1,51 @@
+"""/metrics counts streams by outcome, summed across gunicorn workers."""
+
+import re
+
+import pytest
+import requests
+
+from tests.clients import RawClient, chat_body, chat_request
+from tests.live import sse_events
+
+pytestmark = pytest.mark.live
+
+KEY = "metrics-key-0123456789abcdef"
+
+
+def metric(text: str, name: str, **labels) -> float:
+    label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_report_the_right_counts_across_two_workers(start_jarvis, upstream):
+    jarvis = start_jarvis({"JARVIS_WORKERS": "2", "JARVIS_API_KEY": KEY})
+    assert len(jarvis.workers()) == 2
+    auth = {"x-api-key": KEY}
+    assert requests.get(jarvis.url + "/metrics").status_code == 401
+    for _ in range(6):  # complete, each on its own connection so both workers take some
+        body = chat_body({"tokens": 3})
+        list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, headers=auth, stream=True)))
+    for _ in range(3):  # failed mid-stream
+        body = chat_body({"tokens": 5, "error_event_after": 1})
+        list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, headers=auth, stream=True)))
+    for index in range(4):  # stopped by the client
+        client = RawClient(jarvis.port)
+        client.send(chat_request(chat_body({"tokens": 500, "interval": 0.02}), extra_headers=f"x-api-key: {KEY}\r\n"))
+        client.read_until(b'"content": "w1 "')
+        client.close_rst()
+        upstream.wait_until_ended(upstream.wait_for_exchange(6 + 3 + index + 1))
+    jarvis.wait_for_log("stream end outcome=", count=13)
+    pids = {line.split("] [")[1].split("]")[0] for line in jarvis.end_lines()}
+    text = requests.get(jarvis.url + "/metrics", headers=auth).text
+    assert metric(text, "jarvis_streams_total", outcome="complete") == 6
+    assert metric(text, "jarvis_streams_total", outcome="upstream_error") == 3
+    assert metric(text, "jarvis_streams_total", outcome="client_stop") == 4
+    assert metric(text, "jarvis_upstream_errors_total", kind="upstream_error") == 3
+    assert metric(text, "jarvis_active_streams") == 0
+    assert metric(text, "jarvis_cancel_latency_seconds_count") == 4
+    assert metric(text, "jarvis_time_to_first_token_seconds_count") == 13
+    assert metric(text, "jarvis_stream_duration_seconds_count") == 13
+    print(f"streams were served by {len(pids)} worker(s): {sorted(pids)}")
