@@ -25,3 +25,12 @@ def test_store_benchmark_smoke():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "store thread (Jarvis)" in result.stdout and "directly on the hub" in result.stdout
+
+
+@pytest.mark.model
+def test_local_model_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/local_model.py", "--runs", "1", "--tokens", "10"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "llama-cpp-python directly" in result.stdout and "through Jarvis" in result.stdout
+    assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
