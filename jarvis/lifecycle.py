@@ -12,15 +12,14 @@ the stopping worker alive until each one's keepalive timer ran out.
 
 from __future__ import annotations
 
-import _socket
 import logging
-import socket
 import weakref
 
 import gevent
 from werkzeug.wsgi import ClosingIterator
 
 from jarvis import relay
+from jarvis.sockets import shutdown_quietly
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +61,8 @@ class ConnectionTracker:
         """Shut down connections with no request in flight; their readers see EOF and end."""
         idle = [sock for sock in list(self.known) if sock not in self.busy]
         for sock in idle:
-            _shutdown_quietly(sock)
+            shutdown_quietly(sock)
         return len(idle)
-
-
-def _shutdown_quietly(sock) -> None:
-    """Shut a gevent socket down through a plain socket object on the same descriptor.
-
-    gevent's own shutdown() wakes the greenlet reading it with EBADF, which
-    gunicorn logs as an ERROR; a plain shutdown makes that read return EOF.
-    """
-    fileno = sock.fileno()
-    if fileno < 0:
-        return  # already closed
-    try:
-        plain = _socket.socket(fileno=fileno)
-    except OSError:
-        return
-    try:
-        plain.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        plain.detach()
 
 
 tracker: ConnectionTracker | None = None

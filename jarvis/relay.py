@@ -102,6 +102,7 @@ class Relay:
         self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
         self.watcher = ClientWatcher(environ, self._client_gone)
         self.pump: gevent.Greenlet | None = None
+        self.generation = None
         self.stop_reason: str | None = None
         self.outcome = "client_stop"
         self.events = 0
@@ -174,6 +175,7 @@ class Relay:
         put = self.queue.put
         try:
             generation = self.backend.open(self.request)
+            self.generation = generation
             put(_OPENED)
             if self.request.stream:
                 batches = generation.batches()
@@ -219,8 +221,11 @@ class Relay:
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+        # Cancel at the source now, not when the response greenlet or the pump next get to run.
+        if self.generation is not None and hasattr(self.generation, "abort"):
+            self.generation.abort()
         if self.pump is not None:
-            self.pump.kill(block=False)  # cancel at the source now, not when the response wakes
+            self.pump.kill(block=False)
         try:
             self.queue.put_nowait(_WAKE)
         except gevent.queue.Full:

@@ -181,6 +181,12 @@ class LocalGeneration:
                              "finish_reason": finish_reason}]}
         return 200, json.dumps(body).encode()
 
+    def abort(self) -> None:
+        """From any greenlet: stop generating at the next token."""
+        if not self.cancel.is_set():
+            self.cancel.set()
+            self.cancelled_at = time.monotonic()
+
     def close(self) -> None:
         """Cancel the thread; hand the model to the next request only once the thread has finished."""
         if not self.cancel.is_set():

@@ -21,6 +21,7 @@ from requests.adapters import HTTPAdapter
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_object
 from jarvis.settings import Settings
+from jarvis.sockets import shutdown_quietly
 from jarvis.sse import DONE, MalformedStream, SSEDecoder
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,12 @@ class UpstreamGeneration:
                            "upstream_error", "upstream_disconnected")
         self.finished = True
         return self.response.status_code, body
+
+    def abort(self) -> None:
+        """From any greenlet: tell the upstream at once that nobody is listening (FIN on its socket)."""
+        sock = getattr(getattr(self.response.raw, "_connection", None), "sock", None)
+        if sock is not None and not self.finished:
+            shutdown_quietly(sock)
 
     def close(self) -> None:
         """After [DONE], drain to the end so the connection can be reused; otherwise close it."""
