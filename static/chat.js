@@ -272,6 +272,9 @@ async function streamReply(body) {
   } catch (failure) {
     if (controller.signal.aborted) {
       status = "stopped"; // our own Stop: expected, silent
+    } else if (status === "interrupted" && traceId !== null) {
+      // The body broke off mid-answer (the server or the network went away): keep what arrived.
+      console.warn("the reply stream broke off", failure);
     } else {
       status = "error";
       error = failure instanceof Error ? failure.message : String(failure);

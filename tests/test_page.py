@@ -1,12 +1,15 @@
 """The chat page in headless Chromium: progressive rendering, Stop that always stops, nothing lost, nothing unsafe."""
 
 import http.server
+import os
 import random
+import signal
 import statistics
 import threading
 import time
 
 import pytest
+import requests
 
 from tests.browser import PageProblems, open_page
 from tests.fake_upstream import Scenario
@@ -383,4 +386,20 @@ def test_page_asks_for_the_api_key_once(start_jarvis, upstream, context):
     cookie = next(c for c in context.cookies() if c["name"] == "jarvis_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert [m for m in problems.console_errors if "401" not in m] == []
+    assert problems.page_errors == [] and problems.rejections() == []
+
+
+def test_a_stream_cut_without_done_is_shown_as_interrupted(jarvis, upstream, context):
+    """If Jarvis itself dies mid-answer (kill -9 of the worker), the page says so instead of hanging."""
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "long answer please")
+    wait_text_longer(page, 20)
+    os.kill(jarvis.worker().pid, signal.SIGKILL)
+    wait_status(page, "interrupted")
+    assert "Interrupted" in last_assistant(page).locator(".error").inner_text()
+    assert last_assistant(page).locator(".content").inner_text().strip()
+    jarvis.wait_for_log("Booting worker", count=2)
+    page.wait_for_selector("#send:not([disabled])")
+    assert requests.get(jarvis.url + "/healthz", timeout=10).ok  # the replacement worker is serving
     assert problems.page_errors == [] and problems.rejections() == []
