@@ -11,7 +11,6 @@ kept from answering; gevent's monitor reports any block over 20 ms.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,27 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, wait_for_http  # noqa: E402
 from jarvis.backends.local import load_llama  # noqa: E402
 from jarvis.settings import Settings  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_health(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def direct(llama, tokens: int) -> tuple[float, float]:
@@ -96,7 +79,7 @@ def main():
                                    "--bind", f"127.0.0.1:{port}", "--error-logfile", str(log), "app:app"],
                                   cwd=ROOT, env=env)
         try:
-            wait_for_health(f"http://127.0.0.1:{port}/healthz")
+            wait_for_http(f"http://127.0.0.1:{port}/healthz")
             latencies, done = [], threading.Event()
 
             def health_checker():

@@ -39,6 +39,9 @@ import gevent.pool  # noqa: E402
 import psutil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import free_port, wait_for_http  # noqa: E402
+
 STAMP = re.compile(rb'"content": ?"(\d+\.\d+)\|')
 FULL = {"latency_streams": 50, "chunk_tokens": 5000, "concurrency": [100, 300, 500, 1000], "cancel_background": 300,
         "cancel_mid": 50, "cancel_early": 20, "leak_streams": 10000, "memory_streams": 1000}
@@ -47,23 +50,6 @@ SMOKE = {"latency_streams": 3, "chunk_tokens": 200, "concurrency": [10], "cancel
 
 
 # -- processes -----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            gevent.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
-
 
 class Servers:
     def __init__(self, workdir: Path):

@@ -16,10 +16,15 @@ gevent.monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import read_http_request  # noqa: E402
 
 RECORDS: dict[str, dict] = {}
 _HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -39,28 +44,6 @@ def _json(sock, status: int, body) -> None:
     data = json.dumps(body).encode()
     sock.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                  % (status, len(data), data))
-
-
-def _read_request(sock, buffer: bytes):
-    while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        if not data:
-            return None, b""
-        buffer += data
-    head, buffer = buffer.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    method, path, _ = lines[0].split(b" ", 2)
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(buffer) < length:
-        data = sock.recv(65536)
-        if not data:
-            return None, b""
-        buffer += data
-    return (method, path.decode(), buffer[:length]), buffer[length:]
 
 
 def _watch(sock, record: dict, done: gevent.event.Event):
@@ -110,10 +93,10 @@ def handle(sock, address):
     buffer = b""
     try:
         while True:
-            request, buffer = _read_request(sock, buffer)
+            request, buffer = read_http_request(sock, buffer)
             if request is None:
                 return
-            method, path, body = request
+            method, path, _, body = request
             if path == "/_stats":
                 _json(sock, 200, RECORDS)
             elif path == "/_reset":

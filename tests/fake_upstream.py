@@ -22,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from bench.common import read_http_request
+
 
 @dataclass
 class Scenario:
@@ -145,7 +147,7 @@ class FakeUpstream:
         buffer = b""
         try:
             while self._running:
-                request, buffer = _read_request(sock, buffer)
+                request, buffer = read_http_request(sock, buffer)
                 if request is None:
                     return
                 keep_open = self._respond(sock, *request)
@@ -335,26 +337,3 @@ def _pause(sock, seconds: float) -> None:
 def _reset(sock) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def _read_request(sock, buffer: bytes):
-    while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        if not data:
-            return None, b""
-        buffer += data
-    head, buffer = buffer.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    method, path, _ = lines[0].split(" ", 2)
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(buffer) < length:
-        data = sock.recv(65536)
-        if not data:
-            return None, b""
-        buffer += data
-    body, buffer = buffer[:length], buffer[length:]
-    return (method, path, headers, body), buffer

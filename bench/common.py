@@ -1,0 +1,51 @@
+"""Small helpers shared by the benchmark scripts and the test suite's fake upstream (no gevent here)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 60) -> None:
+    """Poll `url` until it answers (time.sleep is gevent's where the caller monkey-patched)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def read_http_request(sock, buffer: bytes):
+    """Read one HTTP/1.1 request with a Content-Length body from `sock`.
+
+    Returns ((method, path, headers, body), the bytes after it), or (None, b"") when the peer closed.
+    """
+    while b"\r\n\r\n" not in buffer:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    head, buffer = buffer.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(buffer) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    return (method, path, headers, buffer[:length]), buffer[length:]
