@@ -52,7 +52,7 @@ SMOKE = {"latency_streams": 3, "chunk_tokens": 200, "concurrency": [10], "cancel
 # -- processes -----------------------------------------------------------------
 
 class Servers:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, floor: bool = False):
         self.upstream_port, self.jarvis_port = free_port(), free_port()
         self.log = workdir / "jarvis.log"
         self.upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "upstream.py"), "--port",
@@ -63,12 +63,22 @@ class Servers:
         self.jarvis = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
                                         "--bind", f"127.0.0.1:{self.jarvis_port}", "--workers", "1",
                                         "--error-logfile", str(self.log), "app:app"], cwd=ROOT, env=env)
+        self.floor = None
+        if floor:
+            self.floor_port = free_port()
+            env["PASSTHROUGH_UPSTREAM_URL"] = f"http://127.0.0.1:{self.upstream_port}/v1"
+            self.floor = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config",
+                                           str(ROOT / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.floor_port}",
+                                           "--workers", "1", "--error-logfile", str(workdir / "floor.log"),
+                                           "bench.passthrough:app"], cwd=ROOT, env=env)
+            wait_for_http(f"http://127.0.0.1:{self.floor_port}/healthz")
         wait_for_http(f"http://127.0.0.1:{self.upstream_port}/v1/models")
         wait_for_http(f"http://127.0.0.1:{self.jarvis_port}/healthz")
         self.worker = psutil.Process(self.jarvis.pid).children()[0]
 
     def targets(self):
-        return [("direct", self.upstream_port), ("jarvis", self.jarvis_port)]
+        floor = [("floor", self.floor_port)] if self.floor else []
+        return [("direct", self.upstream_port), *floor, ("jarvis", self.jarvis_port)]
 
     def upstream_stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.upstream_port}/_stats") as response:
@@ -85,9 +95,10 @@ class Servers:
                 "open_streams": health["open_streams"]}
 
     def stop(self):
-        for process in (self.jarvis, self.upstream):
+        processes = [process for process in (self.jarvis, self.floor, self.upstream) if process is not None]
+        for process in processes:
             process.terminate()
-        for process in (self.jarvis, self.upstream):
+        for process in processes:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -206,7 +217,7 @@ def scenario_chunk(servers, sizes, summary):
 
 
 def scenario_concurrency(servers, sizes, summary):
-    rows = []
+    rows, floor_rows = [], []
     for count in sizes["concurrency"]:
         measured = {}
         for name, port in servers.targets():
@@ -223,6 +234,11 @@ def scenario_concurrency(servers, sizes, summary):
         direct, jarvis = measured["direct"], measured["jarvis"]
         added50 = (percentile(jarvis[1], 0.5) - percentile(direct[1], 0.5)) * 1000
         added99 = (percentile(jarvis[1], 0.99) - percentile(direct[1], 0.99)) * 1000
+        if "floor" in measured:
+            floor = measured["floor"]
+            floor_rows.append([count, f"{floor[0]:.1%}", f"{percentile(floor[1], 0.5) * 1000:.1f}",
+                               f"{percentile(floor[1], 0.99) * 1000:.1f}", f"{jarvis[0]:.1%}",
+                               f"{percentile(jarvis[1], 0.5) * 1000:.1f}", f"{percentile(jarvis[1], 0.99) * 1000:.1f}"])
         rows.append([count, f"{direct[0]:.1%}", f"{jarvis[0]:.1%}", f"{percentile(direct[1], 0.5) * 1000:.1f}",
                      f"{percentile(direct[1], 0.99) * 1000:.1f}", f"{percentile(jarvis[1], 0.5) * 1000:.1f}",
                      f"{percentile(jarvis[1], 0.99) * 1000:.1f}", f"{added50:+.1f}", f"{added99:+.1f}",
@@ -233,6 +249,10 @@ def scenario_concurrency(servers, sizes, summary):
           "upstream send (ms)",
           ["streams", "direct done", "jarvis done", "direct p50", "direct p99", "jarvis p50", "jarvis p99",
            "added p50", "added p99", "jarvis CPU µs/token"], rows)
+    if floor_rows:
+        table("3b. The floor: a 40-line Flask + gevent pass-through (bench/passthrough.py) on the same load (ms)",
+              ["streams", "floor done", "floor p50", "floor p99", "jarvis done", "jarvis p50", "jarvis p99"],
+              floor_rows)
 
 
 def scenario_cancel(servers, sizes, summary):
@@ -360,6 +380,8 @@ def main():
     parser.add_argument("--only", choices=list(SCENARIOS), action="append", help="run only these scenarios")
     parser.add_argument("--latency-streams", type=int, help="how many streams scenario 1 runs")
     parser.add_argument("--concurrency", type=int, action="append", help="stream counts for scenario 3")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run scenarios 1-4 through bench/passthrough.py, a minimal pass-through")
     parser.add_argument("--profile", metavar="SVG", help="record the Jarvis worker with py-spy into this flame graph")
     args = parser.parse_args()
     sizes = dict(SMOKE if args.smoke else FULL)
@@ -370,7 +392,7 @@ def main():
     summary: dict = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
-        servers = Servers(Path(workdir))
+        servers = Servers(Path(workdir), floor=args.floor)
         try:
             print(f"Jarvis worker pid {servers.worker.pid}; {os.cpu_count()} cores; loopback")
             profiler = None

@@ -24,6 +24,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["jarvis.store"] = SQLiteStore(settings.data_dir)
 
     errors.init_app(app)
+    lifecycle.track_connections(app)
     security.init_app(app, settings)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
@@ -35,7 +36,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
     app.register_blueprint(metrics.bp)
-    app.wsgi_app = lifecycle.track_connections(app.wsgi_app)
     return app
 
 

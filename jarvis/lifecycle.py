@@ -16,7 +16,7 @@ import logging
 import weakref
 
 import gevent
-from werkzeug.wsgi import ClosingIterator
+from flask import Flask, Response, request
 
 from jarvis import relay
 from jarvis.sockets import shutdown_quietly
@@ -37,25 +37,23 @@ def watch_worker(worker) -> gevent.Greenlet:
 
 
 class ConnectionTracker:
-    """WSGI middleware that knows which client connections are between requests."""
+    """Knows which client connections are between requests (Flask hooks: no per-chunk wrapper)."""
 
-    def __init__(self, wsgi_app):
-        self.wsgi_app = wsgi_app
+    def __init__(self):
         self.known: weakref.WeakSet = weakref.WeakSet()
         self.busy: weakref.WeakSet = weakref.WeakSet()
 
-    def __call__(self, environ, start_response):
-        sock = environ.get("gunicorn.socket")
-        if sock is None:
-            return self.wsgi_app(environ, start_response)
-        self.known.add(sock)
-        self.busy.add(sock)
-        try:
-            iterable = self.wsgi_app(environ, start_response)
-        except BaseException:
-            self.busy.discard(sock)
-            raise
-        return ClosingIterator(iterable, lambda: self.busy.discard(sock))
+    def request_started(self) -> None:
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            self.known.add(sock)
+            self.busy.add(sock)
+
+    def request_finished(self, response: Response) -> Response:
+        sock = request.environ.get("gunicorn.socket")
+        if sock is not None:
+            response.call_on_close(lambda: self.busy.discard(sock))  # once the body has been sent
+        return response
 
     def close_idle(self) -> int:
         """Shut down connections with no request in flight; their readers see EOF and end."""
@@ -65,14 +63,13 @@ class ConnectionTracker:
         return len(idle)
 
 
-tracker: ConnectionTracker | None = None
+tracker = ConnectionTracker()
 
 
-def track_connections(wsgi_app):
-    """Wrap the app so that shutdown can close idle keep-alive connections."""
-    global tracker
-    tracker = ConnectionTracker(wsgi_app)
-    return tracker
+def track_connections(app: Flask) -> None:
+    """Register the hooks that let shutdown close idle keep-alive connections (before any other hook)."""
+    app.before_request(tracker.request_started)
+    app.after_request(tracker.request_finished)
 
 
 def _watch(worker, delay: float) -> None:
@@ -91,5 +88,4 @@ def _watch(worker, delay: float) -> None:
 
 
 def _close_idle() -> None:
-    if tracker is not None:
-        tracker.close_idle()
+    tracker.close_idle()
