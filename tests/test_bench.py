@@ -11,26 +11,46 @@ pytestmark = pytest.mark.live
 
 
 def test_bench_run_smoke():
-    result = subprocess.run([sys.executable, "bench/run.py", "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=240)
+    result = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--floor"], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    for heading in ("1. Added latency", "2. Per-chunk cost", "3. Concurrency", "4. Cancel under load", "5. Leaks",
-                    "6. Memory", "Summary", "ERROR lines in Jarvis's log: 0"):
+    for heading in (
+        "1. Added latency",
+        "2. Per-chunk cost",
+        "3. Concurrency",
+        "3b. The floor",
+        "4. Cancel under load",
+        "5. Leaks",
+        "6. Memory",
+        "Summary",
+        "ERROR lines in Jarvis's log: 0",
+    ):
         assert heading in result.stdout, result.stdout
     assert "not closed" in result.stdout and "nan" not in result.stdout
 
 
 def test_store_benchmark_smoke():
-    result = subprocess.run([sys.executable, "bench/store_hub_block.py", "--writes", "50"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "bench/store_hub_block.py", "--writes", "50"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "store thread (Jarvis)" in result.stdout and "directly on the hub" in result.stdout
 
 
 @pytest.mark.model
 def test_local_model_benchmark_smoke():
-    result = subprocess.run([sys.executable, "bench/local_model.py", "--runs", "1", "--tokens", "10"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "bench/local_model.py", "--runs", "1", "--tokens", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "llama-cpp-python directly" in result.stdout and "through Jarvis" in result.stdout
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
