@@ -7,6 +7,7 @@ stay free of application state. Command-line flags (-b, -w, ...) still win.
 
 import glob
 import os
+import shutil
 import sys
 import tempfile
 
@@ -39,7 +40,10 @@ errorlog = "-"
 capture_output = True  # stack dumps on stderr land in the error log when it is a file
 
 # Prometheus metrics summed across workers: each worker writes its own files here.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="jarvis-metrics-"))
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _OWN_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jarvis-metrics-")
+else:
+    _OWN_METRICS_DIR = None
 
 # A blocked hub is reported with its stack by gevent's monitor thread.
 os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
@@ -89,6 +93,12 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory this master created."""
+    if _OWN_METRICS_DIR is not None:
+        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
 
 
 def worker_abort(worker):
