@@ -39,11 +39,9 @@ loglevel = "info"
 errorlog = "-"
 capture_output = True  # stack dumps on stderr land in the error log when it is a file
 
-# Prometheus metrics summed across workers: each worker writes its own files here.
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _OWN_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jarvis-metrics-")
-else:
-    _OWN_METRICS_DIR = None
+# Prometheus metrics are summed across workers from files in PROMETHEUS_MULTIPROC_DIR (on_starting
+# makes one when it is not set).
+_OWN_METRICS_DIR = []
 
 # A blocked hub is reported with its stack by gevent's monitor thread.
 os.environ.setdefault("GEVENT_MONITOR_THREAD_ENABLE", "true")
@@ -52,26 +50,37 @@ os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
 
 # -- Hooks ---------------------------------------------------------------------------
 def on_starting(server):
-    """In the master, once: validate JARVIS_* settings (a bad value stops start-up with a clear message)
-    and mark answers that a crashed run left streaming as interrupted."""
-    from jarvis.settings import Settings, SettingsError
+    """In the master, once: refuse bad settings or an unauthenticated exposed bind, prepare the
+    metrics directory, and mark answers that a crashed run left streaming as interrupted."""
+    settings = _settings_or_exit(server)
+    _prepare_metrics_directory()
     from jarvis.store import recover_interrupted
+
+    recovered = recover_interrupted(settings.data_dir)
+    if recovered:
+        server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
+
+
+def _settings_or_exit(server):
+    from jarvis.settings import Settings, SettingsError, is_loopback_bind
 
     try:
         settings = Settings.from_env()
     except SettingsError as error:
         sys.exit(f"jarvis: {error}")
-    from jarvis.security import is_loopback_bind
-
     exposed = [address for address in server.cfg.bind if not is_loopback_bind(address)]
     if exposed and settings.api_key is None and not settings.allow_no_auth:
         sys.exit(f"jarvis: refusing to listen on {', '.join(exposed)} without authentication: set JARVIS_API_KEY "
                  "(or JARVIS_API_KEY_FILE), or JARVIS_ALLOW_NO_AUTH=1 if that is really what you mean")
+    return settings
+
+
+def _prepare_metrics_directory():
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jarvis-metrics-")
+        _OWN_METRICS_DIR.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # counts from an earlier run
-    recovered = recover_interrupted(settings.data_dir)
-    if recovered:
-        server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
 
 
 def when_ready(server):
@@ -97,8 +106,8 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """Remove the metrics directory this master created."""
-    if _OWN_METRICS_DIR is not None:
-        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
+    for directory in _OWN_METRICS_DIR:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def worker_abort(worker):

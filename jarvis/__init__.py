@@ -1,49 +1,12 @@
-"""Jarvis: a self-hosted chat server that streams OpenAI-compatible completions and never hangs."""
+"""Jarvis: a self-hosted chat server that streams OpenAI-compatible completions and never hangs.
 
-from __future__ import annotations
-
-from flask import Flask, Response, request
-
-from jarvis import errors, lifecycle, logs, security
-from jarvis.backends import create_backend
-from jarvis.settings import Settings
-from jarvis.store import SQLiteStore
+This package's top level stays light: gunicorn's master imports `jarvis.settings` and `jarvis.store`
+to validate settings before it forks, and must not import Flask, requests or prometheus-client.
+"""
 
 
-def create_app(test_config: dict | None = None) -> Flask:
-    """Build the app: settings from the environment, then any test overrides."""
-    settings = Settings.from_env()
-    if test_config:
-        settings = settings.replace(**test_config)
-    logs.configure(settings.log_level, settings.log_format)
+def create_app(test_config: dict | None = None):
+    """Build the Flask app (see jarvis.factory)."""
+    from jarvis.factory import create_app as build
 
-    app = Flask(__name__, template_folder="../templates", static_folder="../static")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["jarvis.settings"] = settings
-    app.extensions["jarvis.backend"] = create_backend(settings)
-    app.extensions["jarvis.store"] = SQLiteStore(settings.data_dir)
-
-    errors.init_app(app)
-    lifecycle.track_connections(app)
-    security.init_app(app, settings)
-    app.before_request(_start_trace)
-    app.after_request(_return_trace)
-
-    from jarvis import api, conversations, health, metrics, page
-
-    app.register_blueprint(api.bp)
-    app.register_blueprint(conversations.bp)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(page.bp)
-    app.register_blueprint(metrics.bp)
-    return app
-
-
-def _start_trace() -> None:
-    # The same greenlet serves the next keep-alive request: always set a fresh id.
-    logs.trace_id_var.set(logs.new_trace_id(request.headers.get("X-Request-Id")))
-
-
-def _return_trace(response: Response) -> Response:
-    response.headers["X-Request-Id"] = logs.trace_id_var.get()
-    return response
+    return build(test_config)

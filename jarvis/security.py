@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import urllib.parse
@@ -139,17 +138,3 @@ def sign_out():
     """Forget the page's session."""
     session.clear()
     return "", 204
-
-
-def is_loopback_bind(address: str) -> bool:
-    """True for unix sockets and loopback TCP addresses (gunicorn bind syntax)."""
-    if address.startswith(("unix:", "fd://")):
-        return True
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.strip("[]")
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

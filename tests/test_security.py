@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from jarvis.security import is_loopback_bind
+from jarvis.settings import is_loopback_bind
 from tests.live import ROOT, content_of, free_port, sse_events
 
 pytestmark = pytest.mark.live
