@@ -18,6 +18,18 @@ from bench.common import free_port  # noqa: F401 (tests import it from here)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def wait_until(predicate, timeout: float, describe, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy; return that, or fail with describe()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(describe())
+        time.sleep(interval)
+
+
 class LiveServer:
     """One gunicorn master (gevent workers) serving app:app; its error log is a file the test can read."""
 
@@ -41,18 +53,17 @@ class LiveServer:
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
                                             stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}"
-                                   f"{self.stderr_path.read_text(errors='replace')}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gunicorn did not answer within {timeout} s:\n{self.log()}")
+        wait_until(self._answers, timeout, lambda: f"gunicorn did not answer within {timeout} s:\n{self.log()}")
+        return self
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n{self.log()}"
+                               f"{self.stderr_path.read_text(errors='replace')}")
+        try:
+            return requests.get(self.url + "/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
 
     # -- looking inside -----------------------------------------------------
 
@@ -60,13 +71,9 @@ class LiveServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_for_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log()
-            if log.count(text) >= count:
-                return log
-            time.sleep(0.02)
-        raise AssertionError(f"{text!r} x{count} not in the log within {timeout} s:\n{self.log()[-4000:]}")
+        """The log, once `text` appears in it `count` times (a bounded poll of the file)."""
+        return wait_until(lambda: (log := self.log()).count(text) >= count and log, timeout,
+                          lambda: f"{text!r} x{count} not in the log within {timeout} s:\n{self.log()[-4000:]}")
 
     def end_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if "stream end outcome=" in line]

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.clients import RawClient, chat_body, chat_request
-from tests.live import content_of, sse_events
+from tests.live import content_of, sse_events, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -64,13 +64,14 @@ def test_sigusr1_to_the_master_reopens_the_log_file(jarvis):
     moved = jarvis.log_path.with_suffix(".old")
     jarvis.log_path.rename(moved)
     jarvis.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while not jarvis.log_path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    requests.get(jarvis.url + "/healthz")
-    content_of(sse_events(jarvis.chat(fault={"tokens": 1})))
-    jarvis.wait_for_log("stream end outcome=complete")  # the worker writes to the new file
-    assert "Booting worker" in moved.read_text()
+
+    def worker_writes_to_the_new_file():
+        content_of(sse_events(jarvis.chat(fault={"tokens": 1})))  # each stream logs one end line
+        return "stream end outcome=complete" in jarvis.log()
+
+    wait_until(worker_writes_to_the_new_file, 10, lambda: "the worker never wrote to the reopened log",
+               interval=0.1)
+    assert "Booting worker" in moved.read_text() and "Booting worker" not in jarvis.log()
 
 
 def test_gevent_monitor_reports_a_blocked_hub(start_jarvis):
