@@ -35,18 +35,27 @@ def models():
     return jsonify(current_app.extensions["jarvis.backend"].models())
 
 
-def parse_chat_request() -> ChatRequest:
-    """Read the whole body and check the fields Jarvis relies on; raise ApiError otherwise."""
+def read_json_object() -> tuple[bytes, dict]:
+    """The whole request body, raw and parsed, which must be a JSON object; ApiError (415/400/413) otherwise.
+
+    Every state-changing route reads its body here, before anyone watches the client socket.
+    """
     if request.mimetype != "application/json":
         raise ApiError(415, "Send the request body as JSON with the header Content-Type: application/json",
                        "invalid_request_error", "unsupported_media_type")
-    raw = request.get_data(cache=False)  # the whole body, before anyone watches the socket
+    raw = request.get_data(cache=False)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON", "invalid_request_error", "invalid_json")
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", "invalid_request_error", "invalid_json")
+    return raw, body
+
+
+def parse_chat_request() -> ChatRequest:
+    """Read the whole body and check the fields Jarvis relies on; raise ApiError otherwise."""
+    raw, body = read_json_object()
     _check_messages(body.get("messages"), current_app.extensions["jarvis.settings"])
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -15,6 +15,7 @@ import time
 import gevent
 from flask import Blueprint, current_app, jsonify, request
 
+from jarvis.api import read_json_object
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
 from jarvis.logs import trace_id_var
@@ -43,12 +44,7 @@ def _conversation_or_404(conversation_id: str) -> dict:
 
 
 def _json_body() -> dict:
-    if request.mimetype != "application/json":
-        raise ApiError(415, "Send JSON with Content-Type: application/json", code="unsupported_media_type")
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
-    return body
+    return read_json_object()[1]
 
 
 def _text(body: dict, name: str, required: bool = True) -> str | None:
@@ -113,12 +109,9 @@ def send_message(conversation_id):
     message_id = store.add_message(conversation_id, "assistant", "", "streaming", model, trace_id)
     chat_body = {"messages": history, "stream": True, **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
-    recorder = ReplyRecorder(store, message_id)
     relay = Relay(current_app.extensions["jarvis.backend"], chat, current_app.extensions["jarvis.settings"],
-                  request.environ, observer=recorder)
-    recorder.relay = relay
+                  request.environ, observer=ReplyRecorder(store, conversation_id, message_id))
     _live[conversation_id] = relay
-    recorder.on_end = lambda: _live.pop(conversation_id, None)
     relay.open()
     response = relay.sse_response()
     response.headers["X-Message-Id"] = str(message_id)
@@ -176,14 +169,13 @@ def _known_chunk(chunk) -> dict:
 class ReplyRecorder:
     """Saves a streaming reply: at least every FLUSH_SECONDS while it streams, and once at the end."""
 
-    def __init__(self, store, message_id: int):
+    def __init__(self, store, conversation_id: str, message_id: int):
         self.store = store
+        self.conversation_id = conversation_id
         self.message_id = message_id
         self.parts: list[str] = []
         self.last_flush = time.monotonic()
         self.timer: gevent.Greenlet | None = None
-        self.relay: Relay | None = None
-        self.on_end = None
 
     def events(self, batch: list[bytes]) -> list[bytes]:
         """Keep the text; pass the page only the chunk fields it knows (model output is untrusted)."""
@@ -207,22 +199,21 @@ class ReplyRecorder:
     def _flush(self) -> None:
         self.timer = None
         self.last_flush = time.monotonic()
-        result = self.store.submit(self.store._update_message, self.message_id, "".join(self.parts), "streaming",
-                                   None)
+        result = self.store.update_message_later(self.message_id, "".join(self.parts), "streaming")
         result.rawlink(self._check_still_there)
 
     def _check_still_there(self, result) -> None:
-        if result.successful() and result.value is False and self.relay is not None:
-            self.relay.interrupt("deleted")  # the conversation was deleted, perhaps by another worker
+        relay = _live.get(self.conversation_id)
+        if result.successful() and result.value is False and relay is not None:
+            relay.interrupt("deleted")  # the conversation was deleted, perhaps by another worker
 
     def ended(self, outcome: str, error_message: str | None) -> None:
         if self.timer is not None:
             self.timer.kill(block=False)
             self.timer = None
-        if self.on_end is not None:
-            self.on_end()
+        _live.pop(self.conversation_id, None)
         if outcome == "deleted":
             return
         status = _STATUS_OF_OUTCOME.get(outcome, "error")
-        self.store.submit(self.store._update_message, self.message_id, "".join(self.parts), status,
-                          error_message if status == "error" else None)
+        self.store.update_message_later(self.message_id, "".join(self.parts), status,
+                                        error_message if status == "error" else None)

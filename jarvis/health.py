@@ -17,8 +17,9 @@ def healthz():
     """Liveness and a little state, for load balancers and people."""
     backend = current_app.extensions["jarvis.backend"]
     body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count()}
-    if hasattr(backend, "status"):
-        body["model"] = backend.status()
+    status = backend.status()
+    if status is not None:
+        body["model"] = status
     if request.args.get("debug"):  # collects and walks the heap: milliseconds, for benchmarks and debugging
         gc.collect()
         # Spawned greenlets still alive; the threadpools' per-thread greenlets are not counted.

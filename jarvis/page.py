@@ -14,7 +14,5 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
 def index():
     """The chat page."""
     response = current_app.make_response(render_template("index.html"))
-    response.headers["Content-Security-Policy"] = _CSP
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Content-Security-Policy"] = _CSP  # the other security headers: jarvis.security
     return response

@@ -40,7 +40,11 @@ log = logging.getLogger(__name__)
 _QUEUE_BATCHES = 256
 _KILL_SECONDS = 2.0
 
-_OPENED = object()
+class _Opened:
+    """The backend accepted the request (its headers arrived)."""
+
+
+_OPENED = _Opened()
 _END = object()
 _WAKE = object()
 _TICK = object()
@@ -133,7 +137,7 @@ class Relay:
             self.watcher.start()
             self.pump = spawn(self._pump)
             if self.request.stream:
-                self._wait_for(_OPENED, self.inactivity, "upstream_timeout",
+                self._wait_for(_Opened, self.inactivity, "upstream_timeout",
                                "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
         except BaseException as error:
             if isinstance(error, ApiError):
@@ -141,7 +145,8 @@ class Relay:
             self.close()
             raise
 
-    def _wait_for(self, wanted, seconds: float, timeout_code: str, timeout_message: str):
+    def _wait_for(self, wanted: type, seconds: float, timeout_code: str, timeout_message: str):
+        """Wait for an item of type `wanted` from the pump, before any byte went to the client."""
         deadline = time.monotonic() + seconds
         while True:
             if self.stop_reason:
@@ -155,7 +160,7 @@ class Relay:
                 self.outcome = "upstream_error"
                 error = item.error
                 raise error if isinstance(error, ApiError) else ApiError(502, str(error), "upstream_error", error.code)
-            if item is wanted or (wanted is _Result and isinstance(item, _Result)):
+            if isinstance(item, wanted):
                 return item
 
     def _stopped_before_start(self) -> ApiError:
@@ -222,7 +227,7 @@ class Relay:
         if self.stop_reason is None:
             self.stop_reason = reason
         # Cancel at the source now, not when the response greenlet or the pump next get to run.
-        if self.generation is not None and hasattr(self.generation, "abort"):
+        if self.generation is not None:
             self.generation.abort()
         if self.pump is not None:
             self.pump.kill(block=False)

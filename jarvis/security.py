@@ -22,6 +22,7 @@ import urllib.parse
 
 from flask import Blueprint, Flask, Response, current_app, request, session
 
+from jarvis.api import read_json_object
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
 
@@ -121,8 +122,7 @@ def session_state():
 def sign_in():
     """Exchange the API key for the page's session cookie."""
     key = current_app.extensions["jarvis.settings"].api_key
-    body = request.get_json(silent=True) if request.mimetype == "application/json" else None
-    candidate = body.get("key") if isinstance(body, dict) else None
+    candidate = read_json_object()[1].get("key")
     if key is None:
         return "", 204
     if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):

@@ -53,6 +53,7 @@ class ConversationStore(Protocol):
     def add_message(self, conversation_id: str, role: str, content: str, status: str = "complete",
                     model: str | None = None, trace_id: str | None = None) -> int: ...
     def update_message(self, message_id: int, content: str, status: str, error: str | None = None) -> bool: ...
+    def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None): ...
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None: ...
 
 
@@ -95,10 +96,6 @@ class SQLiteStore:
 
     def _run(self, function, *args):
         return self.pool.apply(function, args)
-
-    def submit(self, function, *args):
-        """Queue a write without waiting for it (writes run in order on the store's thread)."""
-        return self.pool.spawn(function, *args)
 
     # -- conversations ---------------------------------------------------------
 
@@ -155,6 +152,11 @@ class SQLiteStore:
 
     def update_message(self, message_id: int, content: str, status: str, error: str | None = None) -> bool:
         return self._run(self._update_message, message_id, content, status, error)
+
+    def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None):
+        """Queue the update without waiting; writes run in order on the store's thread.
+        Returns an AsyncResult whose value says whether the message still existed."""
+        return self.pool.spawn(self._update_message, message_id, content, status, error)
 
     def _update_message(self, message_id: int, content: str, status: str, error: str | None) -> bool:
         return self._execute("UPDATE messages SET content = ?, status = ?, error = ?, updated_at = ? WHERE id = ?",

@@ -20,7 +20,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bench.common import read_http_request
 
@@ -63,7 +63,6 @@ class Exchange:
     scenario: Scenario
     opened_at: float
     tokens_sent: int = 0
-    send_times: list = field(default_factory=list)
     finished_at: float | None = None  # the response ended as the scenario planned
     closed_at: float | None = None  # the peer closed while the response was in progress
 
@@ -80,7 +79,6 @@ class FakeUpstream:
     def __init__(self):
         self.scenario = Scenario()
         self.exchanges: list[Exchange] = []
-        self.connections = 0
         self._lock = threading.Condition()
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -138,8 +136,6 @@ class FakeUpstream:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
-            with self._lock:
-                self.connections += 1
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket):
@@ -243,7 +239,6 @@ class FakeUpstream:
             writer.event(json.dumps(_chunk({"content": text, **({"role": "assistant"} if index == 0 else {})})))
             with self._lock:
                 exchange.tokens_sent += 1
-                exchange.send_times.append(now)
                 self._lock.notify_all()
         if scenario.stall_after is not None and scenario.stall_after >= tokens:
             _pause(sock, 120)

@@ -14,6 +14,7 @@ import psutil
 import requests
 
 from bench.common import free_port  # noqa: F401 (tests import it from here)
+from tests.clients import chat_body
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,11 +88,8 @@ class LiveServer:
         return workers[0]
 
     def chat(self, stream: bool = True, fault: dict | None = None, **body) -> requests.Response:
-        payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-                   **body}
-        if fault is not None:
-            payload["x_fault"] = fault
-        return requests.post(self.url + "/v1/chat/completions", json=payload, stream=stream, timeout=30)
+        return requests.post(self.url + "/v1/chat/completions", json={**chat_body(fault, stream), **body},
+                             stream=stream, timeout=30)
 
     # -- stopping ------------------------------------------------------------
 

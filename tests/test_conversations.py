@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from tests.live import content_of, sse_events
+from tests.live import content_of, sse_events, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -21,6 +21,15 @@ def send(jarvis, conversation_id, **body):
 
 def read(jarvis, conversation_id):
     return requests.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()
+
+
+def wait_for_status(jarvis, conversation_id, status) -> dict:
+    """The last message, once the server has saved it with `status` (a bounded poll)."""
+    def saved():
+        last = read(jarvis, conversation_id)["messages"][-1]
+        return last if last["status"] == status else None
+
+    return wait_until(saved, 5, lambda: f"the answer never became {status}")
 
 
 def test_list_create_read_rename_delete(jarvis):
@@ -58,7 +67,7 @@ def test_reply_is_saved_while_it_streams(jarvis, upstream):
     events = sse_events(send(jarvis, conversation_id, content="hi"))
     received = [event for event, _ in zip(events, range(25), strict=False)]
     assert content_of(received)
-    upstream.wait_for(lambda up: read(jarvis, conversation_id)["messages"][-1]["content"], timeout=2)
+    wait_until(lambda: read(jarvis, conversation_id)["messages"][-1]["content"], 2, lambda: "never saved")
     assistant = read(jarvis, conversation_id)["messages"][-1]
     assert assistant["status"] == "streaming" and content_of(received).startswith(assistant["content"])
 
@@ -72,8 +81,7 @@ def test_client_leaving_saves_the_partial_answer_as_stopped(jarvis, upstream):
     response.close()
     upstream.wait_until_ended(upstream.chats[0])
     jarvis.wait_for_log("outcome=client_stop")
-    assistant = upstream.wait_for(lambda up: read(jarvis, conversation_id)["messages"][-1]["status"] == "stopped"
-                                  and read(jarvis, conversation_id)["messages"][-1])
+    assistant = wait_for_status(jarvis, conversation_id, "stopped")
     assert assistant["content"].startswith(content_of(received))
     assert upstream.chats[0].closed_at is not None
 
@@ -82,8 +90,7 @@ def test_upstream_error_is_saved_with_its_message(jarvis, upstream):
     upstream.scenario.error_event_after = 2
     conversation_id = create(jarvis)
     list(sse_events(send(jarvis, conversation_id, content="hi")))
-    assistant = upstream.wait_for(lambda up: read(jarvis, conversation_id)["messages"][-1]["status"] == "error"
-                                  and read(jarvis, conversation_id)["messages"][-1])
+    assistant = wait_for_status(jarvis, conversation_id, "error")
     assert (assistant["content"], assistant["error"]) == ("w0 w1 ", "the model crashed")
 
 

@@ -70,6 +70,8 @@ def test_malformed_upstream_lines_are_skipped(jarvis):
     events = list(sse_events(jarvis.chat(fault={"tokens": 4, "malformed_after": 2})))
     assert content_of(events) == "w0 w1 w2 w3 "
     assert events[-1][0] == "done"
+    jarvis.wait_for_log("[WARNING] jarvis.backends.upstream [")
+    assert "skipped 1 upstream events that were not JSON objects" in jarvis.log()
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503])

@@ -92,11 +92,17 @@ def test_send_then_stop_twenty_times(jarvis, upstream, context):
     problems.assert_clean()
 
 
-def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
+def start_a_long_answer(context, jarvis, upstream, prompt: str):
+    """Open the page and send a prompt whose answer streams for seconds; return once text shows."""
     upstream.scenario = Scenario(tokens=400, interval=0.02)
     page, problems = open_page(context, jarvis.url)
-    send(page, "tell me")
+    send(page, prompt)
     wait_text_longer(page, 20)
+    return page, problems
+
+
+def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
+    page, problems = start_a_long_answer(context, jarvis, upstream, "tell me")
     page.get_by_role("button", name="Stop").click()
     wait_status(page, "stopped")
     shown = last_assistant(page).locator(".content").inner_text()
@@ -111,10 +117,7 @@ def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
 
 
 def test_closing_the_tab_mid_stream_then_reopening_shows_the_partial_answer(jarvis, upstream, context):
-    upstream.scenario = Scenario(tokens=400, interval=0.02)
-    page, _ = open_page(context, jarvis.url)
-    send(page, "long answer please")
-    wait_text_longer(page, 20)
+    page, _ = start_a_long_answer(context, jarvis, upstream, "long answer please")
     shown = last_assistant(page).locator(".content").inner_text()
     page.close()
     exchange = upstream.wait_until_ended(upstream.chats[0])
@@ -391,10 +394,7 @@ def test_page_asks_for_the_api_key_once(start_jarvis, upstream, context):
 
 def test_a_stream_cut_without_done_is_shown_as_interrupted(jarvis, upstream, context):
     """If Jarvis itself dies mid-answer (kill -9 of the worker), the page says so instead of hanging."""
-    upstream.scenario = Scenario(tokens=400, interval=0.02)
-    page, problems = open_page(context, jarvis.url)
-    send(page, "long answer please")
-    wait_text_longer(page, 20)
+    page, problems = start_a_long_answer(context, jarvis, upstream, "long answer please")
     os.kill(jarvis.worker().pid, signal.SIGKILL)
     wait_status(page, "interrupted")
     assert "Interrupted" in last_assistant(page).locator(".error").inner_text()

@@ -4,11 +4,13 @@ A backend turns an OpenAI chat request into a `Generation`. Nothing outside
 this package knows which backend is running.
 
     backend.models()            -> OpenAI's model list object
+    backend.status()            -> a little state for /healthz, or None
     backend.open(request)       -> Generation; raises ApiError before any output
     generation.batches()        -> iterator of lists of `data:` payloads (JSON bytes),
                                    ends after [DONE]; raises StreamError on an abnormal end
     generation.result()         -> the whole non-streaming response (status, JSON bytes)
-    generation.close()          -> cancel at the source; safe to call twice, from any greenlet
+    generation.abort()          -> from any greenlet, at once: tell the source nobody is listening
+    generation.close()          -> cancel at the source and release it; safe to call twice
 
 `open` may block (connecting, waiting for headers); the relay runs it in a
 pump greenlet and cancels it by killing that greenlet, so every blocking call
@@ -39,6 +41,8 @@ class Generation(Protocol):
 
     def result(self) -> tuple[int, bytes]: ...
 
+    def abort(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -46,6 +50,8 @@ class Backend(Protocol):
     name: str
 
     def models(self) -> dict: ...
+
+    def status(self) -> dict | None: ...
 
     def open(self, request: ChatRequest) -> Generation: ...
 

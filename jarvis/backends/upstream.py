@@ -54,6 +54,9 @@ class UpstreamBackend:
         finally:
             response.close()
 
+    def status(self) -> None:
+        return None  # /healthz never touches the upstream
+
     def open(self, request: ChatRequest) -> UpstreamGeneration:
         """POST the request; return once the upstream has answered with a success status."""
         body = request.raw
@@ -209,6 +212,8 @@ class UpstreamGeneration:
 
     def close(self) -> None:
         """After [DONE], drain to the end so the connection can be reused; otherwise close it."""
+        if self.malformed:
+            log.warning("skipped %d upstream events that were not JSON objects", self.malformed)
         if self.finished:
             try:
                 with gevent.Timeout(_DRAIN_SECONDS):
