@@ -97,15 +97,14 @@ class LocalBackend:
                 "generations": self.generations, "tokens": self.tokens}
 
     def open(self, request: ChatRequest) -> LocalGeneration:
-        return LocalGeneration(self, request.trace_id, _generation_arguments(request.body, self))
+        return LocalGeneration(self, _generation_arguments(request.body, self))
 
 
 class LocalGeneration:
     """One request for the model: queued, then generating in the pool's thread."""
 
-    def __init__(self, backend: LocalBackend, trace_id: str, arguments: dict):
+    def __init__(self, backend: LocalBackend, arguments: dict):
         self.backend = backend
-        self.trace_id = trace_id
         self.arguments = arguments
         self.cancel = threading.Event()
         self.chunks: collections.deque = collections.deque()
@@ -114,8 +113,8 @@ class LocalGeneration:
         self.thread_result = None
         self.holds_slot = False
         self.tokens = 0
-        self.tokens_after_cancel = 0
         self.reason = "queued"
+        self.started = time.monotonic()
         self.cancelled_at: float | None = None
 
     # -- the greenlet side ----------------------------------------------------
@@ -189,9 +188,7 @@ class LocalGeneration:
 
     def close(self) -> None:
         """Cancel the thread; hand the model to the next request only once the thread has finished."""
-        if not self.cancel.is_set():
-            self.cancel.set()
-            self.cancelled_at = time.monotonic()
+        self.abort()
         if not self.holds_slot:
             return
         self.holds_slot = False
@@ -209,9 +206,8 @@ class LocalGeneration:
             self.backend.slot.release()
             now = time.monotonic()
             stop_ms = f"{(now - self.cancelled_at) * 1000:.1f}" if self.reason == "cancelled" else "-"
-            log.info("local generation end reason=%s tokens=%d tokens_after_cancel=%d cancel_to_stop_ms=%s "
-                     "duration_ms=%.1f", self.reason, self.tokens, self.tokens_after_cancel, stop_ms,
-                     (now - self.started) * 1000)
+            log.info("local generation end reason=%s tokens=%d cancel_to_stop_ms=%s duration_ms=%.1f",
+                     self.reason, self.tokens, stop_ms, (now - self.started) * 1000)
 
     # -- the thread side (no gevent calls here except the async watcher's send) ----------------
 
@@ -221,7 +217,6 @@ class LocalGeneration:
             stream = self.backend.llama.create_chat_completion(stream=True, **self.arguments)
             for chunk in stream:
                 if self.cancel.is_set():
-                    self.tokens_after_cancel += 1
                     self.reason = "cancelled"
                     break
                 chunk["model"] = model_id  # never the file path
