@@ -135,6 +135,40 @@ def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
     assert second_ttft < max(2 * first_ttft, first_ttft + 0.2), (first_ttft, second_ttft)
 
 
+LONG_PROMPT = " ".join(f"Item {n}: the quick brown fox jumps over the lazy dog." for n in range(30))  # ~330 words
+
+
+def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis):
+    """llama.cpp reads a prompt in one long decode; the abort callback stops it within a graph node."""
+    reader = RawClient(jarvis.port)
+    reader.send(chat_request({"messages": [{"role": "user", "content": LONG_PROMPT}], "stream": True,
+                              "max_tokens": 5}, extra_headers="X-Request-Id: long-prompt\r\n"))
+    jarvis.wait_for_log("[long-prompt] local generation start")
+    time.sleep(0.2)  # the moment of the Stop: 200 ms into reading the prompt (it takes seconds)
+    reader.close_rst()
+    jarvis.wait_for_log("[long-prompt] local generation end")
+    end = generation_ends(jarvis)[-1]
+    assert (end["reason"], end["tokens"]) == ("cancelled", "0")
+    assert float(end["stop_ms"]) < 100, end
+    assert float(end["duration_ms"]) < 1500, end  # it never read the whole prompt (> 2 s here)
+
+    started = time.monotonic()
+    events = sse_events(stream(jarvis, max_tokens=3))
+    next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
+    assert time.monotonic() - started < 1.0  # nothing ahead of it: the cancelled prompt is gone
+    list(events)
+    assert "Traceback" not in jarvis.log() and "removing memory module" not in jarvis.log()
+
+
+def test_a_long_prompt_takes_seconds_to_read(jarvis):
+    """What the test above relies on: without a Stop, this prompt takes over 2 s before its first token."""
+    started = time.monotonic()
+    events = sse_events(stream(jarvis, max_tokens=1, messages=[{"role": "user", "content": LONG_PROMPT}]))
+    next(event for event in events if event[0] == "data")
+    assert time.monotonic() - started > 2.0
+    list(events)
+
+
 def test_second_request_waits_with_heartbeats_then_streams(jarvis):
     first = stream(jarvis, max_tokens=100, trace_id="first")
     first_events = sse_events(first)

@@ -6,6 +6,10 @@ worker. So generation runs in a native thread from a one-thread pool, and
 hands each chunk back through a deque plus a libev async watcher (the
 thread-safe way to wake the hub). A cancel flag is checked between tokens.
 
+A cancel also stops llama.cpp inside a decode: reading a long prompt is one
+decode of many seconds, and llama.cpp checks an abort callback after every
+node of its compute graph (`PromptAbort`).
+
 One generation runs at a time per model. Waiting requests queue in FIFO order
 on a semaphore; a request cancelled while queued simply leaves the queue, and
 a generation's slot is released only once its thread has really finished.
@@ -14,6 +18,7 @@ a generation's slot is released only once its thread has really finished.
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import logging
 import os
@@ -63,10 +68,42 @@ def load_llama(path: str, context: int, threads: int):
 
     module.llama_model_default_params = without_extra_buffers
     try:
-        return llama_cpp.llama.Llama(model_path=path, n_ctx=context, n_threads=threads,
-                                     n_threads_batch=threads, verbose=False)
+        llama = llama_cpp.llama.Llama(model_path=path, n_ctx=context, n_threads=threads,
+                                      n_threads_batch=threads, verbose=False)
     finally:
         module.llama_model_default_params = defaults
+    # llama-cpp-python maps ggml's log levels with an old table (today's WARN reads as its ERROR), so
+    # llama.cpp's warnings reach stderr unasked, one per cancelled decode. Its real errors map to
+    # DEBUG and never printed anyway; failures reach Jarvis as exceptions, which it logs itself.
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+    return llama
+
+
+class PromptAbort:
+    """Stops llama.cpp within one compute-graph node, from any thread, without the GIL.
+
+    llama.cpp calls the abort callback after every node (about 600 per decode for SmolLM2-135M).
+    A Python callback would take the GIL each time: measured, that made a 961-token prompt take
+    14.3 s instead of 7.5 s while another Python thread was busy, as the hub is under load. So the
+    callback is C: libc's `strlen`, over a two-byte flag. It returns 0 (go on) while the flag is
+    empty and 1 (abort) once a byte is written — read back as the callback's bool, which is the
+    low byte of the return register on the ABIs llama.cpp runs on (x86-64, AArch64). llama_decode
+    then returns 2 and llama-cpp-python raises RuntimeError.
+    """
+
+    def __init__(self, llama):
+        from llama_cpp import llama_cpp as bindings
+
+        self.flag = ctypes.create_string_buffer(2)
+        # Kept on self: llama.cpp holds only raw pointers to both.
+        self.callback = ctypes.cast(ctypes.CDLL(None).strlen, bindings.ggml_abort_callback)
+        bindings.llama_set_abort_callback(llama._ctx.ctx, self.callback, ctypes.cast(self.flag, ctypes.c_void_p))
+
+    def clear(self) -> None:
+        self.flag[0] = b"\0"
+
+    def trigger(self) -> None:
+        self.flag[0] = b"x"
 
 
 class LocalBackend:
@@ -83,6 +120,7 @@ class LocalBackend:
                                                            settings.local_threads_or_cores))
         log.info("embedded model %s loaded in %.2f s (%d threads, context %d)", self.model_id,
                  time.monotonic() - started, settings.local_threads_or_cores, settings.local_context)
+        self.prompt_abort = PromptAbort(self.llama) if hasattr(self.llama, "_ctx") else None
         self.slot = gevent.lock.Semaphore(1)
         self.queued = 0
         self.generations = 0
@@ -111,6 +149,7 @@ class LocalGeneration:
         self.wakeup = gevent.event.Event()
         self.async_watcher = None
         self.thread_result = None
+        self.thread_running = False  # between _start_thread and the thread's end, on the hub's clock
         self.holds_slot = False
         self.tokens = 0
         self.reason = "queued"
@@ -162,6 +201,9 @@ class LocalGeneration:
         self.backend.generations += 1
         self.started = time.monotonic()
         log.info("local generation start model=%s", self.backend.model_id)
+        if self.backend.prompt_abort is not None:
+            self.backend.prompt_abort.clear()  # on the hub, before the thread starts: ordered with abort()
+        self.thread_running = True
         self.thread_result = self.backend.pool.spawn(self._generate, self.async_watcher)
 
     def result(self) -> tuple[int, bytes]:
@@ -181,10 +223,13 @@ class LocalGeneration:
         return 200, json.dumps(body).encode()
 
     def abort(self) -> None:
-        """From any greenlet: stop generating at the next token."""
+        """From any greenlet: stop generating now, inside a decode too (the prompt included)."""
         if not self.cancel.is_set():
             self.cancel.set()
             self.cancelled_at = time.monotonic()
+        # Only while this generation's thread runs: once it has ended, the flag may be the next one's.
+        if self.thread_running and self.backend.prompt_abort is not None:
+            self.backend.prompt_abort.trigger()
 
     def close(self) -> None:
         """Cancel the thread; hand the model to the next request only once the thread has finished."""
@@ -201,6 +246,7 @@ class LocalGeneration:
         try:
             self.thread_result.wait()
         finally:
+            self.thread_running = False
             self.async_watcher.stop()
             self.async_watcher.close()
             self.backend.slot.release()
@@ -228,15 +274,22 @@ class LocalGeneration:
             else:
                 self.reason = "complete"
             stream.close()
-        except ValueError as error:  # llama-cpp-python's way of saying the prompt does not fit
-            self.reason = "error"
-            self.chunks.append(StreamError("context_length_exceeded", str(error), "invalid_request_error"))
         except Exception as error:
-            self.reason = "error"
-            self.chunks.append(StreamError("model_error", f"The embedded model failed ({type(error).__name__}: "
-                                                          f"{error})", "server_error"))
+            self._failed(error)
         self.chunks.append(_END)
         wakeup.send()
+
+    def _failed(self, error: Exception) -> None:
+        """In the thread: an abort we asked for is a cancel; anything else is the answer's error."""
+        if self.cancel.is_set():
+            self.reason = "cancelled"  # llama_decode returned 2: PromptAbort stopped it
+            return
+        self.reason = "error"
+        if isinstance(error, ValueError):  # llama-cpp-python's way of saying the prompt does not fit
+            self.chunks.append(StreamError("context_length_exceeded", str(error), "invalid_request_error"))
+        else:
+            self.chunks.append(StreamError("model_error", f"The embedded model failed ({type(error).__name__}: "
+                                                          f"{error})", "server_error"))
 
 
 def _generation_arguments(body: dict, backend: LocalBackend) -> dict:
