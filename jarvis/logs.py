@@ -32,6 +32,18 @@ def new_trace_id(proposed: str | None = None) -> str:
     return uuid.uuid4().hex
 
 
+def upstream_request_id(trace_id: str) -> str:
+    """The X-Request-Id to send upstream: the trace id when it is a UUID, else a new UUID.
+
+    Some upstreams validate it (llama-cpp-python's server answers 400 to anything but a UUID),
+    so a client's own id, kept for Jarvis's log and response, is never forwarded as it is.
+    """
+    try:
+        return str(uuid.UUID(trace_id))
+    except ValueError:
+        return str(uuid.uuid4())
+
+
 def spawn(function, *args) -> gevent.Greenlet:
     """gevent.spawn that carries the caller's context (trace id) into the greenlet."""
     context = contextvars.copy_context()

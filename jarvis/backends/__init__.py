@@ -20,9 +20,10 @@ in a backend must be a gevent-cooperative one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from jarvis.logs import upstream_request_id
 from jarvis.settings import Settings
 
 
@@ -34,6 +35,11 @@ class ChatRequest:
     raw: bytes  # the client's bytes, forwarded unchanged when `body` was not modified
     stream: bool
     trace_id: str
+    # What the upstream gets as X-Request-Id: a UUID, which validating servers accept.
+    upstream_request_id: str = field(init=False)
+
+    def __post_init__(self):
+        self.upstream_request_id = upstream_request_id(self.trace_id)
 
 
 class Generation(Protocol):

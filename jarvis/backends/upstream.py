@@ -20,6 +20,7 @@ from requests.adapters import HTTPAdapter
 
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_object
+from jarvis.logs import trace_id_var, upstream_request_id
 from jarvis.settings import Settings
 from jarvis.sockets import shutdown_quietly
 from jarvis.sse import DONE, MalformedStream, SSEDecoder
@@ -46,7 +47,8 @@ class UpstreamBackend:
 
     def models(self) -> dict:
         """The upstream's model list, unchanged."""
-        response = self._send("GET", "/models", None, "-", self.models_timeout, stream=False)
+        request_id = upstream_request_id(trace_id_var.get())
+        response = self._send("GET", "/models", None, request_id, self.models_timeout, stream=False)
         try:
             return response.json()
         except ValueError:
@@ -62,11 +64,12 @@ class UpstreamBackend:
         body = request.raw
         if "model" not in request.body and self.model:
             body = json.dumps({**request.body, "model": self.model}).encode()
-        response = self._send("POST", "/chat/completions", body, request.trace_id, self.chat_timeout, stream=True)
+        response = self._send("POST", "/chat/completions", body, request.upstream_request_id, self.chat_timeout,
+                              stream=True)
         return UpstreamGeneration(response)
 
-    def _send(self, method, path, body, trace_id, timeout, stream) -> requests.Response:
-        headers = {"X-Request-Id": trace_id}
+    def _send(self, method, path, body, request_id, timeout, stream) -> requests.Response:
+        headers = {"X-Request-Id": request_id}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
