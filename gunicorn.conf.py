@@ -54,9 +54,12 @@ def on_starting(server):
     metrics directory, and mark answers that a crashed run left streaming as interrupted."""
     settings = _settings_or_exit(server)
     _prepare_metrics_directory()
-    from jarvis.store import recover_interrupted
+    from jarvis.store import StoreError, recover_interrupted
 
-    recovered = recover_interrupted(settings.data_dir)
+    try:
+        recovered = recover_interrupted(settings.data_dir)  # also brings the database's schema up to date
+    except StoreError as error:
+        sys.exit(f"jarvis: {error}")
     if recovered:
         server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
 

@@ -15,6 +15,7 @@ import time
 import gevent
 from flask import Blueprint, current_app, jsonify, request
 
+from jarvis.answer import Answer
 from jarvis.api import read_json_object
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
@@ -107,7 +108,10 @@ def send_message(conversation_id):
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     trace_id = trace_id_var.get()
     message_id = store.add_message(conversation_id, "assistant", "", "streaming", model, trace_id)
-    chat_body = {"messages": history, "stream": True, **({"model": model} if model else {})}
+    # Usage lets the stats under the answer use the upstream's own token count; the page never
+    # passes it on, and /v1 clients only get it when they ask.
+    chat_body = {"messages": history, "stream": True, "stream_options": {"include_usage": True},
+                 **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
     relay = Relay(current_app.extensions["jarvis.backend"], chat, current_app.extensions["jarvis.settings"],
                   request.environ, observer=ReplyRecorder(store, conversation_id, message_id))
@@ -145,27 +149,6 @@ def _prepare_history(conversation: dict, body: dict) -> list[dict]:
             if m["role"] == "user" or m["content"]]
 
 
-def _known_chunk(chunk) -> dict:
-    """An OpenAI chunk reduced to the fields the page uses, each of the expected type."""
-    chunk = chunk if isinstance(chunk, dict) else {}
-    known = {"object": "chat.completion.chunk"}
-    for name, kind in (("id", str), ("created", int), ("model", str)):
-        if isinstance(chunk.get(name), kind):
-            known[name] = chunk[name]
-    choices = []
-    for choice in chunk.get("choices") if isinstance(chunk.get("choices"), list) else ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        clean_delta = {name: delta[name] for name in ("role", "content") if isinstance(delta.get(name), str)}
-        clean = {"index": choice.get("index") if isinstance(choice.get("index"), int) else 0, "delta": clean_delta,
-                 "finish_reason": choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str)
-                 else None}
-        choices.append(clean)
-    known["choices"] = choices
-    return known
-
-
 class ReplyRecorder:
     """Saves a streaming reply: at least every FLUSH_SECONDS while it streams, and once at the end."""
 
@@ -173,7 +156,7 @@ class ReplyRecorder:
         self.store = store
         self.conversation_id = conversation_id
         self.message_id = message_id
-        self.parts: list[str] = []
+        self.answer = Answer()
         self.last_flush = time.monotonic()
         self.timer: gevent.Greenlet | None = None
 
@@ -183,23 +166,23 @@ class ReplyRecorder:
         for payload in batch:
             try:
                 chunk = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            known = _known_chunk(chunk)
-            for choice in known["choices"]:
-                content = choice["delta"].get("content")
-                if content:
-                    self.parts.append(content)
-            page_batch.append(json.dumps(known).encode())
+            page_batch.append(json.dumps(self.answer.add(chunk)).encode())
         if self.timer is None:
             delay = max(0.0, self.last_flush + FLUSH_SECONDS - time.monotonic())
             self.timer = gevent.spawn_later(delay, self._flush)
         return page_batch
 
+    def finish(self) -> list[bytes]:
+        """Before [DONE]: the text held back while a tag could still arrive, and the answer's stats."""
+        return [json.dumps(chunk).encode() for chunk in self.answer.finish()]
+
     def _flush(self) -> None:
         self.timer = None
         self.last_flush = time.monotonic()
-        result = self.store.update_message_later(self.message_id, "".join(self.parts), "streaming")
+        result = self.store.update_message_later(self.message_id, self.answer.content, "streaming",
+                                                 reasoning=self.answer.reasoning)
         result.rawlink(self._check_still_there)
 
     def _check_still_there(self, result) -> None:
@@ -215,5 +198,7 @@ class ReplyRecorder:
         if outcome == "deleted":
             return
         status = _STATUS_OF_OUTCOME.get(outcome, "error")
-        self.store.update_message_later(self.message_id, "".join(self.parts), status,
-                                        error_message if status == "error" else None)
+        self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
+        self.store.update_message_later(self.message_id, self.answer.content, status,
+                                        error_message if status == "error" else None,
+                                        reasoning=self.answer.reasoning, stats=self.answer.stats())

@@ -94,7 +94,8 @@ class Relay:
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
                  observer=None):
         self.backend = backend
-        # Optional: .events(batch) -> the batch to send (it may filter), and .ended(outcome, error_message).
+        # Optional: .events(batch) -> the batch to send (it may rewrite it), .finish() -> payloads to send
+        # before [DONE] of a complete stream, and .ended(outcome, error_message).
         self.observer = observer
         self.request = request
         self.heartbeat = settings.heartbeat_seconds
@@ -283,7 +284,7 @@ class Relay:
                         yield PING
                 elif item is _END:
                     self.outcome = "complete"
-                    yield DONE_EVENT
+                    yield self._closing_events() + DONE_EVENT
                     return
                 elif isinstance(item, _Failure):
                     yield self._fail(item.error)
@@ -315,6 +316,12 @@ class Relay:
         if len(batch) == 1:
             return data_event(batch[0])
         return b"".join([data_event(payload) for payload in batch])
+
+    def _closing_events(self) -> bytes:
+        """What the observer adds before [DONE] (the page's stats), if anything."""
+        if self.observer is None:
+            return b""
+        return b"".join(data_event(payload) for payload in self.observer.finish())
 
     def _stopped(self):
         if self.stop_reason == "client_stop":
@@ -398,9 +405,11 @@ class Relay:
             fields["client"] = self.client_left_by
             fields["cancel_ms"] = round((self.upstream_closed_at - self.client_gone_at) * 1000, 1)
             extra += f" client={self.client_left_by} cancel_ms={fields['cancel_ms']}"
-        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f%s", self.outcome, self.events,
-                 "-" if fields["ttft_ms"] is None else fields["ttft_ms"], fields["duration_ms"], extra,
-                 extra={"fields": fields})
+        # The id the upstream logged this request under, to join its log with ours.
+        fields["upstream_id"] = self.request.upstream_request_id
+        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f upstream_id=%s%s", self.outcome,
+                 self.events, "-" if fields["ttft_ms"] is None else fields["ttft_ms"], fields["duration_ms"],
+                 fields["upstream_id"], extra, extra={"fields": fields})
 
 
 _OUTCOMES = {

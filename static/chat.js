@@ -3,7 +3,9 @@
  * The chat page. The server owns the conversation: it saves every answer as it
  * streams, so this page only shows what the server has and what is arriving.
  * Stop aborts the fetch; the server notices at once, cancels the generation and
- * keeps the partial answer with status "stopped".
+ * keeps the partial answer with status "stopped". A thinking model's reasoning
+ * arrives as `delta.reasoning_content` (whatever shape the upstream used) and
+ * shows live in a block above the answer that folds away when the answer starts.
  */
 import * as api from "./api.js";
 import { renderMarkdown } from "./markdown.js";
@@ -29,34 +31,105 @@ const state = { conversationId: null, controller: null, editId: null };
 // -- rendering ------------------------------------------------------------
 
 /**
- * One message on screen. Assistant text is rendered as sanitised Markdown, at most once per frame.
+ * @typedef {{ttft_ms?: number | null, thinking_ms?: number | null, completion_tokens?: number | null,
+ *   tokens_per_second?: number | null}} AnswerStats
+ * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
+ *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null}} Message
+ */
+
+/** @param {number} ms */
+function seconds(ms) {
+  const value = ms / 1000;
+  return `${value < 10 ? value.toFixed(1) : Math.round(value)} s`;
+}
+
+/**
+ * One message on screen. Assistant text (and a thinking model's reasoning, in a collapsible block
+ * above it) is rendered as sanitised Markdown, at most once per frame.
  */
 class MessageView {
-  /**
-   * @param {{id?: number, role: string, content: string, status?: string, error?: string | null, trace_id?: string | null}} message
-   */
+  /** @param {Message} message */
   constructor(message) {
     this.message = message;
     this.element = document.createElement("article");
     this.element.className = `message ${message.role}`;
     this.element.dataset.role = message.role;
+    this.thinking = document.createElement("details");
+    this.thinking.className = "thinking";
+    this.thinkingLabel = document.createElement("summary");
+    this.thinkingBody = document.createElement("div");
+    this.thinkingBody.className = "thinking-content";
+    this.thinking.append(this.thinkingLabel, this.thinkingBody);
     this.body = document.createElement("div");
     this.body.className = "content";
     this.errorNote = document.createElement("p");
     this.errorNote.className = "error";
     this.errorNote.hidden = true;
+    this.statsLine = document.createElement("p");
+    this.statsLine.className = "stats";
+    this.statsLine.hidden = true;
     this.actions = document.createElement("div");
     this.actions.className = "actions";
-    this.element.append(this.body, this.errorNote, this.actions);
+    this.element.append(this.thinking, this.body, this.errorNote, this.statsLine, this.actions);
     this.text = message.content;
+    this.reasoning = message.reasoning ?? "";
+    this.renderedReasoning = null;
+    /** @type {number | null} */ this.thinkingStartedAt = null; // this page's clock, while it watches
+    /** @type {number | null} */ this.thinkingMs = message.stats?.thinking_ms ?? null;
+    /** @type {ReturnType<typeof setInterval> | null} */ this.thinkingTimer = null;
     this.frameRequested = false;
     this.setStatus(message.status ?? "complete", message.error ?? null, message.trace_id ?? null);
+    this.setStats(message.stats ?? null);
     this.render();
   }
 
-  /** @param {string} text */
-  update(text) {
-    this.text = text;
+  /**
+   * Applies one streamed delta: reasoning, content, or the news that the content so far was reasoning.
+   * @param {any} delta
+   */
+  applyDelta(delta) {
+    if (!delta || typeof delta !== "object") return;
+    if (delta.content_was_reasoning === true) {
+      this.reasoning += this.text;
+      this.text = "";
+    }
+    if (typeof delta.reasoning_content === "string" && delta.reasoning_content) {
+      this.reasoning += delta.reasoning_content;
+      if (this.thinkingStartedAt === null && !this.text) this.startThinking();
+    }
+    if (typeof delta.content === "string" && delta.content) {
+      this.text += delta.content;
+      if (this.thinkingStartedAt !== null) this.stopThinking();
+    }
+    this.scheduleRender();
+  }
+
+  startThinking() {
+    this.thinkingStartedAt = performance.now();
+    this.thinking.open = true;
+    this.thinkingTimer = setInterval(() => this.labelThinking(), 1000);
+  }
+
+  /** The answer has started (or the stream ended): fold the thinking away, keep its duration. */
+  stopThinking() {
+    if (this.thinkingStartedAt === null) return;
+    this.thinkingMs ??= performance.now() - this.thinkingStartedAt;
+    this.thinkingStartedAt = null;
+    if (this.thinkingTimer !== null) clearInterval(this.thinkingTimer);
+    this.thinkingTimer = null;
+    if (this.text) this.thinking.open = false;
+    this.labelThinking();
+  }
+
+  labelThinking() {
+    if (this.thinkingStartedAt !== null) {
+      this.thinkingLabel.textContent = `Thinking… ${seconds(performance.now() - this.thinkingStartedAt)}`;
+    } else {
+      this.thinkingLabel.textContent = this.thinkingMs !== null ? `Thought for ${seconds(this.thinkingMs)}` : "Thoughts";
+    }
+  }
+
+  scheduleRender() {
     if (this.frameRequested) return;
     this.frameRequested = true;
     requestAnimationFrame(() => this.render());
@@ -64,16 +137,31 @@ class MessageView {
 
   render() {
     this.frameRequested = false;
-    if (this.message.role === "assistant") {
-      try {
-        this.body.replaceChildren(renderMarkdown(this.text));
-      } catch (error) {
-        console.warn("rendering Markdown failed; showing plain text", error);
-        this.body.textContent = this.text;
-      }
-    } else {
+    if (this.message.role !== "assistant") {
       this.body.textContent = this.text;
+      this.thinking.hidden = true;
+      return;
     }
+    this.thinking.hidden = !this.reasoning;
+    if (this.reasoning !== this.renderedReasoning) {
+      this.renderedReasoning = this.reasoning;
+      showMarkdown(this.thinkingBody, this.reasoning);
+      if (this.thinkingStartedAt !== null) this.thinkingBody.scrollTop = this.thinkingBody.scrollHeight;
+    }
+    this.labelThinking();
+    showMarkdown(this.body, this.text);
+  }
+
+  /**
+   * The stream ended: show what arrived and how it ended.
+   * @param {string} status
+   * @param {string | null} error
+   * @param {string | null} traceId
+   */
+  finish(status, error, traceId) {
+    this.stopThinking();
+    this.render();
+    this.setStatus(status, error, traceId);
   }
 
   /**
@@ -91,6 +179,38 @@ class MessageView {
     const note = notes[/** @type {keyof typeof notes} */ (status)];
     this.errorNote.hidden = !note;
     this.errorNote.textContent = note ? `${note}${status === "error" && traceId ? ` (trace ${traceId})` : ""}` : "";
+  }
+
+  /** @param {AnswerStats | null} stats numbers from the server; nothing else is trusted */
+  setStats(stats) {
+    if (!stats || typeof stats !== "object") return;
+    const number = (/** @type {unknown} */ value) => (typeof value === "number" && Number.isFinite(value) ? value : null);
+    const ttft = number(stats.ttft_ms);
+    const thinking = number(stats.thinking_ms);
+    const tokens = number(stats.completion_tokens);
+    const speed = number(stats.tokens_per_second);
+    if (thinking !== null) this.thinkingMs = thinking;
+    const parts = [];
+    if (ttft !== null) parts.push(`${seconds(ttft)} to first token`);
+    if (thinking !== null) parts.push(`thought ${seconds(thinking)}`);
+    if (tokens !== null) parts.push(`${tokens} tokens`);
+    if (speed !== null) parts.push(`${speed.toFixed(1)} tokens/s`);
+    this.statsLine.textContent = parts.join(" · ");
+    this.statsLine.hidden = parts.length === 0;
+    this.labelThinking();
+  }
+}
+
+/**
+ * @param {HTMLElement} target
+ * @param {string} markdown untrusted
+ */
+function showMarkdown(target, markdown) {
+  try {
+    target.replaceChildren(renderMarkdown(markdown));
+  } catch (error) {
+    console.warn("rendering Markdown failed; showing plain text", error);
+    target.textContent = markdown;
   }
 }
 
@@ -242,7 +362,6 @@ async function streamReply(body) {
   const controller = new AbortController();
   state.controller = controller;
   setStreaming(true);
-  let text = "";
   let status = "interrupted";
   /** @type {string | null} */ let error = null;
   /** @type {string | null} */ let traceId = null;
@@ -257,11 +376,8 @@ async function streamReply(body) {
     }
     for await (const event of readEvents(response)) {
       if (event.type === "chunk") {
-        const content = event.chunk?.choices?.[0]?.delta?.content;
-        if (typeof content === "string" && content) {
-          text += content;
-          view.update(text);
-        }
+        if (event.chunk?.stats) view.setStats(event.chunk.stats);
+        view.applyDelta(event.chunk?.choices?.[0]?.delta);
       } else if (event.type === "error") {
         status = "error";
         error = String(event.error?.message ?? "the stream failed");
@@ -281,9 +397,7 @@ async function streamReply(body) {
       console.warn("the reply stream failed", failure);
     }
   } finally {
-    view.text = text;
-    view.render();
-    view.setStatus(status, error, traceId);
+    view.finish(status, error, traceId);
     if (state.controller === controller) state.controller = null;
     setStreaming(false);
     await settleWithServer(conversationId).catch(report);

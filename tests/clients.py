@@ -23,6 +23,19 @@ def chat_body(fault: dict | None = None, stream: bool = True) -> dict:
     return body
 
 
+def page_text(chunks: list[dict]) -> tuple[str, str]:
+    """(reasoning, content) as the page shows them from its chunks (the rules static/chat.js applies)."""
+    reasoning = content = ""
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            delta = choice["delta"]
+            if delta.get("content_was_reasoning"):
+                reasoning, content = reasoning + content, ""
+            reasoning += delta.get("reasoning_content", "")
+            content += delta.get("content", "")
+    return reasoning, content
+
+
 class _KeptOpenReader(io.BufferedReader):
     """http.client closes its file after each response; keep it for the next one."""
 

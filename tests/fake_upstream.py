@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from bench.common import read_http_request
+from tests.upstream_shapes import answer_chunks
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Scenario:
     comments: bool = False  # ": ping" comment lines between events
     stamp: bool = False  # token text carries its send time: "<monotonic>|"
     content: str | None = None  # one token with this text, instead of numbered tokens
+    shape: str = "plain"  # which real server's chunks to replay: see tests/upstream_shapes.py
+    reasoning_tokens: int = 0  # thinking tokens ("r0 r1 ...") before the answer's tokens
+    tool_call: dict | None = None  # {"name", "arguments"}: stream an OpenAI tool call after the tokens
+    ignores_usage: bool = False  # never send usage, even when asked (llama-cpp-python's server)
 
     @classmethod
     def from_request(cls, default: Scenario, body: dict) -> Scenario:
@@ -63,6 +68,7 @@ class Exchange:
     scenario: Scenario
     opened_at: float
     tokens_sent: int = 0
+    first_token_at: float | None = None  # when the first token (thinking included) was written
     finished_at: float | None = None  # the response ended as the scenario planned
     closed_at: float | None = None  # the peer closed while the response was in progress
 
@@ -209,9 +215,16 @@ class FakeUpstream:
         writer = _BodyWriter(sock, scenario)
         writer.start()
         _pause(sock, scenario.first_token_delay)
-        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-        tokens = 1 if scenario.content is not None else scenario.tokens
-        for index in range(tokens):
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and not scenario.ignores_usage
+        model = payload.get("model") if isinstance(payload.get("model"), str) else "fake-model"
+        answer_tokens = 1 if scenario.content is not None else scenario.tokens
+        chunks = answer_chunks(scenario.shape, reasoning_tokens=scenario.reasoning_tokens, tokens=answer_tokens,
+                               asked_usage=include_usage, model=model, tool_call=scenario.tool_call,
+                               text_of=lambda index, thinking, number: _token_text(scenario, thinking, number))
+        for index, chunk in chunks:
+            if index is None:
+                writer.event(json.dumps(chunk))
+                continue
             if index == scenario.stall_after:
                 _pause(sock, 120)
             if index == scenario.reset_after:
@@ -233,23 +246,31 @@ class FakeUpstream:
                 _pause(sock, scenario.interval)
             if scenario.comments:
                 writer.comment()
-            now = time.monotonic()
-            text = scenario.content if scenario.content is not None else \
-                (f"{now:.6f}|" if scenario.stamp else f"w{index} ")
-            writer.event(json.dumps(_chunk({"content": text, **({"role": "assistant"} if index == 0 else {})})))
+            payload = json.dumps(chunk)
+            if scenario.stamp:  # stamped now, at the moment of sending
+                payload = payload.replace(_STAMP, f"{time.monotonic():.6f}|")
+            writer.event(payload)
             with self._lock:
                 exchange.tokens_sent += 1
+                exchange.first_token_at = exchange.first_token_at or time.monotonic()
                 self._lock.notify_all()
-        if scenario.stall_after is not None and scenario.stall_after >= tokens:
-            _pause(sock, 120)
-        writer.event(json.dumps(_chunk({}, "stop")))
-        if include_usage:
-            writer.event(json.dumps({**_chunk({}), "choices": [],
-                                     "usage": {"prompt_tokens": 3, "completion_tokens": tokens,
-                                               "total_tokens": tokens + 3}}))
+            if index + 1 == scenario.reasoning_tokens + answer_tokens and scenario.stall_after is not None \
+                    and scenario.stall_after >= index + 1:
+                _pause(sock, 120)
         writer.finish(scenario.done)
         self._record(exchange, finished_at=time.monotonic())
         return scenario.framing == "chunked"
+
+
+_STAMP = "@@stamp@@"  # replaced by the send time as the token goes out
+
+
+def _token_text(scenario: Scenario, thinking: bool, number: int) -> str:
+    if scenario.stamp:
+        return _STAMP
+    if scenario.content is not None and not thinking:
+        return scenario.content
+    return f"{'r' if thinking else 'w'}{number} "
 
 
 class _BodyWriter:
@@ -284,11 +305,6 @@ class _BodyWriter:
             _send(self.sock, b"0\r\n\r\n")
         else:
             self.sock.shutdown(socket.SHUT_WR)
-
-
-def _chunk(delta: dict, finish_reason=None) -> dict:
-    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000,
-            "model": "fake-model", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
 
 def _completion(text: str) -> dict:

@@ -3,6 +3,7 @@
 import pytest
 import requests
 
+from tests.clients import page_text
 from tests.live import content_of, sse_events, wait_until
 
 pytestmark = pytest.mark.live
@@ -136,3 +137,47 @@ def test_bad_page_requests_are_4xx(jarvis):
                         headers={"Content-Type": "text/plain"})
     assert bad.status_code == 415
     assert "[ERROR]" not in jarvis.log()
+
+
+# -- thinking models and stats -------------------------------------------------------
+
+EXPECTED_TOKEN_SOURCE = {"plain": "usage", "llamacpp": "usage", "vllm": "usage", "ollama": "usage",
+                         "deepseek": "usage", "openai": "usage", "think": "usage", "think_close": "usage"}
+
+
+@pytest.mark.parametrize("shape", list(EXPECTED_TOKEN_SOURCE))
+def test_each_real_upstreams_thinking_is_saved_apart_from_the_answer(jarvis, upstream, shape):
+    upstream.scenario.shape, upstream.scenario.reasoning_tokens, upstream.scenario.tokens = shape, 4, 3
+    conversation_id = create(jarvis)
+    events = list(sse_events(send(jarvis, conversation_id, content="think first")))
+    assert events[-1][0] == "done"
+    assert page_text([value for kind, value, _ in events if kind == "data"]) == ("r0 r1 r2 r3 ", "w0 w1 w2 ")
+    assert "usage" not in {key for kind, value, _ in events if kind == "data" for key in value}
+    assistant = wait_for_status(jarvis, conversation_id, "complete")
+    assert (assistant["reasoning"], assistant["content"]) == ("r0 r1 r2 r3 ", "w0 w1 w2 ")
+    stats = assistant["stats"]
+    assert (stats["completion_tokens"], stats["tokens_source"]) == (7, EXPECTED_TOKEN_SOURCE[shape])
+    assert stats["ttft_ms"] is not None and stats["thinking_ms"] is not None
+    in_band = [value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value]
+    assert len(in_band) == 1 and in_band[0]["completion_tokens"] == 7  # sent just before [DONE]
+    assert upstream.chats[0].body["stream_options"] == {"include_usage": True}
+
+
+def test_the_next_turn_sends_the_answer_but_not_its_reasoning(jarvis, upstream):
+    upstream.scenario.reasoning_tokens, upstream.scenario.tokens = 3, 2
+    conversation_id = create(jarvis)
+    list(sse_events(send(jarvis, conversation_id, content="one")))
+    list(sse_events(send(jarvis, conversation_id, content="two")))
+    assert upstream.chats[1].body["messages"] == [{"role": "user", "content": "one"},
+                                                  {"role": "assistant", "content": "w0 w1 "},
+                                                  {"role": "user", "content": "two"}]
+
+
+def test_stats_are_counted_from_the_stream_when_the_upstream_sends_no_usage(jarvis, upstream):
+    upstream.scenario.tokens, upstream.scenario.interval = 6, 0.02
+    upstream.scenario.ignores_usage = True  # like llama-cpp-python's server
+    conversation_id = create(jarvis)
+    list(sse_events(send(jarvis, conversation_id, content="hi")))
+    stats = wait_for_status(jarvis, conversation_id, "complete")["stats"]
+    assert (stats["completion_tokens"], stats["tokens_source"]) == (6, "stream")
+    assert 10 < stats["tokens_per_second"] < 60  # 5 intervals of 20 ms: 50 tokens/s

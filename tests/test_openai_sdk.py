@@ -30,6 +30,31 @@ def test_sdk_streams_text_and_usage(client, upstream):
     assert upstream.chats[0].body["stream_options"] == {"include_usage": True}
 
 
+def test_sdk_accumulates_a_streamed_tool_call(client):
+    call = {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+    with client.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "weather?"}],
+                                        stream=True, tools=[{"type": "function", "function": {"name": "get_weather"}}],
+                                        extra_body={"x_fault": {"shape": "openai", "tokens": 0,
+                                                                "tool_call": call}}) as stream:
+        chunks = list(stream)
+    pieces = [tool for chunk in chunks if chunk.choices for tool in chunk.choices[0].delta.tool_calls or []]
+    assert (pieces[0].id, pieces[0].type, pieces[0].function.name) == ("call_fake_0001", "function", "get_weather")
+    assert "".join(piece.function.arguments or "" for piece in pieces) == call["arguments"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(chunk.usage is None for chunk in chunks)  # not asked for, not sent
+
+
+@pytest.mark.parametrize("shape, field", [("llamacpp", "reasoning_content"), ("deepseek", "reasoning_content"),
+                                          ("vllm", "reasoning"), ("ollama", "reasoning")])
+def test_sdk_sees_reasoning_fields_as_the_upstream_sent_them(client, shape, field):
+    with client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                        extra_body={"x_fault": {"shape": shape, "reasoning_tokens": 3,
+                                                                "tokens": 2}}) as stream:
+        deltas = [chunk.choices[0].delta for chunk in stream if chunk.choices]
+    assert "".join(getattr(delta, field, None) or "" for delta in deltas) == "r0 r1 r2 "
+    assert "".join(delta.content or "" for delta in deltas) == "w0 w1 "
+
+
 def test_sdk_raises_api_error_on_a_mid_stream_error(client):
     stream = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
                                             stream=True, extra_body={"x_fault": {"tokens": 5,

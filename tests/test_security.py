@@ -209,11 +209,15 @@ def test_redirecting_upstream_is_not_followed(start_jarvis, upstream):
 
 
 def test_page_receives_only_known_chunk_fields(jarvis, upstream):
+    upstream.scenario.shape, upstream.scenario.reasoning_tokens = "openai", 2  # chunks full of extra fields
     conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()
     response = requests.post(f"{jarvis.url}/api/conversations/{conversation['id']}/messages",
                              json={"content": "hi"}, stream=True)
     chunks = [value for kind, value, _ in sse_events(response) if kind == "data"]
-    assert chunks and all(set(chunk) <= {"id", "object", "created", "model", "choices"} for chunk in chunks)
+    assert chunks and all(set(chunk) <= {"id", "object", "created", "model", "choices", "stats"} for chunk in chunks)
     assert all(set(choice) == {"index", "delta", "finish_reason"} for chunk in chunks for choice in chunk["choices"])
+    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+    assert all(set(delta) <= {"role", "content", "reasoning_content", "content_was_reasoning"} for delta in deltas)
+    assert all(isinstance(value, (int, float, str, type(None))) for value in chunks[-1]["stats"].values())
 
 

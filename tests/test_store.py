@@ -3,13 +3,57 @@
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
-from jarvis.store import SQLiteStore, database_path, recover_interrupted
-from tests.live import LiveServer, sse_events
+from jarvis.store import SCHEMA_VERSION, SQLiteStore, StoreError, database_path, recover_interrupted
+from tests.live import ROOT, LiveServer, free_port, sse_events
+
+# The schema as Jarvis shipped it before versioning (user_version 0), verbatim.
+SCHEMA_BEFORE_VERSIONING = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'complete',
+    error TEXT,
+    model TEXT,
+    trace_id TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
+"""
+
+
+def database_before_versioning(data_dir) -> list[tuple]:
+    """A database written by the first Jarvis: two conversations, four messages; returns its messages."""
+    os.makedirs(data_dir, exist_ok=True)
+    connection = sqlite3.connect(database_path(str(data_dir)))
+    rows = [("c1", "user", "What is 2+2?", "complete", None), ("c1", "assistant", "4", "complete", None),
+            ("c2", "user", "Tell me a story", "complete", None),
+            ("c2", "assistant", "Once upon", "error", "the model crashed")]
+    with connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.executescript(SCHEMA_BEFORE_VERSIONING)
+        connection.execute("INSERT INTO conversations VALUES ('c1', 'Sums', 1.0, 2.0), ('c2', 'Stories', 3.0, 4.0)")
+        for number, (conversation, role, content, status, error) in enumerate(rows):
+            connection.execute("INSERT INTO messages (conversation_id, role, content, status, error, model, "
+                               "trace_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'm', 't', ?, ?)",
+                               (conversation, role, content, status, error, number, number))
+    connection.close()
+    return rows
 
 
 @pytest.fixture
@@ -38,6 +82,66 @@ def test_deleting_a_conversation_deletes_its_messages(store):
     assert store.delete_conversation(conversation["id"])
     assert store.get_conversation(conversation["id"]) is None
     assert not store.update_message(message, "late write", "complete")
+
+
+def test_reasoning_and_stats_are_kept_with_the_message(store):
+    conversation = store.create_conversation("t")
+    message = store.add_message(conversation["id"], "assistant", "", "streaming")
+    store.update_message(message, "Four.", "complete", reasoning="2+2 is 4", stats={"ttft_ms": 12.5})
+    saved = store.get_conversation(conversation["id"])["messages"][0]
+    assert (saved["reasoning"], saved["stats"]) == ("2+2 is 4", {"ttft_ms": 12.5})
+
+
+def test_a_database_from_before_versioning_is_migrated_in_place(tmp_path):
+    rows = database_before_versioning(tmp_path)
+    store = SQLiteStore(str(tmp_path))
+    assert store.schema_version() == SCHEMA_VERSION
+    kept = [(m["role"], m["content"], m["status"], m["error"], m["reasoning"], m["stats"])
+            for conversation_id in ("c1", "c2") for m in store.get_conversation(conversation_id)["messages"]]
+    assert kept == [(role, content, status, error, "", None) for _, role, content, status, error in rows]
+    assert SQLiteStore(str(tmp_path)).schema_version() == SCHEMA_VERSION  # a second open changes nothing
+
+
+def test_a_database_from_a_newer_jarvis_is_refused_with_a_clear_message(tmp_path):
+    SQLiteStore(str(tmp_path))
+    connection = sqlite3.connect(database_path(str(tmp_path)))
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    with pytest.raises(StoreError, match="newer Jarvis"):
+        SQLiteStore(str(tmp_path))
+
+
+@pytest.mark.live
+def test_gunicorn_refuses_a_database_from_a_newer_jarvis_without_a_traceback(tmp_path):
+    SQLiteStore(str(tmp_path))
+    connection = sqlite3.connect(database_path(str(tmp_path)))
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    env = {"PATH": "/usr/bin:/bin", "JARVIS_DATA_DIR": str(tmp_path), "JARVIS_UPSTREAM_URL": "http://127.0.0.1:9/v1"}
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py",
+                             "--bind", f"127.0.0.1:{free_port()}", "app:app"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "newer Jarvis" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.live
+def test_jarvis_started_on_a_database_from_before_versioning_shows_every_old_conversation(tmp_path, upstream):
+    rows = database_before_versioning(tmp_path / "data")
+    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATA_DIR": str(tmp_path / "data")})
+    jarvis.start()
+    try:
+        listed = requests.get(jarvis.url + "/api/conversations").json()["data"]
+        assert [(c["id"], c["title"]) for c in listed] == [("c2", "Stories"), ("c1", "Sums")]
+        shown = [(m["role"], m["content"], m["status"], m["error"]) for conversation in ("c1", "c2")
+                 for m in requests.get(f"{jarvis.url}/api/conversations/{conversation}").json()["messages"]]
+        assert shown == [(role, content, status, error) for _, role, content, status, error in rows]
+        reply = requests.post(f"{jarvis.url}/api/conversations/c1/messages", json={"content": "And 3+3?"},
+                              stream=True, timeout=30)
+        assert list(sse_events(reply))[-1][0] == "done"
+        assert [m["content"] for m in upstream.chats[0].body["messages"]] == ["What is 2+2?", "4", "And 3+3?"]
+    finally:
+        jarvis.stop()
 
 
 def test_ids_are_unguessable(store):

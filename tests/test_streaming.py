@@ -2,12 +2,14 @@
 
 import json
 import time
+import uuid
 
 import pytest
 import requests
 
 from tests.clients import RawClient, chat_body, chat_request
 from tests.live import content_of, sse_events
+from tests.upstream_shapes import answer_chunks
 
 pytestmark = pytest.mark.live
 
@@ -46,6 +48,19 @@ def test_stream_is_openai_shaped_and_ends_right_after_done(jarvis):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("shape", ["llamacpp", "vllm", "ollama", "deepseek", "openai", "think"])
+def test_every_upstream_shape_is_relayed_byte_for_byte(jarvis, shape):
+    """/v1 never rewrites what the upstream sent: reasoning fields, tags, tool calls, extra fields."""
+    fault = {"shape": shape, "reasoning_tokens": 3, "tokens": 2,
+             **({"tool_call": {"name": "f", "arguments": '{"a": 1}'}} if shape == "openai" else {})}
+    body = jarvis.chat(fault=fault).raw.read()
+    sent = [json.dumps(chunk).encode() for _, chunk in answer_chunks(
+        shape, reasoning_tokens=3, tokens=2, tool_call=fault.get("tool_call"))]
+    relayed = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: {")]
+    assert relayed == sent
+    assert b'"usage"' not in body  # the client did not ask for usage, and Jarvis did not ask for it
+
+
 def test_headers_are_flushed_before_the_first_token(jarvis, upstream):
     started = time.monotonic()
     response = jarvis.chat(fault={"tokens": 1, "first_token_delay": 3})
@@ -70,14 +85,16 @@ def test_default_model_is_added_when_the_request_names_none(start_jarvis, upstre
     assert upstream.chats[0].body["model"] == "llama3"
 
 
-def test_trace_id_goes_to_the_upstream_back_to_the_client_and_into_the_log(jarvis, upstream):
+def test_a_clients_trace_id_comes_back_and_the_upstream_gets_a_uuid_logged_beside_it(jarvis, upstream):
+    """Validating upstreams (llama-cpp-python's server) answer 400 to an X-Request-Id that is not a UUID."""
     response = requests.post(jarvis.url + "/v1/chat/completions", json=chat_body({"tokens": 2}), stream=True,
                              headers={"X-Request-Id": "trace-abc-123"})
     list(sse_events(response))
     assert response.headers["X-Request-Id"] == "trace-abc-123"
-    assert upstream.chats[0].headers["x-request-id"] == "trace-abc-123"
+    sent = upstream.chats[0].headers["x-request-id"]
+    assert str(uuid.UUID(sent)) == sent
     log = jarvis.wait_for_log("[trace-abc-123] stream end outcome=complete")
-    assert log.count("stream end") == 1
+    assert log.count("stream end") == 1 and f"upstream_id={sent}" in log
 
 
 def test_a_fresh_trace_id_for_each_keep_alive_request(jarvis, upstream):
@@ -85,7 +102,15 @@ def test_a_fresh_trace_id_for_each_keep_alive_request(jarvis, upstream):
         ids = [session.post(jarvis.url + "/v1/chat/completions", json=chat_body({"tokens": 1}, stream=False))
                .headers["X-Request-Id"] for _ in range(3)]
     assert len(set(ids)) == 3
-    assert [exchange.headers["x-request-id"] for exchange in upstream.chats] == ids
+    # Jarvis's own ids are UUIDs already: the upstream gets the same id, in UUID form.
+    assert [exchange.headers["x-request-id"] for exchange in upstream.chats] == [str(uuid.UUID(i)) for i in ids]
+
+
+def test_models_sends_the_upstream_a_uuid_request_id(jarvis, upstream):
+    response = requests.get(jarvis.url + "/v1/models", headers={"X-Request-Id": "client-req-0001"})
+    assert response.ok and response.headers["X-Request-Id"] == "client-req-0001"
+    sent = next(exchange for exchange in upstream.exchanges if exchange.path.endswith("/models")).headers
+    assert str(uuid.UUID(sent["x-request-id"])) == sent["x-request-id"]
 
 
 def test_non_streaming_completion(jarvis):

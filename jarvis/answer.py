@@ -1,0 +1,149 @@
+"""One answer on its way to the page: its reasoning, its content, and its numbers.
+
+`Answer.add(chunk)` takes one parsed upstream chunk and returns the chunk the
+page receives: only the fields the page uses, each of the expected type (model
+output is untrusted), with the model's thinking in `delta.reasoning_content`
+whatever shape the upstream used (jarvis.reasoning) and never as raw tags.
+When a lone `</think>` shows that the content so far was thinking, the delta
+says so with `content_was_reasoning: true`. `Answer.finish()` returns the last
+page chunks: text held back while a tag could still arrive, and the stats.
+
+Stats use Jarvis's own clock from the moment the request arrived. Token counts
+come from the upstream's `usage` (or llama.cpp's `timings`) when it sends
+them, else from the stream: one chunk with text is one token, which is how
+llama.cpp, vLLM, Ollama and the embedded model stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jarvis.reasoning import Split, ThinkingSplitter, reasoning_field
+
+
+class Answer:
+    def __init__(self, started: float | None = None):
+        self.started = time.monotonic() if started is None else started
+        self.splitter = ThinkingSplitter()
+        self.reasoning_parts: list[str] = []
+        self.content_parts: list[str] = []
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.thinking_started_at: float | None = None
+        self.answer_started_at: float | None = None
+        self.chunks_with_text = 0
+        self.usage: dict | None = None
+        self.timings: dict | None = None
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_parts)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.content_parts)
+
+    # -- while it streams ----------------------------------------------------------
+
+    def add(self, chunk, now: float | None = None) -> dict:
+        """Take one upstream chunk; return the page's chunk."""
+        now = time.monotonic() if now is None else now
+        chunk = chunk if isinstance(chunk, dict) else {}
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
+        page = {"object": "chat.completion.chunk"}
+        for name, kind in (("id", str), ("created", int), ("model", str)):
+            if isinstance(chunk.get(name), kind):
+                page[name] = chunk[name]
+        choices = chunk.get("choices") if isinstance(chunk.get("choices"), list) else []
+        page["choices"] = [self._choice(choice, now) for choice in choices[:1] if isinstance(choice, dict)]
+        return page
+
+    def _choice(self, choice: dict, now: float) -> dict:
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        content = delta.get("content")
+        if reasoning_field(delta) or (isinstance(content, str) and content):
+            self.chunks_with_text += 1
+            self.first_token_at = self.first_token_at or now
+            self.last_token_at = now
+        page_delta = {"role": delta["role"]} if isinstance(delta.get("role"), str) else {}
+        page_delta.update(self._apply(self.splitter.split(delta), now))
+        finish_reason = choice.get("finish_reason")
+        return {"index": 0, "delta": page_delta,
+                "finish_reason": finish_reason if isinstance(finish_reason, str) else None}
+
+    def _apply(self, split: Split, now: float) -> dict:
+        """Add a split to the answer; return the page's delta fields for it."""
+        fields = {}
+        if split.content_was_reasoning:
+            self.reasoning_parts = [*self.reasoning_parts, *self.content_parts]
+            self.content_parts = []
+            self.thinking_started_at = self.answer_started_at
+            self.answer_started_at = None
+            fields["content_was_reasoning"] = True
+        if split.reasoning:
+            self.reasoning_parts.append(split.reasoning)
+            self.thinking_started_at = self.thinking_started_at or now
+            fields["reasoning_content"] = split.reasoning
+        if split.content:
+            self.content_parts.append(split.content)
+            self.answer_started_at = self.answer_started_at or now
+            fields["content"] = split.content
+        return fields
+
+    # -- at the end ------------------------------------------------------------------
+
+    def end(self, now: float | None = None) -> dict:
+        """Add the text held back while a tag could still arrive; return its page delta ({} if none).
+        Safe to call again: there is nothing left to add."""
+        return self._apply(self.splitter.finish(), time.monotonic() if now is None else now)
+
+    def finish(self, now: float | None = None) -> list[dict]:
+        """The page's last chunks: any text held back, then the stats."""
+        now = time.monotonic() if now is None else now
+        held = self.end(now)
+        chunks = [{"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": held,
+                                                                   "finish_reason": None}]}] if held else []
+        return [*chunks, {"object": "chat.completion.chunk", "choices": [], "stats": self.stats(now)}]
+
+    def stats(self, now: float | None = None) -> dict:
+        """Time to first token, thinking time, tokens and tokens per second, as the page shows them."""
+        now = time.monotonic() if now is None else now
+        tokens, source = self._tokens()
+        thinking_ms = None
+        if self.thinking_started_at is not None:
+            thinking_ms = _ms((self.answer_started_at or self.last_token_at or now) - self.thinking_started_at)
+        return {"ttft_ms": _ms(self.first_token_at - self.started) if self.first_token_at else None,
+                "thinking_ms": thinking_ms,
+                "duration_ms": _ms(now - self.started),
+                "completion_tokens": tokens, "tokens_source": source,
+                "prompt_tokens": _count(self.usage, "prompt_tokens") or _count(self.timings, "prompt_n"),
+                "tokens_per_second": self._tokens_per_second(tokens)}
+
+    def _tokens(self) -> tuple[int | None, str | None]:
+        for source, value in (("usage", _count(self.usage, "completion_tokens")),
+                              ("timings", _count(self.timings, "predicted_n"))):
+            if value is not None:
+                return value, source
+        return (self.chunks_with_text, "stream") if self.chunks_with_text else (None, None)
+
+    def _tokens_per_second(self, tokens: int | None) -> float | None:
+        reported = self.timings.get("predicted_per_second") if self.timings else None
+        if isinstance(reported, (int, float)) and not isinstance(reported, bool) and 0 < reported < 1e7:
+            return round(float(reported), 1)
+        if not tokens or tokens < 2 or self.first_token_at is None or self.last_token_at is None:
+            return None
+        generating = self.last_token_at - self.first_token_at
+        # A burst that arrived within a millisecond says nothing about the model's speed.
+        return round((tokens - 1) / generating, 1) if generating >= 0.001 else None
+
+
+def _count(source: dict | None, name: str) -> int | None:
+    value = source.get(name) if source else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
