@@ -54,3 +54,12 @@ def test_local_model_benchmark_smoke():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "llama-cpp-python directly" in result.stdout and "through Jarvis" in result.stdout
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
+
+
+@pytest.mark.model
+def test_prompt_abort_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("no callback", "Jarvis: strlen over a flag (C)", "a Python ctypes callback", "cancel -> llama_decode"):
+        assert row in result.stdout, result.stdout

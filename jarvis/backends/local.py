@@ -18,6 +18,7 @@ a generation's slot is released only once its thread has really finished.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import logging
@@ -51,11 +52,10 @@ def model_id_for(path: str) -> str:
     return os.path.splitext(name)[0].lower()
 
 
-def load_llama(path: str, context: int, threads: int):
-    """Load the model once. Extra buffer types (AMX, weight repacking) are off: llama.cpp's
-    AMX path crashes on CPUs that advertise AMX inside VMs that do not enable it."""
-    # OpenMP threads that spin while waiting starve the hub and each other on a busy machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+@contextlib.contextmanager
+def extra_buffer_types_off():
+    """While inside, llama-cpp-python loads models without llama.cpp's extra buffer types (AMX, weight
+    repacking): its AMX path crashes on CPUs that advertise AMX inside VMs that do not enable it."""
     import llama_cpp.llama
 
     module = llama_cpp.llama.llama_cpp
@@ -68,10 +68,20 @@ def load_llama(path: str, context: int, threads: int):
 
     module.llama_model_default_params = without_extra_buffers
     try:
-        llama = llama_cpp.llama.Llama(model_path=path, n_ctx=context, n_threads=threads,
-                                      n_threads_batch=threads, verbose=False)
+        yield
     finally:
         module.llama_model_default_params = defaults
+
+
+def load_llama(path: str, context: int, threads: int):
+    """Load the model once (extra buffer types off, see above)."""
+    # OpenMP threads that spin while waiting starve the hub and each other on a busy machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import llama_cpp.llama
+
+    with extra_buffer_types_off():
+        llama = llama_cpp.llama.Llama(model_path=path, n_ctx=context, n_threads=threads,
+                                      n_threads_batch=threads, verbose=False)
     # llama-cpp-python maps ggml's log levels with an old table (today's WARN reads as its ERROR), so
     # llama.cpp's warnings reach stderr unasked, one per cancelled decode. Its real errors map to
     # DEBUG and never printed anyway; failures reach Jarvis as exceptions, which it logs itself.
