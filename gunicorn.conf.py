@@ -1,8 +1,10 @@
 """gunicorn settings for Jarvis: plain settings under headers, then hooks.
 
-Nothing from jarvis is imported at module level: the gevent worker must
-monkey-patch before the app (and requests) are imported, and the master must
-stay free of application state. Command-line flags (-b, -w, ...) still win.
+Of jarvis, only `jarvis.settings` is imported here, and it uses the standard
+library alone: the gevent worker must monkey-patch before the app (and requests)
+are imported, and the master must stay free of application state. Jarvis's
+settings are validated here, once, in the master; a bad value stops start-up
+with a message naming the variable. Command-line flags (-b, -w, ...) still win.
 """
 
 import glob
@@ -12,18 +14,23 @@ import sys
 import tempfile
 
 
-def _positive_int(name, default):
-    raw = os.environ.get(name, "").strip() or str(default)
-    if not raw.isdigit() or int(raw) < 1:
-        sys.exit(f"jarvis: {name} must be a whole number of at least 1 (got {raw!r})")
-    return int(raw)
+def _jarvis_settings():
+    """Every JARVIS_* setting, read and validated before anything starts."""
+    from jarvis.settings import Settings, SettingsError
 
+    try:
+        return Settings.from_env()
+    except SettingsError as error:
+        sys.exit(f"jarvis: {error}")
+
+
+_SETTINGS = _jarvis_settings()
 
 # -- Server socket -------------------------------------------------------------
-bind = [os.environ.get("JARVIS_BIND", "127.0.0.1:8000")]
+bind = [_SETTINGS.bind]
 
 # -- Workers ---------------------------------------------------------------------
-workers = _positive_int("JARVIS_WORKERS", 1)
+workers = _SETTINGS.workers
 worker_class = "gevent"
 worker_connections = 2000  # counts idle keep-alive connections too
 preload_app = False  # the gevent worker must patch before the app is imported
@@ -50,9 +57,9 @@ os.environ.setdefault("GEVENT_MAX_BLOCKING_TIME", "0.1")
 
 # -- Hooks ---------------------------------------------------------------------------
 def on_starting(server):
-    """In the master, once: refuse bad settings or an unauthenticated exposed bind, prepare the
-    metrics directory, and mark answers that a crashed run left streaming as interrupted."""
-    settings = _settings_or_exit(server)
+    """In the master, once: refuse an unauthenticated exposed bind, prepare the metrics directory,
+    and mark answers that a crashed run left streaming as interrupted."""
+    settings = _refuse_unauthenticated_exposure(server)
     _prepare_metrics_directory()
     from jarvis.store import StoreError, recover_interrupted
 
@@ -64,13 +71,10 @@ def on_starting(server):
         server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
 
 
-def _settings_or_exit(server):
-    from jarvis.settings import Settings, SettingsError, is_loopback_bind
+def _refuse_unauthenticated_exposure(server):
+    from jarvis.settings import is_loopback_bind
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as error:
-        sys.exit(f"jarvis: {error}")
+    settings = _SETTINGS
     exposed = [address for address in server.cfg.bind if not is_loopback_bind(address)]
     if exposed and settings.api_key is None and not settings.allow_no_auth:
         sys.exit(f"jarvis: refusing to listen on {', '.join(exposed)} without authentication: set JARVIS_API_KEY "

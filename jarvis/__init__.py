@@ -5,8 +5,8 @@ to validate settings before it forks, and must not import Flask, requests or pro
 """
 
 
-def create_app(test_config: dict | None = None):
-    """Build the Flask app (see jarvis.factory)."""
+def create_app(settings=None, **services):
+    """Build the Flask app (see jarvis.factory); with no arguments, from the environment."""
     from jarvis.factory import create_app as build
 
-    return build(test_config)
+    return build(settings, **services)

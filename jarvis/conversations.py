@@ -13,12 +13,13 @@ import logging
 import time
 
 import gevent
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from jarvis import state
 from jarvis.answer import Answer
-from jarvis.api import read_json_object
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
+from jarvis.inputs import read_json_object, text_field
 from jarvis.logs import trace_id_var
 from jarvis.relay import Relay
 
@@ -33,14 +34,10 @@ _STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped"}
 _live: dict[str, Relay] = {}  # conversation id -> its streaming reply, in this worker
 
 
-def _store():
-    return current_app.extensions["jarvis.store"]
-
-
 def _conversation_or_404(conversation_id: str) -> dict:
-    conversation = _store().get_conversation(conversation_id)
+    conversation = state.store().get_conversation(conversation_id)
     if conversation is None:
-        raise ApiError(404, "No such conversation", "invalid_request_error", "conversation_not_found")
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
     return conversation
 
 
@@ -48,26 +45,17 @@ def _json_body() -> dict:
     return read_json_object()[1]
 
 
-def _text(body: dict, name: str, required: bool = True) -> str | None:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ApiError(400, f"'{name}' must be a non-empty string", param=name, code="invalid_value")
-    return value
-
-
 @bp.get("")
 def list_conversations():
     """All conversations, most recently active first."""
-    return jsonify(data=_store().list_conversations())
+    return jsonify(data=state.store().list_conversations())
 
 
 @bp.post("")
 def create_conversation():
     """A new, empty conversation."""
-    title = _text(_json_body(), "title", required=False) or "New chat"
-    return jsonify(_store().create_conversation(title[:200])), 201
+    title = text_field(_json_body(), "title", required=False) or "New chat"
+    return jsonify(state.store().create_conversation(title[:200])), 201
 
 
 @bp.get("/<conversation_id>")
@@ -79,8 +67,8 @@ def read_conversation(conversation_id):
 @bp.put("/<conversation_id>")
 def rename_conversation(conversation_id):
     """Rename a conversation."""
-    title = _text(_json_body(), "title")
-    if not _store().rename_conversation(conversation_id, title[:200]):
+    title = text_field(_json_body(), "title")
+    if not state.store().rename_conversation(conversation_id, title[:200]):
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     return jsonify(_conversation_or_404(conversation_id))
 
@@ -91,7 +79,7 @@ def delete_conversation(conversation_id):
     relay = _live.get(conversation_id)
     if relay is not None:
         relay.interrupt("deleted")
-    if not _store().delete_conversation(conversation_id):
+    if not state.store().delete_conversation(conversation_id):
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     return "", 204
 
@@ -104,7 +92,7 @@ def send_message(conversation_id):
     if conversation_id in _live:
         raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
     history = _prepare_history(conversation, body)
-    store = _store()
+    store = state.store()
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     trace_id = trace_id_var.get()
     message_id = store.add_message(conversation_id, "assistant", "", "streaming", model, trace_id)
@@ -113,8 +101,8 @@ def send_message(conversation_id):
     chat_body = {"messages": history, "stream": True, "stream_options": {"include_usage": True},
                  **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
-    relay = Relay(current_app.extensions["jarvis.backend"], chat, current_app.extensions["jarvis.settings"],
-                  request.environ, observer=ReplyRecorder(store, conversation_id, message_id))
+    relay = Relay(state.backend(), chat, state.settings(), request.environ,
+                  observer=ReplyRecorder(store, conversation_id, message_id))
     _live[conversation_id] = relay
     relay.open()
     response = relay.sse_response()
@@ -124,7 +112,7 @@ def send_message(conversation_id):
 
 def _prepare_history(conversation: dict, body: dict) -> list[dict]:
     """Apply a regenerate or an edit to the stored conversation; return the messages to send."""
-    store = _store()
+    store = state.store()
     messages = conversation["messages"]
     if body.get("regenerate") is True:
         last_user = max((m["id"] for m in messages if m["role"] == "user"), default=None)
@@ -133,7 +121,7 @@ def _prepare_history(conversation: dict, body: dict) -> list[dict]:
         store.delete_messages_from(conversation["id"], last_user + 1)
         messages = [m for m in messages if m["id"] <= last_user]
     else:
-        content = _text(body, "content")
+        content = text_field(body, "content")
         edit = body.get("edit")
         if edit is not None:
             if not any(m["id"] == edit and m["role"] == "user" for m in messages):

@@ -26,16 +26,23 @@ def error_object(message: str, type_: str, code: str | None = None, param: str |
     return {"message": message, "type": type_, "param": param, "code": code}
 
 
-class ApiError(Exception):
-    """An error answered with an HTTP status and OpenAI's error JSON."""
+def type_for_status(status: int) -> str:
+    """OpenAI's error type for an HTTP status."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, body: dict | None = None,
-                 headers: dict | None = None):
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    """An error answered with an HTTP status and OpenAI's error JSON (`body` replaces the JSON whole)."""
+
+    def __init__(self, status: int, message: str, *, type_: str | None = None, code: str | None = None,
+                 param: str | None = None, body: dict | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.headers = headers or {}
-        self.body = body or {"error": error_object(message, type_, code, param)}
+        self.body = body or {"error": error_object(message, type_ or type_for_status(status), code, param)}
 
     @property
     def message(self) -> str:
@@ -95,7 +102,7 @@ def _http_exception(error: HTTPException) -> Response:
         message = f"{request.method} is not allowed on {request.path}"
     else:
         message = error.description or error.name
-    response = ApiError(status, message, "invalid_request_error", _HTTP_CODES.get(status)).to_response()
+    response = ApiError(status, message, type_="invalid_request_error", code=_HTTP_CODES.get(status)).to_response()
     if status == 405 and isinstance(error.get_response().headers.get("Allow"), str):
         response.headers["Allow"] = error.get_response().headers["Allow"]
     return response
@@ -104,4 +111,4 @@ def _http_exception(error: HTTPException) -> Response:
 def _unexpected_exception(error: Exception) -> Response:
     log.exception("unexpected error while handling %s %s", request.method, request.path)
     return ApiError(500, "Jarvis hit an internal error; the log has the details under this request's trace id",
-                    "server_error", "internal_error").to_response()
+                    code="internal_error").to_response()

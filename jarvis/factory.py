@@ -1,27 +1,28 @@
-"""The app factory: settings from the environment (then test overrides), backend, store, blueprints."""
+"""The app factory: settings (from the environment unless given), backend, store, blueprints.
+
+Tests build an app from a Settings object and a fake backend, in milliseconds and
+without a server: `create_app(Settings(...), backend=FakeBackend())`.
+"""
 
 from __future__ import annotations
 
 from flask import Flask, Response, request
 
-from jarvis import errors, lifecycle, logs, security
-from jarvis.backends import create_backend
+from jarvis import errors, lifecycle, logs, security, state
+from jarvis.backends import Backend, create_backend
 from jarvis.settings import Settings
-from jarvis.store import SQLiteStore
+from jarvis.store import ConversationStore, SQLiteStore
 
 
-def create_app(test_config: dict | None = None) -> Flask:
-    """Build the app: settings from the environment, then any test overrides."""
-    settings = Settings.from_env()
-    if test_config:
-        settings = settings.replace(**test_config)
+def create_app(settings: Settings | None = None, *, backend: Backend | None = None,
+               store: ConversationStore | None = None) -> Flask:
+    """Build the app; with no settings, read them from the environment (as app.py does)."""
+    settings = Settings.from_env() if settings is None else settings
     logs.configure(settings.log_level, settings.log_format)
 
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.extensions["jarvis.settings"] = settings
-    app.extensions["jarvis.backend"] = create_backend(settings)
-    app.extensions["jarvis.store"] = SQLiteStore(settings.data_dir)
+    state.install(app, settings, backend or create_backend(settings), store or SQLiteStore(settings.data_dir))
 
     errors.init_app(app)
     lifecycle.track_connections(app)

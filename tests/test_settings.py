@@ -1,11 +1,13 @@
 """Settings are read once and a bad value stops start-up with a message naming the variable."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
 import pytest
 
-from jarvis.settings import Settings, SettingsError
+from jarvis.settings import Settings, SettingsError, declared_names, markdown_table
 from tests.live import ROOT, free_port
 
 
@@ -52,3 +54,24 @@ def test_gunicorn_refuses_to_start_with_a_bad_value(name, value):
     assert result.returncode != 0
     assert name in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_table_is_the_declared_settings():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "README.md's configuration table differs: paste `python -m jarvis.settings`"
+
+
+def test_every_jarvis_variable_the_code_reads_is_declared_and_documented():
+    """Like datasette's check_actions_are_documented: a JARVIS_* name in the code must be a declared setting."""
+    readme = (ROOT / "README.md").read_text()
+    sources = [*ROOT.joinpath("jarvis").rglob("*.py"), ROOT / "gunicorn.conf.py", ROOT / "app.py"]
+    used = {name for source in sources for name in re.findall(r"\bJARVIS_[A-Z0-9_]*[A-Z0-9]\b", source.read_text())}
+    assert used - declared_names() == set(), "read in the code but not declared in jarvis/settings.py"
+    assert {name for name in declared_names() if f"`{name}`" not in readme} == set()
+
+
+def test_settings_are_frozen_and_replaced_with_dataclasses():
+    settings = Settings(data_dir="/tmp")
+    assert dataclasses.replace(settings, heartbeat_seconds=1.0).heartbeat_seconds == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.heartbeat_seconds = 2.0

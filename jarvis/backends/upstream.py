@@ -52,7 +52,8 @@ class UpstreamBackend:
         try:
             return response.json()
         except ValueError:
-            raise ApiError(502, "The upstream's /models answer is not JSON", "upstream_error", "upstream_malformed")
+            raise ApiError(502, "The upstream's /models answer is not JSON", type_="upstream_error",
+                           code="upstream_malformed")
         finally:
             response.close()
 
@@ -77,12 +78,12 @@ class UpstreamBackend:
                                             timeout=timeout, stream=stream, allow_redirects=False)
         except requests.exceptions.ConnectTimeout:
             raise ApiError(502, f"The upstream at {self.base_url} did not accept a connection in time",
-                           "upstream_error", "upstream_unreachable")
+                           type_="upstream_error", code="upstream_unreachable")
         except requests.exceptions.ReadTimeout:
-            raise ApiError(504, "The upstream did not answer in time", "upstream_error", "upstream_timeout")
+            raise ApiError(504, "The upstream did not answer in time", type_="upstream_error", code="upstream_timeout")
         except _READ_ERRORS as error:
             raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
-                           "upstream_error", "upstream_unreachable")
+                           type_="upstream_error", code="upstream_unreachable")
         if response.status_code >= 300:
             raise _status_error(response)
         return response
@@ -113,7 +114,7 @@ def _status_error(response: requests.Response) -> ApiError:
     if 300 <= status < 400:
         return ApiError(502, f"The upstream answered with a redirect ({status}); Jarvis does not follow "
                              "redirects: set JARVIS_UPSTREAM_URL to the final URL",
-                        "upstream_error", "upstream_redirect")
+                        type_="upstream_error", code="upstream_redirect")
     try:
         body = json.loads(text)
     except ValueError:
@@ -124,7 +125,7 @@ def _status_error(response: requests.Response) -> ApiError:
         text.decode("utf-8", "replace").strip()[:500]
     message = f"The upstream answered {status}: {detail}" if detail else f"The upstream answered {status}"
     type_ = "invalid_request_error" if status < 500 else "upstream_error"
-    return ApiError(status, message, type_, "upstream_status")
+    return ApiError(status, message, type_=type_, code="upstream_status")
 
 
 class UpstreamGeneration:
@@ -203,7 +204,7 @@ class UpstreamGeneration:
             body = self.response.raw.read()
         except _READ_ERRORS as error:
             raise ApiError(502, f"The upstream connection broke ({type(error).__name__})",
-                           "upstream_error", "upstream_disconnected")
+                           type_="upstream_error", code="upstream_disconnected")
         self.finished = True
         return self.response.status_code, body
 

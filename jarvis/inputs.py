@@ -1,0 +1,63 @@
+"""What clients send: reading and checking request bodies, for every route.
+
+A leaf module: views and hooks import it; it imports no blueprint. Every error is
+an ApiError with OpenAI's error JSON (415, 400 or 413 before any body byte is
+answered); messages say how to fix the request.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import request
+
+from jarvis.errors import ApiError
+from jarvis.settings import Settings
+
+
+def read_json_object() -> tuple[bytes, dict]:
+    """The whole request body, raw and parsed, which must be a JSON object.
+
+    Every state-changing route reads its body here, before anyone watches the client socket.
+    """
+    if request.mimetype != "application/json":
+        raise ApiError(415, "Send the request body as JSON with the header Content-Type: application/json",
+                       code="unsupported_media_type")
+    raw = request.get_data(cache=False)
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The request body is not valid JSON", code="invalid_json")
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    return raw, body
+
+
+def text_field(body: dict, name: str, *, required: bool = True) -> str | None:
+    """A non-empty string field of a JSON body (None when optional and absent)."""
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(400, f"'{name}' must be a non-empty string", param=name, code="invalid_value")
+    return value
+
+
+def check_messages(messages, settings: Settings) -> None:
+    """A chat request's messages: a non-empty list of objects with a string role, within the limits."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects",
+                       code="invalid_messages", param="messages")
+    if len(messages) > settings.max_messages:
+        raise ApiError(400, f"Too many messages: {len(messages)}; at most {settings.max_messages} "
+                            "(JARVIS_MAX_MESSAGES)", code="too_many_messages", param="messages")
+    characters = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, f"messages[{index}] must be an object with a string 'role'",
+                           code="invalid_messages", param=f"messages[{index}].role")
+        content = message.get("content")
+        characters += len(content) if isinstance(content, str) else len(json.dumps(content))
+    if characters > settings.max_message_chars:
+        raise ApiError(400, f"The messages hold {characters} characters; at most {settings.max_message_chars} "
+                            "(JARVIS_MAX_MESSAGE_CHARS)", code="messages_too_long", param="messages")
