@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, wait_for_http  # noqa: E402
 from jarvis.backends.local import load_llama  # noqa: E402
 from jarvis.settings import Settings  # noqa: E402
+from tests.net import free_port, wait_for_http  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 

@@ -40,7 +40,7 @@ import psutil  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.common import free_port, wait_for_http  # noqa: E402
+from tests.net import free_port, wait_for_http  # noqa: E402
 
 STAMP = re.compile(rb'"content": ?"(\d+\.\d+)\|')
 FULL = {"latency_streams": 50, "chunk_tokens": 5000, "concurrency": [100, 300, 500, 1000], "cancel_background": 300,

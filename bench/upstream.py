@@ -24,7 +24,7 @@ import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import read_http_request  # noqa: E402
+from tests.net import read_http_request  # noqa: E402
 
 RECORDS: dict[str, dict] = {}
 _HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"

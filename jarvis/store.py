@@ -78,6 +78,7 @@ class ConversationStore(Protocol):
     def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                              reasoning: str = "", stats: dict | None = None): ...
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None: ...
+    def close(self) -> None: ...
 
 
 def database_path(data_dir: str) -> str:
@@ -142,6 +143,11 @@ class SQLiteStore:
 
     def _run(self, function, *args):
         return self.pool.apply(function, args)
+
+    def close(self) -> None:
+        """Close the database and stop the store's thread (tests build many stores)."""
+        self._run(self.connection.close)
+        self.pool.kill()
 
     # -- conversations ---------------------------------------------------------
 

@@ -23,6 +23,40 @@ def chat_body(fault: dict | None = None, stream: bool = True) -> dict:
     return body
 
 
+def parse_event_block(block: bytes) -> list[tuple[str, object]]:
+    """One SSE event block from Jarvis as (kind, value) pairs: data (parsed JSON), comment, done, other."""
+    parsed = []
+    for line in block.split(b"\n"):
+        if line.startswith(b":"):
+            parsed.append(("comment", line.decode()))
+        elif line == b"data: [DONE]":
+            parsed.append(("done", None))
+        elif line.startswith(b"data: "):
+            parsed.append(("data", json.loads(line[6:])))
+        elif line:
+            parsed.append(("other", line.decode()))
+    return parsed
+
+
+def sse(body: bytes) -> list[tuple[str, object]]:
+    """A whole SSE body as (kind, value) pairs (see parse_event_block)."""
+    return [event for block in body.split(b"\n\n") for event in parse_event_block(block)]
+
+
+def content_of(events) -> str:
+    """The content deltas of (kind, value, ...) events, joined."""
+    text = ""
+    for event in events:
+        if event[0] == "data" and event[1].get("choices"):
+            text += event[1]["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def data_of(events) -> list[dict]:
+    """The JSON data payloads of (kind, value, ...) events."""
+    return [event[1] for event in events if event[0] == "data"]
+
+
 def page_text(chunks: list[dict]) -> tuple[str, str]:
     """(reasoning, content) as the page shows them from its chunks (the rules static/chat.js applies)."""
     reasoning = content = ""

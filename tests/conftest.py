@@ -1,12 +1,95 @@
-"""Fixtures: the fault-injecting upstream and live gunicorn servers in front of it."""
+"""Fixtures for both tiers.
+
+In-process (milliseconds, no server): `app` and `client` are Jarvis built from a Settings object
+and `backend`, a FakeBackend; `make_client(**settings)` builds one with other settings. A test of
+a route is a few lines:
+
+    def test_models_lists_the_backends_models(client):
+        assert client.get("/v1/models").json["data"][0]["id"] == "fake-model"
+
+Live (real gunicorn, real sockets, marked `live`): `upstream`, the fault-injecting fake upstream;
+`start_jarvis(env)` and `jarvis`, gunicorn in front of it.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
+from jarvis import create_app, state
+from jarvis.settings import Settings
 from tests.browser import browser, context  # noqa: F401 (fixtures for the browser tests)
+from tests.fake_backend import FakeBackend
 from tests.fake_upstream import FakeUpstream
 from tests.live import LiveServer
+
+# -- in-process ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend():
+    return FakeBackend()
+
+
+@pytest.fixture
+def make_app(tmp_path, backend):
+    """Build Jarvis in this process from settings (defaults plus overrides), around `backend`."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app(Settings(data_dir=str(tmp_path / "data"), **overrides), backend=backend)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        with app.app_context():
+            state.store().close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def make_client(make_app):
+    return lambda **overrides: make_app(**overrides).test_client()
+
+
+@pytest.fixture
+def jarvis_log():
+    """Jarvis's log records during the test; `jarvis_log.assert_clean()` fails on any ERROR."""
+    recorder = _Recorder()
+    logger = logging.getLogger("jarvis")
+    logger.addHandler(recorder)
+    yield recorder
+    logger.removeHandler(recorder)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self) -> list[str]:
+        return [record.getMessage() for record in self.records]
+
+    def assert_clean(self):
+        errors = [self.format(record) for record in self.records if record.levelno >= logging.ERROR]
+        assert errors == [], errors
+
+
+# -- live ---------------------------------------------------------------------------------
 
 
 @pytest.fixture

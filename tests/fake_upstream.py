@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from bench.common import read_http_request
+from tests.net import read_http_request
 from tests.upstream_shapes import answer_chunks
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,8 +12,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from bench.common import free_port  # noqa: F401 (tests import it from here)
-from tests.clients import chat_body
+from tests.clients import chat_body, parse_event_block
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +75,13 @@ class LiveServer:
         return wait_until(lambda: (log := self.log()).count(text) >= count and log, timeout,
                           lambda: f"{text!r} x{count} not in the log within {timeout} s:\n{self.log()[-4000:]}")
 
+    def assert_log_clean(self, *also: str) -> str:
+        """The log has no ERROR line and no traceback (nor any of `also`); return it."""
+        log = self.log()
+        for forbidden in ("[ERROR]", '"level": "ERROR"', "Traceback", *also):
+            assert forbidden not in log, f"{forbidden!r} in the log:\n{log[-4000:]}"
+        return log
+
     def end_lines(self) -> list[str]:
         return [line for line in self.log().splitlines() if "stream end outcome=" in line]
 
@@ -116,15 +122,8 @@ def sse_events(response: requests.Response):
         while b"\n\n" in buffer:
             block, buffer = buffer.split(b"\n\n", 1)
             now = time.monotonic()
-            for line in block.split(b"\n"):
-                if line.startswith(b":"):
-                    yield ("comment", line.decode(), now)
-                elif line == b"data: [DONE]":
-                    yield ("done", None, now)
-                elif line.startswith(b"data: "):
-                    yield ("data", json.loads(line[6:]), now)
-                else:
-                    yield ("other", line.decode(), now)
+            for kind, value in parse_event_block(block):
+                yield (kind, value, now)
 
 
 def _read1_chunks(response: requests.Response):
@@ -133,11 +132,3 @@ def _read1_chunks(response: requests.Response):
         if not chunk:
             return
         yield chunk
-
-
-def content_of(events) -> str:
-    text = ""
-    for kind, value, _ in events:
-        if kind == "data" and value.get("choices"):
-            text += value["choices"][0]["delta"].get("content") or ""
-    return text

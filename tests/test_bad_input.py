@@ -1,28 +1,17 @@
-"""Bad requests get a 4xx with OpenAI's error JSON, never a 500, and the server keeps serving."""
+"""Bad requests get a 4xx with OpenAI's error JSON, never a 500, and the app keeps serving (in-process)."""
 
 import json
 
 import pytest
-import requests
 
-from tests.live import content_of, sse_events
-
-pytestmark = pytest.mark.live
+from tests.clients import content_of, sse
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from tests.fake_upstream import FakeUpstream
-    from tests.live import LiveServer
-
-    upstream = FakeUpstream()
-    jarvis = LiveServer(tmp_path_factory.mktemp("bad-input"), {"JARVIS_UPSTREAM_URL": upstream.url,
-                                                               "JARVIS_MAX_BODY_BYTES": "4096"}).start()
-    yield jarvis, upstream
-    jarvis.stop()
-    upstream.stop()
+@pytest.fixture
+def client(make_client):
+    return make_client(max_body_bytes=4096)
 
 
 CASES = {
@@ -54,29 +43,26 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_bad_request_gets_openai_error_json(server, case):
-    jarvis, upstream = server
-    method, path, body, content_type, status, code = CASES[case]
+def send(client, case):
+    method, path, body, content_type, _, _ = case
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    headers = {"Content-Type": content_type} if content_type else {}
-    response = requests.request(method, jarvis.url + path, data=data, headers=headers, timeout=10)
-    assert response.status_code == status
-    error = response.json()["error"]
+    return client.open(path, method=method, data=data, headers={"Content-Type": content_type} if content_type else {})
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_request_gets_openai_error_json(client, case):
+    response = send(client, CASES[case])
+    assert response.status_code == CASES[case][4]
+    error = response.json["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert error["code"] == CASES[case][5] and error["type"] == "invalid_request_error" and error["message"]
     assert response.headers["x-should-retry"] == "false"
 
 
-def test_the_server_keeps_serving_and_never_logged_an_error(server):
-    jarvis, upstream = server
-    for case in CASES.values():  # run them all again, back to back, on one connection
-        method, path, body, content_type, _, _ = case
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        requests.request(method, jarvis.url + path, data=data,
-                         headers={"Content-Type": content_type} if content_type else {}, timeout=10)
-    response = requests.post(jarvis.url + "/v1/chat/completions", stream=True, timeout=10,
-                             json={"messages": MESSAGES, "stream": True})
-    assert content_of(sse_events(response)) == "w0 w1 w2 w3 w4 "
-    assert not upstream.chats[:-1], "an invalid request reached the upstream"
-    assert "[ERROR]" not in jarvis.log() and "Traceback" not in jarvis.log()
+def test_the_app_keeps_serving_and_never_logged_an_error(client, backend, jarvis_log):
+    for case in CASES.values():
+        send(client, case)
+    response = client.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True})
+    assert content_of(sse(response.get_data())) == "w0 w1 w2 "
+    assert len(backend.requests) == 1, "an invalid request reached the backend"
+    jarvis_log.assert_clean()

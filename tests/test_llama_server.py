@@ -18,7 +18,8 @@ import requests
 
 from jarvis.settings import resolve_local_model
 from tests.clients import RawClient, chat_request
-from tests.live import ROOT, free_port, sse_events, wait_until
+from tests.live import ROOT, sse_events, wait_until
+from tests.net import free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.llama_server]
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from jarvis.settings import Settings, SettingsError, declared_names, markdown_table
-from tests.live import ROOT, free_port
+from jarvis.settings import Settings, SettingsError, declared_names, is_loopback_bind, markdown_table
+from tests.live import ROOT
+from tests.net import free_port
 
 
 def test_defaults():
@@ -75,3 +76,11 @@ def test_settings_are_frozen_and_replaced_with_dataclasses():
     assert dataclasses.replace(settings, heartbeat_seconds=1.0).heartbeat_seconds == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.heartbeat_seconds = 2.0
+
+
+@pytest.mark.parametrize("address, loopback", [("127.0.0.1:8000", True), ("[::1]:8000", True),
+                                               ("localhost:8000", True), ("unix:/run/jarvis.sock", True),
+                                               ("0.0.0.0:8000", False), ("192.168.1.5:80", False),
+                                               ("[::]:8000", False), ("example.org:80", False)])
+def test_loopback_detection(address, loopback):
+    assert is_loopback_bind(address) is loopback

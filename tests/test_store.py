@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from jarvis.store import SCHEMA_VERSION, SQLiteStore, StoreError, database_path, recover_interrupted
-from tests.live import ROOT, LiveServer, free_port, sse_events
+from tests.live import ROOT, LiveServer, sse_events
+from tests.net import free_port
 
 # The schema as Jarvis shipped it before versioning (user_version 0), verbatim.
 SCHEMA_BEFORE_VERSIONING = """

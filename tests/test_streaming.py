@@ -7,8 +7,8 @@ import uuid
 import pytest
 import requests
 
-from tests.clients import RawClient, chat_body, chat_request
-from tests.live import content_of, sse_events
+from tests.clients import RawClient, chat_body, chat_request, content_of
+from tests.live import sse_events
 from tests.upstream_shapes import answer_chunks
 
 pytestmark = pytest.mark.live
@@ -154,7 +154,7 @@ def test_pipelined_requests_on_one_connection(jarvis):
         assert second.endswith(b"data: [DONE]\n\n") and b"w1 " in second
     finally:
         client.close()
-    assert "[ERROR]" not in jarvis.log()
+    jarvis.assert_log_clean()
 
 
 def test_heartbeats_while_the_upstream_is_silent(start_jarvis):

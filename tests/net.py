@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmark scripts and the test suite's fake upstream (no gevent here)."""
+"""Small socket and HTTP helpers for the test suite, which the benchmark scripts reuse (no gevent here)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,146 @@
+"""Who may call Jarvis and from where, the limits, and the headers on every response (in-process)."""
+
+import pytest
+
+from tests.clients import content_of, sse
+from tests.fake_backend import STALL, upstream_like_chunks
+
+KEY = "test-key-0123456789abcdef"
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+ROUTES = [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None), ("GET", "/metrics", None),
+          ("GET", "/api/conversations", None), ("POST", "/api/conversations", {}),
+          ("GET", "/api/conversations/some-id", None), ("PUT", "/api/conversations/some-id", {"title": "x"}),
+          ("DELETE", "/api/conversations/some-id", None), ("POST", "/api/conversations/some-id/messages",
+                                                           {"content": "hi"})]
+
+
+@pytest.fixture
+def guarded(make_client):
+    return make_client(api_key=KEY)
+
+
+@pytest.mark.parametrize("method, path, body", ROUTES, ids=[f"{m} {p}" for m, p, _ in ROUTES])
+def test_every_route_needs_the_key(guarded, backend, method, path, body):
+    response = guarded.open(path, method=method, json=body)
+    assert response.status_code == 401
+    assert response.json["error"]["code"] == "invalid_api_key" and response.json["error"]["type"] == \
+        "authentication_error"
+    assert KEY not in response.get_data(as_text=True)
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": f"Bearer {KEY}"}, {"x-api-key": KEY}],
+                         ids=["bearer", "x-api-key"])
+def test_either_header_with_the_key_works(guarded, headers):
+    assert guarded.get("/v1/models", headers=headers).status_code == 200
+    response = guarded.post("/v1/chat/completions", headers=headers, json={**CHAT, "stream": True})
+    assert content_of(sse(response.get_data())) == "w0 w1 w2 "
+
+
+@pytest.mark.parametrize("headers", [
+    {"Authorization": "Bearer wrong-key-0123456789abcdef"}, {"x-api-key": "wrong-key-0123456789abcdef"},
+    {"Authorization": f"Bearer {KEY}", "x-api-key": "wrong"}, {"Authorization": "wrong", "x-api-key": KEY},
+    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}"}, {"x-api-key": ""}],
+    ids=["wrong bearer", "wrong x-api-key", "good bearer + wrong x-api-key", "wrong scheme + good x-api-key",
+         "basic", "prefix", "empty"])
+def test_a_wrong_key_in_any_header_never_passes(guarded, headers):
+    assert guarded.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_healthz_and_the_page_shell_stay_open(guarded):
+    assert guarded.get("/healthz").status_code == 200
+    assert guarded.get("/").status_code == 200
+    with guarded.get("/static/chat.js") as script:
+        assert script.status_code == 200
+    assert guarded.get("/api/session").json == {"required": True, "signed_in": False}
+
+
+def test_page_signs_in_once_with_a_strict_httponly_cookie(guarded):
+    assert guarded.post("/api/session", json={"key": "nope"}).status_code == 401
+    response = guarded.post("/api/session", json={"key": KEY})
+    assert response.status_code == 204
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and KEY not in cookie
+    assert guarded.get("/api/conversations").status_code == 200
+    assert guarded.get("/api/conversations", headers={"x-api-key": "wrong"}).status_code == 401
+    guarded.delete("/api/session")
+    assert guarded.get("/api/conversations").status_code == 401
+
+
+def test_forged_cookie_is_refused(guarded):
+    guarded.set_cookie("jarvis_session", "eyJhdXRoIjoiYWJjIn0.Zm9v.YmFy")
+    assert guarded.get("/api/conversations").status_code == 401
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                                     {"Sec-Fetch-Site": "same-site"}])
+def test_cross_site_state_changes_are_refused(client, backend, headers):
+    for path, body in [("/api/conversations", {}), ("/v1/chat/completions", CHAT)]:
+        response = client.post(path, json=body, headers=headers)
+        assert response.status_code == 403 and response.json["error"]["code"] == "cross_site"
+    assert client.get("/api/conversations").json["data"] == [] and backend.requests == []
+
+
+def test_same_origin_requests_pass(client):
+    response = client.post("/api/conversations", json={},
+                           headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+    assert response.status_code == 201
+
+
+def test_get_never_changes_state(client):
+    conversation = client.post("/api/conversations", json={}).json
+    before = client.get(f"/api/conversations/{conversation['id']}").json
+    for path in ["/", "/healthz", "/v1/models", "/metrics", "/api/conversations", "/api/session",
+                 f"/api/conversations/{conversation['id']}", "/v1/chat/completions",
+                 f"/api/conversations/{conversation['id']}/messages?content=hi", "/?prompt=hi"]:
+        assert client.get(path).status_code in (200, 405)
+    assert client.get(f"/api/conversations/{conversation['id']}").json == before
+    assert len(client.get("/api/conversations").json["data"]) == 1
+
+
+def test_security_headers_on_every_response(client):
+    for path in ["/", "/healthz", "/v1/models", "/nope", "/static/chat.js"]:
+        with client.get(path) as response:
+            headers = response.headers
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    page = client.get("/").headers["Content-Security-Policy"]
+    assert "script-src 'self'" in page and "connect-src 'self'" in page and "img-src 'self' data:" in page
+    assert "unsafe-inline" not in page
+
+
+def test_message_count_and_size_limits(make_client):
+    client = make_client(max_messages=3, max_message_chars=100)
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * 4})
+    assert response.status_code == 400 and response.json["error"]["code"] == "too_many_messages"
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 101}]})
+    assert response.status_code == 400 and response.json["error"]["code"] == "messages_too_long"
+
+
+def test_over_the_stream_cap_is_429_and_streams_below_it_are_unaffected(make_client, backend):
+    client = make_client(max_streams=3)
+    backend.enqueue(*[["a ", STALL]] * 3)
+    running = [client.post("/v1/chat/completions", json={**CHAT, "stream": True}) for _ in range(3)]
+    refused = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json["error"] == {"message": refused.json["error"]["message"], "type": "rate_limit_error",
+                                     "param": None, "code": "too_many_streams"}
+    for response in running:
+        response.close()  # the client leaves: the relay cancels its generation
+    assert all(generation.aborted.is_set() and generation.closed for generation in backend.generations)
+    assert content_of(sse(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data())) == \
+        "w0 w1 w2 "
+
+
+def test_the_page_receives_only_known_chunk_fields(client, backend):
+    backend.enqueue(upstream_like_chunks("openai", reasoning_tokens=2))  # chunks full of extra fields
+    conversation = client.post("/api/conversations", json={}).json
+    events = sse(client.post(f"/api/conversations/{conversation['id']}/messages", json={"content": "hi"}).get_data())
+    chunks = [value for kind, value in events if kind == "data"]
+    assert chunks and all(set(chunk) <= {"id", "object", "created", "model", "choices", "stats"} for chunk in chunks)
+    assert all(set(choice) == {"index", "delta", "finish_reason"} for chunk in chunks for choice in chunk["choices"])
+    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+    assert all(set(delta) <= {"role", "content", "reasoning_content", "content_was_reasoning"} for delta in deltas)
+    assert all(isinstance(value, (int, float, str, type(None))) for value in chunks[-1]["stats"].values())

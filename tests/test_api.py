@@ -1,0 +1,81 @@
+"""The OpenAI-compatible API in-process: shapes, errors and limits through the real relay, no server."""
+
+import json
+
+from jarvis.errors import ApiError, StreamError
+from tests.clients import content_of, sse
+from tests.fake_backend import STALL, Pause
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_models_lists_the_backends_models(client):
+    response = client.get("/v1/models")
+    assert response.status_code == 200 and response.json["data"][0]["id"] == "fake-model"
+
+
+def test_a_stream_is_openai_shaped_and_ends_with_done(client):
+    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Accel-Buffering"] == "no"
+    body = response.get_data()
+    assert body.startswith(b": ok\n\n") and body.endswith(b"data: [DONE]\n\n")
+    events = sse(body)
+    assert content_of(events) == "w0 w1 w2 "
+    assert {value["object"] for kind, value in events if kind == "data"} == {"chat.completion.chunk"}
+
+
+def test_the_body_reaches_the_backend_byte_for_byte(client, backend):
+    raw = json.dumps({**CHAT, "stream": True, "temperature": 0.3, "vendor_extension": {"a": [1, 2]}}).encode()
+    client.post("/v1/chat/completions", data=raw, content_type="application/json").get_data()
+    assert backend.requests[0].raw == raw
+
+
+def test_a_whole_answer_when_not_streaming(client):
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200 and response.json["choices"][0]["message"]["content"] == "w0 w1 w2 "
+
+
+def test_a_mid_stream_failure_is_an_error_event_then_done(client, backend):
+    backend.enqueue(["w0 ", StreamError("model_crash", "the model crashed", "server_error")])
+    events = sse(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data())
+    assert [kind for kind, _ in events][-2:] == ["data", "done"]
+    assert events[-2][1]["error"] == {"message": "the model crashed", "type": "server_error", "param": None,
+                                      "code": "model_crash"}
+    assert content_of(events) == "w0 "
+
+
+def test_a_backend_refusal_before_the_first_byte_keeps_its_status(client, backend):
+    backend.fail_next(ApiError(503, "the model is loading", type_="server_error", code="model_loading"))
+    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert response.status_code == 503 and response.json["error"]["code"] == "model_loading"
+
+
+def test_a_silent_backend_ends_with_stream_inactivity_and_is_cancelled(make_client, backend):
+    client = make_client(stream_inactivity_seconds=0.3, heartbeat_seconds=0.1)
+    backend.enqueue(["w0 ", STALL])
+    events = sse(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data())
+    assert events[-2][1]["error"]["code"] == "stream_inactivity" and events[-1][0] == "done"
+    assert ("comment", ": ping") in events  # heartbeats while it was silent
+    assert backend.generations[0].closed
+
+
+def test_a_stream_past_its_max_duration_is_ended(make_client, backend):
+    client = make_client(stream_max_seconds=0.3)
+    backend.enqueue([item for index in range(100) for item in (f"t{index} ", Pause(0.02))])
+    events = sse(client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data())
+    assert events[-2][1]["error"]["code"] == "stream_max_duration" and backend.generations[0].closed
+
+
+def test_metrics_count_streams_by_outcome(client, backend):
+    def count(outcome):
+        text = client.get("/metrics").get_data(as_text=True)
+        line = next((line for line in text.splitlines()
+                     if line.startswith(f'jarvis_streams_total{{outcome="{outcome}"}}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = count("complete"), count("upstream_error")
+    client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data()
+    backend.enqueue([StreamError("model_crash", "the model crashed")])
+    client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data()
+    assert (count("complete"), count("upstream_error")) == (before[0] + 1, before[1] + 1)
