@@ -118,7 +118,12 @@ def on_exit(server):
 
 
 def worker_abort(worker):
-    """The master killed this worker for blocking its hub: show where it was stuck."""
+    """The master aborts this worker for blocking its hub: show where it was stuck, then exit.
+
+    gunicorn's own exit after this hook raises SystemExit inside whichever greenlet the signal
+    interrupted, so the worker would sit out graceful_timeout serving nobody, then be SIGKILLed.
+    """
     from jarvis import diagnostics
 
     diagnostics.dump_blocked_worker()
+    os._exit(1)
