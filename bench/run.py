@@ -43,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 from tests.net import free_port, wait_for_http  # noqa: E402
 
 STAMP = re.compile(rb'"content": ?"(\d+\.\d+)\|')
-FULL = {"latency_streams": 50, "chunk_tokens": 5000, "concurrency": [100, 300, 500, 1000], "cancel_background": 300,
-        "cancel_mid": 50, "cancel_early": 20, "leak_streams": 10000, "memory_streams": 1000}
-SMOKE = {"latency_streams": 3, "chunk_tokens": 200, "concurrency": [10], "cancel_background": 10,
-         "cancel_mid": 3, "cancel_early": 2, "leak_streams": 40, "memory_streams": 20}
+FULL = {"latency_streams": 50, "chunk_tokens": 5000, "concurrency": [100, 300, 500, 1000], "concurrency_tokens": 100,
+        "cancel_background": 300, "cancel_mid": 50, "cancel_early": 20, "steady_seconds": 1.0, "leak_streams": 10000,
+        "memory_streams": 1000}
+SMOKE = {"latency_streams": 3, "chunk_tokens": 200, "concurrency": [10], "concurrency_tokens": 15,
+         "cancel_background": 10, "cancel_mid": 3, "cancel_early": 2, "steady_seconds": 0.2, "leak_streams": 40,
+         "memory_streams": 20}
 
 
 # -- processes -----------------------------------------------------------------
@@ -224,13 +226,14 @@ def scenario_concurrency(servers, sizes, summary):
         for name, port in servers.targets(with_floor=True):
             pool = gevent.pool.Pool(count)
             cpu_before = sum(servers.worker.cpu_times()[:2])
-            streams = [pool.spawn(one_stream, port, {"tokens": 100, "interval": 0.02}) for _ in range(count)]
+            tokens = sizes["concurrency_tokens"]
+            streams = [pool.spawn(one_stream, port, {"tokens": tokens, "interval": 0.02}) for _ in range(count)]
             gevent.joinall(streams, timeout=120)
             if name == "jarvis":
-                cpu_per_token = (sum(servers.worker.cpu_times()[:2]) - cpu_before) / (count * 100) * 1e6
+                cpu_per_token = (sum(servers.worker.cpu_times()[:2]) - cpu_before) / (count * tokens) * 1e6
             done = [g.value for g in streams if g.successful() and g.value is not None]
             latencies = [value for stream in done for value in stream.latencies]
-            complete = sum(1 for stream in done if stream.complete and stream.tokens == 100)
+            complete = sum(1 for stream in done if stream.complete and stream.tokens == tokens)
             measured[name] = (complete / count, latencies)
         direct, jarvis = measured["direct"], measured["jarvis"]
         added50 = (percentile(jarvis[1], 0.5) - percentile(direct[1], 0.5)) * 1000
@@ -246,8 +249,8 @@ def scenario_concurrency(servers, sizes, summary):
                      f"{cpu_per_token:.0f}"])
         summary[f"{count} streams: completion"] = jarvis[0]
         summary[f"{count} streams: added per-token latency p99 (ms)"] = added99
-    table("3. Concurrency: streams of 100 tokens at 20 ms/token (50 tokens/s), one worker; latency = receive - "
-          "upstream send (ms)",
+    table(f"3. Concurrency: streams of {sizes['concurrency_tokens']} tokens at 20 ms/token (50 tokens/s), one worker; "
+          "latency = receive - upstream send (ms)",
           ["streams", "direct done", "jarvis done", "direct p50", "direct p99", "jarvis p50", "jarvis p99",
            "added p50", "added p99", "jarvis CPU µs/token"], rows)
     if floor_rows:
@@ -262,7 +265,7 @@ def scenario_cancel(servers, sizes, summary):
         pool = gevent.pool.Pool()
         for _ in range(sizes["cancel_background"]):
             pool.spawn(one_stream, port, {"tokens": 400, "interval": 0.02}, keep_latencies=False)
-        gevent.sleep(1.0)  # let the background load reach its steady state
+        gevent.sleep(sizes["steady_seconds"])  # let the background load reach its steady state
         closes = {}
 
         def leave(request_id: str, early: bool, port=port, closes=closes):
