@@ -32,6 +32,7 @@ class Answer:
         self.thinking_started_at: float | None = None
         self.answer_started_at: float | None = None
         self.chunks_with_text = 0
+        self.reasoning_moved = False  # its first content turned out to be reasoning (a lone </think>)
         self.usage: dict | None = None
         self.timings: dict | None = None
 
@@ -78,6 +79,7 @@ class Answer:
         """Add a split to the answer; return the page's delta fields for it."""
         fields = {}
         if split.content_was_reasoning:
+            self.reasoning_moved = True
             self.reasoning_parts = [*self.reasoning_parts, *self.content_parts]
             self.content_parts = []
             self.thinking_started_at = self.answer_started_at

@@ -1,37 +1,32 @@
-"""The page's JSON API: conversations, and a streaming endpoint that saves the answer as it streams.
+"""The page's JSON API: conversations, and the answers that run in them.
 
-The reply streams through the same relay, in the same OpenAI chunk format, as
-/v1/chat/completions. The server keeps the answer itself: `ReplyRecorder`
-saves it at least every FLUSH_SECONDS while it streams and records how it
-ended, so a Stop, a reload or a vanished browser never loses it.
+An answer is a server-side run (jarvis.runs): sending a message starts one and
+streams it, in the same OpenAI chunk format as /v1/chat/completions; a page that
+reloads, or loses its connection, re-attaches to it from any worker; Stop stops
+it from any worker. The views here only check requests and hand over.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
+from typing import NamedTuple
 
-import gevent
 from flask import Blueprint, jsonify, request
 
+from jarvis import runs as runs_module
 from jarvis import state
-from jarvis.answer import Answer
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
-from jarvis.inputs import read_json_object, text_field
+from jarvis.inputs import check_messages, read_json_object, text_field
 from jarvis.logs import trace_id_var
-from jarvis.relay import Relay
+from jarvis.store import ConversationBusy, NoSuchConversation
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("conversations", __name__, url_prefix="/api/conversations")
 
-FLUSH_SECONDS = 0.5
 TITLE_LENGTH = 60
-_STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped"}
-
-_live: dict[str, Relay] = {}  # conversation id -> its streaming reply, in this worker
 
 
 def _conversation_or_404(conversation_id: str) -> dict:
@@ -75,10 +70,10 @@ def rename_conversation(conversation_id):
 
 @bp.delete("/<conversation_id>")
 def delete_conversation(conversation_id):
-    """Delete a conversation; a reply still streaming into it stops."""
-    relay = _live.get(conversation_id)
-    if relay is not None:
-        relay.interrupt("deleted")
+    """Delete a conversation; an answer still running in it stops (on another worker, within a tick)."""
+    run = state.runs().for_conversation(conversation_id)
+    if run is not None:
+        run.stop("deleted")
     if not state.store().delete_conversation(conversation_id):
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     return "", 204
@@ -86,107 +81,89 @@ def delete_conversation(conversation_id):
 
 @bp.post("/<conversation_id>/messages")
 def send_message(conversation_id):
-    """Add the user's message (or regenerate, or edit and resend) and stream the assistant's reply."""
+    """Add the user's message (or regenerate, or edit and resend), start the answer and stream it."""
     body = _json_body()
-    conversation = _conversation_or_404(conversation_id)
-    if conversation_id in _live:
-        raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
-    history = _prepare_history(conversation, body)
-    store = state.store()
+    plan = _plan(_conversation_or_404(conversation_id), body)
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
-    trace_id = trace_id_var.get()
-    message_id = store.add_message(conversation_id, "assistant", "", "streaming", model, trace_id)
+    runs, trace_id = state.runs(), trace_id_var.get()
+    try:
+        message_id, history = state.store().start_answer(
+            conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
+            title=plan.title, model=model, trace_id=trace_id)
+    except ConversationBusy:
+        raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
+    except NoSuchConversation:
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
     # Usage lets the stats under the answer use the upstream's own token count; the page never
     # passes it on, and /v1 clients only get it when they ask.
-    chat_body = {"messages": history, "stream": True, "stream_options": {"include_usage": True},
-                 **({"model": model} if model else {})}
+    chat_body = {"messages": [{"role": m["role"], "content": m["content"]} for m in history
+                              if m["role"] == "user" or m["content"]],
+                 "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
-    relay = Relay(state.backend(), chat, state.settings(), request.environ,
-                  observer=ReplyRecorder(store, conversation_id, message_id))
-    _live[conversation_id] = relay
-    relay.open()
-    response = relay.sse_response()
+    response = runs.start(conversation_id, message_id, chat).attach(request.environ, 0, 0)
     response.headers["X-Message-Id"] = str(message_id)
     return response
 
 
-def _prepare_history(conversation: dict, body: dict) -> list[dict]:
-    """Apply a regenerate or an edit to the stored conversation; return the messages to send."""
-    store = state.store()
+@bp.get("/<conversation_id>/messages/<int:message_id>/stream")
+def stream_message(conversation_id, message_id):
+    """Re-attach to an answer: what the page lacks after ?after=N (content) and ?reasoning_after=M
+    characters, then the rest as it comes, from whichever worker runs it."""
+    after, reasoning_after = _offset("after"), _offset("reasoning_after")
+    run = state.runs().by_message.get(message_id)
+    if run is not None and run.conversation_id == conversation_id and not run.finished:
+        return run.attach(request.environ, after, reasoning_after)
+    message = state.store().follow(message_id, touch=False)
+    if message is None or message["conversation_id"] != conversation_id or message["role"] != "assistant":
+        raise ApiError(404, "No such answer in this conversation", code="message_not_found")
+    return runs_module.follow(state.store(), state.settings(), message_id, request.environ, after, reasoning_after)
+
+
+@bp.post("/<conversation_id>/stop")
+def stop_answer(conversation_id):
+    """Stop the conversation's answer, wherever it runs: 202 when one was running, 200 when none was."""
+    run = state.runs().for_conversation(conversation_id)
+    if run is not None and not run.finished:
+        run.stop("stopped")
+        return {"stopped": True}, 202
+    _conversation_or_404(conversation_id)
+    if state.store().request_stop(conversation_id):
+        return {"stopped": True}, 202
+    return {"stopped": False}, 200
+
+
+def _offset(name: str) -> int:
+    raw = request.args.get(name, "0")
+    if not raw.isdigit():
+        raise ApiError(400, f"'{name}' must be a whole number of characters, 0 or more", param=name,
+                       code="invalid_value")
+    return int(raw)
+
+
+class _Plan(NamedTuple):
+    content: str | None  # the user's new message, if any
+    delete_from: int | None  # drop the messages from this id on (edit, regenerate)
+    title: str | None  # a first message names the conversation
+
+
+def _plan(conversation: dict, body: dict) -> _Plan:
+    """What a send asks for, checked against the conversation before anything changes."""
     messages = conversation["messages"]
     if body.get("regenerate") is True:
         last_user = max((m["id"] for m in messages if m["role"] == "user"), default=None)
         if last_user is None:
             raise ApiError(400, "There is no message to answer again", code="nothing_to_regenerate")
-        store.delete_messages_from(conversation["id"], last_user + 1)
-        messages = [m for m in messages if m["id"] <= last_user]
+        kept = [m for m in messages if m["id"] <= last_user]
+        plan = _Plan(None, last_user + 1, None)
     else:
         content = text_field(body, "content")
         edit = body.get("edit")
-        if edit is not None:
-            if not any(m["id"] == edit and m["role"] == "user" for m in messages):
-                raise ApiError(400, "'edit' must name one of this conversation's user messages", param="edit",
-                               code="invalid_value")
-            store.delete_messages_from(conversation["id"], edit)
-            messages = [m for m in messages if m["id"] < edit]
-        store.add_message(conversation["id"], "user", content)
-        messages = [*messages, {"role": "user", "content": content, "status": "complete"}]
-        if not conversation["messages"] and conversation["title"] == "New chat":
-            store.rename_conversation(conversation["id"], content.strip().splitlines()[0][:TITLE_LENGTH])
-    return [{"role": m["role"], "content": m["content"]} for m in messages
-            if m["role"] == "user" or m["content"]]
-
-
-class ReplyRecorder:
-    """Saves a streaming reply: at least every FLUSH_SECONDS while it streams, and once at the end."""
-
-    def __init__(self, store, conversation_id: str, message_id: int):
-        self.store = store
-        self.conversation_id = conversation_id
-        self.message_id = message_id
-        self.answer = Answer()
-        self.last_flush = time.monotonic()
-        self.timer: gevent.Greenlet | None = None
-
-    def events(self, batch: list[bytes]) -> list[bytes]:
-        """Keep the text; pass the page only the chunk fields it knows (model output is untrusted)."""
-        page_batch = []
-        for payload in batch:
-            try:
-                chunk = json.loads(payload)
-            except (ValueError, RecursionError):
-                continue
-            page_batch.append(json.dumps(self.answer.add(chunk)).encode())
-        if self.timer is None:
-            delay = max(0.0, self.last_flush + FLUSH_SECONDS - time.monotonic())
-            self.timer = gevent.spawn_later(delay, self._flush)
-        return page_batch
-
-    def finish(self) -> list[bytes]:
-        """Before [DONE]: the text held back while a tag could still arrive, and the answer's stats."""
-        return [json.dumps(chunk).encode() for chunk in self.answer.finish()]
-
-    def _flush(self) -> None:
-        self.timer = None
-        self.last_flush = time.monotonic()
-        result = self.store.update_message_later(self.message_id, self.answer.content, "streaming",
-                                                 reasoning=self.answer.reasoning)
-        result.rawlink(self._check_still_there)
-
-    def _check_still_there(self, result) -> None:
-        relay = _live.get(self.conversation_id)
-        if result.successful() and result.value is False and relay is not None:
-            relay.interrupt("deleted")  # the conversation was deleted, perhaps by another worker
-
-    def ended(self, outcome: str, error_message: str | None) -> None:
-        if self.timer is not None:
-            self.timer.kill(block=False)
-            self.timer = None
-        _live.pop(self.conversation_id, None)
-        if outcome == "deleted":
-            return
-        status = _STATUS_OF_OUTCOME.get(outcome, "error")
-        self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
-        self.store.update_message_later(self.message_id, self.answer.content, status,
-                                        error_message if status == "error" else None,
-                                        reasoning=self.answer.reasoning, stats=self.answer.stats())
+        if edit is not None and not any(m["id"] == edit and m["role"] == "user" for m in messages):
+            raise ApiError(400, "'edit' must name one of this conversation's user messages", param="edit",
+                           code="invalid_value")
+        kept = [*[m for m in messages if edit is None or m["id"] < edit], {"role": "user", "content": content}]
+        title = content.strip().splitlines()[0][:TITLE_LENGTH] \
+            if not messages and conversation["title"] == "New chat" else None
+        plan = _Plan(content, edit, title)
+    check_messages([{"role": m["role"], "content": m["content"]} for m in kept], state.settings())
+    return plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import gevent
 from flask import Blueprint, jsonify, request
@@ -17,7 +18,7 @@ bp = Blueprint("health", __name__)
 def healthz():
     """Liveness and a little state, for load balancers and people."""
     backend = state.backend()
-    body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count()}
+    body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count(), "worker": os.getpid()}
     status = backend.status()
     if status is not None:
         body["model"] = status

@@ -94,8 +94,9 @@ class Relay:
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
                  observer=None):
         self.backend = backend
-        # Optional: .events(batch) -> the batch to send (it may rewrite it), .finish() -> payloads to send
-        # before [DONE] of a complete stream, and .ended(outcome, error_message).
+        # Optional: .events(batch) -> the batch to send (it may rewrite it), .finish(status) -> payloads to
+        # send before [DONE] when a stream completes or is stopped, .waiting() -> payloads to send while
+        # the backend has nothing yet (a queued model), and .ended(outcome, error_message).
         self.observer = observer
         self.request = request
         self.heartbeat = settings.heartbeat_seconds
@@ -116,7 +117,7 @@ class Relay:
         self.last_event = self.started
         self.error_code: str | None = None
         self.error_message: str | None = None
-        self.client_gone_at: float | None = None
+        self.stopped_at: float | None = None  # first stop signal: client gone, Stop, shutdown, ...
         self.client_left_by: str | None = None  # "fin" or "reset", as the watcher saw it
         self.upstream_closed_at: float | None = None
         self.closed = False
@@ -217,17 +218,18 @@ class Relay:
     # -- stop signals from other greenlets -----------------------------------
 
     def _client_gone(self, how: str) -> None:
-        self.client_gone_at = time.monotonic()
         self.client_left_by = how
         self._stop("client_stop")
 
     def interrupt(self, reason: str) -> None:
-        """Stop this stream from another greenlet (shutdown)."""
+        """Stop this stream from another greenlet: shutdown, deleted (its conversation), stopped (on
+        purpose), detached (nobody watching)."""
         self._stop(reason)
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+            self.stopped_at = time.monotonic()
         # Cancel at the source now, not when the response greenlet or the pump next get to run.
         if self.generation is not None:
             self.generation.abort()
@@ -241,14 +243,12 @@ class Relay:
     # -- the response ----------------------------------------------------------
 
     def sse_response(self) -> Response:
-        response = Response(self._sse(), status=200, content_type="text/event-stream; charset=utf-8")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        response.implicit_sequence_conversion = False  # middleware calling get_data() must fail loudly
+        response = sse_response(self.stream())
         response.call_on_close(self.close)  # covers a generator that never started
         return response
 
-    def _sse(self):
+    def stream(self):
+        """The stream as SSE bytes, from the opening comment to [DONE] (or an error event and [DONE])."""
         trace_id_var.set(self.request.trace_id)
         # One repeating timer per stream drives heartbeats and time limits, rather than a timeout
         # on every queue wait: this loop runs once per chunk.
@@ -274,6 +274,9 @@ class Relay:
                             return
                     else:
                         self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+                        waiting = self._observed_waiting()
+                        if waiting:
+                            yield waiting
                 elif item is _TICK:
                     now = time.monotonic()
                     limit = self._limit_reached(now)
@@ -285,7 +288,7 @@ class Relay:
                         yield PING
                 elif item is _END:
                     self.outcome = "complete"
-                    yield self._closing_events() + DONE_EVENT
+                    yield self._closing_events("complete") + DONE_EVENT
                     return
                 elif isinstance(item, _Failure):
                     yield self._fail(item.error)
@@ -318,17 +321,27 @@ class Relay:
             return data_event(batch[0])
         return b"".join([data_event(payload) for payload in batch])
 
-    def _closing_events(self) -> bytes:
-        """What the observer adds before [DONE] (the page's stats), if anything."""
+    def _closing_events(self, status: str) -> bytes:
+        """What the observer adds before [DONE] (the page's stats and status), if anything."""
         if self.observer is None:
             return b""
-        return b"".join(data_event(payload) for payload in self.observer.finish())
+        return b"".join(data_event(payload) for payload in self.observer.finish(status))
+
+    def _observed_waiting(self) -> bytes:
+        if self.observer is None:
+            return b""
+        return b"".join(data_event(payload) for payload in self.observer.waiting())
 
     def _stopped(self):
         if self.stop_reason == "client_stop":
             self.outcome = "client_stop"
             return
-        yield self._fail(_STOP_ERRORS[self.stop_reason])
+        if self.stop_reason in _STOP_ERRORS:
+            yield self._fail(_STOP_ERRORS[self.stop_reason])
+            return
+        # Stopped on purpose (the Stop button, or nobody watching): a clean end for whoever watches.
+        self.outcome = self.stop_reason
+        yield self._closing_events("stopped") + DONE_EVENT
 
     def _limit_reached(self, now: float) -> StreamError | None:
         if now - self.started >= self.max_seconds:
@@ -388,8 +401,8 @@ class Relay:
         metrics.STREAM_DURATION.observe(time.monotonic() - self.started)
         if self.first_event_at is not None:
             metrics.TIME_TO_FIRST_TOKEN.observe(self.first_event_at - self.started)
-        if self.client_gone_at is not None and self.upstream_closed_at is not None:
-            metrics.CANCEL_LATENCY.observe(max(0.0, self.upstream_closed_at - self.client_gone_at))
+        if self.stopped_at is not None and self.upstream_closed_at is not None:
+            metrics.CANCEL_LATENCY.observe(max(0.0, self.upstream_closed_at - self.stopped_at))
         if self.outcome == "upstream_error":
             metrics.UPSTREAM_ERRORS.labels(self.error_code or "unknown").inc()
 
@@ -402,10 +415,13 @@ class Relay:
         if self.error_code:
             fields["error"] = self.error_code
             extra += f" error={self.error_code}"
-        if self.client_gone_at is not None and self.upstream_closed_at is not None:
+        if self.client_left_by is not None:
             fields["client"] = self.client_left_by
-            fields["cancel_ms"] = round((self.upstream_closed_at - self.client_gone_at) * 1000, 1)
-            extra += f" client={self.client_left_by} cancel_ms={fields['cancel_ms']}"
+            extra += f" client={self.client_left_by}"
+        if self.stopped_at is not None and self.upstream_closed_at is not None:
+            # Stop signal (client gone, Stop, shutdown...) to the generation cancelled at its source.
+            fields["cancel_ms"] = round(max(0.0, self.upstream_closed_at - self.stopped_at) * 1000, 1)
+            extra += f" cancel_ms={fields['cancel_ms']}"
         # The id the upstream logged this request under, to join its log with ours.
         fields["upstream_id"] = self.request.upstream_request_id
         log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f upstream_id=%s%s", self.outcome,
@@ -419,6 +435,15 @@ _OUTCOMES = {
     "server_shutdown": "shutdown",
     "conversation_deleted": "deleted",
 }
+
+
+def sse_response(events) -> Response:
+    """A streaming response for SSE bytes: the headers that keep every proxy and client from buffering."""
+    response = Response(events, status=200, content_type="text/event-stream; charset=utf-8")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"
+    response.implicit_sequence_conversion = False  # middleware calling get_data() must fail loudly
+    return response
 
 
 class ClientWatcher:

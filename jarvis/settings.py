@@ -56,6 +56,16 @@ def seconds(name: str, raw: str) -> float:
     return value
 
 
+def seconds_or_zero(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a number of seconds, 0 or more, like 60 or 0 (got {raw!r})")
+    return value
+
+
 def integer(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
@@ -126,6 +136,9 @@ class Settings:
         "JARVIS_STREAM_INACTIVITY_SECONDS", 120.0, seconds,
         "End a stream when the backend has sent nothing (first token included) for this long.")
     stream_max_seconds: float = setting("JARVIS_STREAM_MAX_SECONDS", 1800.0, seconds, "End any stream after this long.")
+    detached_seconds: float = setting(
+        "JARVIS_DETACHED_SECONDS", 60.0, seconds_or_zero,
+        "A page's answer runs on with nobody watching for this long, then stops; 0: stop when the page leaves.")
     upstream_connect_seconds: float = setting(
         "JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0, seconds, "Connect timeout to the upstream.")
     max_body_bytes: int = setting(

@@ -1,4 +1,4 @@
-"""What an app holds — its settings, backend and conversation store — and typed access to them.
+"""What an app holds — its settings, backend, conversation store and runs — and typed access to them.
 
 The app factory installs them once; views and hooks read them through these
 functions instead of untyped `current_app.extensions` lookups. A leaf module.
@@ -12,14 +12,18 @@ from flask import Flask, current_app
 
 if TYPE_CHECKING:
     from jarvis.backends import Backend
+    from jarvis.runs import Runs
     from jarvis.settings import Settings
     from jarvis.store import ConversationStore
 
-_SETTINGS, _BACKEND, _STORE = "jarvis.settings", "jarvis.backend", "jarvis.store"
+_SETTINGS, _BACKEND, _STORE, _RUNS = "jarvis.settings", "jarvis.backend", "jarvis.store", "jarvis.runs"
 
 
 def install(app: Flask, settings: Settings, backend: Backend, store: ConversationStore) -> None:
-    app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store})
+    from jarvis.runs import Runs
+
+    app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store,
+                           _RUNS: Runs(store, backend, settings)})
 
 
 def settings() -> Settings:
@@ -32,3 +36,7 @@ def backend() -> Backend:
 
 def store() -> ConversationStore:
     return current_app.extensions[_STORE]
+
+
+def runs() -> Runs:
+    return current_app.extensions[_RUNS]

@@ -16,6 +16,7 @@ database up to date in place (`MIGRATIONS`); a newer one is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,8 @@ import time
 from typing import Protocol
 
 from gevent.threadpool import ThreadPool
+
+from jarvis import leases
 
 STATUSES = ("streaming", "complete", "stopped", "error", "interrupted")
 
@@ -57,12 +60,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE messages ADD COLUMN stats TEXT",
     ),
+    (  # 2 -> 3: answers in progress; at most one per conversation, whichever worker runs it; and whether
+       # an answer's first content turned out to be reasoning (a lone </think>), for pages that re-attach
+        "ALTER TABLE messages ADD COLUMN reasoning_moved INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE runs (
+            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            conversation_id TEXT NOT NULL UNIQUE REFERENCES conversations(id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            stop_requested INTEGER NOT NULL DEFAULT 0,
+            watched_at REAL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StoreError(RuntimeError):
     """The database cannot be used by this version of Jarvis."""
+
+
+class NoSuchConversation(LookupError):
+    """The conversation does not exist (any more)."""
+
+
+class ConversationBusy(RuntimeError):
+    """The conversation already has an answer running, on this worker or another."""
+
+
+INTERRUPTED_NOTE = "The server that was writing this answer stopped before it finished"
 
 
 class ConversationStore(Protocol):
@@ -74,10 +100,18 @@ class ConversationStore(Protocol):
     def add_message(self, conversation_id: str, role: str, content: str, status: str = "complete",
                     model: str | None = None, trace_id: str | None = None) -> int: ...
     def update_message(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                       reasoning: str = "", stats: dict | None = None) -> bool: ...
+                       reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False) -> bool: ...
     def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                             reasoning: str = "", stats: dict | None = None): ...
+                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False): ...
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None: ...
+    def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
+                     delete_from: int | None = None, title: str | None = None, model: str | None = None,
+                     trace_id: str | None = None) -> tuple[int, list[dict]]: ...
+    def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
+                            reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False): ...
+    def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]: ...
+    def request_stop(self, conversation_id: str) -> bool: ...
+    def follow(self, message_id: int, *, touch: bool) -> dict | None: ...
     def close(self) -> None: ...
 
 
@@ -86,19 +120,42 @@ def database_path(data_dir: str) -> str:
 
 
 def recover_interrupted(data_dir: str) -> int:
-    """At server start: answers still `streaming` belong to a dead process; mark them interrupted."""
+    """At server start: answers left streaming by a process that is gone are marked interrupted."""
     path = database_path(data_dir)
     if not os.path.exists(path):
         return 0
     connection = _connect(path)
     try:
-        with connection:
-            cursor = connection.execute(
-                "UPDATE messages SET status = 'interrupted', updated_at = ? WHERE status = 'streaming'",
-                (time.time(),))
-        return cursor.rowcount
+        with _transaction(connection):
+            return _reap_dead_runs(connection, None, time.time())
     finally:
         connection.close()
+
+
+@contextlib.contextmanager
+def _transaction(connection: sqlite3.Connection):
+    """One write transaction (the connection autocommits otherwise); IMMEDIATE takes the lock up front,
+    so two workers claiming the same conversation take turns instead of failing mid-way."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _reap_dead_runs(db: sqlite3.Connection, conversation_id: str | None, now: float) -> int:
+    """Mark answers whose run is dead (owner gone, lease expired, or no run at all) interrupted."""
+    where, args = ("WHERE conversation_id = ?", (conversation_id,)) if conversation_id else ("", ())
+    dead = [row[0] for row in db.execute(f"SELECT message_id, owner, lease_expires_at FROM runs {where}", args)
+            if not leases.alive(row[1], row[2], now)]
+    for message_id in dead:
+        db.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
+    scope = "AND conversation_id = ?" if conversation_id else ""
+    return db.execute(f"UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? WHERE status = "
+                      f"'streaming' {scope} AND id NOT IN (SELECT message_id FROM runs)",
+                      (INTERRUPTED_NOTE, now, *args)).rowcount
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -155,9 +212,12 @@ class SQLiteStore:
         return self._run(self._list_conversations)
 
     def _list_conversations(self) -> list[dict]:
-        rows = self.connection.execute(
-            "SELECT id, title, created_at, updated_at FROM conversations ORDER BY updated_at DESC").fetchall()
-        return [dict(row) for row in rows]
+        with _transaction(self.connection) as db:
+            _reap_dead_runs(db, None, time.time())
+            rows = db.execute("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
+                              "runs.conversation_id = conversations.id) AS running FROM conversations "
+                              "ORDER BY updated_at DESC").fetchall()
+        return [{**dict(row), "running": bool(row["running"])} for row in rows]
 
     def create_conversation(self, title: str) -> dict:
         conversation = {"id": secrets.token_urlsafe(16), "title": title, "created_at": time.time()}
@@ -170,14 +230,17 @@ class SQLiteStore:
         return self._run(self._get_conversation, conversation_id)
 
     def _get_conversation(self, conversation_id: str) -> dict | None:
-        row = self.connection.execute("SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?",
-                                      (conversation_id,)).fetchone()
+        with _transaction(self.connection) as db:
+            _reap_dead_runs(db, conversation_id, time.time())
+        row = self.connection.execute("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
+                                      "runs.conversation_id = conversations.id) AS running FROM conversations "
+                                      "WHERE id = ?", (conversation_id,)).fetchone()
         if row is None:
             return None
         messages = self.connection.execute(
-            "SELECT id, role, content, reasoning, status, error, model, trace_id, stats, created_at, updated_at "
-            "FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
-        return {**dict(row), "messages": [_message(message) for message in messages]}
+            "SELECT id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, stats, created_at, "
+            "updated_at FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        return {**dict(row), "running": bool(row["running"]), "messages": [_message(message) for message in messages]}
 
     def rename_conversation(self, conversation_id: str, title: str) -> bool:
         return self._run(self._execute, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
@@ -203,25 +266,121 @@ class SQLiteStore:
         return cursor.lastrowid
 
     def update_message(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                       reasoning: str = "", stats: dict | None = None) -> bool:
-        return self._run(self._update_message, message_id, content, status, error, reasoning, stats)
+                       reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False) -> bool:
+        return self._run(self._update_message, message_id, content, status, error, reasoning, stats,
+                         reasoning_moved)
 
     def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                             reasoning: str = "", stats: dict | None = None):
+                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
         """Queue the update without waiting; writes run in order on the store's thread.
         Returns an AsyncResult whose value says whether the message still existed."""
-        return self.pool.spawn(self._update_message, message_id, content, status, error, reasoning, stats)
+        return self.pool.spawn(self._update_message, message_id, content, status, error, reasoning, stats,
+                               reasoning_moved)
 
     def _update_message(self, message_id: int, content: str, status: str, error: str | None, reasoning: str = "",
-                        stats: dict | None = None) -> bool:
+                        stats: dict | None = None, reasoning_moved: bool = False) -> bool:
+        # A save while streaming never brings back an answer that already ended (or was found dead).
+        only_while_streaming = " AND status = 'streaming'" if status == "streaming" else ""
         return self._execute(
-            "UPDATE messages SET content = ?, reasoning = ?, status = ?, error = ?, stats = ?, updated_at = ? "
-            "WHERE id = ?", (content, reasoning, status, error, None if stats is None else json.dumps(stats),
-                             time.time(), message_id)) > 0
+            "UPDATE messages SET content = ?, reasoning = ?, reasoning_moved = ?, status = ?, error = ?, stats = ?, "
+            f"updated_at = ? WHERE id = ?{only_while_streaming}",
+            (content, reasoning, int(reasoning_moved), status, error, None if stats is None else json.dumps(stats),
+             time.time(), message_id)) > 0
 
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None:
         self._run(self._execute, "DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
                   (conversation_id, message_id))
+
+    # -- runs: answers in progress, at most one per conversation, whichever worker runs it ----------
+
+    def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
+                     delete_from: int | None = None, title: str | None = None, model: str | None = None,
+                     trace_id: str | None = None) -> tuple[int, list[dict]]:
+        """Claim the conversation for a new answer, in one transaction: drop the messages from
+        `delete_from` on (edit, regenerate), add the user's message, the answer (streaming) and its run.
+        Returns the answer's id and the history before it. Raises NoSuchConversation or ConversationBusy
+        (a live run exists, on any worker), leaving everything as it was."""
+        return self._run(self._start_answer, conversation_id, owner, user_content, delete_from, title, model,
+                         trace_id)
+
+    def _start_answer(self, conversation_id, owner, user_content, delete_from, title, model, trace_id):
+        now = time.time()
+        with _transaction(self.connection) as db:
+            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
+                raise NoSuchConversation(conversation_id)
+            _reap_dead_runs(db, conversation_id, now)
+            if db.execute("SELECT 1 FROM runs WHERE conversation_id = ?", (conversation_id,)).fetchone():
+                raise ConversationBusy(conversation_id)
+            if delete_from is not None:
+                db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, delete_from))
+            if user_content is not None:
+                db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, updated_at) "
+                           "VALUES (?, 'user', ?, 'complete', ?, ?)", (conversation_id, user_content, now, now))
+            message_id = db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, model, trace_id, created_at, "
+                "updated_at) VALUES (?, 'assistant', '', 'streaming', ?, ?, ?, ?)",
+                (conversation_id, model, trace_id, now, now)).lastrowid
+            db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at) VALUES (?, ?, ?, ?)",
+                       (message_id, conversation_id, owner, now + leases.LEASE_SECONDS))
+            db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ? WHERE id = ?",
+                       (title, now, conversation_id))
+            history = db.execute("SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ? "
+                                 "ORDER BY id", (conversation_id, message_id)).fetchall()
+        return message_id, [dict(row) for row in history]
+
+    def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
+                            reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
+        """The answer's last save and the end of its run, in one write, queued (an AsyncResult of whether
+        the answer still existed)."""
+        return self.pool.spawn(self._finish_answer, message_id, content, status, error, reasoning, stats,
+                               reasoning_moved)
+
+    def _finish_answer(self, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:
+        with _transaction(self.connection):
+            self.connection.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
+            return self._update_message(message_id, content, status, error, reasoning, stats, reasoning_moved)
+
+    def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]:
+        """For the runs `owner` holds: renew their leases (when `renew`) and report, per answer id,
+        (stop requested, last watched from elsewhere). An answer missing from it lost its run
+        (its conversation was deleted, or it was found dead)."""
+        return self._run(self._tick_runs, owner, renew)
+
+    def _tick_runs(self, owner, renew):
+        if renew:
+            self.connection.execute("UPDATE runs SET lease_expires_at = ? WHERE owner = ?",
+                                    (time.time() + leases.LEASE_SECONDS, owner))
+        rows = self.connection.execute("SELECT message_id, stop_requested, watched_at FROM runs WHERE owner = ?",
+                                       (owner,)).fetchall()
+        return {row[0]: (bool(row[1]), row[2]) for row in rows}
+
+    def request_stop(self, conversation_id: str) -> bool:
+        """Ask whichever worker runs the conversation's answer to stop it; False when none runs."""
+        return self._run(self._request_stop, conversation_id)
+
+    def _request_stop(self, conversation_id):
+        with _transaction(self.connection) as db:
+            _reap_dead_runs(db, conversation_id, time.time())
+            return db.execute("UPDATE runs SET stop_requested = 1 WHERE conversation_id = ?",
+                              (conversation_id,)).rowcount > 0
+
+    def follow(self, message_id: int, *, touch: bool) -> dict | None:
+        """An answer as saved, for a page following it from another worker: its text, status and whether
+        its run lives (a dead one is marked interrupted here). `touch` tells the owner someone watches."""
+        return self._run(self._follow, message_id, touch)
+
+    def _follow(self, message_id, touch):
+        now = time.time()
+        with _transaction(self.connection) as db:
+            row = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+            if row is None:
+                return None
+            _reap_dead_runs(db, row[0], now)
+            if touch:
+                db.execute("UPDATE runs SET watched_at = ? WHERE message_id = ?", (now, message_id))
+            message = db.execute("SELECT id, conversation_id, role, content, reasoning, reasoning_moved, status, "
+                                 "error, stats, trace_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return _message(message)
 
     def _execute(self, sql: str, parameters) -> int:
         return self.connection.execute(sql, parameters).rowcount
@@ -236,4 +395,5 @@ class SQLiteStore:
 def _message(row: sqlite3.Row) -> dict:
     message = dict(row)
     message["stats"] = json.loads(message["stats"]) if message["stats"] else None
+    message["reasoning_moved"] = bool(message["reasoning_moved"])
     return message

@@ -46,6 +46,26 @@ export function sendMessage(id, body, signal) {
   });
 }
 
+/**
+ * Re-attaches to an answer still being written: what this page lacks after the characters it shows.
+ * @param {string} id conversation
+ * @param {number} messageId
+ * @param {number} after characters of content already shown
+ * @param {number} reasoningAfter characters of reasoning already shown
+ * @param {AbortSignal} signal
+ */
+export function attach(id, messageId, after, reasoningAfter, signal) {
+  const query = `after=${after}&reasoning_after=${reasoningAfter}`;
+  return fetch(`/api/conversations/${encodeURIComponent(id)}/messages/${messageId}/stream?${query}`, { signal });
+}
+
+/**
+ * Stops the conversation's answer wherever it runs; resolves to whether one was running.
+ * @param {string} id
+ */
+export const stopAnswer = (id) =>
+  call(`/api/conversations/${encodeURIComponent(id)}/stop`, { method: "POST", body: "{}" }).then((body) => body.stopped);
+
 export async function listModels() {
   const body = await call("/v1/models");
   return (body.data ?? []).map((/** @type {{id: string}} */ model) => String(model.id));

@@ -25,8 +25,17 @@ const editing = $("editing");
 const LAST_CONVERSATION = "jarvis.conversation";
 const LAST_MODEL = "jarvis.model";
 
-/** @type {{conversationId: string | null, controller: AbortController | null, editId: number | null}} */
-const state = { conversationId: null, controller: null, editId: null };
+/**
+ * One answer this page shows as it streams: its current fetch, which may be re-attached many times.
+ * @typedef {{conversationId: string, view: MessageView, messageId: number | null, traceId: string | null,
+ *   controller: AbortController | null, stopping: Promise<unknown> | null, wake: (() => void) | null}} Following
+ */
+
+/** @type {{conversationId: string | null, following: Following | null, editId: number | null}} */
+const state = { conversationId: null, following: null, editId: null };
+
+const RETRY_FIRST_MS = 500;
+const RETRY_MAX_MS = 30000;
 
 // -- rendering ------------------------------------------------------------
 
@@ -173,12 +182,22 @@ class MessageView {
     if (this.message.role === "assistant") this.element.dataset.status = status;
     const notes = {
       error: error ? `Error: ${error}` : "Error",
-      stopped: "Stopped.",
+      stopped: error ? `Stopped: ${error}` : "Stopped.",
       interrupted: "Interrupted: the answer was cut short.",
     };
     const note = notes[/** @type {keyof typeof notes} */ (status)];
     this.errorNote.hidden = !note;
     this.errorNote.textContent = note ? `${note}${status === "error" && traceId ? ` (trace ${traceId})` : ""}` : "";
+  }
+
+  /**
+   * A passing note while the answer streams ("Reconnecting…"), or none.
+   * @param {string | null} text
+   * @param {HTMLElement | null} [action]
+   */
+  setNote(text, action = null) {
+    this.errorNote.hidden = !text;
+    this.errorNote.replaceChildren(...(text ? [text] : []), ...(action ? [" ", action] : []));
   }
 
   /** @param {AnswerStats | null} stats numbers from the server; nothing else is trusted */
@@ -230,12 +249,12 @@ function refreshActions() {
   const articles = [...messagesView.querySelectorAll("article.message")];
   for (const article of articles) article.querySelector(".actions")?.replaceChildren();
   const lastAssistant = articles.filter((a) => a.getAttribute("data-role") === "assistant").pop();
-  if (lastAssistant && !state.controller) {
+  if (lastAssistant && !state.following) {
     lastAssistant.querySelector(".actions")?.append(button("Regenerate", () => regenerate()));
   }
   for (const article of articles) {
     const id = Number(article.getAttribute("data-id"));
-    if (article.getAttribute("data-role") === "user" && id && !state.controller) {
+    if (article.getAttribute("data-role") === "user" && id && !state.following) {
       article.querySelector(".actions")?.append(button("Edit", () => startEdit(id, article)));
     }
   }
@@ -267,7 +286,15 @@ async function refreshConversationList() {
     rename.setAttribute("aria-label", `Rename ${conversation.title}`);
     const remove = button("×", () => removeConversation(conversation.id).catch(report));
     remove.setAttribute("aria-label", `Delete ${conversation.title}`);
-    item.append(open, rename, remove);
+    item.append(open);
+    if (conversation.running === true) {
+      item.classList.add("running");
+      const halt = button("■", () => stopElsewhere(conversation.id).catch(report));
+      halt.setAttribute("aria-label", `Stop the answer in ${conversation.title}`);
+      halt.title = "An answer is being written here: stop it";
+      item.append(halt);
+    }
+    item.append(rename, remove);
     return item;
   }));
   return conversations;
@@ -275,20 +302,27 @@ async function refreshConversationList() {
 
 /** @param {string} id */
 async function openConversation(id) {
-  stop();
+  detach();
   const conversation = await api.readConversation(id);
   state.conversationId = id;
   localStorage.setItem(LAST_CONVERSATION, id);
   title.textContent = conversation.title;
   cancelEdit();
   messagesView.replaceChildren();
+  /** @type {MessageView | null} */ let streaming = null;
   for (const message of conversation.messages) {
-    addMessage(message).element.dataset.id = String(message.id);
+    const view = addMessage(message);
+    view.element.dataset.id = String(message.id);
+    if (message.status === "streaming") streaming = view;
   }
   refreshActions();
   scrollToEnd();
   await refreshConversationList();
   document.body.classList.remove("sidebar-open");
+  if (streaming) {
+    // Still being written (another tab, a reload, a lost connection): follow it from where it is.
+    followAnswer(id, streaming, Number(streaming.message.id), null).catch(report);
+  }
 }
 
 async function newConversation() {
@@ -312,7 +346,7 @@ async function renameConversation(id, current) {
 /** @param {string} id */
 async function removeConversation(id) {
   if (!window.confirm("Delete this conversation?")) return;
-  if (id === state.conversationId) stop();
+  if (id === state.conversationId) detach();
   await api.deleteConversation(id);
   if (id === state.conversationId) {
     state.conversationId = null;
@@ -340,68 +374,146 @@ async function send(text) {
     cancelEdit();
   }
   addMessage({ role: "user", content: text });
-  await streamReply(body);
+  await startAnswer(body);
 }
 
 async function regenerate() {
   const articles = [...messagesView.querySelectorAll("article.message")];
   const lastUser = articles.filter((a) => a.getAttribute("data-role") === "user").pop();
   while (lastUser?.nextElementSibling) lastUser.nextElementSibling.remove();
-  await streamReply({ regenerate: true, model: modelPicker.value || undefined });
+  await startAnswer({ regenerate: true, model: modelPicker.value || undefined });
 }
 
 /**
- * Streams one reply into a new assistant message. Every way out ends in a status:
- * complete, stopped (our own Stop), error (shown inline), or interrupted (no [DONE]).
+ * Starts an answer on the server and follows it into a new assistant message.
  * @param {object} body
  */
-async function streamReply(body) {
+async function startAnswer(body) {
   const conversationId = /** @type {string} */ (state.conversationId);
   const view = addMessage({ role: "assistant", content: "", status: "streaming" });
   scrollToEnd();
-  const controller = new AbortController();
-  state.controller = controller;
+  await followAnswer(conversationId, view, null, (signal) => api.sendMessage(conversationId, body, signal));
+  await refreshConversationList().catch(report);
+}
+
+/**
+ * Follows one answer until it ends: the server writes it whatever happens to this page, so a stream
+ * that breaks without a Stop (a lost network, a suspended tab, a restarted worker) is re-attached from
+ * what the page already shows, with back-off. Every way out ends in a status: complete, stopped,
+ * error, or interrupted (the server that wrote it died).
+ * @param {string} conversationId
+ * @param {MessageView} view
+ * @param {number | null} messageId known when re-attaching to an answer already running
+ * @param {((signal: AbortSignal) => Promise<Response>) | null} start starts a new answer
+ */
+async function followAnswer(conversationId, view, messageId, start) {
+  /** @type {Following} */
+  const following = { conversationId, view, messageId, traceId: null, controller: null, stopping: null, wake: null };
+  state.following = following;
   setStreaming(true);
-  let status = "interrupted";
-  /** @type {string | null} */ let error = null;
-  /** @type {string | null} */ let traceId = null;
+  let outcome = { status: "interrupted", error: /** @type {string | null} */ (null) };
+  let retryMs = RETRY_FIRST_MS;
+  /** @type {unknown} */ let lastFailure = null;
   try {
-    const response = await api.sendMessage(conversationId, body, controller.signal);
-    traceId = response.headers.get("X-Request-Id");
-    if (!response.ok) {
-      const failure = await response.json().catch(() => ({}));
-      status = "error";
-      error = failure?.error?.message ?? `HTTP ${response.status}`;
-      return;
-    }
-    for await (const event of readEvents(response)) {
-      if (event.type === "chunk") {
-        if (event.chunk?.stats) view.setStats(event.chunk.stats);
-        view.applyDelta(event.chunk?.choices?.[0]?.delta);
-      } else if (event.type === "error") {
-        status = "error";
-        error = String(event.error?.message ?? "the stream failed");
-      } else if (status !== "error") {
-        status = "complete";
+    for (let first = true; ; first = false) {
+      following.controller = new AbortController();
+      try {
+        const response = first && start
+          ? await start(following.controller.signal)
+          : await api.attach(conversationId, /** @type {number} */ (following.messageId), view.text.length,
+            view.reasoning.length, following.controller.signal);
+        if (first && start) {
+          following.messageId = Number(response.headers.get("X-Message-Id")) || null;
+          following.traceId = response.headers.get("X-Request-Id");
+          if (following.messageId) view.element.dataset.id = String(following.messageId);
+        }
+        if (!response.ok) {
+          const failure = await response.json().catch(() => ({}));
+          outcome = { status: "error", error: failure?.error?.message ?? `HTTP ${response.status}` };
+          break;
+        }
+        view.setNote(null);
+        const ended = await readAnswer(response, view, () => { retryMs = RETRY_FIRST_MS; });
+        if (ended) {
+          outcome = ended;
+          break;
+        }
+      } catch (failure) {
+        lastFailure = failure;
+        if (!following.stopping && !following.controller.signal.aborted) console.warn("the answer's stream broke", failure);
       }
+      if (!following.messageId && !following.stopping) {
+        // It never started: nothing on the server to re-attach to.
+        outcome = { status: "error", error: lastFailure instanceof Error ? lastFailure.message : "the answer could not start" };
+        break;
+      }
+      if (following.stopping || state.following !== following) break;
+      view.setNote("Reconnecting…");
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, retryMs);
+        following.wake = () => { clearTimeout(timer); resolve(undefined); };
+      });
+      following.wake = null;
+      retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+      if (following.stopping || state.following !== following) break;
     }
-  } catch (failure) {
-    if (controller.signal.aborted) {
-      status = "stopped"; // our own Stop: expected, silent
-    } else if (status === "interrupted" && traceId !== null) {
-      // The body broke off mid-answer (the server or the network went away): keep what arrived.
-      console.warn("the reply stream broke off", failure);
-    } else {
-      status = "error";
-      error = failure instanceof Error ? failure.message : String(failure);
-      console.warn("the reply stream failed", failure);
+    if (following.stopping) {
+      await following.stopping;
+      outcome = { status: "stopped", error: null };
     }
   } finally {
-    view.finish(status, error, traceId);
-    if (state.controller === controller) state.controller = null;
-    setStreaming(false);
+    if (state.following === following || following.stopping) {
+      view.finish(outcome.status, outcome.error, following.traceId);
+    }
+    if (state.following === following) {
+      state.following = null;
+      setStreaming(false);
+    }
     await settleWithServer(conversationId).catch(report);
   }
+}
+
+/**
+ * Reads one attachment's events into the view. Returns how the answer ended, or null when the body
+ * ended without saying (the caller re-attaches).
+ * @param {Response} response
+ * @param {MessageView} view
+ * @param {() => void} progressed called when events arrive
+ * @returns {Promise<{status: string, error: string | null} | null>}
+ */
+async function readAnswer(response, view, progressed) {
+  let status = "complete";
+  /** @type {string | null} */ let note = null;
+  for await (const event of readEvents(response)) {
+    progressed();
+    if (event.type === "chunk") {
+      const chunk = event.chunk ?? {};
+      if (chunk.stats) view.setStats(chunk.stats);
+      if (typeof chunk.status === "string") status = chunk.status;
+      if (typeof chunk.note === "string") note = chunk.note;
+      if (Array.isArray(chunk.waiting?.for)) showWaiting(view, chunk.waiting.for);
+      const delta = chunk.choices?.[0]?.delta;
+      if (delta && (delta.content || delta.reasoning_content)) view.setNote(null);
+      view.applyDelta(delta);
+    } else if (event.type === "error") {
+      return { status: "error", error: String(event.error?.message ?? "the answer failed") };
+    } else {
+      return { status, error: note };
+    }
+  }
+  return null;
+}
+
+/**
+ * The embedded model is writing another answer first: say so, and offer to stop it.
+ * @param {MessageView} view
+ * @param {unknown[]} others conversation ids
+ */
+function showWaiting(view, others) {
+  const other = others.find((id) => typeof id === "string");
+  if (!other) return;
+  const stopIt = button("Stop it", () => stopElsewhere(other).catch(report));
+  view.setNote("Waiting for another answer to finish —", stopIt);
 }
 
 /**
@@ -409,9 +521,9 @@ async function streamReply(body) {
  * @param {string} conversationId
  */
 async function settleWithServer(conversationId) {
-  if (state.conversationId !== conversationId || state.controller) return;
+  if (state.conversationId !== conversationId || state.following) return;
   const conversation = await api.readConversation(conversationId);
-  if (state.conversationId !== conversationId || state.controller) return;
+  if (state.conversationId !== conversationId || state.following) return;
   title.textContent = conversation.title;
   const articles = [...messagesView.querySelectorAll("article.message")];
   conversation.messages.forEach((/** @type {any} */ message, /** @type {number} */ index) => {
@@ -421,8 +533,48 @@ async function settleWithServer(conversationId) {
   await refreshConversationList();
 }
 
+/** Stop: the server stops the answer at its source; this page stops reading at once. */
 function stop() {
-  state.controller?.abort();
+  const following = state.following;
+  if (!following || following.stopping) return;
+  following.view.setNote("Stopping…");
+  following.stopping = api.stopAnswer(following.conversationId).catch(report);
+  following.controller?.abort();
+  following.wake?.();
+}
+
+/** Stop reading without stopping the answer (another conversation was opened): it runs on. */
+function detach() {
+  const following = state.following;
+  if (!following) return;
+  state.following = null;
+  setStreaming(false);
+  following.controller?.abort();
+  following.wake?.();
+}
+
+/**
+ * Stops the answer running in another conversation (from the list, or a waiting note).
+ * @param {string} conversationId
+ */
+async function stopElsewhere(conversationId) {
+  if (state.following?.conversationId === conversationId) {
+    stop();
+    return;
+  }
+  await api.stopAnswer(conversationId);
+  await refreshConversationList();
+}
+
+/** The page came back (a tab made visible, the network back): re-attach at once rather than wait. */
+function reattachNow() {
+  const following = state.following;
+  if (following) {
+    if (following.wake) following.wake();
+    else following.controller?.abort(); // a connection that may have died while the page slept
+  } else if (state.conversationId) {
+    openConversation(state.conversationId).catch(report);
+  }
 }
 
 /** @param {boolean} streaming */
@@ -509,7 +661,7 @@ async function start() {
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = prompt.value.trim();
-  if (!text || state.controller) return;
+  if (!text || state.following) return;
   prompt.value = "";
   send(text).catch(report);
 });
@@ -530,4 +682,8 @@ $("toggle-sidebar").addEventListener("click", () => {
   $("toggle-sidebar").setAttribute("aria-expanded", String(open));
 });
 modelPicker.addEventListener("change", () => localStorage.setItem(LAST_MODEL, modelPicker.value));
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") reattachNow();
+});
+window.addEventListener("online", reattachNow);
 start().catch(report);

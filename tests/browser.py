@@ -54,6 +54,36 @@ def context(browser):
     context.close()
 
 
+ASSISTANT = "[data-role=assistant]"
+
+
+def send(page, text: str):
+    page.get_by_label("Message").fill(text)
+    page.get_by_role("button", name="Send").click()
+
+
+def last_answer(page):
+    return page.locator(ASSISTANT).last
+
+
+def answer_text(page) -> str:
+    return last_answer(page).locator(".content").inner_text()
+
+
+def wait_text_longer(page, length: int, timeout: float = 10):
+    page.wait_for_function(
+        "length => { const all = document.querySelectorAll('[data-role=assistant] .content');"
+        " return all.length && all[all.length - 1].textContent.length > length; }", arg=length,
+        timeout=timeout * 1000)
+
+
+def wait_status(page, status: str, timeout: float = 10):
+    page.wait_for_function(
+        "status => { const all = document.querySelectorAll('[data-role=assistant]');"
+        " return all.length && all[all.length - 1].dataset.status === status; }", arg=status,
+        timeout=timeout * 1000)
+
+
 def open_page(context, url: str):
     page = context.new_page()
     problems = PageProblems(page)

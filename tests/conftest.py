@@ -45,6 +45,7 @@ def make_app(tmp_path, backend):
     yield make
     for app in apps:
         with app.app_context():
+            state.runs().close()
             state.store().close()
 
 

@@ -7,11 +7,12 @@ Like llm's MockModel. Queue answers with `backend.enqueue(...)`; each `open()` t
     {...}               a whole chunk, sent as it is (upstream shapes, hostile chunks)
     Pause(0.05)         wait, as a model between tokens
     STALL               wait until the relay aborts the generation (a silent upstream)
+    QUEUED              an empty batch: alive but nothing yet (the embedded model, queued behind another)
     StreamError(...)    fail there, after what came before (a mid-stream error)
 
 `backend.fail_next(ApiError(...))` makes the next open() raise before any byte, as an upstream's
-4xx/5xx would. Every request and its generation are recorded: `backend.generations[-1].aborted`,
-`.closed`, `.request.body`.
+4xx/5xx would. Every request and its generation are recorded: `backend.generations[-1].aborted` (an
+Event: the relay cancelled it), `.closed` (released, cancelled or not), `.request.body`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Pause:
 
 
 STALL = object()
+QUEUED = object()
 DEFAULT_ANSWER = ["w0 ", "w1 ", "w2 "]
 
 
@@ -53,6 +55,7 @@ class FakeGeneration:
         self.answer = answer
         self.aborted = gevent.event.Event()
         self.closed = False
+        self._released = gevent.event.Event()
 
     def batches(self):
         first = True
@@ -60,8 +63,10 @@ class FakeGeneration:
             if isinstance(item, Pause):
                 gevent.sleep(item.seconds)
             elif item is STALL:
-                self.aborted.wait()
+                self._released.wait()
                 return
+            elif item is QUEUED:
+                yield []
             elif isinstance(item, Exception):
                 raise item
             elif isinstance(item, str):
@@ -80,10 +85,11 @@ class FakeGeneration:
 
     def abort(self) -> None:
         self.aborted.set()
+        self._released.set()
 
     def close(self) -> None:
         self.closed = True
-        self.aborted.set()
+        self._released.set()
 
 
 class FakeBackend:

@@ -79,7 +79,9 @@ def test_stop_is_one_info_line_without_traceback(jarvis, upstream):
     jarvis.assert_log_clean("[WARNING]")
 
 
-def test_a_page_client_leaving_saves_the_partial_answer_as_stopped(jarvis, upstream):
+def test_with_detached_seconds_0_a_page_leaving_cancels_at_once_and_saves_the_answer_as_stopped(
+        start_jarvis, upstream):
+    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "0"})
     upstream.scenario.tokens, upstream.scenario.interval = 200, 0.02
     conversation_id = requests.post(jarvis.url + "/api/conversations", json={}).json()["id"]
     client = RawClient(jarvis.port)

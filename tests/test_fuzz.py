@@ -38,6 +38,7 @@ def server(tmp_path_factory):
     yield app.test_client(), errors
     logging.getLogger("jarvis").removeHandler(errors)
     with app.app_context():
+        state.runs().close()
         state.store().close()
 
 

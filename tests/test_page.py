@@ -11,35 +11,10 @@ import time
 import pytest
 import requests
 
-from tests.browser import PageProblems, open_page
+from tests.browser import ASSISTANT, PageProblems, last_answer, open_page, send, wait_status, wait_text_longer
 from tests.fake_upstream import Scenario
 
 pytestmark = [pytest.mark.live, pytest.mark.browser]
-
-ASSISTANT = "[data-role=assistant]"
-
-
-def last_assistant(page):
-    return page.locator(ASSISTANT).last
-
-
-def send(page, text: str):
-    page.get_by_label("Message").fill(text)
-    page.get_by_role("button", name="Send").click()
-
-
-def wait_text_longer(page, length: int):
-    page.wait_for_function(
-        "length => { const all = document.querySelectorAll('[data-role=assistant] .content');"
-        " return all.length && all[all.length - 1].textContent.length > length; }", arg=length)
-
-
-def wait_status(page, status: str, timeout: float = 10):
-    page.wait_for_function(
-        "status => { const all = document.querySelectorAll('[data-role=assistant]');"
-        " return all.length && all[all.length - 1].dataset.status === status; }", arg=status,
-        timeout=timeout * 1000)
-
 
 def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=40, interval=0.05)
@@ -47,13 +22,13 @@ def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
     send(page, "stream please")
     page.wait_for_selector(f"{ASSISTANT}[data-status=streaming]")
     lengths = []
-    while last_assistant(page).get_attribute("data-status") == "streaming":
-        lengths.append(len(last_assistant(page).locator(".content").inner_text()))
+    while last_answer(page).get_attribute("data-status") == "streaming":
+        lengths.append(len(last_answer(page).locator(".content").inner_text()))
         page.wait_for_timeout(30)  # sampling interval, not a wait for an event
     wait_status(page, "complete")
     growth_steps = len({length for length in lengths if length})
     assert growth_steps >= 10, lengths
-    assert last_assistant(page).locator(".content").inner_text().strip() == " ".join(f"w{i}" for i in range(40))
+    assert last_answer(page).locator(".content").inner_text().strip() == " ".join(f"w{i}" for i in range(40))
     problems.assert_clean()
 
 
@@ -71,13 +46,13 @@ def test_send_then_stop_twenty_times(jarvis, upstream, context):
             wait_text_longer(page, 3 * wait_tokens)
         exchange = upstream.wait_for_exchange(run + 1)
         clicked = time.monotonic()
-        page.get_by_role("button", name="Stop").click()
+        page.get_by_role("button", name="Stop", exact=True).click()
         wait_status(page, "stopped")
         upstream.wait_until_ended(exchange, timeout=5)
         assert exchange.closed_at is not None, f"run {run}: the upstream was not cancelled"
         stop_to_cancel.append(exchange.closed_at - clicked)
         if wait_tokens:
-            assert last_assistant(page).locator(".content").inner_text().strip(), f"run {run} lost its text"
+            assert last_answer(page).locator(".content").inner_text().strip(), f"run {run} lost its text"
         page.wait_for_selector("#send:not([disabled])")
     server_side = [float(line.split("cancel_ms=")[1]) for line in jarvis.end_lines() if "cancel_ms=" in line]
     print(f"Stop click (Playwright click included) -> upstream closed: p50 "
@@ -88,7 +63,7 @@ def test_send_then_stop_twenty_times(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=5)
     send(page, "and now a whole answer")
     wait_status(page, "complete")  # no connection-cap hang after twenty stops
-    assert last_assistant(page).locator(".content").inner_text().strip() == "w0 w1 w2 w3 w4"
+    assert last_answer(page).locator(".content").inner_text().strip() == "w0 w1 w2 w3 w4"
     problems.assert_clean()
 
 
@@ -103,29 +78,30 @@ def start_a_long_answer(context, jarvis, upstream, prompt: str):
 
 def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
     page, problems = start_a_long_answer(context, jarvis, upstream, "tell me")
-    page.get_by_role("button", name="Stop").click()
+    page.get_by_role("button", name="Stop", exact=True).click()
     wait_status(page, "stopped")
-    shown = last_assistant(page).locator(".content").inner_text()
+    shown = last_answer(page).locator(".content").inner_text()
     upstream.wait_until_ended(upstream.chats[0])
-    jarvis.wait_for_log("outcome=client_stop")
+    jarvis.wait_for_log("outcome=stopped")
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     wait_status(page, "stopped")
-    assert last_assistant(page).locator(".content").inner_text().startswith(shown.strip())
+    assert last_answer(page).locator(".content").inner_text().startswith(shown.strip())
     assert page.locator("[data-role=user]").inner_text().startswith("tell me")
     problems.assert_clean()
 
 
-def test_closing_the_tab_mid_stream_then_reopening_shows_the_partial_answer(jarvis, upstream, context):
+def test_with_detached_seconds_0_closing_the_tab_stops_the_answer_as_before(start_jarvis, upstream, context):
+    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "0"})
     page, _ = start_a_long_answer(context, jarvis, upstream, "long answer please")
-    shown = last_assistant(page).locator(".content").inner_text()
+    shown = last_answer(page).locator(".content").inner_text()
     page.close()
     exchange = upstream.wait_until_ended(upstream.chats[0])
     assert exchange.closed_at is not None
     jarvis.wait_for_log("outcome=client_stop")
     reopened, problems = open_page(context, jarvis.url)
     wait_status(reopened, "stopped")
-    assert last_assistant(reopened).locator(".content").inner_text().startswith(shown.strip())
+    assert last_answer(reopened).locator(".content").inner_text().startswith(shown.strip())
     problems.assert_clean()
 
 
@@ -134,9 +110,9 @@ def test_upstream_error_mid_stream_is_shown_inline_and_the_page_stays_usable(jar
     page, problems = open_page(context, jarvis.url)
     send(page, "break please")
     wait_status(page, "error")
-    note = last_assistant(page).locator(".error").inner_text()
+    note = last_answer(page).locator(".error").inner_text()
     assert "the model crashed" in note and "trace" in note
-    assert last_assistant(page).locator(".content").inner_text().strip() == "w0 w1 w2"
+    assert last_answer(page).locator(".content").inner_text().strip() == "w0 w1 w2"
     upstream.scenario = Scenario(tokens=2)
     send(page, "again")
     wait_status(page, "complete")
@@ -149,7 +125,7 @@ def test_upstream_stall_ends_with_an_inline_error(start_jarvis, upstream, contex
     page, problems = open_page(context, jarvis.url)
     send(page, "stall please")
     wait_status(page, "error")
-    assert "JARVIS_STREAM_INACTIVITY_SECONDS" in last_assistant(page).locator(".error").inner_text()
+    assert "JARVIS_STREAM_INACTIVITY_SECONDS" in last_answer(page).locator(".error").inner_text()
     upstream.scenario = Scenario(tokens=2)
     send(page, "again")
     wait_status(page, "complete")
@@ -198,7 +174,7 @@ def test_hostile_answer_renders_inert(jarvis, upstream, context, canary):
     page.on("request", lambda request: requested.append(request.url))
     send(page, "be hostile")
     wait_status(page, "complete")
-    answer = last_assistant(page)
+    answer = last_answer(page)
     for link in answer.locator("a").all():
         href = link.get_attribute("href")
         assert href is None or href.startswith(("http:", "https:", "mailto:")), href
@@ -248,10 +224,10 @@ def test_keyboard_enter_sends_shift_enter_adds_a_line_escape_stops(jarvis, upstr
     box.press("Enter")
     page.wait_for_selector(f"{ASSISTANT}[data-status=streaming]")
     assert page.locator("[data-role=user]").inner_text().startswith("line one\nline two")
-    assert page.get_by_role("button", name="Stop").is_enabled()
+    assert page.get_by_role("button", name="Stop", exact=True).is_enabled()
     page.keyboard.press("Escape")
     wait_status(page, "stopped")
-    assert not page.get_by_role("button", name="Stop").is_enabled()
+    assert not page.get_by_role("button", name="Stop", exact=True).is_enabled()
     problems.assert_clean()
 
 
@@ -397,8 +373,8 @@ def test_a_stream_cut_without_done_is_shown_as_interrupted(jarvis, upstream, con
     page, problems = start_a_long_answer(context, jarvis, upstream, "long answer please")
     os.kill(jarvis.worker().pid, signal.SIGKILL)
     wait_status(page, "interrupted")
-    assert "Interrupted" in last_assistant(page).locator(".error").inner_text()
-    assert last_assistant(page).locator(".content").inner_text().strip()
+    assert "Interrupted" in last_answer(page).locator(".error").inner_text()
+    assert last_answer(page).locator(".content").inner_text().strip()
     jarvis.wait_for_log("Booting worker", count=2)
     page.wait_for_selector("#send:not([disabled])")
     assert requests.get(jarvis.url + "/healthz", timeout=10).ok  # the replacement worker is serving

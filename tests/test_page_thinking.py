@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.browser import open_page
+from tests.browser import open_page, send, wait_status
 from tests.fake_upstream import Scenario
 
 pytestmark = [pytest.mark.live, pytest.mark.browser]
@@ -37,16 +37,6 @@ def first_token_delays():
     if delays:
         print(f"\nfirst reasoning token, upstream -> page: p50 {statistics.median(delays) * 1000:.0f} ms, "
               f"max {max(delays) * 1000:.0f} ms over {len(delays)} runs")
-
-
-def send(page, text: str):
-    page.get_by_label("Message").fill(text)
-    page.get_by_role("button", name="Send").click()
-
-
-def wait_status(page, status: str, timeout: float = 15):
-    page.wait_for_function(f"status => {LAST} && {LAST}.dataset.status === status", arg=status,
-                           timeout=timeout * 1000)
 
 
 @pytest.mark.parametrize("shape", [shape for shape, _ in SHAPES], ids=[label for _, label in SHAPES])
@@ -102,7 +92,7 @@ def test_stop_while_thinking_keeps_the_thinking_so_far(jarvis, upstream, context
     wait_status(page, "stopped")
     shown = page.locator("[data-role=assistant]").last.locator(".thinking-content").text_content().strip()
     assert shown and page.locator("[data-role=assistant]").last.locator(".content").inner_text() == ""
-    jarvis.wait_for_log("outcome=client_stop")
+    jarvis.wait_for_log("outcome=stopped")
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     wait_status(page, "stopped")

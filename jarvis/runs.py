@@ -1,0 +1,370 @@
+"""Answers that belong to the server: a page answer is a run, not an HTTP response.
+
+Where an answer's life goes, top to bottom:
+
+    start    POST .../messages claims the conversation in the store (one answer per
+             conversation, across workers: store.start_answer) and opens the backend through a
+             Relay that has no client of its own. The caller becomes its first watcher.
+    stream   The run reads the relay's SSE events in its own greenlet, keeps the answer
+             (jarvis.answer), saves it at least every FLUSH_SECONDS, and hands every event to
+             each watcher. A watcher leaving never stops the run.
+    attach   GET .../stream on the worker that runs it: what the page lacks, from memory, then
+             the live events. On any other worker: the store, followed every FOLLOW_SECONDS.
+    stop     Here: the relay cancels at the source at once. Elsewhere: a flag in the store,
+             which the owner's tick (every TICK_SECONDS) turns into the same cancel.
+    detached Nobody has watched for JARVIS_DETACHED_SECONDS: cancelled, saved as stopped.
+             (0: the last watcher leaving stops it at once, as a /v1 client leaving does.)
+    end      complete, stopped or error: the last save and the end of its run in one write
+             (store.finish_answer_later). A run whose worker died is marked interrupted by
+             whoever looks next (jarvis.leases): a re-attach, a listing, a start-up.
+
+The page's chunks are OpenAI's, plus `delta.reasoning_content`, `content_was_reasoning`, a last
+chunk with `choices: []`, the `stats` and the final `status`, and `waiting` while an embedded
+model serves another answer first. Never yield in a `finally` here (see jarvis.relay).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import gevent
+import gevent.event
+import gevent.queue
+from flask import Response
+
+from jarvis import leases
+from jarvis.answer import Answer
+from jarvis.backends import Backend, ChatRequest
+from jarvis.relay import ClientWatcher, Relay, sse_response
+from jarvis.settings import Settings
+from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
+from jarvis.store import ConversationStore
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.5  # the saved answer lags the stream by at most this
+WATCHED_FLUSH_SECONDS = 0.1  # ... and by at most this while a page follows it from another worker
+TICK_SECONDS = 0.2  # how soon the owner sees a Stop asked on another worker
+FOLLOW_SECONDS = 0.1  # how often a page following from another worker reads the store
+REMOTE_WATCH_SECONDS = 2.0  # a follower elsewhere counts as watching for this long after its last look
+_WATCHER_QUEUE = 1000  # events a slow watcher may fall behind before it is dropped (it can re-attach)
+_END = object()
+
+_STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped", "stopped": "stopped", "detached": "stopped"}
+
+
+def page_chunk(*, delta: dict | None = None, **fields) -> dict:
+    """A chunk of the page's stream; with `delta`, one choice carrying it."""
+    choices = [{"index": 0, "delta": delta, "finish_reason": None}] if delta else []
+    return {"object": "chat.completion.chunk", "choices": choices, **fields}
+
+
+def missing_text(content: str, reasoning: str, reasoning_moved: bool, after: int,
+                 reasoning_after: int) -> tuple[dict, int, int]:
+    """The delta that brings a page showing `after` characters of content and `reasoning_after` of
+    reasoning up to date, and the page's offsets afterwards.
+
+    When the answer's first content turned out to be reasoning (`reasoning_moved`: a lone </think>) and
+    the page still shows it as content (some content, no reasoning), the content moves first. A page
+    may show more than this text: it saw tokens that were not saved yet when their worker died; it
+    keeps them, and gets nothing twice.
+    """
+    delta = {}
+    if reasoning_moved and after and not reasoning_after:
+        delta["content_was_reasoning"] = True
+        after, reasoning_after = 0, after
+    if len(reasoning) > reasoning_after:
+        delta["reasoning_content"] = reasoning[reasoning_after:]
+    if len(content) > after:
+        delta["content"] = content[after:]
+    return delta, max(after, len(content)), max(reasoning_after, len(reasoning))
+
+
+class Watcher:
+    """One page's stream of a run: the events it has yet to write."""
+
+    def __init__(self):
+        self.queue: gevent.queue.Queue = gevent.queue.Queue(_WATCHER_QUEUE)
+
+
+class Run:
+    """One answer being written by this worker, for any number of watchers."""
+
+    def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest):
+        self.runs = runs
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.answer = Answer()
+        self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
+        self.watchers: set[Watcher] = set()
+        self.finished = False
+        self.remote_watched_at: float | None = None
+        self.detach_timer: gevent.Greenlet | None = None
+        self.flush_timer: gevent.Greenlet | None = None
+        self.last_flush = time.monotonic()
+
+    # -- start and stream ------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the backend; ApiError (the answer saved as error) when it refuses before any byte."""
+        self.relay.open()
+        gevent.spawn(self._stream)
+
+    def _stream(self) -> None:
+        try:
+            for data in self.relay.stream():
+                if data is not OPENING:  # each watcher's response opens itself
+                    self._publish(data)
+        finally:
+            self.finished = True
+            self._cancel_detach_timer()
+            self._publish(_END)
+            self.runs.forget(self)
+
+    def _publish(self, item) -> None:
+        for watcher in list(self.watchers):
+            try:
+                watcher.queue.put_nowait(item)
+            except gevent.queue.Full:  # a watcher that stopped reading: it re-attaches from its offsets
+                self.watchers.discard(watcher)
+                log.info("dropped a watcher that fell %d events behind", _WATCHER_QUEUE)
+
+    # -- the relay's observer ---------------------------------------------------------------
+
+    def events(self, batch: list[bytes]) -> list[bytes]:
+        page_batch = []
+        for payload in batch:
+            try:
+                chunk = json.loads(payload)
+            except (ValueError, RecursionError):
+                continue
+            page_batch.append(json.dumps(self.answer.add(chunk)).encode())
+        if self.flush_timer is None:
+            delay = max(0.0, self.last_flush + self._flush_interval() - time.monotonic())
+            self.flush_timer = gevent.spawn_later(delay, self._flush)
+        return page_batch
+
+    def _flush_interval(self) -> float:
+        followed = self.remote_watched_at is not None and \
+            time.time() - self.remote_watched_at < REMOTE_WATCH_SECONDS
+        return WATCHED_FLUSH_SECONDS if followed else FLUSH_SECONDS
+
+    def finish(self, status: str) -> list[bytes]:
+        chunks = self.answer.finish()
+        chunks[-1]["status"] = status
+        if self.relay.stop_reason == "detached":
+            chunks[-1]["note"] = self._detached_note()
+        return [json.dumps(chunk).encode() for chunk in chunks]
+
+    def _detached_note(self) -> str:
+        return (f"Nobody was watching for {self.runs.settings.detached_seconds:g} s (JARVIS_DETACHED_SECONDS), "
+                "so the answer was stopped")
+
+    def waiting(self) -> list[bytes]:
+        """The embedded model is busy with other answers: name them, so the page can offer to stop one."""
+        others = [run.conversation_id for run in self.runs.by_message.values() if run is not self]
+        return [json.dumps(page_chunk(waiting={"for": others})).encode()]
+
+    def ended(self, outcome: str, error_message: str | None) -> None:
+        if self.flush_timer is not None:
+            self.flush_timer.kill(block=False)
+            self.flush_timer = None
+        if outcome == "deleted":
+            return
+        status = _STATUS_OF_OUTCOME.get(outcome, "error")
+        if outcome == "detached":
+            error_message = self._detached_note()
+        self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
+        self.runs.store.finish_answer_later(self.message_id, self.answer.content, status,
+                                            error_message if status != "complete" else None,
+                                            reasoning=self.answer.reasoning, stats=self.answer.stats(),
+                                            reasoning_moved=self.answer.reasoning_moved)
+
+    def _flush(self) -> None:
+        self.flush_timer = None
+        self.last_flush = time.monotonic()
+        result = self.runs.store.update_message_later(self.message_id, self.answer.content, "streaming",
+                                                      reasoning=self.answer.reasoning,
+                                                      reasoning_moved=self.answer.reasoning_moved)
+        result.rawlink(self._check_still_there)
+
+    def _check_still_there(self, result) -> None:
+        if result.successful() and result.value is False:
+            self.stop("deleted")  # deleted (perhaps from another worker), or found dead and interrupted
+
+    # -- watchers -------------------------------------------------------------------------
+
+    def attach(self, environ: dict, after: int, reasoning_after: int) -> Response:
+        """A page's stream of this run: what it lacks, then every event until the end."""
+        watcher = Watcher()
+        delta, _, _ = missing_text(self.answer.content, self.answer.reasoning, self.answer.reasoning_moved, after,
+                                   reasoning_after)
+        self.watchers.add(watcher)
+        self._cancel_detach_timer()
+        return sse_response(self._watch(watcher, environ, page_chunk(delta=delta) if delta else None))
+
+    def _watch(self, watcher: Watcher, environ: dict, catch_up: dict | None):
+        client = ClientWatcher(environ, lambda how: self._left(watcher))
+        client.start()
+        try:
+            yield OPENING
+            if catch_up:
+                yield data_event(json.dumps(catch_up).encode())
+            while True:
+                item = watcher.queue.get()
+                if item is _END:
+                    return
+                yield item
+        finally:
+            client.stop()
+            self._left(watcher)
+
+    def _left(self, watcher: Watcher) -> None:
+        if watcher not in self.watchers:
+            return
+        self.watchers.discard(watcher)
+        try:
+            watcher.queue.put_nowait(_END)  # wake its response, which ends
+        except gevent.queue.Full:
+            pass  # it is far behind, and ends when it gets there
+        if not self.watchers and not self.finished:
+            self._nobody_watching()
+
+    def _nobody_watching(self) -> None:
+        seconds = self.runs.settings.detached_seconds
+        if seconds == 0:
+            self.stop("client_stop")  # as a /v1 client leaving: cancelled at once
+            return
+        self._cancel_detach_timer()
+        self.detach_timer = gevent.spawn_later(seconds, self._detached)
+
+    def _detached(self) -> None:
+        self.detach_timer = None
+        if self.watchers or self.finished:
+            return
+        if self.remote_watched_at is not None and time.time() - self.remote_watched_at < REMOTE_WATCH_SECONDS:
+            self.detach_timer = gevent.spawn_later(REMOTE_WATCH_SECONDS, self._detached)  # watched elsewhere
+            return
+        log.info("nobody watched for %.0f s: stopping the answer", self.runs.settings.detached_seconds)
+        self.stop("detached")
+
+    def _cancel_detach_timer(self) -> None:
+        if self.detach_timer is not None:
+            self.detach_timer.kill(block=False)
+            self.detach_timer = None
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Cancel at the source now: stopped (Stop), detached, deleted, client_stop."""
+        if not self.finished:
+            self.relay.interrupt(reason)
+
+
+class Runs:
+    """This worker's runs, and the tick that keeps their leases and hears Stops asked elsewhere."""
+
+    def __init__(self, store: ConversationStore, backend: Backend, settings: Settings):
+        self.store = store
+        self.backend = backend
+        self.settings = settings
+        self.owner = leases.this_process()
+        self.by_message: dict[int, Run] = {}
+        self.ticker: gevent.Greenlet | None = None
+
+    def start(self, conversation_id: str, message_id: int, chat: ChatRequest) -> Run:
+        run = Run(self, conversation_id, message_id, chat)
+        self.by_message[message_id] = run
+        try:
+            run.open()
+        except BaseException:
+            self.forget(run)
+            raise
+        if self.ticker is None or self.ticker.dead:
+            self.ticker = gevent.spawn(self._tick)
+        return run
+
+    def close(self) -> None:
+        """Stop every run and the tick (an app being thrown away, as in tests)."""
+        for run in list(self.by_message.values()):
+            run.stop("shutdown")
+        if self.ticker is not None:
+            self.ticker.kill()
+
+    def for_conversation(self, conversation_id: str) -> Run | None:
+        return next((run for run in self.by_message.values() if run.conversation_id == conversation_id), None)
+
+    def forget(self, run: Run) -> None:
+        self.by_message.pop(run.message_id, None)
+
+    def _tick(self) -> None:
+        renewed = time.monotonic()
+        while self.by_message:
+            gevent.sleep(TICK_SECONDS)
+            renew = time.monotonic() - renewed >= leases.RENEW_SECONDS
+            try:
+                states = self.store.tick_runs(self.owner, renew=renew)
+            except Exception:
+                log.warning("could not check this worker's answers in the store", exc_info=True)
+                continue
+            renewed = time.monotonic() if renew else renewed
+            for run in list(self.by_message.values()):
+                state = states.get(run.message_id)
+                if state is None:
+                    run.stop("deleted")
+                elif state[0]:
+                    log.info("a Stop came from another worker")
+                    run.stop("stopped")
+                else:
+                    run.remote_watched_at = state[1]
+
+
+def follow(store: ConversationStore, settings: Settings, message_id: int, environ: dict, after: int,
+           reasoning_after: int) -> Response:
+    """A page's stream of an answer that another worker runs (or that ended): the store, followed."""
+    return sse_response(_follow(store, settings, message_id, environ, after, reasoning_after))
+
+
+def _follow(store, settings, message_id, environ, after, reasoning_after):
+    gone = gevent.event.Event()
+    client = ClientWatcher(environ, lambda how: gone.set())
+    client.start()
+    try:
+        yield OPENING
+        last_write, last_touch = time.monotonic(), 0.0
+        while not gone.is_set():
+            now = time.monotonic()
+            touch = now - last_touch >= 0.5  # tells the owner someone watches, and to save more often
+            message = store.follow(message_id, touch=touch)
+            last_touch = now if touch else last_touch
+            if message is None:
+                yield error_event({"message": "The conversation was deleted", "type": "invalid_request_error",
+                                   "param": None, "code": "conversation_deleted"})
+                return
+            delta, after, reasoning_after = missing_text(message["content"], message["reasoning"],
+                                                         message["reasoning_moved"], after, reasoning_after)
+            if delta:
+                yield data_event(json.dumps(page_chunk(delta=delta)).encode())
+                last_write = now
+            if message["status"] != "streaming":
+                yield _final_events(message)
+                return
+            if now - last_write >= settings.heartbeat_seconds:
+                yield PING
+                last_write = now
+            gone.wait(FOLLOW_SECONDS)
+    finally:
+        client.stop()
+
+
+def _final_events(message: dict) -> bytes:
+    """How an ended answer's stream ends: an error event, or its stats and status; then [DONE]."""
+    if message["status"] == "error":
+        return error_event({"message": message["error"] or "The answer failed", "type": "server_error",
+                            "param": None, "code": "answer_failed"})
+    final = page_chunk(stats=message["stats"], status=message["status"])
+    if message["status"] != "complete" and message["error"]:
+        final["note"] = message["error"]
+    return data_event(json.dumps(final).encode()) + DONE_EVENT

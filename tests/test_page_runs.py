@@ -1,0 +1,247 @@
+"""The answer belongs to the server (Chromium and live gunicorn): reloads, closed tabs, two tabs, lost
+networks and dead workers never stop it; Stop always does, from any tab and any worker."""
+
+import os
+import signal
+import statistics
+import time
+
+import pytest
+import requests
+
+from jarvis import leases
+from tests.browser import answer_text, last_answer, open_page, send, wait_status, wait_text_longer
+from tests.clients import content_of
+from tests.fake_upstream import Scenario
+from tests.live import sse_events, wait_until
+from tests.proxy import CuttableProxy
+
+pytestmark = [pytest.mark.live]
+
+ALL_300 = " ".join(f"w{i}" for i in range(300))
+
+
+def message_id(page) -> str:
+    page.wait_for_function("() => [...document.querySelectorAll('[data-role=assistant]')].at(-1)?.dataset.id")
+    return last_answer(page).get_attribute("data-id")
+
+
+def never_cancelled(upstream, exchange):
+    upstream.wait_until_ended(exchange, timeout=15)
+    assert exchange.closed_at is None and exchange.finished_at is not None, "the upstream was closed early"
+
+
+@pytest.mark.browser
+def test_a_reload_mid_answer_finds_it_still_streaming_to_the_last_token(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=300, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "three hundred words please")
+    exchange = upstream.wait_for_exchange()
+    before = message_id(page)
+    upstream.wait_for_tokens(exchange, 75)  # 1.5 s in
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "streaming")
+    assert message_id(page) == before
+    shown = len(answer_text(page))
+    wait_text_longer(page, shown + 20)  # it keeps growing in the page
+    wait_status(page, "complete", timeout=15)
+    assert answer_text(page).strip() == ALL_300
+    never_cancelled(upstream, exchange)
+    problems.assert_clean()
+
+
+@pytest.mark.browser
+def test_a_tab_closed_and_reopened_3_s_later_finds_the_answer_still_streaming(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=300, interval=0.02)
+    page, _ = open_page(context, jarvis.url)
+    send(page, "three hundred words please")
+    wait_text_longer(page, 20)
+    page.close()
+    time.sleep(3)  # the moment of reopening: 3 s later
+    exchange = upstream.wait_for_exchange()
+    assert not exchange.ended
+    reopened, problems = open_page(context, jarvis.url)
+    wait_status(reopened, "complete", timeout=15)
+    assert answer_text(reopened).strip() == ALL_300
+    never_cancelled(upstream, exchange)
+    problems.assert_clean()
+
+
+@pytest.mark.browser
+def test_two_tabs_both_see_the_answer_grow_and_stop_in_one_stops_both(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    first, first_problems = open_page(context, jarvis.url)
+    send(first, "one answer, two tabs")
+    wait_text_longer(first, 10)
+    second, second_problems = open_page(context, jarvis.url)  # the same conversation (the last one open)
+    wait_status(second, "streaming")
+    for page in (first, second):
+        wait_text_longer(page, len(answer_text(page)) + 15)
+    exchange = upstream.wait_for_exchange()
+    second.get_by_role("button", name="Stop", exact=True).click()
+    for page in (first, second):
+        wait_status(page, "stopped")
+    assert upstream.wait_until_ended(exchange, timeout=2).closed_at is not None
+    assert answer_text(first).strip() and answer_text(second).strip()
+    first_problems.assert_clean()
+    second_problems.assert_clean()
+
+
+@pytest.mark.browser
+def test_stop_after_a_reload_closes_the_upstream_within_250_ms(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "long answer")
+    wait_text_longer(page, 20)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "streaming")
+    wait_text_longer(page, len(answer_text(page)) + 5)
+    exchange = upstream.wait_for_exchange()
+    clicked = time.monotonic()
+    page.evaluate("document.querySelector('#stop').click()")
+    upstream.wait_until_ended(exchange, timeout=2)
+    assert exchange.closed_at is not None and exchange.closed_at - clicked < 0.25
+    wait_status(page, "stopped")
+    shown = answer_text(page).strip()
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    wait_status(page, "stopped")
+    assert shown and answer_text(page).strip().startswith(shown[:20])
+    problems.assert_clean()
+
+
+@pytest.mark.browser
+def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, upstream, context):
+    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "2"})
+    upstream.scenario = Scenario(tokens=1000, interval=0.02)
+    page, _ = open_page(context, jarvis.url)
+    send(page, "long answer")
+    wait_text_longer(page, 20)
+    conversation_id = page.evaluate("localStorage.getItem('jarvis.conversation')")
+    closed = time.monotonic()
+    page.close()
+    exchange = upstream.wait_until_ended(upstream.wait_for_exchange(), timeout=5)
+    assert exchange.closed_at is not None and 2.0 <= exchange.closed_at - closed < 3.0, exchange.closed_at - closed
+    jarvis.wait_for_log("outcome=detached")
+    saved = wait_until(lambda: (m := requests.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()
+                                ["messages"][-1])["status"] == "stopped" and m, 5, lambda: "never saved stopped")
+    assert "Nobody was watching" in saved["error"] and saved["content"]
+
+
+@pytest.mark.browser
+def test_with_detached_seconds_0_closing_the_tab_cancels_within_100_ms(start_jarvis, upstream, context):
+    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "0"})
+    upstream.scenario = Scenario(tokens=1000, interval=0.02)
+    page, _ = open_page(context, jarvis.url)
+    send(page, "long answer")
+    wait_text_longer(page, 20)
+    closed = time.monotonic()
+    page.close()
+    exchange = upstream.wait_until_ended(upstream.wait_for_exchange(), timeout=5)
+    assert exchange.closed_at is not None and exchange.closed_at - closed < 0.1
+
+
+@pytest.mark.browser
+def test_a_lost_network_reconnects_and_ends_with_the_whole_answer(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=150, interval=0.02)
+    proxy = CuttableProxy(jarvis.port)
+    try:
+        page, problems = open_page(context, proxy.url)
+        send(page, "a hundred and fifty words please")
+        wait_text_longer(page, 30)
+        assert proxy.cut() >= 1  # the network drops, no Stop
+        page.wait_for_function("() => [...document.querySelectorAll('[data-role=assistant] .error')].at(-1)"
+                               "?.textContent.includes('Reconnecting')")
+        wait_status(page, "complete", timeout=20)
+        assert answer_text(page).strip() == " ".join(f"w{i}" for i in range(150))
+        never_cancelled(upstream, upstream.wait_for_exchange())
+        # Chromium reports the cut itself ("Failed to load resource: net::ERR_..."): that is the network failing.
+        assert [m for m in problems.console_errors if not m.startswith("Failed to load resource: net::")] == []
+        assert problems.page_errors == [] and problems.rejections() == []
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.browser
+def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works(jarvis, upstream, context):
+    upstream.scenario = Scenario(tokens=1000, interval=0.02)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "long answer")
+    wait_text_longer(page, 20)
+    conversation_id = page.evaluate("localStorage.getItem('jarvis.conversation')")
+    killed = time.monotonic()
+    os.kill(jarvis.worker().pid, signal.SIGKILL)
+
+    def interrupted():
+        try:
+            return requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=2).json()[
+                "messages"][-1]["status"] == "interrupted"
+        except requests.RequestException:
+            return False  # the master is still replacing the worker
+
+    wait_until(interrupted, leases.LEASE_SECONDS + 1, lambda: "not interrupted within the lease time + 1 s")
+    print(f"worker killed -> answer interrupted: {time.monotonic() - killed:.2f} s")
+    wait_status(page, "interrupted", timeout=15)  # the page re-attached to the new worker and was told
+    assert answer_text(page).strip()
+    upstream.scenario = Scenario(tokens=3)
+    send(page, "still there?")
+    wait_status(page, "complete")
+    assert answer_text(page).strip() == "w0 w1 w2"
+    assert problems.page_errors == [] and problems.rejections() == []
+
+
+# -- two workers: a page on one, the answer on the other ----------------------------------------------------
+
+def sessions_by_worker(jarvis, count: int) -> dict[int, requests.Session]:
+    """Keep-alive sessions, one pinned to each worker (a connection stays with the worker that accepted it)."""
+    pinned: dict[int, requests.Session] = {}
+    for _ in range(200):
+        session = requests.Session()
+        worker = session.get(jarvis.url + "/healthz", timeout=5).json()["worker"]
+        if worker in pinned:
+            session.close()
+        else:
+            pinned[worker] = session
+        if len(pinned) == count:
+            return pinned
+    raise AssertionError(f"reached only workers {list(pinned)}")
+
+
+def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upstream):
+    jarvis = start_jarvis(args=["-w", "2"])
+    owner, other = sessions_by_worker(jarvis, 2).values()
+    upstream.scenario = Scenario(tokens=1000, interval=0.02, stamp=True)
+    conversation_id = owner.post(jarvis.url + "/api/conversations", json={}).json()["id"]
+    answer = owner.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages", json={"content": "go"},
+                        stream=True, timeout=30)
+    message = answer.headers["X-Message-Id"]
+    events = sse_events(answer)
+    next(event for event in events if event[0] == "data")
+
+    # A page on the other worker follows the answer through the store: how far behind?
+    follower = other.get(f"{jarvis.url}/api/conversations/{conversation_id}/messages/{message}/stream",
+                         stream=True, timeout=30)
+    lags = []
+    for kind, value, arrived in sse_events(follower):
+        if kind == "data" and value.get("choices"):
+            stamps = [float(stamp) for stamp in value["choices"][0]["delta"].get("content", "").split("|") if stamp]
+            lags.extend(arrived - stamp for stamp in stamps)
+            if len(lags) > 100:
+                break
+    follower.close()
+    steady = lags[20:]  # after the catch-up of what was sent before it attached
+    print(f"re-attach on another worker: lag p50 {statistics.median(steady) * 1000:.0f} ms, "
+          f"max {max(steady) * 1000:.0f} ms over {len(steady)} tokens")
+    assert max(steady) < 0.25
+
+    exchange = upstream.wait_for_exchange()
+    asked = time.monotonic()
+    assert other.post(f"{jarvis.url}/api/conversations/{conversation_id}/stop").status_code == 202
+    upstream.wait_until_ended(exchange, timeout=2)
+    print(f"Stop on another worker -> upstream closed: {(exchange.closed_at - asked) * 1000:.0f} ms")
+    assert exchange.closed_at is not None and exchange.closed_at - asked < 0.5
+    rest = list(events)
+    assert rest[-1][0] == "done" and rest[-2][1]["status"] == "stopped"
+    assert content_of(rest) is not None

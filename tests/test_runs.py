@@ -1,0 +1,174 @@
+"""Runs, in-process: what a re-attaching page gets, Stop, nobody watching, one answer per conversation."""
+
+import itertools
+import time
+
+import gevent
+import pytest
+
+from jarvis.runs import missing_text
+from tests.clients import content_of, sse
+from tests.fake_backend import QUEUED, STALL, Pause
+from tests.test_conversations import settle
+
+
+@pytest.mark.parametrize("content, reasoning, moved, after, reasoning_after, delta, offsets", [
+    ("abcdef", "", False, 0, 0, {"content": "abcdef"}, (6, 0)),
+    ("abcdef", "", False, 4, 0, {"content": "ef"}, (6, 0)),
+    ("abcdef", "xyz", False, 6, 1, {"reasoning_content": "yz"}, (6, 3)),
+    ("abc", "", False, 5, 0, {}, (5, 0)),  # the page saw more than was saved before its worker died: it keeps it
+    # a lone </think> moved the content the page shows into the reasoning, since the page last looked:
+    ("", "hmm, okay", True, 4, 0, {"content_was_reasoning": True, "reasoning_content": " okay"}, (0, 9)),
+    ("It is", "hmm.", True, 4, 0, {"content_was_reasoning": True, "content": "It is"}, (5, 4)),
+    ("It is 4.", "hmm.", True, 5, 4, {"content": " 4."}, (8, 4)),  # the page had seen the move already
+])
+def test_a_re_attaching_page_gets_exactly_what_it_lacks(content, reasoning, moved, after, reasoning_after, delta,
+                                                         offsets):
+    assert missing_text(content, reasoning, moved, after, reasoning_after) == (delta, *offsets)
+
+
+# -- in-process: the run's life through the page API -------------------------------------------
+
+def start(client, backend, answer, content="hi"):
+    backend.enqueue(answer)
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": content})
+    return conversation_id, int(response.headers["X-Message-Id"]), response
+
+
+def read_some(response, count: int) -> bytes:
+    """The next `count` chunks of a streamed response (and not one more)."""
+    return b"".join(itertools.islice(response.response, count))
+
+
+def saved(client, conversation_id) -> dict:
+    return client.get(f"/api/conversations/{conversation_id}").json["messages"][-1]
+
+
+def test_stop_stops_the_answer_at_its_source_and_is_idempotent(client, backend):
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    events = sse(response.get_data())
+    assert events[-1][0] == "done" and events[-2][1]["status"] == "stopped"
+    assert backend.generations[0].closed
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 200  # nothing runs now
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m)
+    assert message["content"] == "w0 "
+    assert client.post("/api/conversations/nope/stop").status_code == 404
+
+
+def test_a_page_leaving_does_not_stop_the_answer(client, backend):
+    conversation_id, message_id, response = start(client, backend, ["w0 ", Pause(0.2), "w1 ", "w2 "])
+    read_some(response, 2)
+    response.close()  # the page went away (reload, closed tab, lost network)
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "complete" and m)
+    assert message["content"] == "w0 w1 w2 " and not backend.generations[0].aborted.is_set()
+
+
+def test_a_page_re_attaching_on_the_same_worker_gets_the_rest(client, backend):
+    conversation_id, message_id, response = start(client, backend, ["w0 ", "w1 ", Pause(0.3), "w2 ", "w3 "])
+    first = sse(read_some(response, 4))
+    response.close()
+    shown = content_of(first)
+    again = client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream?after={len(shown)}")
+    events = sse(again.get_data())
+    assert shown + content_of(events) == "w0 w1 w2 w3 " and events[-2][1]["status"] == "complete"
+
+
+def test_two_watchers_both_see_every_token_and_one_stop_ends_both(client, backend):
+    conversation_id, message_id, first = start(client, backend, ["w0 ", Pause(0.1), "w1 ", STALL])
+    second = client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream")
+    read_some(second, 1)
+    read_some(first, 2)
+    client.post(f"/api/conversations/{conversation_id}/stop")
+    for response in (first, second):
+        events = sse(response.get_data())
+        assert events[-1][0] == "done" and events[-2][1]["status"] == "stopped"
+
+
+def test_nobody_watching_stops_the_answer_after_detached_seconds(make_client, backend):
+    client = make_client(detached_seconds=0.3)
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    response.close()
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m)
+    assert "Nobody was watching for 0.3 s (JARVIS_DETACHED_SECONDS)" in message["error"]
+    assert backend.generations[0].closed
+
+
+def test_detached_seconds_0_stops_when_the_page_leaves(make_client, backend):
+    client = make_client(detached_seconds=0)
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    response.close()
+    assert backend.generations[0].aborted.wait(1)
+    assert settle(lambda: saved(client, conversation_id)["status"] == "stopped")
+
+
+def test_a_second_send_while_an_answer_runs_is_409(client, backend):
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    busy = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "again"})
+    assert busy.status_code == 409 and busy.json["error"]["code"] == "conversation_busy"
+    assert client.get("/api/conversations").json["data"][0]["running"] is True
+    client.post(f"/api/conversations/{conversation_id}/stop")
+    response.get_data()
+
+
+def test_re_attach_needs_a_real_answer_and_whole_offsets(client, backend):
+    conversation_id, message_id, response = start(client, backend, ["w0 "])
+    response.get_data()
+    assert client.get(f"/api/conversations/{conversation_id}/messages/99999/stream").status_code == 404
+    assert client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream?after=-1").status_code == 400
+
+
+# -- two apps on one database: a page on one worker, the answer on another ----------------------------
+
+@pytest.fixture
+def elsewhere(tmp_path, backend):
+    """A second app on the same data directory: another worker, as far as runs are concerned."""
+    from jarvis import create_app, state
+    from jarvis.settings import Settings
+
+    app = create_app(Settings(data_dir=str(tmp_path / "data"), heartbeat_seconds=0.2), backend=backend)
+    yield app.test_client()
+    with app.app_context():
+        state.runs().close()
+        state.store().close()
+
+
+def test_a_page_on_another_worker_follows_the_answer_to_its_end(client, elsewhere, backend):
+    conversation_id, message_id, response = start(client, backend, ["w0 ", "w1 ", Pause(0.5), "w2 "])
+    follower = elsewhere.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream")
+    gevent.spawn(response.get_data)  # the owner's own page reads on meanwhile
+    events = sse(follower.get_data())
+    assert content_of(events) == "w0 w1 w2 " and events[-2][1]["status"] == "complete" and events[-1][0] == "done"
+
+
+def test_stop_on_another_worker_reaches_the_owner_within_a_tick(client, elsewhere, backend):
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    asked = time.monotonic()
+    assert elsewhere.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    assert backend.generations[0].aborted.wait(2)
+    assert time.monotonic() - asked < 0.5
+    assert sse(response.get_data())[-2][1]["status"] == "stopped"
+
+
+def test_delete_on_another_worker_ends_the_answer(client, elsewhere, backend):
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    assert elsewhere.delete(f"/api/conversations/{conversation_id}").status_code == 204
+    events = sse(response.get_data())
+    assert events[-2][1]["error"]["code"] == "conversation_deleted" and backend.generations[0].closed
+
+
+def test_an_answer_queued_behind_another_names_it_so_the_page_can_stop_it(client, backend):
+    first_id, _, first = start(client, backend, ["w0 ", STALL])
+    read_some(first, 2)
+    second_id, _, second = start(client, backend, [QUEUED, "w0 "])
+    waiting = [value for kind, value in sse(read_some(second, 2)) if kind == "data"]
+    assert waiting[0]["waiting"] == {"for": [first_id]}
+    client.post(f"/api/conversations/{first_id}/stop")
+    assert content_of(sse(second.get_data())) == "w0 "
+    first.get_data()
