@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5  # the saved answer lags the stream by at most this
 WATCHED_FLUSH_SECONDS = 0.1  # ... and by at most this while a page follows it from another worker
-TICK_SECONDS = 0.2  # how soon the owner sees a Stop asked on another worker
+TICK_SECONDS = 0.1  # how soon the owner sees a Stop asked on another worker, or a page following
 FOLLOW_SECONDS = 0.1  # how often a page following from another worker reads the store
 REMOTE_WATCH_SECONDS = 2.0  # a follower elsewhere counts as watching for this long after its last look
 _WATCHER_QUEUE = 1000  # events a slow watcher may fall behind before it is dropped (it can re-attach)
@@ -145,6 +145,15 @@ class Run:
             delay = max(0.0, self.last_flush + self._flush_interval() - time.monotonic())
             self.flush_timer = gevent.spawn_later(delay, self._flush)
         return page_batch
+
+    def watched_remotely(self, at: float | None) -> None:
+        """The tick's news of a page following from another worker: save for it more often, from now."""
+        before = self.remote_watched_at
+        newly = at is not None and (before is None or at - before > REMOTE_WATCH_SECONDS)
+        self.remote_watched_at = at
+        if newly and self.flush_timer is not None:
+            self.flush_timer.kill(block=False)  # scheduled at the slow interval: save within the fast one
+            self.flush_timer = gevent.spawn_later(WATCHED_FLUSH_SECONDS, self._flush)
 
     def _flush_interval(self) -> float:
         followed = self.remote_watched_at is not None and \
@@ -318,7 +327,7 @@ class Runs:
                     log.info("a Stop came from another worker")
                     run.stop("stopped")
                 else:
-                    run.remote_watched_at = state[1]
+                    run.watched_remotely(state[1])
 
 
 def follow(store: ConversationStore, settings: Settings, message_id: int, environ: dict, after: int,

@@ -13,7 +13,7 @@ from jarvis import leases
 from tests.browser import answer_text, last_answer, open_page, send, wait_status, wait_text_longer
 from tests.clients import content_of
 from tests.fake_upstream import Scenario
-from tests.live import sse_events, wait_until
+from tests.live import LiveServer, sse_events, wait_until
 from tests.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.live]
@@ -194,24 +194,40 @@ def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works
 
 # -- two workers: a page on one, the answer on the other ----------------------------------------------------
 
-def sessions_by_worker(jarvis, count: int) -> dict[int, requests.Session]:
-    """Keep-alive sessions, one pinned to each worker (a connection stays with the worker that accepted it)."""
-    pinned: dict[int, requests.Session] = {}
-    for _ in range(200):
+def sessions_by_worker(jarvis, wanted: list[int]) -> list[list[requests.Session]]:
+    """Keep-alive sessions pinned to distinct workers (a connection stays with the worker that accepted
+    it): `wanted[i]` sessions on the i-th worker found."""
+    pinned: dict[int, list[requests.Session]] = {}
+    for _ in range(400):
         session = requests.Session()
         worker = session.get(jarvis.url + "/healthz", timeout=5).json()["worker"]
-        if worker in pinned:
-            session.close()
-        else:
-            pinned[worker] = session
-        if len(pinned) == count:
-            return pinned
+        pinned.setdefault(worker, []).append(session)
+        ranked = sorted(pinned.values(), key=len, reverse=True)
+        if len(ranked) >= len(wanted) and all(len(ranked[i]) >= count for i, count in enumerate(sorted(
+                wanted, reverse=True))):
+            return [ranked[i][:count] for i, count in enumerate(sorted(wanted, reverse=True))]
     raise AssertionError(f"reached only workers {list(pinned)}")
+
+
+def follow_lags(session, url: str, count: int) -> list[float]:
+    """Seconds from the upstream sending each stamped token to its arrival at a page that attaches now,
+    for `count` tokens sent after it attached (what came before arrives at once, as catch-up)."""
+    attached = time.monotonic()
+    response = session.get(url, stream=True, timeout=30)
+    lags = []
+    for kind, value, arrived in sse_events(response):
+        if kind == "data" and value.get("choices"):
+            stamps = [float(stamp) for stamp in value["choices"][0]["delta"].get("content", "").split("|") if stamp]
+            lags.extend(arrived - stamp for stamp in stamps if stamp > attached)
+            if len(lags) >= count:
+                break
+    response.close()
+    return lags
 
 
 def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upstream):
     jarvis = start_jarvis(args=["-w", "2"])
-    owner, other = sessions_by_worker(jarvis, 2).values()
+    (owner, beside), (other,) = sessions_by_worker(jarvis, [2, 1])
     upstream.scenario = Scenario(tokens=1000, interval=0.02, stamp=True)
     conversation_id = owner.post(jarvis.url + "/api/conversations", json={}).json()["id"]
     answer = owner.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages", json={"content": "go"},
@@ -220,21 +236,14 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
     events = sse_events(answer)
     next(event for event in events if event[0] == "data")
 
-    # A page on the other worker follows the answer through the store: how far behind?
-    follower = other.get(f"{jarvis.url}/api/conversations/{conversation_id}/messages/{message}/stream",
-                         stream=True, timeout=30)
-    lags = []
-    for kind, value, arrived in sse_events(follower):
-        if kind == "data" and value.get("choices"):
-            stamps = [float(stamp) for stamp in value["choices"][0]["delta"].get("content", "").split("|") if stamp]
-            lags.extend(arrived - stamp for stamp in stamps)
-            if len(lags) > 100:
-                break
-    follower.close()
-    steady = lags[20:]  # after the catch-up of what was sent before it attached
-    print(f"re-attach on another worker: lag p50 {statistics.median(steady) * 1000:.0f} ms, "
-          f"max {max(steady) * 1000:.0f} ms over {len(steady)} tokens")
-    assert max(steady) < 0.25
+    # A second page on the same worker gets the live events; one on the other worker follows the store.
+    stream_path = f"{jarvis.url}/api/conversations/{conversation_id}/messages/{message}/stream"
+    same = follow_lags(beside, stream_path, 100)
+    elsewhere = follow_lags(other, stream_path, 100)
+    for where, lags in (("the same worker", same), ("another worker", elsewhere)):
+        print(f"re-attach on {where}: lag p50 {statistics.median(lags) * 1000:.1f} ms, "
+              f"max {max(lags) * 1000:.1f} ms over {len(lags)} tokens")
+    assert max(same) < 0.05 and max(elsewhere) < 0.25
 
     exchange = upstream.wait_for_exchange()
     asked = time.monotonic()
@@ -245,3 +254,28 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
     rest = list(events)
     assert rest[-1][0] == "done" and rest[-2][1]["status"] == "stopped"
     assert content_of(rest) is not None
+
+
+@pytest.mark.browser
+@pytest.mark.model
+def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
+    """The embedded model writes one answer at a time: the page names the one ahead and offers to stop it."""
+    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5"}).start()  # no upstream: the embedded model
+    try:
+        page, problems = open_page(context, jarvis.url)
+        send(page, "Count from 1 to 400, separated by commas.")
+        wait_text_longer(page, 20)
+        first = page.evaluate("localStorage.getItem('jarvis.conversation')")
+        page.get_by_role("button", name="+ New chat").click()  # the first answer runs on, unwatched
+        page.wait_for_function(f"() => localStorage.getItem('jarvis.conversation') !== {first!r}")
+        send(page, "Say hello.")
+        page.get_by_text("Waiting for another answer to finish").wait_for(timeout=5000)
+        assert page.locator("nav li.running").count() == 1  # the other conversation, marked running
+        last_answer(page).get_by_role("button", name="Stop it").click()
+        wait_status(page, "complete", timeout=30)
+        assert answer_text(page).strip()
+        saved = requests.get(f"{jarvis.url}/api/conversations/{first}").json()["messages"][-1]
+        assert saved["status"] == "stopped" and saved["content"]
+        problems.assert_clean()
+    finally:
+        jarvis.stop()
