@@ -181,6 +181,7 @@ def test_second_request_waits_with_heartbeats_then_streams(jarvis):
     assert len(pings_while_queued) >= 2
     assert content_of(second_events)
     # One generation at a time: the second started only after the first had ended.
+    jarvis.wait_for_log("[second] local generation end")  # logged once its thread has finished
     order = re.findall(r"\[(first|second)\] local generation (start|end)", jarvis.log())
     assert order == [("first", "start"), ("first", "end"), ("second", "start"), ("second", "end")]
 
