@@ -88,7 +88,7 @@ def test_page_api_with_random_json(server, create, rename, message):
 @FUZZ
 @given(path=st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30), data=st.binary(max_size=100))
 def test_random_paths(server, path, data):
-    url = "/" + urllib.parse.quote(path)
+    url = "/" + urllib.parse.quote(path).lstrip("/")  # "//x" would read as a host to the test client
     assert post(server, url, data, content_type="application/octet-stream").status_code < 500
     assert post(server, url, b"", method="GET").status_code < 500
 
