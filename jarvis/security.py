@@ -7,6 +7,10 @@
   POST /api/session sets. /healthz, the page shell and its static files stay open.
 - State-changing requests from another site are refused (Origin and
   Sec-Fetch-Site), so a page elsewhere cannot start, rename or delete anything.
+- A request must name an allowed host (JARVIS_ALLOWED_HOSTS; by default loopback
+  names and the address Jarvis listens on), else 421: a page that re-points its
+  own name at 127.0.0.1 (DNS rebinding) is same-origin to the browser, but its
+  requests still say its name. /healthz answers to any name, for load balancers.
 - Every response says nosniff, no-referrer and no framing.
 
 Keys never appear in a log line or an error message.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import urllib.parse
@@ -66,8 +71,13 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(("jarvis-session:" + key).encode()).hexdigest()
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def _check_request() -> None:
     path = request.path
+    if path != "/healthz":
+        _refuse_unknown_host(state.settings())
     if request.method in _STATE_CHANGING:
         _refuse_cross_site()
     if not path.startswith(_PROTECTED):
@@ -92,6 +102,28 @@ def _authenticated(key: str) -> bool:
         return all(hmac.compare_digest(candidate.encode(), key.encode()) for candidate in presented)
     proof = session.get("auth")
     return isinstance(proof, str) and hmac.compare_digest(proof, _fingerprint(key))
+
+
+def _refuse_unknown_host(settings: Settings) -> None:
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    host = host.strip("[]").lower()
+    allowed = settings.allowed_hosts
+    if allowed is None:
+        listening = request.environ.get("SERVER_NAME", "")
+        allowed = _LOOPBACK_NAMES | {listening.strip("[]").lower(), settings.bind.rsplit(":", 1)[0].strip("[]")}
+        if host.endswith(".localhost") or _is_loopback_literal(host):
+            return
+    if "*" in allowed or host in allowed:
+        return
+    raise ApiError(421, f"This server does not answer to the name {host[:100]!r}: add it to JARVIS_ALLOWED_HOSTS "
+                        "if it is yours", code="misdirected_request")
+
+
+def _is_loopback_literal(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _refuse_cross_site() -> None:

@@ -66,6 +66,15 @@ def seconds_or_zero(name: str, raw: str) -> float:
     return value
 
 
+def host_list(name: str, raw: str) -> tuple[str, ...]:
+    hosts = tuple(host.strip().lower().strip("[]") for host in raw.split(",") if host.strip())
+    bad = [host for host in hosts if host != "*" and ("/" in host or " " in host)]
+    if not hosts or bad:
+        raise SettingsError(f"{name} must be a comma-separated list of host names, like chat.example.org,"
+                            f"10.0.0.5 (or * for any; got {raw!r})")
+    return hosts
+
+
 def integer(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
@@ -168,6 +177,10 @@ class Settings:
     secret_key: str | None = setting(
         "JARVIS_SECRET_KEY", None, text, "Signs the page's session cookie.",
         shown="generated into `JARVIS_DATA_DIR/secret_key`", secret=True)
+    allowed_hosts: tuple[str, ...] | None = setting(
+        "JARVIS_ALLOWED_HOSTS", None, host_list,
+        "Host names clients may use to reach Jarvis (comma-separated; `*` for any); others get 421.",
+        shown="loopback names and the address it listens on")
     allow_no_auth: bool = setting(
         "JARVIS_ALLOW_NO_AUTH", False, flag, "1 lets Jarvis listen beyond loopback without a key.")
     max_streams: int = setting(

@@ -146,3 +146,33 @@ def test_the_page_receives_only_known_chunk_fields(client, backend):
     deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
     assert all(set(delta) <= {"role", "content", "reasoning_content", "content_was_reasoning"} for delta in deltas)
     assert all(isinstance(value, (int, float, str, type(None))) for value in chunks[-1]["stats"].values())
+
+
+# -- DNS rebinding: a hostile page re-points its own name at 127.0.0.1 -----------------------------------------
+
+@pytest.mark.parametrize("key", [None, KEY], ids=["no key", "with a key"])
+def test_a_request_naming_another_host_is_421_even_from_the_same_origin(make_client, backend, key):
+    client = make_client(api_key=key)
+    rebound = {"Host": "attacker.example", "Origin": "http://attacker.example", "Sec-Fetch-Site": "same-origin"}
+    for method, path, body in [("GET", "/api/conversations", None), ("POST", "/api/conversations", {}),
+                               ("POST", "/v1/chat/completions", CHAT), ("GET", "/", None)]:
+        response = client.open(path, method=method, json=body, headers=rebound)
+        assert response.status_code == 421, path
+        assert response.json["error"]["code"] == "misdirected_request"
+        assert "JARVIS_ALLOWED_HOSTS" in response.json["error"]["message"]
+    assert backend.requests == []
+    assert client.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200  # liveness only
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "127.0.0.2",
+                                  "app.localhost"])
+def test_loopback_names_are_allowed_by_default(client, host):
+    assert client.get("/api/conversations", headers={"Host": host}).status_code == 200
+
+
+def test_configured_names_are_allowed_and_only_them(make_client):
+    client = make_client(allowed_hosts=("chat.example.org",))
+    assert client.get("/api/conversations", headers={"Host": "chat.example.org"}).status_code == 200
+    assert client.get("/api/conversations", headers={"Host": "localhost"}).status_code == 421
+    anyone = make_client(allowed_hosts=("*",))
+    assert anyone.get("/api/conversations", headers={"Host": "whatever.example"}).status_code == 200

@@ -84,3 +84,16 @@ def test_settings_are_frozen_and_replaced_with_dataclasses():
                                                ("[::]:8000", False), ("example.org:80", False)])
 def test_loopback_detection(address, loopback):
     assert is_loopback_bind(address) is loopback
+
+
+@pytest.mark.parametrize("raw, hosts", [("chat.example.org", ("chat.example.org",)),
+                                        ("A.example, [::1] ,10.0.0.5", ("a.example", "::1", "10.0.0.5")),
+                                        ("*", ("*",))])
+def test_allowed_hosts_are_read_as_a_list(raw, hosts):
+    assert Settings.from_env({"JARVIS_UPSTREAM_URL": "http://x/v1", "JARVIS_ALLOWED_HOSTS": raw}).allowed_hosts == hosts
+
+
+@pytest.mark.parametrize("raw", [",", "http://a.example/", "a b"])
+def test_bad_allowed_hosts_name_the_variable(raw):
+    with pytest.raises(SettingsError, match="JARVIS_ALLOWED_HOSTS"):
+        Settings.from_env({"JARVIS_UPSTREAM_URL": "http://x/v1", "JARVIS_ALLOWED_HOSTS": raw})
