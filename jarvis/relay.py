@@ -138,9 +138,9 @@ class Relay:
             self.counted = True
             self.watcher.start()
             self.pump = spawn(self._pump)
-            if self.request.stream:
-                self._wait_for(_Opened, self.inactivity, "upstream_timeout",
-                               "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
+            # Streamed or not, an upstream that has not answered at all within the inactivity limit never will.
+            self._wait_for(_Opened, self.inactivity, "upstream_timeout",
+                           "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
         except BaseException as error:
             if isinstance(error, ApiError):
                 self.error_code, self.error_message = error.code, error.message

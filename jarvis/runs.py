@@ -61,9 +61,21 @@ def page_chunk(*, delta: dict | None = None, **fields) -> dict:
     return {"object": "chat.completion.chunk", "choices": choices, **fields}
 
 
+def utf16_length(text: str) -> int:
+    """Length as the page counts it: JavaScript strings count UTF-16 units (an emoji is 2)."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def utf16_tail(text: str, start: int) -> str:
+    """What follows the first `start` UTF-16 units of `text` (a split pair stays split, as the page has it)."""
+    if text.isascii():
+        return text[start:]
+    return text.encode("utf-16-le", "surrogatepass")[2 * start:].decode("utf-16-le", "surrogatepass")
+
+
 def missing_text(content: str, reasoning: str, reasoning_moved: bool, after: int,
                  reasoning_after: int) -> tuple[dict, int, int]:
-    """The delta that brings a page showing `after` characters of content and `reasoning_after` of
+    """The delta that brings a page showing `after` UTF-16 units of content and `reasoning_after` of
     reasoning up to date, and the page's offsets afterwards.
 
     When the answer's first content turned out to be reasoning (`reasoning_moved`: a lone </think>) and
@@ -75,11 +87,12 @@ def missing_text(content: str, reasoning: str, reasoning_moved: bool, after: int
     if reasoning_moved and after and not reasoning_after:
         delta["content_was_reasoning"] = True
         after, reasoning_after = 0, after
-    if len(reasoning) > reasoning_after:
-        delta["reasoning_content"] = reasoning[reasoning_after:]
-    if len(content) > after:
-        delta["content"] = content[after:]
-    return delta, max(after, len(content)), max(reasoning_after, len(reasoning))
+    content_length, reasoning_length = utf16_length(content), utf16_length(reasoning)
+    if reasoning_length > reasoning_after:
+        delta["reasoning_content"] = utf16_tail(reasoning, reasoning_after)
+    if content_length > after:
+        delta["content"] = utf16_tail(content, after)
+    return delta, max(after, content_length), max(reasoning_after, reasoning_length)
 
 
 class Watcher:

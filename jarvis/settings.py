@@ -150,6 +150,12 @@ class Settings:
         "A page's answer runs on with nobody watching for this long, then stops; 0: stop when the page leaves.")
     upstream_connect_seconds: float = setting(
         "JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0, seconds, "Connect timeout to the upstream.")
+    upstream_models_seconds: float = setting(
+        "JARVIS_UPSTREAM_MODELS_SECONDS", 10.0, seconds,
+        "The longest an upstream's `/models` answer may take, all of it (504 after).")
+    upstream_body_max_bytes: int = setting(
+        "JARVIS_UPSTREAM_BODY_MAX_BYTES", 16 * 1024 * 1024, integer(1024),
+        "Largest whole answer taken from an upstream (`/models`, a non-streamed completion); 502 above.")
     max_body_bytes: int = setting(
         "JARVIS_MAX_BODY_BYTES", 4 * 1024 * 1024, integer(1024), "Largest request body (413 above).")
     local_model: str | None = setting(

@@ -220,7 +220,7 @@ class SQLiteStore:
         return [{**dict(row), "running": bool(row["running"])} for row in rows]
 
     def create_conversation(self, title: str) -> dict:
-        conversation = {"id": secrets.token_urlsafe(16), "title": title, "created_at": time.time()}
+        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": time.time()}
         conversation["updated_at"] = conversation["created_at"]
         self._run(self._execute, "INSERT INTO conversations (id, title, created_at, updated_at) "
                                  "VALUES (:id, :title, :created_at, :updated_at)", conversation)
@@ -244,7 +244,7 @@ class SQLiteStore:
 
     def rename_conversation(self, conversation_id: str, title: str) -> bool:
         return self._run(self._execute, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
-                         (title, time.time(), conversation_id)) > 0
+                         (storable(title), time.time(), conversation_id)) > 0
 
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._run(self._execute, "DELETE FROM conversations WHERE id = ?", (conversation_id,)) > 0
@@ -253,7 +253,7 @@ class SQLiteStore:
 
     def add_message(self, conversation_id: str, role: str, content: str, status: str = "complete",
                     model: str | None = None, trace_id: str | None = None) -> int:
-        return self._run(self._add_message, conversation_id, role, content, status, model, trace_id)
+        return self._run(self._add_message, conversation_id, role, storable(content), status, model, trace_id)
 
     def _add_message(self, conversation_id, role, content, status, model, trace_id) -> int:
         now = time.time()
@@ -284,8 +284,8 @@ class SQLiteStore:
         return self._execute(
             "UPDATE messages SET content = ?, reasoning = ?, reasoning_moved = ?, status = ?, error = ?, stats = ?, "
             f"updated_at = ? WHERE id = ?{only_while_streaming}",
-            (content, reasoning, int(reasoning_moved), status, error, None if stats is None else json.dumps(stats),
-             time.time(), message_id)) > 0
+            (storable(content), storable(reasoning), int(reasoning_moved), status, error and storable(error),
+             None if stats is None else json.dumps(stats), time.time(), message_id)) > 0
 
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None:
         self._run(self._execute, "DELETE FROM messages WHERE conversation_id = ? AND id >= ?",
@@ -300,8 +300,8 @@ class SQLiteStore:
         `delete_from` on (edit, regenerate), add the user's message, the answer (streaming) and its run.
         Returns the answer's id and the history before it. Raises NoSuchConversation or ConversationBusy
         (a live run exists, on any worker), leaving everything as it was."""
-        return self._run(self._start_answer, conversation_id, owner, user_content, delete_from, title, model,
-                         trace_id)
+        return self._run(self._start_answer, conversation_id, owner, user_content and storable(user_content),
+                         delete_from, title and storable(title), model, trace_id)
 
     def _start_answer(self, conversation_id, owner, user_content, delete_from, title, model, trace_id):
         now = time.time()
@@ -390,6 +390,14 @@ class SQLiteStore:
 
     def journal_mode(self) -> str:
         return self._run(lambda: self.connection.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def storable(text: str) -> str:
+    """Text SQLite can hold: UTF-16 halves that arrived apart are paired again (an emoji split across two
+    upstream events), a lone half becomes U+FFFD. Model output must never make a write fail."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _message(row: sqlite3.Row) -> dict:

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from tests import hostile_upstream as hostile
 from tests.net import read_http_request
 from tests.upstream_shapes import answer_chunks
 
@@ -49,6 +50,12 @@ class Scenario:
     reasoning_tokens: int = 0  # thinking tokens ("r0 r1 ...") before the answer's tokens
     tool_call: dict | None = None  # {"name", "arguments"}: stream an OpenAI tool call after the tokens
     ignores_usage: bool = False  # never send usage, even when asked (llama-cpp-python's server)
+    hostile: str | None = None  # a named attack instead of an answer: see tests/hostile_upstream.py
+    event_bytes: int = 4 * 1024 * 1024 - 64  # hostile huge_events: the size of each event
+    seconds: float = 5.0  # hostile huge_events: for how long
+    drip_seconds: float = 0.2  # hostile drip: between bytes
+    models: str = "normal"  # /models: normal, or a hostile mode (huge, drip, silent)
+    models_bytes: int = 300_000_000  # /models huge: about this many bytes
 
     @classmethod
     def from_request(cls, default: Scenario, body: dict) -> Scenario:
@@ -182,6 +189,10 @@ class FakeUpstream:
             self._lock.notify_all()
         try:
             if path.endswith("/models") and method == "GET":
+                if scenario.models != "normal":
+                    hostile.play_models(scenario.models, sock, scenario, _send, _pause)
+                    self._record(exchange, finished_at=time.monotonic())
+                    return False
                 _send_json(sock, 200, {"object": "list", "data": [{"id": "fake-model", "object": "model",
                                                                     "owned_by": "tests"}]})
                 self._record(exchange, finished_at=time.monotonic())
@@ -191,6 +202,10 @@ class FakeUpstream:
                                                  "param": None, "code": None}})
                 self._record(exchange, finished_at=time.monotonic())
                 return True
+            if scenario.hostile:
+                hostile.play(scenario.hostile, sock, scenario, _send, _pause)
+                self._record(exchange, finished_at=time.monotonic())
+                return False
             return self._chat(sock, exchange, scenario, payload)
         except PeerClosed:
             self._record(exchange, closed_at=time.monotonic())

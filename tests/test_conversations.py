@@ -175,3 +175,16 @@ def test_stats_are_counted_from_the_stream_when_the_upstream_sends_no_usage(clie
     stats = read(client, conversation_id)["messages"][-1]["stats"]
     assert (stats["completion_tokens"], stats["tokens_source"]) == (6, "stream")
     assert 10 < stats["tokens_per_second"] < 60  # 5 intervals of 20 ms: 50 tokens/s
+
+
+def test_the_page_path_enforces_the_same_message_limits_as_v1(make_client, backend):
+    client = make_client(max_messages=3, max_message_chars=50)
+    conversation_id = create(client)
+    reply(client, conversation_id, content="one")
+    too_many = send(client, conversation_id, content="two")  # one, its answer, two: 3 are allowed...
+    too_many.get_data()
+    third = send(client, conversation_id, content="three")  # ...five are not
+    assert third.status_code == 400 and third.json["error"]["code"] == "too_many_messages"
+    too_long = send(client, create(client), content="x" * 51)
+    assert too_long.status_code == 400 and too_long.json["error"]["code"] == "messages_too_long"
+    assert len(read(client, conversation_id)["messages"]) == 4  # nothing was added by the refused sends

@@ -21,6 +21,8 @@ from tests.test_conversations import settle
     ("", "hmm, okay", True, 4, 0, {"content_was_reasoning": True, "reasoning_content": " okay"}, (0, 9)),
     ("It is", "hmm.", True, 4, 0, {"content_was_reasoning": True, "content": "It is"}, (5, 4)),
     ("It is 4.", "hmm.", True, 5, 4, {"content": " 4."}, (8, 4)),  # the page had seen the move already
+    ("I 😀 it", "", False, 4, 0, {"content": " it"}, (7, 0)),  # offsets count UTF-16 units, as JavaScript does
+    ("I \ud83d", "", False, 2, 0, {"content": "\ud83d"}, (3, 0)),  # half a pair, as it arrived
 ])
 def test_a_re_attaching_page_gets_exactly_what_it_lacks(content, reasoning, moved, after, reasoning_after, delta,
                                                          offsets):

@@ -10,6 +10,7 @@ socket close and stops generating.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 
@@ -40,22 +41,30 @@ class UpstreamBackend:
         self.base_url = settings.upstream_url
         self.model = settings.model
         self.models_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds)
+        self.models_seconds = settings.upstream_models_seconds
+        self.body_limit = settings.upstream_body_max_bytes
         # No read timeout on completions: the relay enforces inactivity and duration by cancelling
         # the read, and a timeout here would cost a timer on every socket read of every chunk.
         self.chat_timeout = (settings.upstream_connect_seconds, None)
         self.session = _new_session(settings.upstream_api_key)
 
     def models(self) -> dict:
-        """The upstream's model list, unchanged."""
+        """The upstream's model list, unchanged; within JARVIS_UPSTREAM_MODELS_SECONDS and
+        JARVIS_UPSTREAM_BODY_MAX_BYTES, however slowly or hugely the upstream answers."""
         request_id = upstream_request_id(trace_id_var.get())
-        response = self._send("GET", "/models", None, request_id, self.models_timeout, stream=False)
         try:
-            return response.json()
-        except ValueError:
+            with gevent.Timeout(self.models_seconds):
+                response = self._send("GET", "/models", None, request_id, self.models_timeout, stream=True)
+                _check_content(response, "application/json", "a JSON model list")
+                body = read_capped(response, self.body_limit, "/models")
+        except gevent.Timeout:
+            raise ApiError(504, f"The upstream's /models answer took longer than {self.models_seconds:g} s "
+                                "(JARVIS_UPSTREAM_MODELS_SECONDS)", type_="upstream_error", code="upstream_timeout")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
             raise ApiError(502, "The upstream's /models answer is not JSON", type_="upstream_error",
                            code="upstream_malformed")
-        finally:
-            response.close()
 
     def status(self) -> None:
         return None  # /healthz never touches the upstream
@@ -67,7 +76,11 @@ class UpstreamBackend:
             body = json.dumps({**request.body, "model": self.model}).encode()
         response = self._send("POST", "/chat/completions", body, request.upstream_request_id, self.chat_timeout,
                               stream=True)
-        return UpstreamGeneration(response)
+        if request.stream:
+            _check_content(response, "text/event-stream", "an event stream")
+        else:
+            _check_content(response, "application/json", "a JSON answer")
+        return UpstreamGeneration(response, self.body_limit)
 
     def _send(self, method, path, body, request_id, timeout, stream) -> requests.Response:
         headers = {"X-Request-Id": request_id}
@@ -81,12 +94,61 @@ class UpstreamBackend:
                            type_="upstream_error", code="upstream_unreachable")
         except requests.exceptions.ReadTimeout:
             raise ApiError(504, "The upstream did not answer in time", type_="upstream_error", code="upstream_timeout")
+        except requests.exceptions.ConnectionError as error:
+            if _closed_before_answering(error):
+                raise ApiError(502, f"The upstream at {self.base_url} accepted the request, then closed the "
+                                    "connection before answering", type_="upstream_error", code="upstream_closed")
+            raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
+                           type_="upstream_error", code="upstream_unreachable")
         except _READ_ERRORS as error:
             raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
                            type_="upstream_error", code="upstream_unreachable")
         if response.status_code >= 300:
             raise _status_error(response)
         return response
+
+
+def _closed_before_answering(error: Exception) -> bool:
+    """Whether the connection was made and the upstream hung up without a status line."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, http.client.RemoteDisconnected):
+            return True
+        error = next((arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)),
+                     error.__cause__ or error.__context__)
+    return False
+
+
+def _check_content(response: requests.Response, expected: str, what: str) -> None:
+    """A 2xx answer must be what was asked for, uncompressed: else 502 before any byte goes out."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    content_type = response.headers.get("Content-Type")
+    problem = None
+    if encoding not in ("", "identity"):
+        problem = f"is compressed ({encoding}) although Jarvis asked for it uncompressed"
+    elif content_type is not None and not content_type.strip().lower().startswith(expected):
+        problem = f"is {content_type.split(';')[0].strip()[:60]!r}, not {what}"
+    if problem:
+        response.close()
+        raise ApiError(502, f"The upstream's answer {problem}: is JARVIS_UPSTREAM_URL an OpenAI-compatible API "
+                            "(including /v1), with nothing in between that rewrites it?", type_="upstream_error",
+                       code="upstream_malformed")
+
+
+def read_capped(response: requests.Response, limit: int, what: str) -> bytes:
+    """A whole upstream body, refused (502) past `limit` bytes (JARVIS_UPSTREAM_BODY_MAX_BYTES)."""
+    try:
+        body = response.raw.read(limit + 1)
+    except _READ_ERRORS as error:
+        raise ApiError(502, f"The upstream connection broke ({type(error).__name__})", type_="upstream_error",
+                       code="upstream_disconnected")
+    finally:
+        response.close()
+    if len(body) > limit:
+        raise ApiError(502, f"The upstream's {what} answer is larger than {limit} bytes "
+                            "(JARVIS_UPSTREAM_BODY_MAX_BYTES)", type_="upstream_error", code="upstream_too_large")
+    return body
 
 
 def _new_session(api_key: str | None) -> requests.Session:
@@ -128,11 +190,25 @@ def _status_error(response: requests.Response) -> ApiError:
     return ApiError(status, message, type_=type_, code="upstream_status")
 
 
+# An event with more brackets than this is parsed once, to be sure no client chokes on its nesting.
+_NESTING_CHECK = 1000
+
+
+def _valid_utf8(data: bytes) -> bytes:
+    """The bytes as they are when they are UTF-8; else with each bad byte replaced (U+FFFD)."""
+    try:
+        data.decode("utf-8")
+        return data
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace").encode("utf-8")
+
+
 class UpstreamGeneration:
     """One open upstream response."""
 
-    def __init__(self, response: requests.Response):
+    def __init__(self, response: requests.Response, body_limit: int):
         self.response = response
+        self.body_limit = body_limit
         self.finished = False
         self.malformed = 0
 
@@ -178,18 +254,25 @@ class UpstreamGeneration:
             if not (payload[:1] == b"{" and payload.rstrip()[-1:] == b"}"):
                 self.malformed += 1
                 continue
-            if b'"error"' in payload:
-                self._raise_if_error(payload)
+            if not payload.isascii():
+                payload = _valid_utf8(payload)
+            if b'"error"' in payload or payload.count(b"[") + payload.count(b"{") > _NESTING_CHECK:
+                if not self._checked_event(payload):
+                    self.malformed += 1
+                    continue
             batch.append(payload)
         return batch
 
-    def _raise_if_error(self, payload: bytes) -> None:
+    def _checked_event(self, payload: bytes) -> bool:
+        """Raise the upstream's error event; False for an event no client could parse (nested too deep)."""
         try:
             event = json.loads(payload)
+        except RecursionError:
+            return False
         except ValueError:
-            return
+            return True
         if not isinstance(event, dict):
-            return
+            return True
         if "error" in event:
             error = event["error"]
             raise UpstreamErrorEvent(error if isinstance(error, dict) else
@@ -197,14 +280,13 @@ class UpstreamGeneration:
         if event.get("object") == "error":  # vLLM's flat form
             raise UpstreamErrorEvent(error_object(str(event.get("message") or "upstream error"),
                                                   str(event.get("type") or "upstream_error"), "upstream_error"))
+        return True
 
     def result(self) -> tuple[int, bytes]:
-        """The whole body of a non-streaming answer."""
-        try:
-            body = self.response.raw.read()
-        except _READ_ERRORS as error:
-            raise ApiError(502, f"The upstream connection broke ({type(error).__name__})",
-                           type_="upstream_error", code="upstream_disconnected")
+        """The whole body of a non-streaming answer (at most JARVIS_UPSTREAM_BODY_MAX_BYTES)."""
+        body = read_capped(self.response, self.body_limit, "answer")
+        if not body.isascii():
+            body = _valid_utf8(body)
         self.finished = True
         return self.response.status_code, body
 

@@ -1,0 +1,95 @@
+"""A hostile upstream cannot make Jarvis crash, hang, relay garbage or lose its answer (live gunicorn)."""
+
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.clients import chat_body, page_text
+from tests.live import sse_events
+
+pytestmark = pytest.mark.live
+
+
+def chat(jarvis, mode: str, stream: bool = True, **fault):
+    return requests.post(jarvis.url + "/v1/chat/completions", json=chat_body({"hostile": mode, **fault}, stream),
+                         stream=stream, timeout=30)
+
+
+@pytest.mark.parametrize("mode, stream", [("html", True), ("gzip", True), ("json", True), ("html", False),
+                                          ("gzip", False)])
+def test_a_2xx_that_is_not_what_was_asked_is_502_before_any_byte(jarvis, mode, stream):
+    response = chat(jarvis, mode, stream)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "upstream_malformed" and "JARVIS_UPSTREAM_URL" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_upstream_that_closes_before_answering_says_so(jarvis, stream):
+    response = chat(jarvis, "close", stream)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_closed"
+
+
+def test_invalid_utf8_is_replaced_never_relayed(jarvis):
+    body = chat(jarvis, "invalid_utf8").raw.read()
+    body.decode("utf-8")  # all of it valid now
+    assert "caf\ufffd\ufffd " in body.decode("utf-8")
+
+
+def test_a_nested_event_is_dropped_and_the_stream_ends_cleanly(jarvis):
+    events = list(sse_events(chat(jarvis, "nested")))
+    assert events[-1][0] == "done" and not any(kind == "data" and "error" in value for kind, value, _ in events)
+    jarvis.wait_for_log("skipped 1 upstream events")
+    jarvis.assert_log_clean()
+
+
+def test_the_page_path_survives_a_nested_event_and_ends_with_done(jarvis, upstream):
+    upstream.scenario.hostile = "nested"
+    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()["id"]
+    events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation}/messages",
+                                           json={"content": "hi"}, stream=True, timeout=30)))
+    assert events[-1][0] == "done" and events[-2][1]["status"] == "complete"
+    jarvis.assert_log_clean()
+
+
+def test_surrogate_halves_are_saved_as_the_emoji_they_make(jarvis, upstream):
+    upstream.scenario.hostile = "surrogates"
+    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()["id"]
+    events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation}/messages",
+                                           json={"content": "hi"}, stream=True, timeout=30)))
+    assert events[-1][0] == "done"
+    shown = page_text([value for kind, value, _ in events if kind == "data"])[1]
+    assert shown.encode("utf-16", "surrogatepass").decode("utf-16") == "smile \U0001f600 done"
+    saved = requests.get(f"{jarvis.url}/api/conversations/{conversation}").json()["messages"][-1]
+    assert (saved["status"], saved["content"]) == ("complete", "smile \U0001f600 done")
+    jarvis.assert_log_clean()
+
+
+def test_a_silent_upstream_fails_a_whole_answer_at_the_inactivity_limit(start_jarvis):
+    jarvis = start_jarvis({"JARVIS_STREAM_INACTIVITY_SECONDS": "1"})
+    started = time.monotonic()
+    response = chat(jarvis, "silent", stream=False)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - started < 2.5
+
+
+def test_models_from_a_dripping_upstream_end_at_their_deadline(start_jarvis, upstream):
+    upstream.scenario.models, upstream.scenario.drip_seconds = "drip", 0.1
+    jarvis = start_jarvis({"JARVIS_UPSTREAM_MODELS_SECONDS": "1"})
+    started = time.monotonic()
+    response = requests.get(jarvis.url + "/v1/models", timeout=10)
+    assert response.status_code == 504 and "JARVIS_UPSTREAM_MODELS_SECONDS" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 2.0
+    assert requests.get(jarvis.url + "/healthz", timeout=1).ok
+
+
+def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream):
+    upstream.scenario.models = "huge"  # about 300 MB
+    worker = psutil.Process(jarvis.worker().pid)
+    before = worker.memory_info().rss
+    response = requests.get(jarvis.url + "/v1/models", timeout=30)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_too_large"
+    assert worker.memory_info().rss - before < 100 * 1024 * 1024
+    assert requests.get(jarvis.url + "/healthz", timeout=1).ok
