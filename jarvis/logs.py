@@ -50,9 +50,24 @@ def spawn(function, *args) -> gevent.Greenlet:
     return gevent.spawn(context.run, function, *args)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def escaped(value):
+    """A logged value with control characters written out (\\x0a): a request's path or header can never
+    start a forged log line."""
+    if isinstance(value, str) and _CONTROL.search(value):
+        return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", value)
+    return value
+
+
 class _TraceIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.trace_id = trace_id_var.get()
+        if isinstance(record.args, tuple):
+            record.args = tuple(escaped(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: escaped(value) for key, value in record.args.items()}
         return True
 
 

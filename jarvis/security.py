@@ -4,7 +4,9 @@
   `Authorization: Bearer <key>` or `x-api-key: <key>` (the same check, compared
   in constant time; a wrong key in either header fails even with a good
   cookie), or the page's signed, HttpOnly, SameSite=Strict session cookie that
-  POST /api/session sets. /healthz, the page shell and its static files stay open.
+  POST /api/session sets. The cookie holds only a random session id; the session
+  itself is kept in the store, so signing out revokes it on every worker, and a
+  new key ends every session. /healthz, the page shell and its static files stay open.
 - State-changing requests from another site are refused (Origin and
   Sec-Fetch-Site), so a page elsewhere cannot start, rename or delete anything.
 - A request must name an allowed host (JARVIS_ALLOWED_HOSTS; by default loopback
@@ -25,7 +27,7 @@ import os
 import secrets
 import urllib.parse
 
-from flask import Blueprint, Flask, Response, request, session
+from flask import Blueprint, Flask, Response, current_app, request, session
 
 from jarvis import state
 from jarvis.errors import ApiError
@@ -66,9 +68,10 @@ def _stored_secret(data_dir: str) -> str:
     return secret
 
 
-def _fingerprint(key: str) -> str:
-    """What the session cookie holds: proof of the key, not the key; a new key logs everyone out."""
-    return hashlib.sha256(("jarvis-session:" + key).encode()).hexdigest()
+def _key_check(key: str) -> str:
+    """What a stored session keeps of the key it was made with (keyed with the secret; never in a
+    cookie): a new key makes every session invalid."""
+    return hmac.new(current_app.secret_key.encode(), b"jarvis-api-key:" + key.encode(), hashlib.sha256).hexdigest()
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -100,8 +103,9 @@ def _authenticated(key: str) -> bool:
         presented.append(request.headers["x-api-key"].strip())
     if presented:  # every key presented must be right: a second header is never a bypass
         return all(hmac.compare_digest(candidate.encode(), key.encode()) for candidate in presented)
-    proof = session.get("auth")
-    return isinstance(proof, str) and hmac.compare_digest(proof, _fingerprint(key))
+    session_id = session.get("sid")
+    max_age = current_app.permanent_session_lifetime.total_seconds()
+    return isinstance(session_id, str) and state.store().session_valid(session_id, _key_check(key), max_age)
 
 
 def _refuse_unknown_host(settings: Settings) -> None:
@@ -161,13 +165,16 @@ def sign_in():
     if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):
         raise ApiError(401, "That is not the API key", code="invalid_api_key")
     session.clear()
-    session["auth"] = _fingerprint(key)
+    session["sid"] = state.store().create_session(_key_check(key))
     session.permanent = True
     return "", 204
 
 
 @bp.delete("")
 def sign_out():
-    """Forget the page's session."""
+    """End the page's session, on the server too: a copy of the cookie no longer works anywhere."""
+    session_id = session.get("sid")
+    if isinstance(session_id, str):
+        state.store().delete_session(session_id)
     session.clear()
     return "", 204

@@ -72,6 +72,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             watched_at REAL
         )""",
     ),
+    (  # 3 -> 4: the page's sign-in sessions, so that signing out revokes one everywhere
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            key_check TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,6 +119,9 @@ class ConversationStore(Protocol):
     def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]: ...
     def request_stop(self, conversation_id: str) -> bool: ...
     def follow(self, message_id: int, *, touch: bool) -> dict | None: ...
+    def create_session(self, key_check: str) -> str: ...
+    def session_valid(self, session_id: str, key_check: str, max_age: float) -> bool: ...
+    def delete_session(self, session_id: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -381,6 +391,24 @@ class SQLiteStore:
             message = db.execute("SELECT id, conversation_id, role, content, reasoning, reasoning_moved, status, "
                                  "error, stats, trace_id FROM messages WHERE id = ?", (message_id,)).fetchone()
         return _message(message)
+
+    # -- the page's sign-in sessions -------------------------------------------------------------
+
+    def create_session(self, key_check: str) -> str:
+        """A new session for a page that presented the key; its id is the cookie's only content."""
+        session_id = secrets.token_urlsafe(32)
+        self._run(self._execute, "INSERT INTO sessions (id, key_check, created_at) VALUES (?, ?, ?)",
+                  (session_id, key_check, time.time()))
+        return session_id
+
+    def session_valid(self, session_id: str, key_check: str, max_age: float) -> bool:
+        """Whether the session exists, is younger than `max_age` seconds, and was made with today's key."""
+        row = self._run(lambda: self.connection.execute(
+            "SELECT key_check, created_at FROM sessions WHERE id = ?", (session_id,)).fetchone())
+        return row is not None and secrets.compare_digest(row[0], key_check) and time.time() - row[1] < max_age
+
+    def delete_session(self, session_id: str) -> None:
+        self._run(self._execute, "DELETE FROM sessions WHERE id = ?", (session_id,))
 
     def _execute(self, sql: str, parameters) -> int:
         return self.connection.execute(sql, parameters).rowcount

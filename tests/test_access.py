@@ -176,3 +176,33 @@ def test_configured_names_are_allowed_and_only_them(make_client):
     assert client.get("/api/conversations", headers={"Host": "localhost"}).status_code == 421
     anyone = make_client(allowed_hosts=("*",))
     assert anyone.get("/api/conversations", headers={"Host": "whatever.example"}).status_code == 200
+
+
+def test_signing_out_revokes_the_session_on_the_server(guarded):
+    assert guarded.post("/api/session", json={"key": KEY}).status_code == 204
+    cookie = guarded.get_cookie("jarvis_session").value
+    assert guarded.get("/api/conversations").status_code == 200
+    guarded.delete("/api/session")
+    guarded.set_cookie("jarvis_session", cookie)  # a copy of the old cookie, replayed
+    assert guarded.get("/api/conversations").status_code == 401
+
+
+def test_the_cookie_holds_a_random_id_and_nothing_derived_from_the_key(guarded):
+    import base64
+    import hashlib
+    import json as json_module
+
+    guarded.post("/api/session", json={"key": KEY})
+    payload = guarded.get_cookie("jarvis_session").value.split(".")[0]
+    content = json_module.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert set(content) <= {"sid", "_permanent"} and len(content["sid"]) >= 40
+    assert hashlib.sha256(("jarvis-session:" + KEY).encode()).hexdigest() not in json_module.dumps(content)
+
+
+def test_a_new_key_ends_every_session(make_client):
+    old = make_client(api_key=KEY)
+    old.post("/api/session", json={"key": KEY})
+    cookie = old.get_cookie("jarvis_session").value
+    rotated = make_client(api_key="another-key-0123456789abcdef")  # same data directory and secret
+    rotated.set_cookie("jarvis_session", cookie)
+    assert rotated.get("/api/conversations").status_code == 401

@@ -79,3 +79,16 @@ def test_metrics_count_streams_by_outcome(client, backend):
     backend.enqueue([StreamError("model_crash", "the model crashed")])
     client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data()
     assert (count("complete"), count("upstream_error")) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_path_with_a_newline_cannot_forge_a_log_line(make_app, jarvis_log):
+    app = make_app()
+
+    def boom(rest):
+        raise RuntimeError("a bug")
+
+    app.add_url_rule("/boom/<rest>", view_func=boom)
+    response = app.test_client().get("/boom/x%0a[2026-01-01 00:00:00 +0000] [1] [INFO] forged")
+    assert response.status_code == 500 and response.json["error"]["code"] == "internal_error"
+    message = next(message for message in jarvis_log.messages() if "unexpected error" in message)
+    assert "\n" not in message and "x\\x0a[2026-01-01" in message
