@@ -112,7 +112,7 @@ class Servers:
 def request_bytes(options: dict) -> bytes:
     body = json.dumps({"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hi"}],
                        "x_bench": options}).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 

@@ -33,6 +33,7 @@ class Answer:
         self.answer_started_at: float | None = None
         self.chunks_with_text = 0
         self.reasoning_moved = False  # its first content turned out to be reasoning (a lone </think>)
+        self.length = 0  # characters of reasoning and content together
         self.usage: dict | None = None
         self.timings: dict | None = None
 
@@ -85,6 +86,7 @@ class Answer:
             self.thinking_started_at = self.answer_started_at
             self.answer_started_at = None
             fields["content_was_reasoning"] = True
+        self.length += len(split.reasoning) + len(split.content)
         if split.reasoning:
             self.reasoning_parts.append(split.reasoning)
             self.thinking_started_at = self.thinking_started_at or now

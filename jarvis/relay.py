@@ -25,6 +25,7 @@ import socket
 import time
 
 import gevent
+import gevent.event
 import gevent.queue
 from flask import Response
 
@@ -38,6 +39,7 @@ from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
 log = logging.getLogger(__name__)
 
 _QUEUE_BATCHES = 256
+_QUEUE_BYTES = 8 * 1024 * 1024  # the pump waits while this much is read but not yet written
 _KILL_SECONDS = 2.0
 
 class _Opened:
@@ -106,10 +108,14 @@ class Relay:
         # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
         self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
         self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
+        self.queued_bytes = 0
+        self.room = gevent.event.Event()  # set while queued_bytes is under _QUEUE_BYTES
+        self.room.set()
         self.watcher = ClientWatcher(environ, self._client_gone)
         self.pump: gevent.Greenlet | None = None
         self.generation = None
         self.stop_reason: str | None = None
+        self.stop_error: StreamError | None = None  # what a stop for another reason tells the client
         self.outcome = "client_stop"
         self.events = 0
         self.started = time.monotonic()
@@ -190,14 +196,14 @@ class Relay:
                 for batch in batches:
                     if batch:
                         # Hand the client its first token before relaying the rest of a burst.
-                        put(batch[:1])
+                        self._put_batch(batch[:1])
                         gevent.sleep(0)
                         if len(batch) > 1:
-                            put(batch[1:])
+                            self._put_batch(batch[1:])
                         break
                     put(batch)
                 for batch in batches:
-                    put(batch)
+                    self._put_batch(batch)
                 put(_END)
             else:
                 put(_Result(*generation.result()))
@@ -215,15 +221,30 @@ class Relay:
                     log.warning("closing the backend generation failed", exc_info=True)
             self.upstream_closed_at = time.monotonic()
 
+    def _put_batch(self, batch: list[bytes]) -> None:
+        """Queue a batch; past _QUEUE_BYTES, wait until the response has written enough of it."""
+        self.queued_bytes += sum(map(len, batch))
+        self.queue.put(batch)
+        if self.queued_bytes > _QUEUE_BYTES:
+            self.room.clear()
+            self.room.wait()
+
+    def _taken(self, batch: list[bytes]) -> None:
+        self.queued_bytes -= sum(map(len, batch))
+        if self.queued_bytes <= _QUEUE_BYTES and not self.room.is_set():
+            self.room.set()
+
     # -- stop signals from other greenlets -----------------------------------
 
     def _client_gone(self, how: str) -> None:
         self.client_left_by = how
         self._stop("client_stop")
 
-    def interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: str, error: StreamError | None = None) -> None:
         """Stop this stream from another greenlet: shutdown, deleted (its conversation), stopped (on
-        purpose), detached (nobody watching)."""
+        purpose), detached (nobody watching); or for any other reason, ending with `error`."""
+        if error is not None and self.stop_reason is None:
+            self.stop_error = error
         self._stop(reason)
 
     def _stop(self, reason: str) -> None:
@@ -265,6 +286,7 @@ class Relay:
                 item = get()
                 if type(item) is list:
                     if item:
+                        self._taken(item)
                         data = self._events(item)
                         if data:
                             yield data
@@ -335,6 +357,9 @@ class Relay:
     def _stopped(self):
         if self.stop_reason == "client_stop":
             self.outcome = "client_stop"
+            return
+        if self.stop_error is not None:
+            yield self._fail(self.stop_error)
             return
         if self.stop_reason in _STOP_ERRORS:
             yield self._fail(_STOP_ERRORS[self.stop_reason])
@@ -434,6 +459,7 @@ _OUTCOMES = {
     "stream_max_duration": "max_duration",
     "server_shutdown": "shutdown",
     "conversation_deleted": "deleted",
+    "answer_too_long": "too_long",
 }
 
 

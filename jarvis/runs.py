@@ -37,6 +37,7 @@ from flask import Response
 from jarvis import leases
 from jarvis.answer import Answer
 from jarvis.backends import Backend, ChatRequest
+from jarvis.errors import StreamError
 from jarvis.relay import ClientWatcher, Relay, sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
@@ -50,6 +51,8 @@ TICK_SECONDS = 0.1  # how soon the owner sees a Stop asked on another worker, or
 FOLLOW_SECONDS = 0.1  # how often a page following from another worker reads the store
 REMOTE_WATCH_SECONDS = 2.0  # a follower elsewhere counts as watching for this long after its last look
 _WATCHER_QUEUE = 1000  # events a slow watcher may fall behind before it is dropped (it can re-attach)
+_WATCHER_BYTES = 16 * 1024 * 1024  # ... or bytes
+_SWITCH_BYTES = 1024 * 1024  # after handing on this much without waiting, let other greenlets run
 _END = object()
 
 _STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped", "stopped": "stopped", "detached": "stopped"}
@@ -100,6 +103,8 @@ class Watcher:
 
     def __init__(self):
         self.queue: gevent.queue.Queue = gevent.queue.Queue(_WATCHER_QUEUE)
+        self.queued_bytes = 0
+        self.dropped = False
 
 
 class Run:
@@ -126,10 +131,15 @@ class Run:
         gevent.spawn(self._stream)
 
     def _stream(self) -> None:
+        handed_on = 0
         try:
             for data in self.relay.stream():
                 if data is not OPENING:  # each watcher's response opens itself
                     self._publish(data)
+                    handed_on += len(data)
+                    if handed_on > _SWITCH_BYTES:
+                        handed_on = 0
+                        gevent.sleep(0)
         finally:
             self.finished = True
             self._cancel_detach_timer()
@@ -137,12 +147,17 @@ class Run:
             self.runs.forget(self)
 
     def _publish(self, item) -> None:
+        size = len(item) if type(item) is bytes else 0
         for watcher in list(self.watchers):
             try:
+                if watcher.queued_bytes + size > _WATCHER_BYTES:
+                    raise gevent.queue.Full
                 watcher.queue.put_nowait(item)
+                watcher.queued_bytes += size
             except gevent.queue.Full:  # a watcher that stopped reading: it re-attaches from its offsets
                 self.watchers.discard(watcher)
-                log.info("dropped a watcher that fell %d events behind", _WATCHER_QUEUE)
+                watcher.dropped = True  # its response ends at its next event
+                log.info("dropped a watcher that fell too far behind")
 
     # -- the relay's observer ---------------------------------------------------------------
 
@@ -154,6 +169,11 @@ class Run:
             except (ValueError, RecursionError):
                 continue
             page_batch.append(json.dumps(self.answer.add(chunk)).encode())
+        if self.answer.length > self.runs.settings.max_answer_chars and self.relay.stop_reason is None:
+            limit = self.runs.settings.max_answer_chars
+            self.relay.interrupt("too_long", StreamError(
+                "answer_too_long", f"The answer grew past {limit} characters (JARVIS_MAX_ANSWER_CHARS): it was "
+                                   "stopped there and kept as far as it went", "server_error"))
         if self.flush_timer is None:
             delay = max(0.0, self.last_flush + self._flush_interval() - time.monotonic())
             self.flush_timer = gevent.spawn_later(delay, self._flush)
@@ -199,16 +219,18 @@ class Run:
         if outcome == "detached":
             error_message = self._detached_note()
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
-        self.runs.store.finish_answer_later(self.message_id, self.answer.content, status,
+        limit = self.runs.settings.max_answer_chars
+        self.runs.store.finish_answer_later(self.message_id, self.answer.content[:limit], status,
                                             error_message if status != "complete" else None,
-                                            reasoning=self.answer.reasoning, stats=self.answer.stats(),
+                                            reasoning=self.answer.reasoning[:limit], stats=self.answer.stats(),
                                             reasoning_moved=self.answer.reasoning_moved)
 
     def _flush(self) -> None:
         self.flush_timer = None
         self.last_flush = time.monotonic()
-        result = self.runs.store.update_message_later(self.message_id, self.answer.content, "streaming",
-                                                      reasoning=self.answer.reasoning,
+        limit = self.runs.settings.max_answer_chars
+        result = self.runs.store.update_message_later(self.message_id, self.answer.content[:limit], "streaming",
+                                                      reasoning=self.answer.reasoning[:limit],
                                                       reasoning_moved=self.answer.reasoning_moved)
         result.rawlink(self._check_still_there)
 
@@ -236,8 +258,9 @@ class Run:
                 yield data_event(json.dumps(catch_up).encode())
             while True:
                 item = watcher.queue.get()
-                if item is _END:
+                if item is _END or watcher.dropped:
                     return
+                watcher.queued_bytes -= len(item)
                 yield item
         finally:
             client.stop()

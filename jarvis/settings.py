@@ -192,6 +192,9 @@ class Settings:
     max_streams: int = setting(
         "JARVIS_MAX_STREAMS", 1000, integer(1), "Open streams per worker; more get 429 with `Retry-After`.")
     max_messages: int = setting("JARVIS_MAX_MESSAGES", 1000, integer(1), "Messages per request (400 above).")
+    max_answer_chars: int = setting(
+        "JARVIS_MAX_ANSWER_CHARS", 1_000_000, integer(1000),
+        "Characters a page's answer may grow to (reasoning included); it stops there with an error, kept.")
     max_message_chars: int = setting(
         "JARVIS_MAX_MESSAGE_CHARS", 2_000_000, integer(1), "Characters across a request's messages (400 above).")
     bind: str = setting("JARVIS_BIND", "127.0.0.1:8000", text,

@@ -12,7 +12,7 @@ import time
 
 def chat_request(body: dict, path: str = "/v1/chat/completions", extra_headers: str = "") -> bytes:
     data = json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: jarvis\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n{extra_headers}\r\n").encode() + data
 
 

@@ -1,5 +1,8 @@
 """A hostile upstream cannot make Jarvis crash, hang, relay garbage or lose its answer (live gunicorn)."""
 
+import os
+import statistics
+import threading
 import time
 
 import psutil
@@ -93,3 +96,45 @@ def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_too_large"
     assert worker.memory_info().rss - before < 100 * 1024 * 1024
     assert requests.get(jarvis.url + "/healthz", timeout=1).ok
+
+
+# Back-to-back events just under the 4 MiB cap; 10 s in the suite (HUGE_EVENTS_SECONDS=60 for the full run).
+HUGE_EVENTS_SECONDS = float(os.environ.get("HUGE_EVENTS_SECONDS", "10"))
+
+
+@pytest.mark.timeout(HUGE_EVENTS_SECONDS + 60)
+def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
+    jarvis = start_jarvis(args=["--timeout", "5"])  # a hub blocked for 5 s would get the worker killed
+    relayed = []
+
+    def flood():
+        response = chat(jarvis, "huge_events", seconds=HUGE_EVENTS_SECONDS)
+        relayed.append(sum(len(chunk) for chunk in response.iter_content(1 << 20)))
+
+    def neighbour():  # an ordinary stream on the same worker
+        gaps, last = [], None
+        for kind, _, arrived in sse_events(jarvis.chat(fault={"tokens": 80, "interval": 0.1})):
+            if kind == "data":
+                gaps.append(arrived - last if last else 0.0)
+                last = arrived
+        neighbour.gaps = gaps
+
+    threads = [threading.Thread(target=flood), threading.Thread(target=neighbour)]
+    for thread in threads:
+        thread.start()
+    latencies = []
+    with requests.Session() as session:
+        while threads[0].is_alive():
+            started = time.monotonic()
+            assert session.get(jarvis.url + "/healthz", timeout=5).ok
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)  # a health checker's pace
+    for thread in threads:
+        thread.join(30)
+    print(f"{relayed[0] / 1e6:.0f} MB relayed in {HUGE_EVENTS_SECONDS:g} s; /healthz p50 "
+          f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms over {len(latencies)}; "
+          f"neighbour's longest gap {max(neighbour.gaps) * 1000:.0f} ms")
+    assert relayed[0] > 100e6 and max(latencies) < 0.1
+    assert len(neighbour.gaps) >= 80 and max(neighbour.gaps) < 0.5  # it kept flowing, at its own 100 ms pace
+    assert "WORKER TIMEOUT" not in jarvis.log()
+    jarvis.assert_log_clean()

@@ -174,3 +174,13 @@ def test_an_answer_queued_behind_another_names_it_so_the_page_can_stop_it(client
     client.post(f"/api/conversations/{first_id}/stop")
     assert content_of(sse(second.get_data())) == "w0 "
     first.get_data()
+
+
+def test_an_answer_past_its_size_cap_is_stopped_at_the_source_and_kept_as_far_as_it_went(make_client, backend):
+    client = make_client(max_answer_chars=1000)
+    conversation_id, _, response = start(client, backend, ["x" * 600, "y" * 600, STALL])
+    events = sse(response.get_data())
+    assert events[-2][1]["error"]["code"] == "answer_too_long" and events[-1][0] == "done"
+    assert backend.generations[0].aborted.is_set() or backend.generations[0].closed
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "error" and m)
+    assert message["content"] == "x" * 600 + "y" * 400 and "JARVIS_MAX_ANSWER_CHARS" in message["error"]

@@ -223,6 +223,8 @@ class UpstreamGeneration:
                 raise StreamError("upstream_disconnected",
                                   f"The upstream connection broke mid-stream ({type(error).__name__})",
                                   "upstream_error")
+            if len(chunk) == _READ_SIZE:
+                gevent.sleep(0)  # the upstream sends faster than we read: let every other greenlet run
             try:
                 payloads = decoder.feed(chunk) if chunk else decoder.finish()
             except MalformedStream as error:
