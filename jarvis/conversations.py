@@ -89,7 +89,7 @@ def send_message(conversation_id):
     try:
         message_id, history = state.store().start_answer(
             conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
-            title=plan.title, model=model, trace_id=trace_id)
+            history_before=plan.replaces_from, title=plan.title, model=model, trace_id=trace_id)
     except ConversationBusy:
         raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
     except NoSuchConversation:
@@ -100,7 +100,14 @@ def send_message(conversation_id):
                               if m["role"] == "user" or m["content"]],
                  "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
-    response = runs.start(conversation_id, message_id, chat).attach(request.environ, 0, 0)
+    try:
+        response = runs.start(conversation_id, message_id, chat, request.environ)
+    except ApiError:
+        if plan.replaces_from is not None:  # a regenerate the upstream refused: the previous answer stays
+            state.store().delete_messages_from(conversation_id, message_id)
+        raise
+    if plan.replaces_from is not None:  # the new answer has started: it replaces the previous one
+        state.store().delete_messages_between(conversation_id, plan.replaces_from, message_id)
     response.headers["X-Message-Id"] = str(message_id)
     return response
 
@@ -142,7 +149,8 @@ def _offset(name: str) -> int:
 
 class _Plan(NamedTuple):
     content: str | None  # the user's new message, if any
-    delete_from: int | None  # drop the messages from this id on (edit, regenerate)
+    delete_from: int | None  # an edit: drop the messages from this id on
+    replaces_from: int | None  # a regenerate: the answer from this id on, replaced once the new one starts
     title: str | None  # a first message names the conversation
 
 
@@ -154,7 +162,7 @@ def _plan(conversation: dict, body: dict) -> _Plan:
         if last_user is None:
             raise ApiError(400, "There is no message to answer again", code="nothing_to_regenerate")
         kept = [m for m in messages if m["id"] <= last_user]
-        plan = _Plan(None, last_user + 1, None)
+        plan = _Plan(None, None, last_user + 1, None)
     else:
         content = text_field(body, "content")
         edit = body.get("edit")
@@ -164,6 +172,6 @@ def _plan(conversation: dict, body: dict) -> _Plan:
         kept = [*[m for m in messages if edit is None or m["id"] < edit], {"role": "user", "content": content}]
         title = content.strip().splitlines()[0][:TITLE_LENGTH] \
             if not messages and conversation["title"] == "New chat" else None
-        plan = _Plan(content, edit, title)
+        plan = _Plan(content, edit, None, title)
     check_messages([{"role": m["role"], "content": m["content"]} for m in kept], state.settings())
     return plan

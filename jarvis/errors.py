@@ -11,6 +11,7 @@ upstream's key and the client's headers are not part of any message.
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
@@ -18,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 # Statuses the openai SDK would retry; say so explicitly where a retry cannot help.
-_RETRYABLE = {408, 409, 429, 502, 504}
+_RETRYABLE = {408, 409, 429, 502, 503, 504}
 
 
 def error_object(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
@@ -83,7 +84,16 @@ def init_app(app: Flask) -> None:
     """Answer every error, expected or not, in one shape."""
     app.register_error_handler(ApiError, lambda error: error.to_response())
     app.register_error_handler(HTTPException, _http_exception)
+    app.register_error_handler(sqlite3.Error, _store_failure)
     app.register_error_handler(Exception, _unexpected_exception)
+
+
+def _store_failure(error: sqlite3.Error) -> Response:
+    """The database refused (full disk, a lock held too long): say so, one log line, no traceback."""
+    log.warning("the conversation store failed on %s %s: %s", request.method, request.path, error)
+    return ApiError(503, f"The conversations could not be read or saved ({error}); nothing was changed. "
+                         "Try again in a moment", code="store_unavailable",
+                    headers={"Retry-After": "1"}).to_response()
 
 
 _HTTP_CODES = {

@@ -22,7 +22,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    state.install(app, settings, backend or create_backend(settings), store or SQLiteStore(settings.data_dir))
+    state.install(app, settings, backend or create_backend(settings),
+                  store or SQLiteStore(settings.data_dir, settings.store_busy_seconds))
 
     errors.init_app(app)
     lifecycle.track_connections(app)

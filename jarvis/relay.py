@@ -460,6 +460,7 @@ _OUTCOMES = {
     "server_shutdown": "shutdown",
     "conversation_deleted": "deleted",
     "answer_too_long": "too_long",
+    "answer_not_saved": "not_saved",
 }
 
 

@@ -53,6 +53,8 @@ REMOTE_WATCH_SECONDS = 2.0  # a follower elsewhere counts as watching for this l
 _WATCHER_QUEUE = 1000  # events a slow watcher may fall behind before it is dropped (it can re-attach)
 _WATCHER_BYTES = 16 * 1024 * 1024  # ... or bytes
 _SWITCH_BYTES = 1024 * 1024  # after handing on this much without waiting, let other greenlets run
+_FAILED_SAVES = 3  # saves failing in a row before the answer stops (about 1.5 s of unsaved text)
+_FINAL_RETRY_SECONDS = 1.0
 _END = object()
 
 _STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped", "stopped": "stopped", "detached": "stopped"}
@@ -122,13 +124,9 @@ class Run:
         self.detach_timer: gevent.Greenlet | None = None
         self.flush_timer: gevent.Greenlet | None = None
         self.last_flush = time.monotonic()
+        self.failed_saves = 0
 
     # -- start and stream ------------------------------------------------------------------
-
-    def open(self) -> None:
-        """Open the backend; ApiError (the answer saved as error) when it refuses before any byte."""
-        self.relay.open()
-        gevent.spawn(self._stream)
 
     def _stream(self) -> None:
         handed_on = 0
@@ -219,11 +217,27 @@ class Run:
         if outcome == "detached":
             error_message = self._detached_note()
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
+        self._save_final(status, error_message if status != "complete" else None, attempt=1)
+
+    def _save_final(self, status: str, error: str | None, attempt: int) -> None:
+        """The last save and the end of the run: retried until the store takes it, so that an answer is
+        never left `streaming` by a full disk or a held lock that later clears."""
         limit = self.runs.settings.max_answer_chars
-        self.runs.store.finish_answer_later(self.message_id, self.answer.content[:limit], status,
-                                            error_message if status != "complete" else None,
-                                            reasoning=self.answer.reasoning[:limit], stats=self.answer.stats(),
-                                            reasoning_moved=self.answer.reasoning_moved)
+        result = self.runs.store.finish_answer_later(
+            self.message_id, self.answer.content[:limit], status, error, reasoning=self.answer.reasoning[:limit],
+            stats=self.answer.stats(), reasoning_moved=self.answer.reasoning_moved)
+
+        def saved(result):
+            if result.successful():
+                if attempt > 1:
+                    log.info("the answer's last save went through at attempt %d", attempt)
+                return
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("the answer's last save failed (%s); retrying every %g s", result.exception,
+                            _FINAL_RETRY_SECONDS)
+            gevent.spawn_later(_FINAL_RETRY_SECONDS, self._save_final, status, error, attempt + 1)
+
+        result.rawlink(saved)
 
     def _flush(self) -> None:
         self.flush_timer = None
@@ -232,11 +246,24 @@ class Run:
         result = self.runs.store.update_message_later(self.message_id, self.answer.content[:limit], "streaming",
                                                       reasoning=self.answer.reasoning[:limit],
                                                       reasoning_moved=self.answer.reasoning_moved)
-        result.rawlink(self._check_still_there)
+        result.rawlink(self._saved)
 
-    def _check_still_there(self, result) -> None:
-        if result.successful() and result.value is False:
-            self.stop("deleted")  # deleted (perhaps from another worker), or found dead and interrupted
+    def _saved(self, result) -> None:
+        """Every save's result is checked: a message gone stops the run; saves that keep failing end it
+        with an error rather than let it go on unsaved."""
+        if result.successful():
+            self.failed_saves = 0
+            if result.value is False:
+                self.stop("deleted")  # deleted (perhaps from another worker), or found dead and interrupted
+            return
+        self.failed_saves += 1
+        log.warning("saving the answer failed (%s), %d time(s) in a row", result.exception, self.failed_saves)
+        if self.failed_saves >= _FAILED_SAVES and self.relay.stop_reason is None:
+            self.relay.interrupt("not_saved", StreamError(
+                "answer_not_saved", f"The answer could not be saved ({result.exception}): it was stopped rather "
+                                    "than go on unsaved, and is kept as far as it was saved", "server_error"))
+        elif self.flush_timer is None and not self.finished:
+            self.flush_timer = gevent.spawn_later(self._flush_interval(), self._flush)  # try again
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -319,17 +346,21 @@ class Runs:
         self.by_message: dict[int, Run] = {}
         self.ticker: gevent.Greenlet | None = None
 
-    def start(self, conversation_id: str, message_id: int, chat: ChatRequest) -> Run:
+    def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict) -> Response:
+        """Start a run and return its first watcher's stream. The watcher is attached before the run's
+        greenlet can run at all: an event published to nobody would be lost to the page that asked."""
         run = Run(self, conversation_id, message_id, chat)
         self.by_message[message_id] = run
         try:
-            run.open()
+            run.relay.open()
         except BaseException:
             self.forget(run)
             raise
+        response = run.attach(environ, 0, 0)
+        gevent.spawn(run._stream)
         if self.ticker is None or self.ticker.dead:
             self.ticker = gevent.spawn(self._tick)
-        return run
+        return response
 
     def close(self) -> None:
         """Stop every run and the tick (an app being thrown away, as in tests)."""

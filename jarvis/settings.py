@@ -175,6 +175,9 @@ class Settings:
     data_dir: str = setting(
         "JARVIS_DATA_DIR", DEFAULT_DATA_DIR, path, "Where the conversations database lives (SQLite, WAL mode).",
         shown="`data/` beside `app.py`")
+    store_busy_seconds: float = setting(
+        "JARVIS_STORE_BUSY_SECONDS", 10.0, seconds,
+        "How long a database write waits for a lock held elsewhere before it fails (and is retried).")
     api_key: str | None = setting(
         "JARVIS_API_KEY", None, key, "When set (16+ characters), required on `/v1/*`, `/api/*` and `/metrics`.",
         secret=True)

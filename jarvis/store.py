@@ -112,8 +112,9 @@ class ConversationStore(Protocol):
                              reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False): ...
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None: ...
     def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
-                     delete_from: int | None = None, title: str | None = None, model: str | None = None,
-                     trace_id: str | None = None) -> tuple[int, list[dict]]: ...
+                     delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
+                     model: str | None = None, trace_id: str | None = None) -> tuple[int, list[dict]]: ...
+    def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None: ...
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False): ...
     def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]: ...
@@ -168,8 +169,9 @@ def _reap_dead_runs(db: sqlite3.Connection, conversation_id: str | None, now: fl
                       (INTERRUPTED_NOTE, now, *args)).rowcount
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+def _connect(path: str, busy_seconds: float = 10.0) -> sqlite3.Connection:
+    # busy_seconds: how long a write waits for a lock another process holds, then fails.
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_seconds)
     connection.row_factory = sqlite3.Row
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
@@ -202,11 +204,11 @@ def migrate(connection: sqlite3.Connection) -> int:
 
 
 class SQLiteStore:
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, busy_seconds: float = 10.0):
         os.makedirs(data_dir, exist_ok=True)
         self.path = database_path(data_dir)
         self.pool = ThreadPool(1)
-        self.connection = self.pool.apply(_connect, (self.path,))
+        self.connection = self.pool.apply(_connect, (self.path, busy_seconds))
 
     def _run(self, function, *args):
         return self.pool.apply(function, args)
@@ -304,16 +306,18 @@ class SQLiteStore:
     # -- runs: answers in progress, at most one per conversation, whichever worker runs it ----------
 
     def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
-                     delete_from: int | None = None, title: str | None = None, model: str | None = None,
-                     trace_id: str | None = None) -> tuple[int, list[dict]]:
+                     delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
+                     model: str | None = None, trace_id: str | None = None) -> tuple[int, list[dict]]:
         """Claim the conversation for a new answer, in one transaction: drop the messages from
-        `delete_from` on (edit, regenerate), add the user's message, the answer (streaming) and its run.
-        Returns the answer's id and the history before it. Raises NoSuchConversation or ConversationBusy
-        (a live run exists, on any worker), leaving everything as it was."""
+        `delete_from` on (an edit), add the user's message, the answer (streaming) and its run. Returns
+        the answer's id and the history before it (only messages before `history_before`, when given: a
+        regenerate leaves the answer it replaces in place until the new one has started). Raises
+        NoSuchConversation or ConversationBusy (a live run exists, on any worker), changing nothing."""
         return self._run(self._start_answer, conversation_id, owner, user_content and storable(user_content),
-                         delete_from, title and storable(title), model, trace_id)
+                         delete_from, history_before, title and storable(title), model, trace_id)
 
-    def _start_answer(self, conversation_id, owner, user_content, delete_from, title, model, trace_id):
+    def _start_answer(self, conversation_id, owner, user_content, delete_from, history_before, title, model,
+                      trace_id):
         now = time.time()
         with _transaction(self.connection) as db:
             if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone() is None:
@@ -335,8 +339,13 @@ class SQLiteStore:
             db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ? WHERE id = ?",
                        (title, now, conversation_id))
             history = db.execute("SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ? "
-                                 "ORDER BY id", (conversation_id, message_id)).fetchall()
+                                 "ORDER BY id", (conversation_id, history_before or message_id)).fetchall()
         return message_id, [dict(row) for row in history]
+
+    def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None:
+        """Drop the messages from `first` up to (not including) `before`: what a regenerate replaced."""
+        self._run(self._execute, "DELETE FROM messages WHERE conversation_id = ? AND id >= ? AND id < ?",
+                  (conversation_id, first, before))
 
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):

@@ -5,7 +5,7 @@ import itertools
 import gevent
 import pytest
 
-from jarvis.errors import StreamError
+from jarvis.errors import ApiError, StreamError
 from tests.clients import content_of, page_text, sse
 from tests.fake_backend import STALL, Pause, upstream_like_chunks
 
@@ -188,3 +188,26 @@ def test_the_page_path_enforces_the_same_message_limits_as_v1(make_client, backe
     too_long = send(client, create(client), content="x" * 51)
     assert too_long.status_code == 400 and too_long.json["error"]["code"] == "messages_too_long"
     assert len(read(client, conversation_id)["messages"]) == 4  # nothing was added by the refused sends
+
+
+def test_a_regenerate_the_upstream_refuses_keeps_the_previous_answer(client, backend):
+    conversation_id = create(client)
+    reply(client, conversation_id, content="first")
+    before = read(client, conversation_id)["messages"]
+    backend.fail_next(ApiError(502, "The upstream at http://gpu-box/v1 is unreachable", type_="upstream_error",
+                               code="upstream_unreachable"))
+    refused = send(client, conversation_id, regenerate=True)
+    assert refused.status_code == 502
+    after = settle(lambda: len(m := read(client, conversation_id)["messages"]) == 2 and m)
+    assert [(m["id"], m["content"], m["status"]) for m in after] == \
+        [(m["id"], m["content"], m["status"]) for m in before]
+
+
+def test_an_edit_and_a_regenerate_that_are_invalid_change_nothing(client, backend):
+    conversation_id = create(client)
+    reply(client, conversation_id, content="one")
+    reply(client, conversation_id, content="two")
+    before = read(client, conversation_id)["messages"]
+    assert send(client, conversation_id, content="", edit=before[2]["id"]).status_code == 400
+    assert send(client, conversation_id, content="x", edit=before[1]["id"]).status_code == 400  # not a user message
+    assert read(client, conversation_id)["messages"] == before

@@ -1,6 +1,7 @@
 """Runs, in-process: what a re-attaching page gets, Stop, nobody watching, one answer per conversation."""
 
 import itertools
+import sqlite3
 import time
 
 import gevent
@@ -184,3 +185,58 @@ def test_an_answer_past_its_size_cap_is_stopped_at_the_source_and_kept_as_far_as
     assert backend.generations[0].aborted.is_set() or backend.generations[0].closed
     message = settle(lambda: (m := saved(client, conversation_id))["status"] == "error" and m)
     assert message["content"] == "x" * 600 + "y" * 400 and "JARVIS_MAX_ANSWER_CHARS" in message["error"]
+
+
+# -- a store that refuses writes: nothing is lost silently ------------------------------------------------
+
+@pytest.fixture
+def locked(tmp_path):
+    """Another process's write lock on Jarvis's database, taken and released by the test."""
+    from jarvis.store import database_path
+
+    class Lock:
+        connection = None
+
+        def take(self):  # after the app made the database
+            self.connection = sqlite3.connect(database_path(str(tmp_path / "data")), isolation_level=None)
+            self.connection.execute("BEGIN IMMEDIATE")
+
+        def release(self):
+            self.connection.execute("ROLLBACK")
+
+    lock = Lock()
+    yield lock
+    if lock.connection is not None:
+        lock.connection.close()
+
+
+def test_saves_that_keep_failing_end_the_answer_with_an_error_and_it_is_saved_once_they_work(make_client, backend,
+                                                                                               locked):
+    client = make_client(store_busy_seconds=0.2)
+    conversation_id, _, response = start(client, backend, [item for index in range(200)
+                                                          for item in (f"t{index} ", Pause(0.05))])
+    first = sse(read_some(response, 4))
+    locked.take()
+    events = first + sse(response.get_data())
+    assert events[-2][1]["error"]["code"] == "answer_not_saved" and events[-1][0] == "done"
+    assert "could not be saved" in events[-2][1]["error"]["message"]
+    assert backend.generations[0].closed  # stopped at the source, not left running unsaved
+    locked.release()
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "error" and m, timeout=5)
+    assert content_of(events).startswith(message["content"]) and "could not be saved" in message["error"]
+    backend.enqueue(["again"])
+    assert content_of(sse(client.post(f"/api/conversations/{conversation_id}/messages",
+                                      json={"content": "and now?"}).get_data())) == "again"
+
+
+def test_a_store_that_refuses_writes_is_a_clear_503_and_changes_nothing(make_client, backend, locked, jarvis_log):
+    client = make_client(store_busy_seconds=0.2)
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    locked.take()
+    for response in (client.post("/api/conversations", json={}),
+                     client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "hi"})):
+        assert response.status_code == 503 and response.json["error"]["code"] == "store_unavailable"
+        assert "database is locked" in response.json["error"]["message"]
+    locked.release()
+    assert backend.requests == [] and client.get(f"/api/conversations/{conversation_id}").json["messages"] == []
+    assert not [record for record in jarvis_log.records if record.exc_info]  # one line each, no traceback
