@@ -33,7 +33,7 @@ class LiveServer:
     """One gunicorn master (gevent workers) serving app:app; its error log is a file the test can read."""
 
     def __init__(self, tmp_path: Path, env: dict | None = None, args: list[str] | None = None,
-                 app: str = "app:app"):
+                 app: str = "app:app", wrap: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
@@ -45,7 +45,8 @@ class LiveServer:
         self.env.update({"JARVIS_HEARTBEAT_SECONDS": "5", "PYTHONUNBUFFERED": "1",
                          "JARVIS_DATA_DIR": str(self.data_dir), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
         self.env.update(env or {})
-        self.command = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
+        # `wrap` runs gunicorn through another command (one that enters a namespace, say).
+        self.command = [*(wrap or []), sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
                         "--bind", f"127.0.0.1:{self.port}", "--error-logfile", str(self.log_path),
                         *(args or []), app]
         self.process: subprocess.Popen | None = None

@@ -6,12 +6,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from jarvis.store import SCHEMA_VERSION, SQLiteStore, StoreError, database_path, recover_interrupted
-from tests.live import ROOT, LiveServer, sse_events
+from tests.clients import content_of
+from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
 
 # The schema as Jarvis shipped it before versioning (user_version 0), verbatim.
@@ -207,3 +209,76 @@ def test_kill_9_mid_stream_leaves_a_consistent_database_that_lags_by_at_most_the
         assert saved["messages"][-1]["content"] == content
     finally:
         restarted.stop()
+
+
+class SmallDisk:
+    """A 1 MiB tmpfs for JARVIS_DATA_DIR. As root it is mounted here; otherwise gunicorn runs in its own
+    user and mount namespace (`unshare -rm`) that mounts it, and the test reaches it through
+    /proc/<gunicorn>/root."""
+
+    def __init__(self, path):
+        self.path = path
+        path.mkdir()
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+        self.wrap = None if self.as_root else [
+            "unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(path)]
+        self.server = None
+
+    def seen(self, name: str):
+        """A file on the disk, as this test process can reach it."""
+        return self.path / name if self.as_root else Path(f"/proc/{self.server.process.pid}/root{self.path}/{name}")
+
+    def fill(self) -> int:
+        written = 0
+        with open(self.seen("filler"), "wb", buffering=0) as filler:
+            try:
+                while True:
+                    written += filler.write(b"\0" * 4096)
+            except OSError:  # ENOSPC: the disk is full
+                return written
+
+    def free(self) -> None:
+        self.seen("filler").unlink()
+
+    def unmount(self) -> None:
+        if self.as_root:
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+@pytest.mark.live
+@pytest.mark.timeout(60)
+def test_a_full_disk_mid_answer_ends_it_with_an_error_and_the_next_answer_works(tmp_path, upstream):
+    disk = SmallDisk(tmp_path / "disk")
+    upstream.scenario.tokens, upstream.scenario.interval = 400, 0.02
+    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATA_DIR": str(disk.path)},
+                        wrap=disk.wrap)
+    disk.server = jarvis
+    try:
+        jarvis.start()
+        conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()["id"]
+        response = requests.post(f"{jarvis.url}/api/conversations/{conversation}/messages", json={"content": "hi"},
+                                 stream=True, timeout=30)
+        events = sse_events(response)
+        received = [next(event for event in events if event[0] == "data") for _ in range(20)]
+        assert disk.fill() > 0
+        received += list(events)
+        assert received[-1][0] == "done" and received[-2][1]["error"]["code"] == "answer_not_saved"
+        assert "database or disk is full" in received[-2][1]["error"]["message"]
+        assert upstream.wait_until_ended(upstream.chats[0], timeout=5).closed_at is not None  # stopped, not unsaved
+        disk.free()
+
+        def ended_as_error():
+            message = requests.get(f"{jarvis.url}/api/conversations/{conversation}").json()["messages"][-1]
+            return message if message["status"] == "error" else None
+
+        message = wait_until(ended_as_error, 10, lambda: "the answer never ended as error")
+        assert content_of(received).startswith(message["content"]) and message["content"]
+        upstream.scenario.tokens = 3
+        again = requests.post(f"{jarvis.url}/api/conversations/{conversation}/messages", json={"content": "again"},
+                              stream=True, timeout=30)
+        assert content_of(sse_events(again)) == "w0 w1 w2 "
+    finally:
+        jarvis.stop()
+        disk.unmount()
