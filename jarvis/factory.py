@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-from jarvis import errors, lifecycle, logs, security, state
+from jarvis import errors, inputs, lifecycle, logs, security, state
 from jarvis.backends import Backend, create_backend
 from jarvis.settings import Settings
 from jarvis.store import ConversationStore, SQLiteStore
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     security.init_app(app, settings)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
+    app.after_request(inputs.close_if_body_unread)
 
     from jarvis import api, conversations, health, metrics, page
 

@@ -9,21 +9,50 @@ from __future__ import annotations
 
 import json
 
+import gevent
 from flask import request
 
+from jarvis import state
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
+from jarvis.sockets import stop_reading
+
+BODY_READ = "jarvis.body_read"  # set in the WSGI environ once a request's whole body has been read
 
 
-def read_json_object() -> tuple[bytes, dict]:
-    """The whole request body, raw and parsed, which must be a JSON object.
+def close_if_body_unread(response):
+    """After an error answered before a declared body was read, close the connection: else gunicorn
+    would read and throw away that body, however slowly it comes, before the next request."""
+    declared = request.content_length or request.headers.get("Transfer-Encoding")
+    if response.status_code >= 400 and declared and not request.environ.get(BODY_READ):
+        stop_reading(request.environ)
+    return response
+
+
+def read_json_object(*, limit: int | None = None) -> tuple[bytes, dict]:
+    """The whole request body, raw and parsed, which must be a JSON object: at most `limit` bytes (else
+    JARVIS_MAX_BODY_BYTES), arriving within JARVIS_BODY_SECONDS plus a second per
+    JARVIS_BODY_MIN_BYTES_PER_SECOND bytes — a body sent a byte at a time holds a connection no longer.
 
     Every state-changing route reads its body here, before anyone watches the client socket.
     """
     if request.mimetype != "application/json":
         raise ApiError(415, "Send the request body as JSON with the header Content-Type: application/json",
                        code="unsupported_media_type")
-    raw = request.get_data(cache=False)
+    settings = state.settings()
+    if limit is not None and (request.content_length or 0) > limit:
+        raise ApiError(413, f"This request's body may be at most {limit} bytes", code="request_too_large")
+    deadline = settings.body_seconds + (request.content_length or 0) / settings.body_min_bytes_per_second
+    raw = None
+    with gevent.Timeout(deadline, False):
+        raw = request.stream.read(limit + 1) if limit is not None else request.get_data(cache=False)
+    if raw is None:
+        stop_reading(request.environ)
+        raise ApiError(408, f"The request body did not arrive within {deadline:.0f} s (JARVIS_BODY_SECONDS and "
+                            "JARVIS_BODY_MIN_BYTES_PER_SECOND); send it again", code="request_timeout")
+    if limit is not None and len(raw) > limit:
+        raise ApiError(413, f"This request's body may be at most {limit} bytes", code="request_too_large")
+    request.environ[BODY_READ] = True
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):

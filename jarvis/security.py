@@ -37,6 +37,7 @@ from jarvis.settings import Settings
 bp = Blueprint("session", __name__, url_prefix="/api/session")
 
 _PROTECTED = ("/v1/", "/api/", "/metrics")
+_SIGN_IN_BYTES = 4096  # a key, in JSON: the only body anyone may send before signing in
 _STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
@@ -159,7 +160,7 @@ def session_state():
 def sign_in():
     """Exchange the API key for the page's session cookie."""
     key = state.settings().api_key
-    candidate = read_json_object()[1].get("key")
+    candidate = read_json_object(limit=_SIGN_IN_BYTES)[1].get("key")
     if key is None:
         return "", 204
     if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):

@@ -156,6 +156,14 @@ class Settings:
     upstream_body_max_bytes: int = setting(
         "JARVIS_UPSTREAM_BODY_MAX_BYTES", 16 * 1024 * 1024, integer(1024),
         "Largest whole answer taken from an upstream (`/models`, a non-streamed completion); 502 above.")
+    body_seconds: float = setting(
+        "JARVIS_BODY_SECONDS", 10.0, seconds,
+        "A request body must arrive within this, plus a second per `JARVIS_BODY_MIN_BYTES_PER_SECOND`; else 408.")
+    body_min_bytes_per_second: int = setting(
+        "JARVIS_BODY_MIN_BYTES_PER_SECOND", 16384, integer(1), "The slowest a long request body may arrive.")
+    max_client_connections: int = setting(
+        "JARVIS_MAX_CLIENT_CONNECTIONS", 100, integer(1),
+        "Open connections per client address (proxies in gunicorn's `forwarded_allow_ips` exempt); more are closed.")
     max_body_bytes: int = setting(
         "JARVIS_MAX_BODY_BYTES", 4 * 1024 * 1024, integer(1024), "Largest request body (413 above).")
     local_model: str | None = setting(

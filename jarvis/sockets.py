@@ -25,3 +25,19 @@ def shutdown_quietly(sock) -> None:
         pass
     finally:
         plain.detach()
+
+
+def stop_reading(environ: dict) -> None:
+    """After this response, close the client's connection: reads on it now end (gunicorn ignores an
+    app's Connection: close, but ends a keep-alive connection whose next read finds nothing)."""
+    sock = environ.get("gunicorn.socket")
+    fileno = sock.fileno() if sock is not None else -1
+    if fileno < 0:
+        return
+    plain = _socket.socket(fileno=fileno)
+    try:
+        plain.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    finally:
+        plain.detach()

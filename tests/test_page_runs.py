@@ -4,6 +4,7 @@ networks and dead workers never stop it; Stop always does, from any tab and any 
 import os
 import signal
 import statistics
+import threading
 import time
 
 import pytest
@@ -279,3 +280,33 @@ def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_pa
         problems.assert_clean()
     finally:
         jarvis.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_sends_to_one_conversation_at_the_same_instant_start_one_answer(start_jarvis, upstream, workers):
+    jarvis = start_jarvis(args=["-w", str(workers)])
+    first, second = [group[0] for group in sessions_by_worker(jarvis, [1, 1])] if workers == 2 else \
+        sessions_by_worker(jarvis, [2])[0]
+    upstream.scenario = Scenario(tokens=3)
+    outcomes = []
+
+    def send_now(session, url, together, statuses):
+        together.wait()
+        response = session.post(url, json={"content": "at once"}, stream=True, timeout=30)
+        statuses.append(response.status_code)
+        response.content  # noqa: B018 (read it to the end)
+
+    for _ in range(20):
+        conversation_id = first.post(jarvis.url + "/api/conversations", json={}).json()["id"]
+        url = f"{jarvis.url}/api/conversations/{conversation_id}/messages"
+        together, statuses = threading.Barrier(2), []
+        threads = [threading.Thread(target=send_now, args=(session, url, together, statuses))
+                   for session in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        outcomes.append(sorted(statuses))
+        messages = first.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert outcomes == [[200, 409]] * 20

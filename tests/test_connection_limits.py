@@ -1,0 +1,93 @@
+"""Thousands of slow connections cannot take a worker: /healthz answers, streams complete, the attack's
+connections end within their deadlines (live gunicorn, -w 1, attackers on their own loopback addresses)."""
+
+import time
+
+import pytest
+import requests
+
+from tests.clients import chat_body, content_of
+from tests.live import sse_events, wait_until
+from tests.slow_clients import SlowClients
+
+pytestmark = pytest.mark.live
+
+KEY = "limits-key-0123456789abcdef"
+ATTACK = 2000
+SHORT = {"JARVIS_BODY_SECONDS": "2", "JARVIS_MAX_CLIENT_CONNECTIONS": "100"}
+KEEP_ALIVE = ["-w", "1", "--keep-alive", "3"]  # gunicorn's deadline for a request head (and an idle connection)
+
+
+def hold_off(jarvis, attacks: list[SlowClients], deadline: float, key: str | None = None) -> list[float]:
+    """While the attacks run: /healthz from 127.0.0.1 every 0.1 s (its latencies returned), a stream that
+    completes, and every attacking connection ended within `deadline` of opening."""
+    for attack in attacks:
+        attack.start()
+    try:
+        wait_until(lambda: all(opened is not None for attack in attacks for opened in attack.opened_at), 30,
+                   lambda: "the attack could not open its connections")
+        latencies = []
+        with requests.Session() as session:
+            while any(attack.open_count for attack in attacks) and len(latencies) < (deadline + 3) * 10:
+                started = time.monotonic()
+                assert session.get(jarvis.url + "/healthz", timeout=5).ok
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.1)  # a health checker's pace
+        stream = requests.post(jarvis.url + "/v1/chat/completions", json=chat_body({"tokens": 3}), stream=True,
+                               headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
+        assert content_of(sse_events(stream)) == "w0 w1 w2 "
+        for attack in attacks:
+            held = [closed - opened for opened, closed in zip(attack.opened_at, attack.closed_at, strict=True)]
+            assert None not in attack.closed_at, f"{attack.mode}: {attack.open_count} connections still open"
+            assert max(held) < deadline, f"{attack.mode}: held {max(held):.1f} s"
+            refused = sum(1 for seconds in held if seconds < 0.5)
+            print(f"{attack.mode} from {attack.source}: {ATTACK} connections, {refused} closed at once, the rest "
+                  f"ended within {max(held):.1f} s")
+        return latencies
+    finally:
+        for attack in attacks:
+            attack.stop()
+
+
+def test_slow_bodies_slowloris_and_idle_connections_cannot_fill_the_worker(start_jarvis):
+    jarvis = start_jarvis(SHORT, args=KEEP_ALIVE)
+    attacks = [SlowClients(jarvis.port, ATTACK, "slow_body", source="127.0.0.2"),
+               SlowClients(jarvis.port, ATTACK, "slowloris", source="127.0.0.3"),
+               SlowClients(jarvis.port, ATTACK, "idle", source="127.0.0.4")]
+    latencies = hold_off(jarvis, attacks, deadline=2 + 10000 / 16384 + 3)
+    print(f"/healthz during the attack: max {max(latencies) * 1000:.0f} ms over {len(latencies)} checks")
+    assert max(latencies) < 1.0
+    assert "closed a connection from 127.0.0.2" in jarvis.log()
+    jarvis.assert_log_clean()
+
+
+def test_slow_bodies_against_the_sign_in_route_and_a_keyed_api_cannot_fill_the_worker(start_jarvis):
+    jarvis = start_jarvis({**SHORT, "JARVIS_API_KEY": KEY}, args=KEEP_ALIVE)
+    attacks = [SlowClients(jarvis.port, ATTACK, "slow_body", source="127.0.0.2", path="/api/session",
+                           body_bytes=1000),
+               SlowClients(jarvis.port, ATTACK, "slow_body", source="127.0.0.3", path="/v1/chat/completions")]
+    latencies = hold_off(jarvis, attacks, deadline=2 + 10000 / 16384 + 3, key=KEY)
+    assert max(latencies) < 1.0
+    jarvis.assert_log_clean()
+
+
+def test_a_slow_body_gets_408_and_its_connection_closed(start_jarvis):
+    jarvis = start_jarvis(SHORT)
+    attack = SlowClients(jarvis.port, 1, "slow_body", source="127.0.0.2", trickle=0.2)
+    attack.start()
+    try:
+        wait_until(lambda: attack.closed_at[0], 10, lambda: "the slow body was never cut")
+        assert 2.0 <= attack.closed_at[0] - attack.opened_at[0] < 4.0
+    finally:
+        attack.stop()
+    # What the client was told (a raw read of the same exchange).
+    import socket
+
+    with socket.create_connection(("127.0.0.1", jarvis.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{")
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"JARVIS_BODY_SECONDS" in answer  # then closed
