@@ -287,7 +287,14 @@ class Relay:
                 if type(item) is list:
                     if item:
                         self._taken(item)
-                        data = self._events(item)
+                        try:
+                            data = self._events(item)
+                        except Exception:  # a bug on the page path: end in-band rather than cut the stream
+                            log.exception("processing the backend's events failed")
+                            self._stop("internal")
+                            yield self._fail(StreamError("internal_error", "Jarvis failed while handling the "
+                                                         "answer; see the server log", "server_error"))
+                            return
                         if data:
                             yield data
                             last_write = self.last_event

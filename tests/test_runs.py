@@ -240,3 +240,16 @@ def test_a_store_that_refuses_writes_is_a_clear_503_and_changes_nothing(make_cli
     locked.release()
     assert backend.requests == [] and client.get(f"/api/conversations/{conversation_id}").json["messages"] == []
     assert not [record for record in jarvis_log.records if record.exc_info]  # one line each, no traceback
+
+
+def test_a_bug_while_handling_an_answer_ends_it_with_an_error_event_not_a_cut(client, backend, monkeypatch, jarvis_log):
+    from jarvis.answer import Answer
+
+    def broken(self, chunk, now=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Answer, "add", broken)
+    conversation_id, _, response = start(client, backend, ["w0 ", "w1 "])
+    events = sse(response.get_data())
+    assert events[-2][1]["error"]["code"] == "internal_error" and events[-1][0] == "done"
+    assert settle(lambda: saved(client, conversation_id)["status"] == "error")
