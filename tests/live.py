@@ -52,12 +52,25 @@ class LiveServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> LiveServer:
-        self.stderr_path = self.log_path.with_suffix(".stderr")
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
-                                            stdout=subprocess.DEVNULL, stderr=stderr)
-        wait_until(self._answers, timeout, lambda: f"gunicorn did not answer within {timeout} s:\n{self.log()}")
+        for attempt in range(3):
+            self.stderr_path = self.log_path.with_suffix(".stderr")
+            with open(self.stderr_path, "wb") as stderr:
+                self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env,
+                                                stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                wait_until(self._answers, timeout, lambda: f"gunicorn did not answer within {timeout} s:\n{self.log()}")
+                return self
+            except RuntimeError:
+                # Another test process took the free port between our pick and gunicorn's bind: pick again.
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
+                self._move_to(free_port())
         return self
+
+    def _move_to(self, port: int) -> None:
+        old = f"127.0.0.1:{self.port}"
+        self.command = [f"127.0.0.1:{port}" if part == old else part for part in self.command]
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
 
     def _answers(self) -> bool:
         if self.process.poll() is not None:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.live import ROOT
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.serial]
 
 
 def test_bench_run_smoke():

@@ -8,7 +8,7 @@ import requests
 from tests.clients import RawClient, chat_body, chat_request
 from tests.live import wait_until
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.serial]
 
 CANCEL_LIMIT = 0.1  # seconds from the client's close to the upstream connection's close
 

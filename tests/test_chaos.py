@@ -10,7 +10,7 @@ import requests
 from tests.clients import RawClient, chat_body, chat_request, content_of
 from tests.live import sse_events, wait_until
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.serial]
 
 CLIENTS = 20
 STREAMS_PER_CLIENT = 10

@@ -10,7 +10,7 @@ from tests.clients import chat_body, content_of
 from tests.live import sse_events, wait_until
 from tests.slow_clients import SlowClients
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.serial]
 
 KEY = "limits-key-0123456789abcdef"
 ATTACK = 2000

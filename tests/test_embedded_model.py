@@ -15,7 +15,7 @@ from tests.clients import RawClient, chat_request, content_of
 from tests.live import ROOT, LiveServer, sse_events
 from tests.net import free_port
 
-pytestmark = [pytest.mark.live, pytest.mark.model]
+pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.serial]
 
 LONG = {"messages": [{"role": "user", "content": "Count from 1 to 300, separated by commas."}],
         "temperature": 0, "seed": 1, "stream": True}

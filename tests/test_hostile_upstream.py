@@ -102,6 +102,7 @@ def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream
 HUGE_EVENTS_SECONDS = float(os.environ.get("HUGE_EVENTS_SECONDS", "10"))
 
 
+@pytest.mark.serial
 @pytest.mark.timeout(HUGE_EVENTS_SECONDS + 60)
 def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
     jarvis = start_jarvis(args=["--timeout", "5"])  # a hub blocked for 5 s would get the worker killed

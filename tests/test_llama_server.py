@@ -21,7 +21,7 @@ from tests.clients import RawClient, chat_request
 from tests.live import ROOT, sse_events, wait_until
 from tests.net import free_port
 
-pytestmark = [pytest.mark.live, pytest.mark.llama_server]
+pytestmark = [pytest.mark.live, pytest.mark.llama_server, pytest.mark.serial]
 
 ALIAS = "smollm2-server"
 COUNT = {"messages": [{"role": "user", "content": "Count from 1 to 500, separated by commas."}],

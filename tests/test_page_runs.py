@@ -89,6 +89,7 @@ def test_two_tabs_both_see_the_answer_grow_and_stop_in_one_stops_both(jarvis, up
     second_problems.assert_clean()
 
 
+@pytest.mark.serial
 @pytest.mark.browser
 def test_stop_after_a_reload_closes_the_upstream_within_250_ms(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=400, interval=0.02)
@@ -113,6 +114,7 @@ def test_stop_after_a_reload_closes_the_upstream_within_250_ms(jarvis, upstream,
     problems.assert_clean()
 
 
+@pytest.mark.serial
 @pytest.mark.browser
 def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, upstream, context):
     jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "2"})
@@ -131,6 +133,7 @@ def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, ups
     assert "Nobody was watching" in saved["error"] and saved["content"]
 
 
+@pytest.mark.serial
 @pytest.mark.browser
 def test_with_detached_seconds_0_closing_the_tab_cancels_within_100_ms(start_jarvis, upstream, context):
     jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "0"})
@@ -226,6 +229,7 @@ def follow_lags(session, url: str, count: int) -> list[float]:
     return lags
 
 
+@pytest.mark.serial
 def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upstream):
     jarvis = start_jarvis(args=["-w", "2"])
     (owner, beside), (other,) = sessions_by_worker(jarvis, [2, 1])
@@ -257,6 +261,7 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
     assert content_of(rest) is not None
 
 
+@pytest.mark.serial
 @pytest.mark.browser
 @pytest.mark.model
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
@@ -287,7 +292,7 @@ def test_two_sends_to_one_conversation_at_the_same_instant_start_one_answer(star
     jarvis = start_jarvis(args=["-w", str(workers)])
     first, second = [group[0] for group in sessions_by_worker(jarvis, [1, 1])] if workers == 2 else \
         sessions_by_worker(jarvis, [2])[0]
-    upstream.scenario = Scenario(tokens=3)
+    upstream.scenario = Scenario(tokens=20, interval=0.02)  # the answer outlasts the race
     outcomes = []
 
     def send_now(session, url, together, statuses):

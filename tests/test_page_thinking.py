@@ -79,6 +79,7 @@ def test_thinking_shows_live_then_folds_and_survives_a_reload(jarvis, upstream, 
     problems.assert_clean()
 
 
+@pytest.mark.serial
 def test_stop_while_thinking_keeps_the_thinking_so_far(jarvis, upstream, context):
     upstream.scenario = Scenario(shape="deepseek", reasoning_tokens=400, tokens=5, interval=0.02)
     page, problems = open_page(context, jarvis.url)

@@ -161,6 +161,7 @@ def test_start_up_recovery_marks_streaming_rows_interrupted(tmp_path, store):
     assert statuses == {streaming: "interrupted", complete: "complete"}
 
 
+@pytest.mark.serial
 @pytest.mark.live
 @pytest.mark.timeout(90)
 def test_kill_9_mid_stream_leaves_a_consistent_database_that_lags_by_at_most_the_flush_interval(tmp_path,

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.live
 
 @pytest.mark.parametrize("framing, crlf", [("chunked", False), ("close", False), ("chunked", True),
                                            ("close", True)])
+@pytest.mark.serial
 def test_tokens_arrive_at_the_upstreams_pace(jarvis, framing, crlf):
     response = jarvis.chat(fault={"tokens": 8, "interval": 0.15, "stamp": True, "framing": framing,
                                   "crlf": crlf, "comments": True})
