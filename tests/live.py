@@ -78,8 +78,8 @@ class LiveServer:
                                f"{self.stderr_path.read_text(errors='replace')}")
         try:
             return requests.get(self.url + "/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
+        except (requests.ConnectionError, requests.Timeout):
+            return False  # not listening yet, or a worker still importing on a busy machine: ask again
 
     # -- looking inside -----------------------------------------------------
 
