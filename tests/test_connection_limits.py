@@ -16,6 +16,10 @@ KEY = "limits-key-0123456789abcdef"
 ATTACK = 2000
 SHORT = {"JARVIS_BODY_SECONDS": "2", "JARVIS_MAX_CLIENT_CONNECTIONS": "100"}
 KEEP_ALIVE = ["-w", "1", "--keep-alive", "3"]  # gunicorn's deadline for a request head (and an idle connection)
+# A health check queued in the backlog behind thousands of attacking connections waits while the worker
+# accepts and closes them (about 1 s at worst on 2 busy cores); a worker the attack had filled would
+# not answer within the checker's 5 s at all.
+HEALTH_LIMIT = 2.0
 
 
 def hold_off(jarvis, attacks: list[SlowClients], deadline: float, key: str | None = None) -> list[float]:
@@ -56,7 +60,7 @@ def test_slow_bodies_slowloris_and_idle_connections_cannot_fill_the_worker(start
                SlowClients(jarvis.port, ATTACK, "idle", source="127.0.0.4")]
     latencies = hold_off(jarvis, attacks, deadline=2 + 10000 / 16384 + 3)
     print(f"/healthz during the attack: max {max(latencies) * 1000:.0f} ms over {len(latencies)} checks")
-    assert max(latencies) < 1.0
+    assert max(latencies) < HEALTH_LIMIT
     assert "closed a connection from 127.0.0.2" in jarvis.log()
     jarvis.assert_log_clean()
 
@@ -67,7 +71,7 @@ def test_slow_bodies_against_the_sign_in_route_and_a_keyed_api_cannot_fill_the_w
                            body_bytes=1000),
                SlowClients(jarvis.port, ATTACK, "slow_body", source="127.0.0.3", path="/v1/chat/completions")]
     latencies = hold_off(jarvis, attacks, deadline=2 + 10000 / 16384 + 3, key=KEY)
-    assert max(latencies) < 1.0
+    assert max(latencies) < HEALTH_LIMIT
     jarvis.assert_log_clean()
 
 
