@@ -36,6 +36,7 @@ class Answer:
         self.length = 0  # characters of reasoning and content together
         self.usage: dict | None = None
         self.timings: dict | None = None
+        self.upstream: str | None = None  # which of several upstreams answered (None: the only one)
 
     @property
     def reasoning(self) -> str:
@@ -113,7 +114,8 @@ class Answer:
         return [*chunks, {"object": "chat.completion.chunk", "choices": [], "stats": self.stats(now)}]
 
     def stats(self, now: float | None = None) -> dict:
-        """Time to first token, thinking time, tokens and tokens per second, as the page shows them."""
+        """Time to first token, thinking time, tokens and tokens per second, as the page shows them, and
+        which upstream answered when there are several."""
         now = time.monotonic() if now is None else now
         tokens, source = self._tokens()
         thinking_ms = None
@@ -124,7 +126,8 @@ class Answer:
                 "duration_ms": _ms(now - self.started),
                 "completion_tokens": tokens, "tokens_source": source,
                 "prompt_tokens": _count(self.usage, "prompt_tokens") or _count(self.timings, "prompt_n"),
-                "tokens_per_second": self._tokens_per_second(tokens)}
+                "tokens_per_second": self._tokens_per_second(tokens),
+                **({"upstream": self.upstream} if self.upstream else {})}
 
     def _tokens(self) -> tuple[int | None, str | None]:
         for source, value in (("usage", _count(self.usage, "completion_tokens")),

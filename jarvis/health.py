@@ -20,7 +20,9 @@ def healthz():
     backend = state.backend()
     body = {"status": "ok", "backend": backend.name, "open_streams": open_stream_count(), "worker": os.getpid()}
     status = backend.status()
-    if status is not None:
+    if status is not None and "upstreams" in status:
+        body.update(status)  # several upstreams: each one's state, as this worker last saw it
+    elif status is not None:
         body["model"] = status
     if request.args.get("debug"):  # collects and walks the heap: milliseconds, for benchmarks and debugging
         gc.collect()

@@ -27,14 +27,16 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 ACTIVE_STREAMS = Gauge("jarvis_active_streams", "Streams open right now", multiprocess_mode="livesum")
-STREAMS = Counter("jarvis_streams", "Streams ended, by outcome", ["outcome"])
+STREAMS = Counter("jarvis_streams", "Streams ended, by outcome, endpoint and upstream",
+                  ["outcome", "endpoint", "upstream"])
 TIME_TO_FIRST_TOKEN = Histogram("jarvis_time_to_first_token_seconds", "Request start to first backend event",
                                 buckets=_LATENCY_BUCKETS)
 STREAM_DURATION = Histogram("jarvis_stream_duration_seconds", "Request start to stream end",
                             buckets=_DURATION_BUCKETS)
 CANCEL_LATENCY = Histogram("jarvis_cancel_latency_seconds", "Client gone to backend generation cancelled",
                            buckets=_LATENCY_BUCKETS)
-UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (the error code)", ["kind"])
+UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (the error code) and upstream",
+                          ["kind", "upstream"])
 MODEL_QUEUE_DEPTH = Gauge("jarvis_model_queue_depth", "Requests waiting for the embedded model",
                           multiprocess_mode="livesum")
 MODEL_QUEUE_WAIT = Histogram("jarvis_model_queue_wait_seconds", "Time a request waited for the embedded model",

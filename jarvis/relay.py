@@ -34,7 +34,7 @@ from jarvis.backends import Backend, ChatRequest
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn, trace_id_var
 from jarvis.settings import Settings
-from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
+from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event, responses_error_event
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class Relay:
         # the backend has nothing yet (a queued model), and .ended(outcome, error_message).
         self.observer = observer
         self.request = request
+        # The Responses API streams named events, relayed whole, and ends without [DONE].
+        self.whole_events = request.endpoint == "responses"
+        self.done = b"" if self.whole_events else DONE_EVENT
         self.heartbeat = settings.heartbeat_seconds
         self.inactivity = settings.stream_inactivity_seconds
         self.max_seconds = settings.stream_max_seconds
@@ -317,7 +320,7 @@ class Relay:
                         yield PING
                 elif item is _END:
                     self.outcome = "complete"
-                    yield self._closing_events("complete") + DONE_EVENT
+                    yield self._closing_events("complete") + self.done
                     return
                 elif isinstance(item, _Failure):
                     yield self._fail(item.error)
@@ -346,6 +349,8 @@ class Relay:
             batch = self.observer.events(batch)
             if not batch:
                 return b""
+        if self.whole_events:
+            return b"".join([block + b"\n\n" for block in batch])
         if len(batch) == 1:
             return data_event(batch[0])
         return b"".join([data_event(payload) for payload in batch])
@@ -391,7 +396,7 @@ class Relay:
         self.outcome = _OUTCOMES.get(error.code, "upstream_error")
         self.error_code = error.code
         self.error_message = str(error.error.get("message") or error)
-        return error_event(error.error)
+        return responses_error_event(error.error) if self.whole_events else error_event(error.error)
 
     # -- non-streaming -----------------------------------------------------------
 
@@ -426,17 +431,24 @@ class Relay:
             except Exception:
                 log.exception("recording the end of the stream failed")
 
+    @property
+    def upstream(self) -> str:
+        """The upstream that answered (several: the one the router chose; none chosen yet: '-')."""
+        if self.generation is not None:
+            return getattr(self.generation, "upstream", self.backend.name)
+        return "-" if self.backend.name == "router" else self.backend.name
+
     def _record_metrics(self) -> None:
         if self.counted:
             metrics.ACTIVE_STREAMS.dec()
-        metrics.STREAMS.labels(self.outcome).inc()
+        metrics.STREAMS.labels(self.outcome, self.request.endpoint, self.upstream).inc()
         metrics.STREAM_DURATION.observe(time.monotonic() - self.started)
         if self.first_event_at is not None:
             metrics.TIME_TO_FIRST_TOKEN.observe(self.first_event_at - self.started)
         if self.stopped_at is not None and self.upstream_closed_at is not None:
             metrics.CANCEL_LATENCY.observe(max(0.0, self.upstream_closed_at - self.stopped_at))
         if self.outcome == "upstream_error":
-            metrics.UPSTREAM_ERRORS.labels(self.error_code or "unknown").inc()
+            metrics.UPSTREAM_ERRORS.labels(self.error_code or "unknown", self.upstream).inc()
 
     def _log_end(self) -> None:
         now = time.monotonic()
@@ -454,11 +466,13 @@ class Relay:
             # Stop signal (client gone, Stop, shutdown...) to the generation cancelled at its source.
             fields["cancel_ms"] = round(max(0.0, self.upstream_closed_at - self.stopped_at) * 1000, 1)
             extra += f" cancel_ms={fields['cancel_ms']}"
-        # The id the upstream logged this request under, to join its log with ours.
+        # Which upstream answered, and the id it logged this request under, to join its log with ours.
+        fields["endpoint"], fields["upstream"] = self.request.endpoint, self.upstream
         fields["upstream_id"] = self.request.upstream_request_id
-        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f upstream_id=%s%s", self.outcome,
-                 self.events, "-" if fields["ttft_ms"] is None else fields["ttft_ms"], fields["duration_ms"],
-                 fields["upstream_id"], extra, extra={"fields": fields})
+        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f endpoint=%s upstream=%s upstream_id=%s%s",
+                 self.outcome, self.events, "-" if fields["ttft_ms"] is None else fields["ttft_ms"],
+                 fields["duration_ms"], self.request.endpoint, self.upstream, fields["upstream_id"], extra,
+                 extra={"fields": fields})
 
 
 _OUTCOMES = {

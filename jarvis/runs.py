@@ -160,6 +160,8 @@ class Run:
     # -- the relay's observer ---------------------------------------------------------------
 
     def events(self, batch: list[bytes]) -> list[bytes]:
+        if self.answer.upstream is None:  # several upstreams: the one the router chose (its name, from config)
+            self.answer.upstream = getattr(self.relay.generation, "upstream", None)
         page_batch = []
         for payload in batch:
             try:

@@ -22,6 +22,9 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
+from jarvis import upstreams as upstreams_module
+from jarvis.upstreams import UpstreamConfig
+
 LOCAL_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -135,6 +138,9 @@ class Settings:
     upstream_url: str | None = setting(
         "JARVIS_UPSTREAM_URL", None, url,
         "Base URL of an OpenAI-compatible API, including `/v1`. Unset: the embedded model.")
+    upstreams_file: str | None = setting(
+        "JARVIS_UPSTREAMS_FILE", None, path,
+        "A TOML file naming several upstreams (and the embedded model), in order of preference: see below.")
     upstream_api_key: str | None = setting(
         "JARVIS_UPSTREAM_API_KEY", None, text, "Sent as `Authorization: Bearer` to that upstream only. Never logged.",
         secret=True)
@@ -150,6 +156,9 @@ class Settings:
         "A page's answer runs on with nobody watching for this long, then stops; 0: stop when the page leaves.")
     upstream_connect_seconds: float = setting(
         "JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0, seconds, "Connect timeout to the upstream.")
+    upstream_headers_seconds: float = setting(
+        "JARVIS_UPSTREAM_HEADERS_SECONDS", 30.0, seconds,
+        "With several upstreams: one that has not answered within this is passed over for the next.")
     upstream_models_seconds: float = setting(
         "JARVIS_UPSTREAM_MODELS_SECONDS", 10.0, seconds,
         "The longest an upstream's `/models` answer may take, all of it (504 after).")
@@ -213,19 +222,21 @@ class Settings:
                         shown="`127.0.0.1:8000`")
     workers: int = setting("JARVIS_WORKERS", 1, integer(1),
                            "gunicorn worker processes; `-w` on the command line wins.")
+    # Derived in resolved(), not a variable: every upstream, from the file, the one URL, or the embedded model.
+    upstreams: tuple[UpstreamConfig, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every JARVIS_* variable; raise SettingsError on the first bad one."""
         env = os.environ if environ is None else environ
         values = {}
-        for declared in fields(cls):
+        for declared in _declared():
             name = declared.metadata["env"]
             raw = env.get(name, "").strip()
             values[declared.name] = declared.metadata["parse"](name, raw) if raw else declared.default
-        return cls(**values).resolved()
+        return cls(**values).resolved(env)
 
-    def resolved(self) -> Settings:
+    def resolved(self, environ: Mapping[str, str] | None = None) -> Settings:
         """Check what depends on several settings or on the machine: the key file, the data directory,
         the embedded model's file."""
         changes = {"data_dir": _writable_directory("JARVIS_DATA_DIR", self.data_dir)}
@@ -233,9 +244,25 @@ class Settings:
             if self.api_key is not None:
                 raise SettingsError("set JARVIS_API_KEY or JARVIS_API_KEY_FILE, not both")
             changes["api_key"] = _key_from_file(self.api_key_file)
-        if self.upstream_url is None:
+        changes["upstreams"] = self._upstreams(os.environ if environ is None else environ)
+        if any(upstream.embedded for upstream in changes["upstreams"]):
             changes["local_model"] = resolve_local_model(self.local_model)
         return dataclasses.replace(self, **changes)
+
+    def _upstreams(self, environ: Mapping[str, str]) -> tuple[UpstreamConfig, ...]:
+        if self.upstreams_file is not None:
+            if self.upstream_url is not None:
+                raise SettingsError("set JARVIS_UPSTREAMS_FILE or JARVIS_UPSTREAM_URL, not both")
+            if self.upstream_api_key is not None:
+                raise SettingsError("JARVIS_UPSTREAM_API_KEY goes with JARVIS_UPSTREAM_URL; with JARVIS_UPSTREAMS_FILE "
+                                    "give each upstream its key in the file (api_key_env or api_key_file)")
+            try:
+                return upstreams_module.load(self.upstreams_file, environ)
+            except upstreams_module.UpstreamsError as error:
+                raise SettingsError(str(error)) from None
+        if self.upstream_url is not None:
+            return (UpstreamConfig("upstream", self.upstream_url, self.upstream_api_key),)
+        return (UpstreamConfig("local"),)
 
     @property
     def local_threads_or_cores(self) -> int:
@@ -247,16 +274,21 @@ class Settings:
         return self.local_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+def _declared():
+    """The fields that are settings (each read from a JARVIS_* variable)."""
+    return [declared for declared in fields(Settings) if "env" in declared.metadata]
+
+
 def markdown_table() -> str:
     """The README's configuration table, made from the declarations."""
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
-    for declared in fields(Settings):
+    for declared in _declared():
         rows.append(f"| `{declared.metadata['env']}` | {declared.metadata['shown']} | {declared.metadata['doc']} |")
     return "\n".join(rows)
 
 
 def declared_names() -> set[str]:
-    return {declared.metadata["env"] for declared in fields(Settings)}
+    return {declared.metadata["env"] for declared in _declared()}
 
 
 def is_loopback_bind(address: str) -> bool:

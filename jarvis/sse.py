@@ -3,7 +3,8 @@
 `SSEDecoder` turns whatever bytes an upstream delivers (split anywhere, LF, CRLF
 or CR line ends, comment lines) into complete `data` payloads, following the
 WHATWG field rules. The encoders produce exactly what OpenAI clients accept:
-`data:` lines and `: ping` comments, never `id:`, `retry:` or `event:` lines.
+`data:` lines and `: ping` comments, never `id:` or `retry:` lines, and `event:`
+lines only where the Responses API names its events.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ class SSEDecoder:
     a time costs one pass, not sixty-four.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, whole_events: bool = False) -> None:
         self._pieces: list[bytes] = []  # the event still arriving, normalised to LF
         self._pending = 0  # its length
         self._carriage_return_pending = False
+        # Whole events (every line, `event:` included, LF-separated) instead of their data: the
+        # Responses API names its events, and a relay of it must keep the names.
+        self._of = _whole_event if whole_events else _data_of
 
     def feed(self, chunk: bytes) -> list[bytes]:
         if self._carriage_return_pending:
@@ -58,7 +62,7 @@ class SSEDecoder:
         self._pieces, self._pending = ([rest], len(rest)) if rest else ([], 0)
         payloads = []
         for block in blocks:
-            payload = _data_of(block)
+            payload = self._of(block)
             if payload is not None:
                 payloads.append(payload)
         return payloads
@@ -67,7 +71,7 @@ class SSEDecoder:
         """At end of input: the last event may lack its blank line (some upstreams end so)."""
         rest = b"".join(self._pieces) + (b"\n" if self._carriage_return_pending else b"")
         self._pieces, self._pending = [], 0
-        payload = _data_of(rest.strip(b"\n")) if rest.strip() else None
+        payload = self._of(rest.strip(b"\n")) if rest.strip() else None
         return [payload] if payload is not None else []
 
 
@@ -85,6 +89,20 @@ def _data_of(block: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
+def _whole_event(block: bytes) -> bytes | None:
+    """An event block without its comment lines, or None when it carries no data."""
+    lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
+    return b"\n".join(lines) if any(line.startswith(b"data") for line in lines) else None
+
+
+def event_name(block: bytes) -> bytes | None:
+    """The `event:` field of a whole event block, if it has one."""
+    for line in block.split(b"\n"):
+        if line.startswith(b"event:"):
+            return line[6:].strip()
+    return None
+
+
 def data_event(payload: bytes) -> bytes:
     """Frame one payload as a `data:` event (multi-line payloads as several data lines)."""
     if b"\n" in payload:
@@ -95,3 +113,11 @@ def data_event(payload: bytes) -> bytes:
 def error_event(error: dict) -> bytes:
     """An in-band error followed by [DONE]: what every abnormal end looks like to a client."""
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n" + DONE_EVENT
+
+
+def responses_error_event(error: dict) -> bytes:
+    """How a Responses-API stream ends abnormally: an `error` event with its own fields (type, code,
+    message, param) and the error object itself, on which the openai SDK raises; no [DONE] follows."""
+    body = {"type": "error", "code": error.get("code"), "message": error.get("message"), "param": error.get("param"),
+            "error": error}
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"

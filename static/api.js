@@ -66,7 +66,17 @@ export function attach(id, messageId, after, reasoningAfter, signal) {
 export const stopAnswer = (id) =>
   call(`/api/conversations/${encodeURIComponent(id)}/stop`, { method: "POST", body: "{}" }).then((body) => body.stopped);
 
+/**
+ * The models on offer, each with who serves it (`owned_by`: with several upstreams, the upstream's name).
+ * @returns {Promise<{id: string, owner: string}[]>}
+ */
 export async function listModels() {
   const body = await call("/v1/models");
-  return (body.data ?? []).map((/** @type {{id: string}} */ model) => String(model.id));
+  const data = Array.isArray(body.data) ? body.data : [];
+  return data
+    .filter((/** @type {any} */ model) => model && typeof model.id === "string")
+    .map((/** @type {{id: string, owned_by?: unknown}} */ model) => ({
+      id: model.id,
+      owner: typeof model.owned_by === "string" ? model.owned_by : "",
+    }));
 }

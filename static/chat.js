@@ -41,7 +41,7 @@ const RETRY_MAX_MS = 30000;
 
 /**
  * @typedef {{ttft_ms?: number | null, thinking_ms?: number | null, completion_tokens?: number | null,
- *   tokens_per_second?: number | null}} AnswerStats
+ *   tokens_per_second?: number | null, upstream?: string}} AnswerStats
  * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
  *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null}} Message
  */
@@ -210,6 +210,7 @@ class MessageView {
     const speed = number(stats.tokens_per_second);
     if (thinking !== null) this.thinkingMs = thinking;
     const parts = [];
+    if (typeof stats.upstream === "string" && stats.upstream) parts.push(`via ${stats.upstream}`);
     if (ttft !== null) parts.push(`${seconds(ttft)} to first token`);
     if (thinking !== null) parts.push(`thought ${seconds(thinking)}`);
     if (tokens !== null) parts.push(`${tokens} tokens`);
@@ -607,16 +608,30 @@ function report(error) {
 
 // -- start-up and keys -------------------------------------------------------------
 
+/** Fills the model picker: grouped by upstream when the models come from several. */
 async function loadModels() {
   try {
     const models = await api.listModels();
-    modelPicker.replaceChildren(...models.map((/** @type {string} */ id) => {
-      const option = document.createElement("option");
-      option.value = option.textContent = id;
-      return option;
-    }));
+    const option = (/** @type {string} */ id) => {
+      const element = document.createElement("option");
+      element.value = element.textContent = id;
+      return element;
+    };
+    /** @type {Map<string, string[]>} */
+    const byOwner = new Map();
+    for (const model of models) byOwner.set(model.owner, [...(byOwner.get(model.owner) ?? []), model.id]);
+    if (byOwner.size > 1) {
+      modelPicker.replaceChildren(...[...byOwner].map(([owner, ids]) => {
+        const group = document.createElement("optgroup");
+        group.label = owner || "other";
+        group.append(...ids.map(option));
+        return group;
+      }));
+    } else {
+      modelPicker.replaceChildren(...models.map((model) => option(model.id)));
+    }
     const remembered = localStorage.getItem(LAST_MODEL);
-    if (remembered && models.includes(remembered)) modelPicker.value = remembered;
+    if (remembered && models.some((model) => model.id === remembered)) modelPicker.value = remembered;
   } catch (error) {
     console.warn("could not load the model list", error);
   }

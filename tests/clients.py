@@ -23,6 +23,14 @@ def chat_body(fault: dict | None = None, stream: bool = True) -> dict:
     return body
 
 
+def metric(text: str, name: str, **labels) -> float:
+    """The sum of the samples of `name` in a /metrics text whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()))
+
+
 def parse_event_block(block: bytes) -> list[tuple[str, object]]:
     """One SSE event block from Jarvis as (kind, value) pairs: data (parsed JSON), comment, done, other."""
     parsed = []

@@ -107,7 +107,8 @@ def start_jarvis(tmp_path, upstream):
 
     def start(env: dict | None = None, args: list[str] | None = None, app: str = "app:app",
               upstream_url: str | None = None) -> LiveServer:
-        settings = {"JARVIS_UPSTREAM_URL": upstream_url or upstream.url}
+        several = "JARVIS_UPSTREAMS_FILE" in (env or {})
+        settings = {} if several else {"JARVIS_UPSTREAM_URL": upstream_url or upstream.url}
         settings.update(env or {})
         server = LiveServer(tmp_path, settings, args, app)
         servers.append(server)

@@ -89,7 +89,8 @@ class PeerClosed(Exception):
 
 
 class FakeUpstream:
-    def __init__(self):
+    def __init__(self, models: tuple[str, ...] = ("fake-model",)):
+        self.models = models  # what its /models lists
         self.scenario = Scenario()
         self.exchanges: list[Exchange] = []
         self._lock = threading.Condition()
@@ -130,7 +131,12 @@ class FakeUpstream:
 
     @property
     def chats(self) -> list[Exchange]:
-        return [exchange for exchange in self.exchanges if exchange.path.endswith("/chat/completions")]
+        return self.to("/chat/completions")
+
+    def to(self, endpoint: str) -> list[Exchange]:
+        """The exchanges on one endpoint (/chat/completions, /completions, /embeddings, /responses, /models)."""
+        return [exchange for exchange in self.exchanges
+                if exchange.path.endswith(endpoint) and (endpoint != "/completions" or "/chat/" not in exchange.path)]
 
     def stop(self) -> None:
         self._running = False
@@ -149,6 +155,7 @@ class FakeUpstream:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn and llama.cpp's server do
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket):
@@ -193,11 +200,14 @@ class FakeUpstream:
                     hostile.play_models(scenario.models, sock, scenario, _send, _pause)
                     self._record(exchange, finished_at=time.monotonic())
                     return False
-                _send_json(sock, 200, {"object": "list", "data": [{"id": "fake-model", "object": "model",
-                                                                    "owned_by": "tests"}]})
+                _pause(sock, scenario.headers_delay)
+                _send_json(sock, 200, {"object": "list", "data": [{"id": model, "object": "model",
+                                                                    "owned_by": "tests"} for model in self.models]})
                 self._record(exchange, finished_at=time.monotonic())
                 return True
-            if not path.endswith("/chat/completions"):
+            if path.endswith("/embeddings"):
+                return self._embeddings(sock, exchange, scenario, payload)
+            if not path.endswith(_ENDPOINTS):
                 _send_json(sock, 404, {"error": {"message": "no such path", "type": "invalid_request_error",
                                                  "param": None, "code": None}})
                 self._record(exchange, finished_at=time.monotonic())
@@ -214,32 +224,57 @@ class FakeUpstream:
             self._record(exchange, closed_at=time.monotonic())
             return False
 
+    def _embeddings(self, sock, exchange: Exchange, scenario: Scenario, payload: dict) -> bool:
+        _pause(sock, scenario.headers_delay)
+        if scenario.status != 200:
+            _send_json(sock, scenario.status, scenario.error_body)
+        else:
+            inputs = payload.get("input")
+            inputs = inputs if isinstance(inputs, list) else [inputs]
+            _send_json(sock, 200, {"object": "list", "model": payload.get("model"),
+                                   "data": [{"object": "embedding", "index": index,
+                                             "embedding": [float(len(str(text))), 0.5, -0.25]}
+                                            for index, text in enumerate(inputs)],
+                                   "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+        self._record(exchange, finished_at=time.monotonic())
+        return True
+
     def _chat(self, sock, exchange: Exchange, scenario: Scenario, payload: dict) -> bool:
+        """Chat completions, text completions and Responses: the same scenario, each endpoint's own chunks."""
         _pause(sock, scenario.headers_delay)
         if scenario.status != 200:
             _send_json(sock, scenario.status, scenario.error_body)
             self._record(exchange, finished_at=time.monotonic())
             return True
+        endpoint = _endpoint_of(exchange.path)
+        model = payload.get("model") if isinstance(payload.get("model"), str) else "fake-model"
         if not payload.get("stream"):
             text = scenario.content if scenario.content is not None else \
                 "".join(f"w{i} " for i in range(scenario.tokens))
             _pause(sock, scenario.first_token_delay)
-            _send_json(sock, 200, _completion(text))
+            _send_json(sock, 200, _WHOLE_ANSWERS[endpoint](text, model))
             self._record(exchange, tokens_sent=scenario.tokens, finished_at=time.monotonic())
             return True
         writer = _BodyWriter(sock, scenario)
         writer.start()
         _pause(sock, scenario.first_token_delay)
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and not scenario.ignores_usage
-        model = payload.get("model") if isinstance(payload.get("model"), str) else "fake-model"
         answer_tokens = 1 if scenario.content is not None else scenario.tokens
-        chunks = answer_chunks(scenario.shape, reasoning_tokens=scenario.reasoning_tokens, tokens=answer_tokens,
-                               asked_usage=include_usage, model=model, tool_call=scenario.tool_call,
-                               text_of=lambda index, thinking, number: _token_text(scenario, thinking, number))
+        text_of = lambda index, thinking, number: _token_text(scenario, thinking, number)  # noqa: E731
+        if endpoint == "chat":
+            chunks = answer_chunks(scenario.shape, reasoning_tokens=scenario.reasoning_tokens, tokens=answer_tokens,
+                                   asked_usage=include_usage, model=model, tool_call=scenario.tool_call,
+                                   text_of=text_of)
+        elif endpoint == "completions":
+            chunks = _text_completion_chunks(answer_tokens, model, text_of)
+        else:
+            chunks = _responses_events(answer_tokens, model, text_of)
         for index, chunk in chunks:
             if index is None:
-                writer.event(json.dumps(chunk))
+                writer.event(chunk)
                 continue
+            if index and scenario.interval:
+                _pause(sock, scenario.interval)
             if index == scenario.stall_after:
                 _pause(sock, 120)
             if index == scenario.reset_after:
@@ -250,21 +285,20 @@ class FakeUpstream:
                 self._record(exchange, finished_at=time.monotonic())
                 return False
             if index == scenario.error_event_after:
-                writer.event(json.dumps({"error": {"message": "the model crashed", "type": "server_error",
-                                                   "param": None, "code": "model_crash"}}))
-                writer.finish(scenario.done)
+                error = {"message": "the model crashed", "type": "server_error", "param": None, "code": "model_crash"}
+                if endpoint == "responses":
+                    writer.event({"type": "error", "code": "model_crash", "message": "the model crashed",
+                                  "param": None, "sequence_number": index + 2}, name="error")
+                else:
+                    writer.event({"error": error})
+                writer.finish(scenario.done and endpoint != "responses")
                 self._record(exchange, finished_at=time.monotonic())
                 return scenario.framing == "chunked"
             if index == scenario.malformed_after:
                 writer.event("{this is not json")
-            if index and scenario.interval:
-                _pause(sock, scenario.interval)
             if scenario.comments:
                 writer.comment()
-            payload = json.dumps(chunk)
-            if scenario.stamp:  # stamped now, at the moment of sending
-                payload = payload.replace(_STAMP, f"{time.monotonic():.6f}|")
-            writer.event(payload)
+            writer.event(chunk, stamp=scenario.stamp)
             with self._lock:
                 exchange.tokens_sent += 1
                 exchange.first_token_at = exchange.first_token_at or time.monotonic()
@@ -272,9 +306,78 @@ class FakeUpstream:
             if index + 1 == scenario.reasoning_tokens + answer_tokens and scenario.stall_after is not None \
                     and scenario.stall_after >= index + 1:
                 _pause(sock, 120)
-        writer.finish(scenario.done)
+        writer.finish(scenario.done and endpoint != "responses")  # a Responses stream ends with its last event
         self._record(exchange, finished_at=time.monotonic())
         return scenario.framing == "chunked"
+
+
+_ENDPOINTS = ("/chat/completions", "/completions", "/responses")
+
+
+def _endpoint_of(path: str) -> str:
+    if path.endswith("/chat/completions"):
+        return "chat"
+    return "completions" if path.endswith("/completions") else "responses"
+
+
+def _text_completion_chunks(tokens: int, model: str, text_of):
+    """A legacy /completions stream, as vLLM and llama.cpp send it."""
+    def chunk(text: str, finish_reason=None) -> dict:
+        return {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    for number in range(tokens):
+        yield number, chunk(text_of(number, False, number))
+    yield None, chunk("", "stop")
+
+
+def _responses_events(tokens: int, model: str, text_of):
+    """A Responses-API stream, with `event:` lines, as OpenAI, vLLM and llama.cpp send it: the index of
+    each text delta is its token number; the others are sent as they come (index None)."""
+    sequence = iter(range(1_000_000))
+    item = {"id": "msg_fake", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    texts = []
+
+    def event(name: str, **fields) -> tuple[str, dict]:
+        return name, {"type": name, "sequence_number": next(sequence), **fields}
+
+    yield None, event("response.created", response=_response_object(model, "in_progress", []))
+    yield None, event("response.in_progress", response=_response_object(model, "in_progress", []))
+    yield None, event("response.output_item.added", output_index=0, item=item)
+    yield None, event("response.content_part.added", item_id="msg_fake", output_index=0, content_index=0,
+                      part={"type": "output_text", "text": "", "annotations": []})
+    for number in range(tokens):
+        texts.append(text_of(number, False, number))
+        yield number, event("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0,
+                            delta=texts[-1], logprobs=[])
+    text = "".join(texts)
+    part = {"type": "output_text", "text": text, "annotations": []}
+    done_item = {**item, "status": "completed", "content": [part]}
+    yield None, event("response.output_text.done", item_id="msg_fake", output_index=0, content_index=0, text=text,
+                      logprobs=[])
+    yield None, event("response.content_part.done", item_id="msg_fake", output_index=0, content_index=0, part=part)
+    yield None, event("response.output_item.done", output_index=0, item=done_item)
+    yield None, event("response.completed", response=_response_object(model, "completed", [done_item]))
+
+
+def _response_object(model: str, status: str, output: list) -> dict:
+    return {"id": "resp_fake", "object": "response", "created_at": 1700000000, "status": status, "model": model,
+            "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 3, "output_tokens": 3, "total_tokens": 6,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}} if status == "completed" else None}
+
+
+def _whole_text_completion(text: str, model: str) -> dict:
+    return {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+
+
+def _whole_response(text: str, model: str) -> dict:
+    return _response_object(model, "completed", [{"id": "msg_fake", "type": "message", "role": "assistant",
+                                                  "status": "completed",
+                                                  "content": [{"type": "output_text", "text": text,
+                                                               "annotations": []}]}])
 
 
 _STAMP = "@@stamp@@"  # replaced by the send time as the token goes out
@@ -307,8 +410,15 @@ class _BodyWriter:
             data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
         _send(self.sock, data)
 
-    def event(self, data: str):
-        self._write(b"data: " + data.encode() + self.newline + self.newline)
+    def event(self, data, *, name: str | None = None, stamp: bool = False):
+        """One event: `data` is a JSON-able object, text, or a (name, object) pair for a named event."""
+        if isinstance(data, tuple):
+            name, data = data
+        text = data if isinstance(data, str) else json.dumps(data)
+        if stamp:  # stamped now, at the moment of sending
+            text = text.replace(_STAMP, f"{time.monotonic():.6f}|")
+        head = b"event: " + name.encode() + self.newline if name else b""
+        self._write(head + b"data: " + text.encode() + self.newline + self.newline)
 
     def comment(self):
         self._write(b": ping" + self.newline + self.newline)
@@ -322,10 +432,13 @@ class _BodyWriter:
             self.sock.shutdown(socket.SHUT_WR)
 
 
-def _completion(text: str) -> dict:
-    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": "fake-model",
+def _completion(text: str, model: str = "fake-model") -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+
+
+_WHOLE_ANSWERS = {"chat": _completion, "completions": _whole_text_completion, "responses": _whole_response}
 
 
 def _send(sock, data: bytes):

@@ -3,7 +3,7 @@
 import json
 
 from jarvis.errors import ApiError, StreamError
-from tests.clients import content_of, sse
+from tests.clients import content_of, metric, sse
 from tests.fake_backend import STALL, Pause
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -69,10 +69,8 @@ def test_a_stream_past_its_max_duration_is_ended(make_client, backend):
 
 def test_metrics_count_streams_by_outcome(client, backend):
     def count(outcome):
-        text = client.get("/metrics").get_data(as_text=True)
-        line = next((line for line in text.splitlines()
-                     if line.startswith(f'jarvis_streams_total{{outcome="{outcome}"}}')), None)
-        return float(line.split()[-1]) if line else 0.0
+        return metric(client.get("/metrics").get_data(as_text=True), "jarvis_streams_total", outcome=outcome,
+                      endpoint="chat/completions", upstream="fake")
 
     before = count("complete"), count("upstream_error")
     client.post("/v1/chat/completions", json={**CHAT, "stream": True}).get_data()

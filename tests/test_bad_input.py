@@ -39,7 +39,7 @@ CASES = {
                            415, "unsupported_media_type"),
     "wrong method": ("GET", "/v1/chat/completions", None, None, 405, "method_not_allowed"),
     "wrong method on models": ("DELETE", "/v1/models", None, None, 405, "method_not_allowed"),
-    "unknown path": ("POST", "/v1/embeddings", {"input": "x"}, "application/json", 404, "unknown_url"),
+    "unknown path": ("POST", "/v1/images/generations", {"prompt": "x"}, "application/json", 404, "unknown_url"),
 }
 
 

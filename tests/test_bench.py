@@ -63,3 +63,12 @@ def test_prompt_abort_benchmark_smoke():
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("no callback", "Jarvis: strlen over a flag (C)", "a Python ctypes callback", "cancel -> llama_decode"):
         assert row in result.stdout, result.stdout
+
+
+def test_failover_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("one upstream (JARVIS_UPSTREAM_URL)", "two, the first refuses the connection",
+                "two, the first dead (timeout 1 s)", "failover cost"):
+        assert row in result.stdout, result.stdout

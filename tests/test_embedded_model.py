@@ -236,3 +236,31 @@ def test_the_page_gets_the_embedded_models_stats(jarvis):
     in_band = next(value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value)
     assert in_band["tokens_source"] == "stream" and in_band["completion_tokens"] >= 3
     assert in_band["ttft_ms"] > 0 and in_band["tokens_per_second"] > 0 and in_band["thinking_ms"] is None
+
+
+def test_the_embedded_model_can_sit_beside_an_upstream_in_the_upstreams_file(tmp_path):
+    from tests.fake_upstream import FakeUpstream
+
+    remote = FakeUpstream(("big-model",))
+    path = tmp_path / "upstreams.toml"
+    path.write_text(f'[[upstream]]\nname = "gpu-box"\nurl = "{remote.url}"\n\n'
+                    '[[upstream]]\nname = "mine"\nembedded = true\n')
+    server = local(tmp_path, {"JARVIS_UPSTREAMS_FILE": str(path)})
+    try:
+        models = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
+        assert [(model["id"], model["owned_by"]) for model in models] == \
+            [("big-model", "gpu-box"), ("smollm2-135m-instruct", "mine")]
+        events = list(sse_events(stream(server, max_tokens=5, model="smollm2-135m-instruct")))
+        assert content_of(events).strip() and events[-1][0] == "done"
+        assert content_of(list(sse_events(stream(server, model="big-model")))) == "w0 w1 w2 w3 w4 "
+        assert [exchange.body["model"] for exchange in remote.chats] == ["big-model"]
+        refused = requests.post(server.url + "/v1/completions", timeout=10,
+                                json={"model": "smollm2-135m-instruct", "prompt": "Once"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "unsupported_endpoint"
+        health = requests.get(server.url + "/healthz", timeout=5).json()
+        assert health["upstreams"][1]["model"]["generations"] == 1
+        assert [line.split(" upstream=")[1].split()[0] for line in server.end_lines()] == ["mine", "gpu-box", "-"]
+        server.assert_log_clean()
+    finally:
+        server.stop()
+        remote.stop()

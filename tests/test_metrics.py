@@ -1,23 +1,14 @@
 """/metrics counts streams by outcome, summed across gunicorn workers."""
 
-import re
-
 import pytest
 import requests
 
-from tests.clients import RawClient, chat_body, chat_request
+from tests.clients import RawClient, chat_body, chat_request, metric
 from tests.live import sse_events
 
 pytestmark = pytest.mark.live
 
 KEY = "metrics-key-0123456789abcdef"
-
-
-def metric(text: str, name: str, **labels) -> float:
-    label_text = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(label_text) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_metrics_report_the_right_counts_across_two_workers(start_jarvis, upstream):
@@ -41,6 +32,7 @@ def test_metrics_report_the_right_counts_across_two_workers(start_jarvis, upstre
     pids = {line.split("] [")[1].split("]")[0] for line in jarvis.end_lines()}
     text = requests.get(jarvis.url + "/metrics", headers=auth).text
     assert metric(text, "jarvis_streams_total", outcome="complete") == 6
+    assert metric(text, "jarvis_streams_total", endpoint="chat/completions", upstream="upstream") == 13
     assert metric(text, "jarvis_streams_total", outcome="upstream_error") == 3
     assert metric(text, "jarvis_streams_total", outcome="client_stop") == 4
     assert metric(text, "jarvis_upstream_errors_total", kind="upstream_error") == 3

@@ -35,6 +35,7 @@ class ChatRequest:
     raw: bytes  # the client's bytes, forwarded unchanged when `body` was not modified
     stream: bool
     trace_id: str
+    endpoint: str = "chat/completions"  # or completions, embeddings, responses (below /v1)
     # What the upstream gets as X-Request-Id: a UUID, which validating servers accept.
     upstream_request_id: str = field(init=False)
 
@@ -63,11 +64,17 @@ class Backend(Protocol):
 
 
 def create_backend(settings: Settings) -> Backend:
-    """The upstream backend when JARVIS_UPSTREAM_URL is set, else the embedded model."""
-    if settings.upstream_url:
+    """Several upstreams (JARVIS_UPSTREAMS_FILE): a router over them. One (JARVIS_UPSTREAM_URL): that
+    upstream itself, forwarding every model name as it is. None: the embedded model."""
+    if settings.upstreams_file is not None:
+        from jarvis.backends.router import RouterBackend
+
+        return RouterBackend(settings)
+    upstream = settings.upstreams[0] if settings.upstreams else None
+    if upstream is not None and not upstream.embedded:
         from jarvis.backends.upstream import UpstreamBackend
 
-        return UpstreamBackend(settings)
+        return UpstreamBackend(settings, upstream)
     from jarvis.backends.local import LocalBackend
 
     return LocalBackend(settings)

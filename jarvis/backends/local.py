@@ -145,6 +145,10 @@ class LocalBackend:
                 "generations": self.generations, "tokens": self.tokens}
 
     def open(self, request: ChatRequest) -> LocalGeneration:
+        if request.endpoint != "chat/completions":
+            raise ApiError(404, f"The embedded model answers /v1/chat/completions only, not /v1/{request.endpoint}: "
+                                "point Jarvis at an upstream that offers it (JARVIS_UPSTREAMS_FILE)",
+                           code="unsupported_endpoint")
         return LocalGeneration(self, _generation_arguments(request.body, self))
 
 

@@ -24,7 +24,8 @@ from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_objec
 from jarvis.logs import trace_id_var, upstream_request_id
 from jarvis.settings import Settings
 from jarvis.sockets import shutdown_quietly
-from jarvis.sse import DONE, MalformedStream, SSEDecoder
+from jarvis.sse import DONE, MalformedStream, SSEDecoder, event_name
+from jarvis.upstreams import UpstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ _READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError
 
 
 class UpstreamBackend:
-    name = "upstream"
+    """One OpenAI-compatible server: its own base URL, key and connection pool."""
 
-    def __init__(self, settings: Settings):
-        self.base_url = settings.upstream_url
+    def __init__(self, settings: Settings, upstream: UpstreamConfig):
+        self.name = upstream.name
+        self.base_url = upstream.url
         self.model = settings.model
         self.models_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds)
         self.models_seconds = settings.upstream_models_seconds
@@ -46,7 +48,7 @@ class UpstreamBackend:
         # No read timeout on completions: the relay enforces inactivity and duration by cancelling
         # the read, and a timeout here would cost a timer on every socket read of every chunk.
         self.chat_timeout = (settings.upstream_connect_seconds, None)
-        self.session = _new_session(settings.upstream_api_key)
+        self.session = _new_session(upstream.api_key)  # the key goes to this upstream's host only
 
     def models(self) -> dict:
         """The upstream's model list, unchanged; within JARVIS_UPSTREAM_MODELS_SECONDS and
@@ -70,17 +72,17 @@ class UpstreamBackend:
         return None  # /healthz never touches the upstream
 
     def open(self, request: ChatRequest) -> UpstreamGeneration:
-        """POST the request; return once the upstream has answered with a success status."""
+        """POST the request to its endpoint; return once the upstream has answered with a success status."""
         body = request.raw
         if "model" not in request.body and self.model:
             body = json.dumps({**request.body, "model": self.model}).encode()
-        response = self._send("POST", "/chat/completions", body, request.upstream_request_id, self.chat_timeout,
+        response = self._send("POST", "/" + request.endpoint, body, request.upstream_request_id, self.chat_timeout,
                               stream=True)
         if request.stream:
             _check_content(response, "text/event-stream", "an event stream")
         else:
             _check_content(response, "application/json", "a JSON answer")
-        return UpstreamGeneration(response, self.body_limit)
+        return UpstreamGeneration(response, self.body_limit, whole_events=request.endpoint == "responses")
 
     def _send(self, method, path, body, request_id, timeout, stream) -> requests.Response:
         headers = {"X-Request-Id": request_id}
@@ -190,6 +192,9 @@ def _status_error(response: requests.Response) -> ApiError:
     return ApiError(status, message, type_=type_, code="upstream_status")
 
 
+# The events that end a Responses-API stream.
+_TERMINAL_EVENTS = {b"response.completed", b"response.failed", b"response.incomplete", b"error"}
+
 # An event with more brackets than this is parsed once, to be sure no client chokes on its nesting.
 _NESTING_CHECK = 1000
 
@@ -206,15 +211,16 @@ def _valid_utf8(data: bytes) -> bytes:
 class UpstreamGeneration:
     """One open upstream response."""
 
-    def __init__(self, response: requests.Response, body_limit: int):
+    def __init__(self, response: requests.Response, body_limit: int, *, whole_events: bool = False):
         self.response = response
         self.body_limit = body_limit
+        self.whole_events = whole_events  # the Responses API: whole named events, ending with a terminal one
         self.finished = False
         self.malformed = 0
 
     def batches(self):
-        """The data payloads of each read, until [DONE]; StreamError on any other end."""
-        decoder = SSEDecoder()
+        """The data payloads (or whole events) of each read, until the end; StreamError on any other end."""
+        decoder = SSEDecoder(whole_events=self.whole_events)
         read1 = self.response.raw.read1
         while True:
             try:
@@ -229,14 +235,15 @@ class UpstreamGeneration:
                 payloads = decoder.feed(chunk) if chunk else decoder.finish()
             except MalformedStream as error:
                 raise StreamError("upstream_malformed", str(error), "upstream_error")
-            batch = self._checked(payloads)
+            batch = self._checked_events(payloads) if self.whole_events else self._checked(payloads)
             if self.finished:
                 yield batch
                 return
             if not chunk:
                 if batch:
                     yield batch
-                raise StreamError("upstream_incomplete", "The upstream ended the stream without [DONE]; "
+                end = "its final event (response.completed)" if self.whole_events else "[DONE]"
+                raise StreamError("upstream_incomplete", f"The upstream ended the stream without {end}; "
                                   "the answer may be cut short", "upstream_error")
             if batch:
                 yield batch
@@ -263,6 +270,18 @@ class UpstreamGeneration:
                     self.malformed += 1
                     continue
             batch.append(payload)
+        return batch
+
+    def _checked_events(self, blocks: list[bytes]) -> list[bytes]:
+        """Whole Responses-API events, relayed as they are (their errors included) up to the terminal one."""
+        batch = []
+        for block in blocks:
+            if not block.isascii():
+                block = _valid_utf8(block)
+            batch.append(block)
+            if event_name(block) in _TERMINAL_EVENTS or block.endswith(b"data: [DONE]"):
+                self.finished = True
+                break
         return batch
 
     def _checked_event(self, payload: bytes) -> bool:
