@@ -127,6 +127,7 @@ def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, ups
     page.close()
     exchange = upstream.wait_until_ended(upstream.wait_for_exchange(), timeout=5)
     assert exchange.closed_at is not None and 2.0 <= exchange.closed_at - closed < 3.0, exchange.closed_at - closed
+    print(f"\ndetached: upstream closed {exchange.closed_at - closed:.2f} s after the last tab closed")
     jarvis.wait_for_log("outcome=detached")
     saved = wait_until(lambda: (m := requests.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()
                                 ["messages"][-1])["status"] == "stopped" and m, 5, lambda: "never saved stopped")
