@@ -10,6 +10,7 @@ with a message naming the variable. Command-line flags (-b, -w, ...) still win.
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -64,6 +65,9 @@ def on_starting(server):
     and mark answers that a crashed run left streaming as interrupted."""
     settings = _refuse_unauthenticated_exposure(server)
     _prepare_metrics_directory()
+    if settings.database_url:
+        _recover_postgres(server)
+        return
     from jarvis.store import StoreError, recover_interrupted
 
     try:
@@ -72,6 +76,19 @@ def on_starting(server):
         sys.exit(f"jarvis: {error}")
     if recovered:
         server.log.info("marked %d answers left streaming by the last run as interrupted", recovered)
+
+
+def _recover_postgres(server):
+    """The same for PostgreSQL, in a child process: psycopg must first be imported after gevent's patch
+    (it picks its wait function then), so the master never imports it. Only answers whose lease has
+    expired are marked: other nodes' answers are still running."""
+    result = subprocess.run([sys.executable, "-m", "jarvis.pgstore", "migrate"], capture_output=True, text=True,
+                            timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if result.returncode != 0:
+        sys.exit(result.stderr.strip() or f"jarvis: migrating the PostgreSQL store failed ({result.returncode})")
+    recovered = int(result.stdout.strip() or 0)
+    if recovered:
+        server.log.info("marked %d answers whose node stopped as interrupted", recovered)
 
 
 def _refuse_unauthenticated_exposure(server):

@@ -11,7 +11,7 @@ from flask import Flask, Response, request
 from jarvis import errors, inputs, lifecycle, logs, security, state
 from jarvis.backends import Backend, create_backend
 from jarvis.settings import Settings
-from jarvis.store import ConversationStore, SQLiteStore
+from jarvis.store import ConversationStore, open_store
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None,
@@ -22,12 +22,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    state.install(app, settings, backend or create_backend(settings),
-                  store or SQLiteStore(settings.data_dir, settings.store_busy_seconds))
+    store = store or open_store(settings)
+    state.install(app, settings, backend or create_backend(settings), store)
 
     errors.init_app(app)
     lifecycle.track_connections(app)
-    security.init_app(app, settings)
+    security.init_app(app, settings, store)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
     app.after_request(inputs.close_if_body_unread)

@@ -24,6 +24,9 @@ def healthz():
         body.update(status)  # several upstreams: each one's state, as this worker last saw it
     elif status is not None:
         body["model"] = status
+    store_status = getattr(state.store(), "status", None)  # PostgreSQL: from memory, no query
+    if store_status is not None:
+        body["store"] = store_status()
     if request.args.get("debug"):  # collects and walks the heap: milliseconds, for benchmarks and debugging
         gc.collect()
         # Spawned greenlets still alive; the threadpools' per-thread greenlets are not counted.

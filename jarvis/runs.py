@@ -185,8 +185,8 @@ class Run:
         newly = at is not None and (before is None or at - before > REMOTE_WATCH_SECONDS)
         self.remote_watched_at = at
         if newly and self.flush_timer is not None:
-            self.flush_timer.kill(block=False)  # scheduled at the slow interval: save within the fast one
-            self.flush_timer = gevent.spawn_later(WATCHED_FLUSH_SECONDS, self._flush)
+            self.flush_timer.kill(block=False)  # scheduled at the slow interval: save now, then at the fast one
+            self.flush_timer = gevent.spawn(self._flush)
 
     def _flush_interval(self) -> float:
         followed = self.remote_watched_at is not None and \
@@ -362,7 +362,14 @@ class Runs:
         gevent.spawn(run._stream)
         if self.ticker is None or self.ticker.dead:
             self.ticker = gevent.spawn(self._tick)
+            self.store.listen(self._heard)  # PostgreSQL: Stops and deletes from other nodes, at once
         return response
+
+    def _heard(self, kind: str, message_id: int) -> None:
+        run = self.by_message.get(message_id)
+        if run is not None:
+            log.info("a %s came from another node", "Stop" if kind == "stop" else "delete")
+            run.stop("stopped" if kind == "stop" else "deleted")
 
     def close(self) -> None:
         """Stop every run and the tick (an app being thrown away, as in tests)."""
@@ -409,6 +416,7 @@ def _follow(store, settings, message_id, environ, after, reasoning_after):
     gone = gevent.event.Event()
     client = ClientWatcher(environ, lambda how: gone.set())
     client.start()
+    saved = store.subscribe(message_id)  # PostgreSQL: set at each save, from any node; SQLite: None, poll
     try:
         yield OPENING
         last_write, last_touch = time.monotonic(), 0.0
@@ -432,9 +440,14 @@ def _follow(store, settings, message_id, environ, after, reasoning_after):
             if now - last_write >= settings.heartbeat_seconds:
                 yield PING
                 last_write = now
-            gone.wait(FOLLOW_SECONDS)
+            if saved is None:
+                gone.wait(FOLLOW_SECONDS)
+            else:
+                gevent.wait([gone, saved], timeout=FOLLOW_SECONDS, count=1)
+                saved.clear()
     finally:
         client.stop()
+        store.unsubscribe(message_id, saved)
 
 
 def _final_events(message: dict) -> bytes:

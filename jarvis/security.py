@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import os
-import secrets
 import urllib.parse
 
 from flask import Blueprint, Flask, Response, current_app, request, session
@@ -33,6 +31,7 @@ from jarvis import state
 from jarvis.errors import ApiError
 from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
+from jarvis.store import ConversationStore
 
 bp = Blueprint("session", __name__, url_prefix="/api/session")
 
@@ -41,32 +40,14 @@ _SIGN_IN_BYTES = 4096  # a key, in JSON: the only body anyone may send before si
 _STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    app.config.update(SECRET_KEY=settings.secret_key or _stored_secret(settings.data_dir),
+def init_app(app: Flask, settings: Settings, store: ConversationStore) -> None:
+    # The cookie-signing secret: JARVIS_SECRET_KEY, else one the store keeps (shared by every node).
+    app.config.update(SECRET_KEY=settings.secret_key or store.secret(),
                       SESSION_COOKIE_NAME="jarvis_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")
     app.before_request(_check_request)
     app.after_request(_add_headers)
     app.register_blueprint(bp)
-
-
-def _stored_secret(data_dir: str) -> str:
-    """The cookie-signing secret: generated once and kept (mode 0600) under the data directory."""
-    path = os.path.join(data_dir, "secret_key")
-    try:
-        with open(path) as file:
-            return file.read().strip()
-    except FileNotFoundError:
-        pass
-    secret = secrets.token_urlsafe(48)
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another worker won the race
-        with open(path) as file:
-            return file.read().strip()
-    with os.fdopen(descriptor, "w") as file:
-        file.write(secret)
-    return secret
 
 
 def _key_check(key: str) -> str:

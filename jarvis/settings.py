@@ -49,6 +49,14 @@ def url(name: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+def database_url(name: str, raw: str) -> str:
+    parsed = urllib.parse.urlsplit(raw)
+    if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.path.strip("/")):
+        raise SettingsError(f"{name} must be a postgresql:// URL, for example "
+                            "postgresql://jarvis:secret@db.example:5432/jarvis (unset: SQLite in JARVIS_DATA_DIR)")
+    return raw
+
+
 def seconds(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -192,6 +200,10 @@ class Settings:
     data_dir: str = setting(
         "JARVIS_DATA_DIR", DEFAULT_DATA_DIR, path, "Where the conversations database lives (SQLite, WAL mode).",
         shown="`data/` beside `app.py`")
+    database_url: str | None = setting(
+        "JARVIS_DATABASE_URL", None, database_url,
+        "A `postgresql://` URL: the store shared by several Jarvis nodes (see below). Unset: SQLite in "
+        "`JARVIS_DATA_DIR`. Never logged.", secret=True)
     store_busy_seconds: float = setting(
         "JARVIS_STORE_BUSY_SECONDS", 10.0, seconds,
         "How long a database write waits for a lock held elsewhere before it fails (and is retried).")
@@ -202,7 +214,7 @@ class Settings:
         "JARVIS_API_KEY_FILE", None, path, "Read the key from this file instead (for secrets managers).")
     secret_key: str | None = setting(
         "JARVIS_SECRET_KEY", None, text, "Signs the page's session cookie.",
-        shown="generated into `JARVIS_DATA_DIR/secret_key`", secret=True)
+        shown="generated into `JARVIS_DATA_DIR/secret_key` (PostgreSQL: into the database, shared)", secret=True)
     allowed_hosts: tuple[str, ...] | None = setting(
         "JARVIS_ALLOWED_HOSTS", None, host_list,
         "Host names clients may use to reach Jarvis (comma-separated; `*` for any); others get 421.",

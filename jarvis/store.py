@@ -120,10 +120,23 @@ class ConversationStore(Protocol):
     def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]: ...
     def request_stop(self, conversation_id: str) -> bool: ...
     def follow(self, message_id: int, *, touch: bool) -> dict | None: ...
+    def listen(self, heard) -> None: ...
+    def subscribe(self, message_id: int): ...
+    def unsubscribe(self, message_id: int, event) -> None: ...
     def create_session(self, key_check: str) -> str: ...
     def session_valid(self, session_id: str, key_check: str, max_age: float) -> bool: ...
     def delete_session(self, session_id: str) -> None: ...
+    def secret(self) -> str: ...
     def close(self) -> None: ...
+
+
+def open_store(settings) -> ConversationStore:
+    """PostgreSQL when JARVIS_DATABASE_URL is set (imported only then, after gevent's patch), else SQLite."""
+    if settings.database_url:
+        from jarvis.pgstore import PostgresStore
+
+        return PostgresStore(settings.database_url, settings.store_busy_seconds)
+    return SQLiteStore(settings.data_dir, settings.store_busy_seconds)
 
 
 def database_path(data_dir: str) -> str:
@@ -419,6 +432,19 @@ class SQLiteStore:
     def delete_session(self, session_id: str) -> None:
         self._run(self._execute, "DELETE FROM sessions WHERE id = ?", (session_id,))
 
+    def listen(self, heard) -> None:
+        """Nothing to hear: one machine's workers see each other's Stops through the tick."""
+
+    def subscribe(self, message_id: int) -> None:
+        """No announcements of saves: a page following from another worker polls."""
+
+    def unsubscribe(self, message_id: int, event) -> None:
+        pass
+
+    def secret(self) -> str:
+        """The cookie-signing secret: generated once and kept (mode 0600) beside the database."""
+        return _file_secret(os.path.dirname(self.path))
+
     def _execute(self, sql: str, parameters) -> int:
         return self.connection.execute(sql, parameters).rowcount
 
@@ -430,11 +456,32 @@ class SQLiteStore:
 
 
 def storable(text: str) -> str:
-    """Text SQLite can hold: UTF-16 halves that arrived apart are paired again (an emoji split across two
-    upstream events), a lone half becomes U+FFFD. Model output must never make a write fail."""
+    """Text both stores can hold: UTF-16 halves that arrived apart are paired again (an emoji split across
+    two upstream events), a lone half becomes U+FFFD, and so does NUL (PostgreSQL's text refuses it).
+    Model output must never make a write fail."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
     if text.isascii():
         return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _file_secret(data_dir: str) -> str:
+    path = os.path.join(data_dir, "secret_key")
+    try:
+        with open(path) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        pass
+    secret = secrets.token_urlsafe(48)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another worker won the race
+        with open(path) as file:
+            return file.read().strip()
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret)
+    return secret
 
 
 def _message(row: sqlite3.Row) -> dict:

@@ -90,6 +90,25 @@ class _Recorder(logging.Handler):
         assert errors == [], errors
 
 
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throw-away PostgreSQL cluster per test process, started on first use."""
+    from tests.postgres import PostgresCluster
+
+    cluster = PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def database_url(postgres_cluster):
+    """A fresh, empty database for this test."""
+    return postgres_cluster.new_database()
+
+
 # -- live ---------------------------------------------------------------------------------
 
 

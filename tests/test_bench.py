@@ -72,3 +72,10 @@ def test_failover_benchmark_smoke():
     for row in ("one upstream (JARVIS_UPSTREAM_URL)", "two, the first refuses the connection",
                 "two, the first dead (timeout 1 s)", "failover cost"):
         assert row in result.stdout, result.stdout
+
+
+def test_store_load_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/store_load.py", "--answers", "20", "--seconds", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SQLite (WAL, its own thread)" in result.stdout and "PostgreSQL (pool, wait_poll)" in result.stdout

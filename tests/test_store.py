@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from jarvis.store import SCHEMA_VERSION, SQLiteStore, StoreError, database_path, recover_interrupted
+from jarvis.store import SCHEMA_VERSION, ConversationBusy, SQLiteStore, StoreError, database_path, recover_interrupted
 from tests.clients import content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
@@ -59,13 +59,28 @@ def database_before_versioning(data_dir) -> list[tuple]:
     return rows
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """The same tests against both stores (PostgreSQL: a fresh database on the test cluster)."""
+    if request.param == "sqlite":
+        store = SQLiteStore(str(tmp_path))
+    else:
+        from jarvis.pgstore import PostgresStore
+
+        store = PostgresStore(request.getfixturevalue("database_url"))
+    yield store
+    store.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    return SQLiteStore(str(tmp_path))
+def sqlite_store(tmp_path):
+    store = SQLiteStore(str(tmp_path))
+    yield store
+    store.close()
 
 
-def test_database_is_in_wal_mode(store):
-    assert store.journal_mode() == "wal"
+def test_database_is_in_wal_mode(sqlite_store):
+    assert sqlite_store.journal_mode() == "wal"
 
 
 def test_status_transitions(store):
@@ -152,7 +167,8 @@ def test_ids_are_unguessable(store):
     assert len(ids) == 20 and all(len(conversation_id) >= 20 for conversation_id in ids)
 
 
-def test_start_up_recovery_marks_streaming_rows_interrupted(tmp_path, store):
+def test_start_up_recovery_marks_streaming_rows_interrupted(tmp_path, sqlite_store):
+    store = sqlite_store
     conversation = store.create_conversation("t")
     streaming = store.add_message(conversation["id"], "assistant", "half an ans", "streaming")
     complete = store.add_message(conversation["id"], "assistant", "done", "complete")
@@ -283,3 +299,119 @@ def test_a_full_disk_mid_answer_ends_it_with_an_error_and_the_next_answer_works(
     finally:
         jarvis.stop()
         disk.unmount()
+
+
+# -- what both stores must do alike ---------------------------------------------------------------
+
+OWNER = "elsewhere-host 1 - node"  # a run owned on another machine: only its lease decides
+
+
+def test_one_answer_per_conversation_and_a_dead_run_is_interrupted_only_once_its_lease_expires(store):
+    conversation = store.create_conversation("t")
+    answer, history = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
+    assert [message["content"] for message in history] == ["hi"]
+    with pytest.raises(ConversationBusy):
+        store.start_answer(conversation["id"], owner=OWNER, user_content="again")
+    assert store.list_conversations()[0]["running"] is True
+    assert store.tick_runs(OWNER, renew=True) == {answer: (False, None)}
+    assert store.request_stop(conversation["id"]) is True
+    assert store.tick_runs(OWNER, renew=False)[answer][0] is True
+    assert store.follow(answer, touch=True)["status"] == "streaming"
+    assert store.tick_runs(OWNER, renew=False)[answer][1] is not None  # a page follows it elsewhere
+    assert store.update_message_later(answer, "partial", "streaming").get(timeout=10)
+    assert store.finish_answer_later(answer, "partial answer", "stopped", stats={"ttft_ms": 1.0}).get(timeout=10)
+    assert store.tick_runs(OWNER, renew=False) == {}
+    assert store.request_stop(conversation["id"]) is False
+    assert not store.update_message_later(answer, "late", "streaming").get(timeout=10)  # ended stays ended
+    saved = store.follow(answer, touch=False)
+    assert (saved["content"], saved["status"], saved["stats"]) == ("partial answer", "stopped", {"ttft_ms": 1.0})
+
+
+def test_an_expired_lease_marks_the_answer_interrupted(store, monkeypatch):
+    from jarvis import leases
+
+    conversation = store.create_conversation("t")
+    answer, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
+    store.update_message(answer, "half an ans", "streaming")
+    assert store.follow(answer, touch=False)["status"] == "streaming"
+    monkeypatch.setattr(leases, "LEASE_SECONDS", -1.0)
+    store.tick_runs(OWNER, renew=True)  # the owner's last renewal, already past
+    saved = store.follow(answer, touch=False)
+    assert (saved["status"], saved["content"]) == ("interrupted", "half an ans")
+    second, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="next")  # free again
+    assert second > answer
+
+
+def test_model_output_never_makes_a_write_fail(store):
+    conversation = store.create_conversation("t\x00itle")
+    message = store.add_message(conversation["id"], "assistant", "", "streaming")
+    assert store.update_message(message, "nul \x00 and half an emoji \ud83d", "complete", reasoning="\x00")
+    saved = store.get_conversation(conversation["id"])["messages"][0]
+    assert saved["content"] == "nul \ufffd and half an emoji \ufffd" and saved["reasoning"] == "\ufffd"
+
+
+def test_sessions_and_the_secret(store):
+    session = store.create_session("check")
+    assert store.session_valid(session, "check", 60) and not store.session_valid(session, "other", 60)
+    store.delete_session(session)
+    assert not store.session_valid(session, "check", 60)
+    assert store.secret() == store.secret() and len(store.secret()) >= 48
+
+
+def test_the_schema_is_at_the_current_version(store):
+    assert store.schema_version() == SCHEMA_VERSION
+
+
+def test_postgres_two_claims_at_once_give_one_answer(database_url):
+    """Two nodes claim one conversation at the same instant: the row lock makes them take turns."""
+    import threading
+
+    from jarvis.pgstore import PostgresStore
+
+    stores = [PostgresStore(database_url), PostgresStore(database_url)]
+    try:
+        for _ in range(10):
+            conversation = stores[0].create_conversation("t")
+            outcomes, barrier = [], threading.Barrier(2)
+
+            def claim(store, conversation=conversation, outcomes=outcomes, barrier=barrier):
+                barrier.wait()
+                try:
+                    store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
+                    outcomes.append("started")
+                except ConversationBusy:
+                    outcomes.append("busy")
+
+            threads = [threading.Thread(target=claim, args=(store,)) for store in stores]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            assert sorted(outcomes) == ["busy", "started"]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_postgres_refuses_a_newer_schema_and_another_node_finds_the_shared_secret(database_url):
+    import psycopg
+
+    from jarvis.pgstore import PostgresStore
+
+    first = PostgresStore(database_url)
+    second = PostgresStore(database_url)  # migrates nothing: already done
+    assert first.secret() == second.secret()
+    first.close()
+    second.close()
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute("UPDATE jarvis_schema SET version = version + 1")
+    with pytest.raises(StoreError, match="newer Jarvis"):
+        PostgresStore(database_url)
+
+
+def test_postgres_unreachable_is_a_clear_error():
+    from jarvis.pgstore import PostgresStore
+
+    with pytest.raises(StoreError, match="cannot reach the PostgreSQL server") as raised:
+        PostgresStore(f"postgresql://nobody:secret-pw@127.0.0.1:{free_port()}/none", busy_seconds=1)
+    assert "secret-pw" not in str(raised.value)

@@ -1,0 +1,82 @@
+"""A throw-away PostgreSQL cluster for the tests: Debian's server binaries, a temporary directory, a free
+loopback port, fsync off; stopped by its PID at the end. initdb refuses to run as root, so as root the
+cluster runs as the `postgres` user that Debian's package creates."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+from tests.net import free_port
+
+
+def _bindir() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda path: int(path.split("/")[-2]))
+    if found:
+        return found[-1]
+    pg_ctl = shutil.which("pg_ctl")
+    if pg_ctl:
+        return os.path.dirname(pg_ctl)
+    raise RuntimeError("PostgreSQL's server is required for these tests: apt-get install -y postgresql "
+                       "(.ci/run does it)")
+
+
+class PostgresCluster:
+    def __init__(self):
+        self.bindir = _bindir()
+        self.base = tempfile.mkdtemp(prefix="jarvis-pg-")
+        self.data = os.path.join(self.base, "data")
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.pid: int | None = None
+
+    def _run(self, *command: str) -> None:
+        result = subprocess.run([*self.as_user, *command], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+
+    def start(self) -> PostgresCluster:
+        self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
+                  "-E", "UTF8", "--locale=C", "--no-sync")
+        options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-l", os.path.join(self.base, "log"),
+                  "-o", options, "-w", "-t", "60", "start")
+        with open(os.path.join(self.data, "postmaster.pid")) as pid_file:
+            self.pid = int(pid_file.readline())
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on the cluster; its URL."""
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:16]
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        """Fast shutdown by PID (SIGINT), then the directory goes."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGINT)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
