@@ -18,7 +18,7 @@ from tests.fake_upstream import Scenario
 from tests.live import LiveServer, sse_events, wait_until
 from tests.test_page_runs import follow_lags
 
-pytestmark = [pytest.mark.live, pytest.mark.serial]
+pytestmark = pytest.mark.live
 
 KEY = "nodes-key-0123456789abcdef"
 
@@ -50,11 +50,20 @@ def start_answer(node: LiveServer, session: requests.Session | None = None):
     answer = http.post(f"{node.url}/api/conversations/{conversation_id}/messages", json={"content": "go"},
                        stream=True, timeout=30)
     assert answer.status_code == 200, answer.text
-    events = sse_events(answer)
+    events = closing_events(answer)
     next(event for event in events if event[0] == "data")
     return conversation_id, int(answer.headers["X-Message-Id"]), events
 
 
+def closing_events(response: requests.Response):
+    """The response's events; the response is closed once they end (or the generator is dropped)."""
+    try:
+        yield from sse_events(response)
+    finally:
+        response.close()
+
+
+@pytest.mark.serial  # measures
 def test_two_nodes_share_conversations_answers_and_stop(nodes, upstream):
     a, b = nodes(host="node-a"), nodes()
     health = requests.get(b.url + "/healthz", timeout=5).json()
@@ -95,7 +104,7 @@ def test_an_answer_on_a_re_attached_from_b_completes_whole(nodes, upstream):
     conversation_id, message_id, events = start_answer(a)
     followed = requests.get(f"{b.url}/api/conversations/{conversation_id}/messages/{message_id}/stream",
                             stream=True, timeout=30)
-    seen = list(sse_events(followed))
+    seen = list(closing_events(followed))
     assert content_of(seen) == "".join(f"w{i} " for i in range(60))
     assert seen[-1][0] == "done" and seen[-2][1]["status"] == "complete"
     assert content_of(list(events))  # the page on A got its answer too
@@ -146,6 +155,7 @@ def test_the_cookie_secret_is_shared_so_a_page_signed_in_on_a_is_signed_in_on_b(
         assert requests.get(b.url + "/api/conversations", timeout=5).status_code == 401
 
 
+@pytest.mark.serial  # measures
 def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_the_lease(nodes, upstream):
     from jarvis import leases
 
@@ -159,7 +169,7 @@ def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_th
     killed = time.monotonic()
     path = f"{b.url}/api/conversations/{conversation_id}/messages/{message_id}/stream"
     followed = requests.get(path, stream=True, timeout=30)
-    seen = list(sse_events(followed))
+    seen = list(closing_events(followed))
     interrupted_after = time.monotonic() - killed
     print(f"node killed -> answer interrupted on the other node: {interrupted_after:.2f} s "
           f"(lease {leases.LEASE_SECONDS:g} s)")
@@ -170,7 +180,7 @@ def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_th
     upstream.scenario = Scenario(tokens=3)
     answer = requests.post(f"{b.url}/api/conversations/{conversation_id}/messages", json={"content": "again"},
                            stream=True, timeout=30)
-    assert content_of(list(sse_events(answer))) == "w0 w1 w2 "
+    assert content_of(list(closing_events(answer))) == "w0 w1 w2 "
     b.assert_log_clean()
 
 
@@ -191,6 +201,7 @@ def test_a_node_starting_leaves_the_answers_of_a_running_node_alone(nodes, upstr
     assert saved["status"] == "complete"
 
 
+@pytest.mark.serial  # measures
 def test_a_slow_database_never_blocks_the_hub(nodes, database_url):
     """A conversation row locked elsewhere holds a send for a second; /healthz answers meanwhile."""
     import psycopg
