@@ -7,9 +7,10 @@ import pytest
 
 from tests.live import ROOT
 
-pytestmark = [pytest.mark.live, pytest.mark.serial]
+pytestmark = pytest.mark.live
 
 
+@pytest.mark.serial
 def test_bench_run_smoke():
     result = subprocess.run(
         [sys.executable, "bench/run.py", "--smoke", "--floor"], cwd=ROOT, capture_output=True, text=True, timeout=240
@@ -30,6 +31,7 @@ def test_bench_run_smoke():
     assert "not closed" in result.stdout and "nan" not in result.stdout
 
 
+@pytest.mark.serial
 def test_store_benchmark_smoke():
     result = subprocess.run(
         [sys.executable, "bench/store_hub_block.py", "--writes", "50"],
@@ -43,6 +45,7 @@ def test_store_benchmark_smoke():
 
 
 @pytest.mark.model
+@pytest.mark.serial
 def test_local_model_benchmark_smoke():
     result = subprocess.run(
         [sys.executable, "bench/local_model.py", "--runs", "1", "--tokens", "10"],
@@ -57,6 +60,7 @@ def test_local_model_benchmark_smoke():
 
 
 @pytest.mark.model
+@pytest.mark.serial
 def test_prompt_abort_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=240)
