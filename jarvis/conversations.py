@@ -12,10 +12,10 @@ import json
 import logging
 from typing import NamedTuple
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
+from jarvis import chat_settings, exchange, state
 from jarvis import runs as runs_module
-from jarvis import state
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
 from jarvis.inputs import check_messages, read_json_object, text_field
@@ -48,24 +48,91 @@ def list_conversations():
 
 @bp.post("")
 def create_conversation():
-    """A new, empty conversation."""
-    title = text_field(_json_body(), "title", required=False) or "New chat"
-    return jsonify(state.store().create_conversation(title[:200])), 201
+    """A new, empty conversation, with the server's default settings (or the ones sent)."""
+    body = _json_body()
+    title = text_field(body, "title", required=False) or "New chat"
+    settings = chat_settings.checked(body["settings"], state.settings()) if "settings" in body else \
+        chat_settings.defaults(state.settings())
+    return jsonify(state.store().create_conversation(title[:200], settings)), 201
+
+
+@bp.get("/search")
+def search():
+    """Conversations whose title or messages hold every word of ?q= (the last word as a prefix): each
+    result names the conversation, the message (null: the title) and a snippet with the matches between
+    U+E000 and U+E001."""
+    query = request.args.get("q", "")
+    if len(query) > 500:
+        raise ApiError(400, "'q' may be at most 500 characters", param="q", code="invalid_value")
+    return jsonify(data=state.store().search(query))
+
+
+@bp.get("/export")
+def export_all():
+    """Every conversation, as one JSON file (the format is in jarvis/exchange.py and the README)."""
+    store = state.store()
+    conversations = [store.get_conversation(item["id"]) for item in store.list_conversations()]
+    return _download(jsonify(exchange.export_document([c for c in conversations if c is not None])),
+                     "jarvis-conversations.json")
+
+
+@bp.post("/import")
+def import_conversations():
+    """Add the conversations of a Jarvis or Open WebUI export, all or none; 201 with their new ids."""
+    settings = state.settings()
+    request.max_content_length = settings.max_import_bytes
+    document = read_json_object(limit=settings.max_import_bytes, any_json=True)[1]
+    conversations = exchange.parse_import(document, settings)
+    ids = state.store().import_conversations(conversations)
+    log.info("imported %d conversations", len(ids))
+    return jsonify(data=ids), 201
 
 
 @bp.get("/<conversation_id>")
 def read_conversation(conversation_id):
-    """One conversation with its messages and their statuses."""
-    return jsonify(_conversation_or_404(conversation_id))
+    """One conversation with its messages and their statuses, and the settings it uses."""
+    conversation = _conversation_or_404(conversation_id)
+    conversation["settings"] = chat_settings.effective(conversation.get("settings"), state.settings())
+    return jsonify(conversation)
+
+
+@bp.get("/<conversation_id>/export")
+def export_one(conversation_id):
+    """One conversation: ?format=json (the export format, one conversation) or markdown."""
+    conversation = _conversation_or_404(conversation_id)
+    conversation["settings"] = chat_settings.effective(conversation.get("settings"), state.settings())
+    kind = request.args.get("format", "json")
+    name = "".join(c if c.isalnum() else "-" for c in conversation["title"])[:60].strip("-") or "conversation"
+    if kind == "markdown":
+        return _download(Response(exchange.markdown(conversation), content_type="text/markdown; charset=utf-8"),
+                         f"{name}.md")
+    if kind != "json":
+        raise ApiError(400, "'format' must be json or markdown", param="format", code="invalid_value")
+    return _download(jsonify(exchange.export_document([conversation])), f"{name}.json")
 
 
 @bp.put("/<conversation_id>")
-def rename_conversation(conversation_id):
-    """Rename a conversation."""
-    title = text_field(_json_body(), "title")
-    if not state.store().rename_conversation(conversation_id, title[:200]):
+def update_conversation(conversation_id):
+    """Rename a conversation ({"title"}) and/or change its settings ({"settings"}: the next answer uses
+    them)."""
+    body = _json_body()
+    if "title" not in body and "settings" not in body:
+        raise ApiError(400, "Send 'title', 'settings' or both", code="invalid_value")
+    store = state.store()
+    changed = True
+    if "settings" in body:
+        changed = store.update_conversation_settings(conversation_id,
+                                                     chat_settings.checked(body["settings"], state.settings()))
+    if changed and "title" in body:
+        changed = store.rename_conversation(conversation_id, text_field(body, "title")[:200])
+    if not changed:
         raise ApiError(404, "No such conversation", code="conversation_not_found")
-    return jsonify(_conversation_or_404(conversation_id))
+    return read_conversation(conversation_id)
+
+
+def _download(response: Response, filename: str) -> Response:
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
 
 
 @bp.delete("/<conversation_id>")
@@ -83,9 +150,13 @@ def delete_conversation(conversation_id):
 def send_message(conversation_id):
     """Add the user's message (or regenerate, or edit and resend), start the answer and stream it."""
     body = _json_body()
-    plan = _plan(_conversation_or_404(conversation_id), body)
+    conversation = _conversation_or_404(conversation_id)
+    plan = _plan(conversation, body)
+    system, parameters = chat_settings.request_fields(
+        chat_settings.effective(conversation.get("settings"), state.settings()))
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     runs, trace_id = state.runs(), trace_id_var.get()
+    runs.settle(conversation_id)
     try:
         message_id, history = state.store().start_answer(
             conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
@@ -96,9 +167,10 @@ def send_message(conversation_id):
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     # Usage lets the stats under the answer use the upstream's own token count; the page never
     # passes it on, and /v1 clients only get it when they ask.
-    chat_body = {"messages": [{"role": m["role"], "content": m["content"]} for m in history
-                              if m["role"] == "user" or m["content"]],
-                 "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
+    chat_body = {"messages": [*system, *[{"role": m["role"], "content": m["content"]} for m in history
+                                         if m["role"] == "user" or m["content"]]],
+                 "stream": True, "stream_options": {"include_usage": True}, **parameters,
+                 **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
     try:
         response = runs.start(conversation_id, message_id, chat, request.environ)

@@ -29,7 +29,7 @@ def close_if_body_unread(response):
     return response
 
 
-def read_json_object(*, limit: int | None = None) -> tuple[bytes, dict]:
+def read_json_object(*, limit: int | None = None, any_json: bool = False) -> tuple[bytes, dict]:
     """The whole request body, raw and parsed, which must be a JSON object: at most `limit` bytes (else
     JARVIS_MAX_BODY_BYTES), arriving within JARVIS_BODY_SECONDS plus a second per
     JARVIS_BODY_MIN_BYTES_PER_SECOND bytes — a body sent a byte at a time holds a connection no longer.
@@ -57,7 +57,7 @@ def read_json_object(*, limit: int | None = None) -> tuple[bytes, dict]:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON", code="invalid_json")
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) and not any_json:
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
     return raw, body
 

@@ -35,7 +35,19 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import ConnectionPool
 
 from jarvis import leases
-from jarvis.store import INTERRUPTED_NOTE, SCHEMA_VERSION, ConversationBusy, NoSuchConversation, StoreError, storable
+from jarvis.store import (
+    INTERRUPTED_NOTE,
+    MATCH_END,
+    MATCH_START,
+    SCHEMA_VERSION,
+    ConversationBusy,
+    NoSuchConversation,
+    StoreError,
+    like_escaped,
+    search_results,
+    search_words,
+    storable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    (  # 4 -> 5: a conversation's own system prompt and sampling parameters (JSON; NULL: the server's defaults)
+        "ALTER TABLE conversations ADD COLUMN settings TEXT",
+    ),
+    (  # 5 -> 6: full-text search over messages that have ended
+        "CREATE INDEX messages_search ON messages USING gin (to_tsvector('simple', content)) "
+        "WHERE status <> 'streaming'",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
@@ -179,6 +198,9 @@ class PostgresStore:
         self.listener: gevent.Greenlet | None = None
         self.heard_callbacks: list = []
         self.save_waiters: dict[int, set[gevent.event.Event]] = {}
+        # Waiting for notifications blocks unless gevent has patched the process (gunicorn's gevent workers
+        # have); elsewhere (a script, in-process tests) the tick and the followers' polls do the work alone.
+        self.notifications = waiting_strategy() != "wait_c"
 
     def _db(self):
         return self.pool.connection()
@@ -199,19 +221,67 @@ class PostgresStore:
                               "ORDER BY updated_at DESC").fetchall()
         return rows
 
-    def create_conversation(self, title: str) -> dict:
-        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": time.time()}
+    def create_conversation(self, title: str, settings: dict | None = None) -> dict:
+        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": time.time(),
+                        "settings": None if settings is None else json.dumps(settings)}
         conversation["updated_at"] = conversation["created_at"]
         with self._db() as db:
-            db.execute("INSERT INTO conversations (id, title, created_at, updated_at) "
-                       "VALUES (%(id)s, %(title)s, %(created_at)s, %(updated_at)s)", conversation)
-        return conversation
+            db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) "
+                       "VALUES (%(id)s, %(title)s, %(created_at)s, %(updated_at)s, %(settings)s)", conversation)
+        return {**conversation, "settings": settings}
+
+    def update_conversation_settings(self, conversation_id: str, settings: dict) -> bool:
+        with self._db() as db:
+            return db.execute("UPDATE conversations SET settings = %s WHERE id = %s",
+                              (json.dumps(settings), conversation_id)).rowcount > 0
+
+    def import_conversations(self, conversations: list[dict]) -> list[str]:
+        ids = []
+        with self._db() as db, db.transaction(), db.cursor() as cursor:
+            for conversation in conversations:
+                conversation_id = secrets.token_urlsafe(16)
+                cursor.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
+                               "(%s, %s, %s, %s, %s)",
+                               (conversation_id, storable(conversation["title"]), conversation["created_at"],
+                                conversation["updated_at"], None if conversation["settings"] is None else
+                                json.dumps(conversation["settings"])))
+                cursor.executemany(
+                    "INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
+                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
+                      message["status"], message["error"] and storable(message["error"]), message["model"],
+                      None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
+                      message["created_at"]) for message in conversation["messages"]])
+                ids.append(conversation_id)
+        return ids
+
+    def search(self, query: str, limit: int = 50) -> list[dict]:
+        """As SQLiteStore.search, with PostgreSQL's text search ('simple': lower-cased words, no stemming)."""
+        words = search_words(query)
+        if not words:
+            return []
+        expression = " & ".join(words) + ":*"
+        headline = f"StartSel={MATCH_START}, StopSel={MATCH_END}, MaxFragments=1, MaxWords=16, MinWords=4"
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT messages.id AS message_id, messages.conversation_id, conversations.title, "
+                "ts_headline('simple', messages.content, query, %s) AS snippet "
+                "FROM messages JOIN conversations ON conversations.id = messages.conversation_id, "
+                "to_tsquery('simple', %s) AS query WHERE messages.status <> 'streaming' "
+                "AND to_tsvector('simple', messages.content) @@ query "
+                "ORDER BY ts_rank(to_tsvector('simple', messages.content), query) DESC LIMIT %s",
+                (headline, expression, limit)).fetchall()
+            titles = db.execute(
+                "SELECT id AS conversation_id, title FROM conversations WHERE "
+                + " AND ".join(["title ILIKE %s"] * len(words)) + " ORDER BY updated_at DESC LIMIT %s",
+                (*[f"%{like_escaped(word)}%" for word in words], limit)).fetchall()
+        return search_results(titles, rows, words, limit)
 
     def get_conversation(self, conversation_id: str) -> dict | None:
         with self._db() as db:
             with db.transaction():
                 _reap_dead_runs(db, conversation_id, time.time())
-            row = db.execute("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
+            row = db.execute("SELECT id, title, created_at, updated_at, settings, EXISTS (SELECT 1 FROM runs WHERE "
                              "runs.conversation_id = conversations.id) AS running FROM conversations WHERE id = %s",
                              (conversation_id,)).fetchone()
             if row is None:
@@ -220,7 +290,8 @@ class PostgresStore:
                 "SELECT id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, stats, "
                 "created_at, updated_at FROM messages WHERE conversation_id = %s ORDER BY id",
                 (conversation_id,)).fetchall()
-        return {**row, "messages": [_message(message) for message in messages]}
+        return {**row, "settings": json.loads(row["settings"]) if row["settings"] else None,
+                "messages": [_message(message) for message in messages]}
 
     def rename_conversation(self, conversation_id: str, title: str) -> bool:
         with self._db() as db:
@@ -353,15 +424,17 @@ class PostgresStore:
             self.heard_callbacks.append(heard)
         self._start_listening()
 
-    def subscribe(self, message_id: int) -> gevent.event.Event:
+    def subscribe(self, message_id: int) -> gevent.event.Event | None:
         """An Event set whenever any node saves this answer: a page following it wakes at once instead of
-        at its next poll. `unsubscribe` when done."""
+        at its next poll. `unsubscribe` when done. None where notifications are off: poll."""
+        if not self.notifications:
+            return None
         self._start_listening()
         event = gevent.event.Event()
         self.save_waiters.setdefault(message_id, set()).add(event)
         return event
 
-    def unsubscribe(self, message_id: int, event: gevent.event.Event) -> None:
+    def unsubscribe(self, message_id: int, event: gevent.event.Event | None) -> None:
         waiters = self.save_waiters.get(message_id)
         if waiters is not None:
             waiters.discard(event)
@@ -369,7 +442,7 @@ class PostgresStore:
                 del self.save_waiters[message_id]
 
     def _start_listening(self) -> None:
-        if self.listener is None or self.listener.dead:
+        if self.notifications and (self.listener is None or self.listener.dead):
             self.listener = gevent.spawn(self._listen)
 
     def _listen(self) -> None:

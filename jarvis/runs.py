@@ -125,6 +125,7 @@ class Run:
         self.flush_timer: gevent.Greenlet | None = None
         self.last_flush = time.monotonic()
         self.failed_saves = 0
+        self.final_saved = gevent.event.Event()  # the store has the answer's end (its run row is gone)
 
     # -- start and stream ------------------------------------------------------------------
 
@@ -143,6 +144,8 @@ class Run:
             self._cancel_detach_timer()
             self._publish(_END)
             self.runs.forget(self)
+            if not self.final_saved.is_set():  # its last save is queued: a send right after [DONE] waits for it
+                self.runs.ending[self.conversation_id] = self
 
     def _publish(self, item) -> None:
         size = len(item) if type(item) is bytes else 0
@@ -214,6 +217,7 @@ class Run:
             self.flush_timer.kill(block=False)
             self.flush_timer = None
         if outcome == "deleted":
+            self._finally_saved()
             return
         status = _STATUS_OF_OUTCOME.get(outcome, "error")
         if outcome == "detached":
@@ -233,6 +237,7 @@ class Run:
             if result.successful():
                 if attempt > 1:
                     log.info("the answer's last save went through at attempt %d", attempt)
+                self._finally_saved()
                 return
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("the answer's last save failed (%s); retrying every %g s", result.exception,
@@ -240,6 +245,11 @@ class Run:
             gevent.spawn_later(_FINAL_RETRY_SECONDS, self._save_final, status, error, attempt + 1)
 
         result.rawlink(saved)
+
+    def _finally_saved(self) -> None:
+        self.final_saved.set()
+        if self.runs.ending.get(self.conversation_id) is self:
+            del self.runs.ending[self.conversation_id]
 
     def _flush(self) -> None:
         self.flush_timer = None
@@ -346,6 +356,7 @@ class Runs:
         self.settings = settings
         self.owner = leases.this_process()
         self.by_message: dict[int, Run] = {}
+        self.ending: dict[str, Run] = {}  # by conversation: runs that ended here, their last save still queued
         self.ticker: gevent.Greenlet | None = None
 
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict) -> Response:
@@ -377,6 +388,14 @@ class Runs:
             run.stop("shutdown")
         if self.ticker is not None:
             self.ticker.kill()
+
+    def settle(self, conversation_id: str) -> None:
+        """Wait (at most JARVIS_STORE_BUSY_SECONDS) for the last save of an answer that just ended here: a
+        client that sends the next message the instant it reads [DONE] must not be told the conversation
+        is still answering."""
+        run = self.ending.get(conversation_id)
+        if run is not None:
+            run.final_saved.wait(self.settings.store_busy_seconds)
 
     def for_conversation(self, conversation_id: str) -> Run | None:
         return next((run for run in self.by_message.values() if run.conversation_id == conversation_id), None)

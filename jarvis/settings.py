@@ -99,6 +99,19 @@ def integer(minimum: int) -> Callable[[str, str], int]:
     return parse
 
 
+def number_between(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise SettingsError(f"{name} must be a number from {low:g} to {high:g} (got {raw!r})")
+        return value
+
+    return parse
+
+
 def flag(name: str, raw: str) -> bool:
     if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
         raise SettingsError(f"{name} must be 1 or 0 (got {raw!r})")
@@ -193,6 +206,19 @@ class Settings:
     local_threads: int = setting(
         "JARVIS_LOCAL_THREADS", 0, integer(0), "llama.cpp threads; one core stays with the server.",
         shown="cores − 1 (at least 1)")
+    system_prompt: str = setting(
+        "JARVIS_SYSTEM_PROMPT", "", text,
+        "The system prompt a new conversation of the page starts with (each conversation can change its own).",
+        shown="none")
+    temperature: float | None = setting(
+        "JARVIS_TEMPERATURE", None, number_between(0, 2),
+        "The temperature a new conversation starts with; unset: the upstream's own default.")
+    top_p: float | None = setting(
+        "JARVIS_TOP_P", None, number_between(0, 1), "The top_p a new conversation starts with; unset: the upstream's.")
+    max_tokens: int | None = setting(
+        "JARVIS_MAX_TOKENS", None, integer(1),
+        "The max_tokens a new conversation starts with; unset: the upstream's (the embedded model: "
+        "`JARVIS_LOCAL_MAX_TOKENS`).")
     log_level: str = setting("JARVIS_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"),
                              "Level of Jarvis's own log lines.")
     log_format: str = setting("JARVIS_LOG_FORMAT", "text", choice("text", "json"),
@@ -223,6 +249,8 @@ class Settings:
         "JARVIS_ALLOW_NO_AUTH", False, flag, "1 lets Jarvis listen beyond loopback without a key.")
     max_streams: int = setting(
         "JARVIS_MAX_STREAMS", 1000, integer(1), "Open streams per worker; more get 429 with `Retry-After`.")
+    max_import_bytes: int = setting(
+        "JARVIS_MAX_IMPORT_BYTES", 32 * 1024 * 1024, integer(1024), "Largest file the page may import (413 above).")
     max_messages: int = setting("JARVIS_MAX_MESSAGES", 1000, integer(1), "Messages per request (400 above).")
     max_answer_chars: int = setting(
         "JARVIS_MAX_ANSWER_CHARS", 1_000_000, integer(1000),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -79,6 +80,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL
         )""",
     ),
+    (  # 4 -> 5: a conversation's own system prompt and sampling parameters (JSON; NULL: the server's defaults)
+        "ALTER TABLE conversations ADD COLUMN settings TEXT",
+    ),
+    (  # 5 -> 6: full-text search over messages that have ended (a streaming answer is indexed when it ends,
+       # not at each save), kept in step by triggers
+        """CREATE VIRTUAL TABLE messages_search USING fts5(content, content='messages', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2')""",
+        """CREATE TRIGGER messages_search_insert AFTER INSERT ON messages WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_search_unindex AFTER UPDATE ON messages WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_search (messages_search, rowid, content) VALUES ('delete', old.id, old.content);
+        END""",
+        """CREATE TRIGGER messages_search_index AFTER UPDATE ON messages WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_search_delete AFTER DELETE ON messages WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_search (messages_search, rowid, content) VALUES ('delete', old.id, old.content);
+        END""",
+        "INSERT INTO messages_search (rowid, content) SELECT id, content FROM messages WHERE status != 'streaming'",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -100,7 +122,10 @@ INTERRUPTED_NOTE = "The server that was writing this answer stopped before it fi
 
 class ConversationStore(Protocol):
     def list_conversations(self) -> list[dict]: ...
-    def create_conversation(self, title: str) -> dict: ...
+    def create_conversation(self, title: str, settings: dict | None = None) -> dict: ...
+    def update_conversation_settings(self, conversation_id: str, settings: dict) -> bool: ...
+    def import_conversations(self, conversations: list[dict]) -> list[str]: ...
+    def search(self, query: str, limit: int = 50) -> list[dict]: ...
     def get_conversation(self, conversation_id: str) -> dict | None: ...
     def rename_conversation(self, conversation_id: str, title: str) -> bool: ...
     def delete_conversation(self, conversation_id: str) -> bool: ...
@@ -244,12 +269,63 @@ class SQLiteStore:
                               "ORDER BY updated_at DESC").fetchall()
         return [{**dict(row), "running": bool(row["running"])} for row in rows]
 
-    def create_conversation(self, title: str) -> dict:
-        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": time.time()}
+    def create_conversation(self, title: str, settings: dict | None = None) -> dict:
+        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": time.time(),
+                        "settings": _settings_json(settings)}
         conversation["updated_at"] = conversation["created_at"]
-        self._run(self._execute, "INSERT INTO conversations (id, title, created_at, updated_at) "
-                                 "VALUES (:id, :title, :created_at, :updated_at)", conversation)
-        return conversation
+        self._run(self._execute, "INSERT INTO conversations (id, title, created_at, updated_at, settings) "
+                                 "VALUES (:id, :title, :created_at, :updated_at, :settings)", conversation)
+        return {**conversation, "settings": settings}
+
+    def update_conversation_settings(self, conversation_id: str, settings: dict) -> bool:
+        return self._run(self._execute, "UPDATE conversations SET settings = ? WHERE id = ?",
+                         (_settings_json(settings), conversation_id)) > 0
+
+    def import_conversations(self, conversations: list[dict]) -> list[str]:
+        """Add checked conversations (jarvis.exchange) with new ids, all in one transaction; their ids."""
+        return self._run(self._import_conversations, conversations)
+
+    def _import_conversations(self, conversations: list[dict]) -> list[str]:
+        ids = []
+        with _transaction(self.connection) as db:
+            for conversation in conversations:
+                conversation_id = secrets.token_urlsafe(16)
+                db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
+                           "(?, ?, ?, ?, ?)", (conversation_id, storable(conversation["title"]),
+                                               conversation["created_at"], conversation["updated_at"],
+                                               _settings_json(conversation["settings"])))
+                db.executemany(
+                    "INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
+                      message["status"], message["error"] and storable(message["error"]), message["model"],
+                      None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
+                      message["created_at"]) for message in conversation["messages"]])
+                ids.append(conversation_id)
+        return ids
+
+    def search(self, query: str, limit: int = 50) -> list[dict]:
+        """Conversations whose title or ended messages hold every word of `query` (the last one as a
+        prefix), best first: {conversation_id, title, message_id (None: the title), snippet} with the
+        matches between MATCH_START and MATCH_END."""
+        words = search_words(query)
+        if not words:
+            return []
+        return self._run(self._search, words, limit)
+
+    def _search(self, words: list[str], limit: int) -> list[dict]:
+        expression = " ".join(f'"{word.replace(chr(34), chr(34) * 2)}"' for word in words) + "*"
+        rows = self.connection.execute(
+            "SELECT messages.id AS message_id, messages.conversation_id, conversations.title, "
+            f"snippet(messages_search, 0, '{MATCH_START}', '{MATCH_END}', '…', 16) AS snippet "
+            "FROM messages_search JOIN messages ON messages.id = messages_search.rowid "
+            "JOIN conversations ON conversations.id = messages.conversation_id "
+            "WHERE messages_search MATCH ? ORDER BY rank LIMIT ?", (expression, limit)).fetchall()
+        titles = self.connection.execute(
+            "SELECT id AS conversation_id, title FROM conversations WHERE "
+            + " AND ".join(["title LIKE ? ESCAPE '\\'"] * len(words)) + " ORDER BY updated_at DESC LIMIT ?",
+            (*[f"%{like_escaped(word)}%" for word in words], limit)).fetchall()
+        return search_results(titles, rows, words, limit)
 
     def get_conversation(self, conversation_id: str) -> dict | None:
         return self._run(self._get_conversation, conversation_id)
@@ -257,15 +333,16 @@ class SQLiteStore:
     def _get_conversation(self, conversation_id: str) -> dict | None:
         with _transaction(self.connection) as db:
             _reap_dead_runs(db, conversation_id, time.time())
-        row = self.connection.execute("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
-                                      "runs.conversation_id = conversations.id) AS running FROM conversations "
-                                      "WHERE id = ?", (conversation_id,)).fetchone()
+        row = self.connection.execute("SELECT id, title, created_at, updated_at, settings, EXISTS (SELECT 1 FROM "
+                                      "runs WHERE runs.conversation_id = conversations.id) AS running FROM "
+                                      "conversations WHERE id = ?", (conversation_id,)).fetchone()
         if row is None:
             return None
         messages = self.connection.execute(
             "SELECT id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, stats, created_at, "
             "updated_at FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
-        return {**dict(row), "running": bool(row["running"]), "messages": [_message(message) for message in messages]}
+        return {**dict(row), "running": bool(row["running"]), "settings": _settings_of(row["settings"]),
+                "messages": [_message(message) for message in messages]}
 
     def rename_conversation(self, conversation_id: str, title: str) -> bool:
         return self._run(self._execute, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
@@ -464,6 +541,41 @@ def storable(text: str) -> str:
     if text.isascii():
         return text
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+MATCH_START, MATCH_END = "\ue000", "\ue001"  # around each match in a search snippet (private-use characters)
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def search_words(query: str) -> list[str]:
+    """The words a search looks for: letters and digits only, so no query syntax reaches the database."""
+    return _WORD.findall(query.lower())[:16]
+
+
+def like_escaped(word: str) -> str:
+    return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def search_results(titles, rows, words: list[str], limit: int) -> list[dict]:
+    results = [{"conversation_id": row["conversation_id"], "title": row["title"], "message_id": None,
+                "snippet": _marked(row["title"], words)} for row in titles]
+    results += [{"conversation_id": row["conversation_id"], "title": row["title"], "message_id": row["message_id"],
+                 "snippet": row["snippet"]} for row in rows]
+    return results[:limit]
+
+
+def _marked(text: str, words: list[str]) -> str:
+    """`text` with every occurrence of the words between MATCH_START and MATCH_END (for titles)."""
+    pattern = re.compile("|".join(re.escape(word) for word in sorted(words, key=len, reverse=True)), re.IGNORECASE)
+    return pattern.sub(lambda match: MATCH_START + match.group(0) + MATCH_END, text)
+
+
+def _settings_json(settings: dict | None) -> str | None:
+    return None if settings is None else json.dumps(settings)
+
+
+def _settings_of(stored: str | None) -> dict | None:
+    return json.loads(stored) if stored else None
 
 
 def _file_secret(data_dir: str) -> str:

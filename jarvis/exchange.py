@@ -1,0 +1,242 @@
+"""Conversations out of Jarvis and into it: export as JSON or Markdown, import from Jarvis or Open WebUI.
+
+Jarvis's JSON export (documented in the README):
+
+    {"format": "jarvis.conversations", "version": 1, "exported_at": 1764500000.0,
+     "conversations": [{"title": "...", "created_at": ..., "updated_at": ...,
+                        "settings": {"system_prompt": "...", "temperature": 0.7, "top_p": null, "max_tokens": null},
+                        "messages": [{"role": "user" | "assistant", "content": "...", "reasoning": "...",
+                                      "status": "complete" | "stopped" | "error" | "interrupted",
+                                      "error": null, "model": null, "stats": {...} | null, "created_at": ...}]}]}
+
+Import also takes Open WebUI's export ("Export chat" / "Export all chats": a list of chat records whose
+`chat.history` holds the message tree, `chat.messages` the thread): the thread that ends at
+`history.currentId` is imported, or `chat.messages` in order when there is no tree.
+
+Everything in a file is untrusted: every field is type- and size-checked, ids in the file are never
+used (the store makes its own), and one bad field rejects the whole file naming where it is, before
+anything is written; the store then writes every conversation in one transaction.
+"""
+
+from __future__ import annotations
+
+import time
+
+from jarvis.errors import ApiError
+from jarvis.settings import Settings
+from jarvis.store import STATUSES
+
+FORMAT = "jarvis.conversations"
+VERSION = 1
+MAX_CONVERSATIONS = 10_000
+_ROLES = ("user", "assistant")
+_ENDED = tuple(status for status in STATUSES if status != "streaming")
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+
+def export_document(conversations: list[dict]) -> dict:
+    return {"format": FORMAT, "version": VERSION, "exported_at": time.time(),
+            "conversations": [_exported(conversation) for conversation in conversations]}
+
+
+def _exported(conversation: dict) -> dict:
+    return {"title": conversation["title"], "created_at": conversation["created_at"],
+            "updated_at": conversation["updated_at"], "settings": conversation.get("settings"),
+            "messages": [{"role": message["role"], "content": message["content"],
+                          "reasoning": message.get("reasoning") or "",
+                          # an answer still being written is exported as far as it went
+                          "status": "interrupted" if message["status"] == "streaming" else message["status"],
+                          "error": message.get("error"), "model": message.get("model"),
+                          "stats": message.get("stats"), "created_at": message["created_at"]}
+                         for message in conversation["messages"]]}
+
+
+def markdown(conversation: dict) -> str:
+    """One conversation as Markdown: a heading, then each message under its role; thinking in a
+    collapsed <details> block, a stopped or failed answer's note in italics."""
+    lines = [f"# {_one_line(conversation['title'])}", ""]
+    settings = conversation.get("settings") or {}
+    if settings.get("system_prompt"):
+        lines += ["> **System prompt:** " + _one_line(settings["system_prompt"]), ""]
+    for message in conversation["messages"]:
+        lines += [f"## {'You' if message['role'] == 'user' else 'Assistant'}", ""]
+        if message.get("reasoning"):
+            lines += ["<details><summary>Thinking</summary>", "", message["reasoning"], "", "</details>", ""]
+        lines += [message["content"], ""]
+        if message.get("status") not in (None, "complete"):
+            note = f" — {_one_line(message['error'])}" if message.get("error") else ""
+            lines += [f"*({message['status']}{note})*", ""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# -- import ------------------------------------------------------------------------------------------
+
+
+def parse_import(document, settings: Settings) -> list[dict]:
+    """The conversations a file holds, checked and normalised: [{title, created_at, updated_at, settings,
+    messages: [{role, content, reasoning, status, error, model, stats, created_at}]}]. ApiError (400,
+    naming the place) on anything wrong; nothing is written here."""
+    if isinstance(document, dict) and document.get("format") == FORMAT:
+        if document.get("version") != VERSION:
+            raise _bad("version", f"is {document.get('version')!r}; this Jarvis reads version {VERSION}")
+        conversations = _list(document.get("conversations"), "conversations")
+        parsed = [_jarvis_conversation(item, f"conversations[{index}]", settings)
+                  for index, item in enumerate(conversations)]
+    elif isinstance(document, list) and document and all(isinstance(item, dict) and isinstance(item.get("chat"), dict)
+                                                         for item in document):
+        parsed = [_open_webui_conversation(item, f"[{index}]", settings) for index, item in enumerate(document)]
+    elif isinstance(document, dict) and isinstance(document.get("chat"), dict):
+        parsed = [_open_webui_conversation(document, "", settings)]
+    else:
+        raise ApiError(400, "This file is neither a Jarvis export (format \"jarvis.conversations\") nor an Open "
+                            "WebUI chat export", code="unknown_import_format")
+    if not parsed:
+        raise ApiError(400, "The file holds no conversation", code="invalid_import")
+    if len(parsed) > MAX_CONVERSATIONS:
+        raise ApiError(400, f"The file holds {len(parsed)} conversations; at most {MAX_CONVERSATIONS} at once",
+                       code="invalid_import")
+    return parsed
+
+
+def _jarvis_conversation(item, where: str, settings: Settings) -> dict:
+    item = _object(item, where)
+    messages = _list(item.get("messages"), f"{where}.messages")
+    return {"title": _title(item.get("title"), f"{where}.title"),
+            "created_at": _time(item.get("created_at"), f"{where}.created_at"),
+            "updated_at": _time(item.get("updated_at"), f"{where}.updated_at"),
+            "settings": _conversation_settings(item.get("settings"), f"{where}.settings", settings),
+            "messages": _checked_messages([_jarvis_message(message, f"{where}.messages[{index}]", settings)
+                                           for index, message in enumerate(messages)], where, settings)}
+
+
+def _jarvis_message(item, where: str, settings: Settings) -> dict:
+    item = _object(item, where)
+    role = item.get("role")
+    if role not in _ROLES:
+        raise _bad(f"{where}.role", f"must be one of {', '.join(_ROLES)} (got {str(role)[:40]!r})")
+    status = item.get("status", "complete")
+    if status not in _ENDED:
+        raise _bad(f"{where}.status", f"must be one of {', '.join(_ENDED)}")
+    stats = item.get("stats")
+    if stats is not None and not (isinstance(stats, dict) and len(str(stats)) <= 4096):
+        raise _bad(f"{where}.stats", "must be an object (of at most 4 KB) or null")
+    return {"role": role, "content": _text(item.get("content"), f"{where}.content", settings.max_message_chars),
+            "reasoning": _text(item.get("reasoning", ""), f"{where}.reasoning", settings.max_answer_chars),
+            "status": status, "error": _optional_text(item.get("error"), f"{where}.error", 2000),
+            "model": _optional_text(item.get("model"), f"{where}.model", 200), "stats": stats,
+            "created_at": _time(item.get("created_at"), f"{where}.created_at")}
+
+
+def _open_webui_conversation(item: dict, where: str, settings: Settings) -> dict:
+    chat = item["chat"]
+    thread = _open_webui_thread(chat, where)
+    messages = []
+    for index, message in enumerate(thread):
+        place = f"{where}.chat.messages[{index}]"
+        message = _object(message, place)
+        role = message.get("role")
+        if role == "system":
+            continue  # Open WebUI keeps its system prompt in params; a stray system turn is dropped
+        if role not in _ROLES:
+            raise _bad(f"{place}.role", f"must be user or assistant (got {str(role)[:40]!r})")
+        messages.append({"role": role, "content": _text(message.get("content"), f"{place}.content",
+                                                        settings.max_message_chars),
+                         "reasoning": "", "status": "complete", "error": None,
+                         "model": _optional_text(message.get("model"), f"{place}.model", 200), "stats": None,
+                         "created_at": _time(message.get("timestamp"), f"{place}.timestamp")})
+    params = chat.get("params") if isinstance(chat.get("params"), dict) else {}
+    system = params.get("system") if isinstance(params.get("system"), str) else ""
+    conversation_settings = _conversation_settings({"system_prompt": system} if system else None,
+                                                   f"{where}.chat.params", settings)
+    title = item.get("title") if isinstance(item.get("title"), str) else chat.get("title")
+    return {"title": _title(title if title is not None else "Imported chat", f"{where}.title"),
+            "created_at": _time(item.get("created_at"), f"{where}.created_at"),
+            "updated_at": _time(item.get("updated_at"), f"{where}.updated_at"),
+            "settings": conversation_settings, "messages": _checked_messages(messages, where, settings)}
+
+
+def _open_webui_thread(chat: dict, where: str) -> list:
+    """The messages of the thread that ends at history.currentId (root first), else chat.messages."""
+    history = chat.get("history")
+    if isinstance(history, dict) and isinstance(history.get("messages"), dict) and history.get("currentId"):
+        tree, thread, seen = history["messages"], [], set()
+        node = history["currentId"]
+        while node is not None:
+            if not isinstance(node, str) or node in seen or node not in tree or len(seen) > 100_000:
+                raise _bad(f"{where}.chat.history", "is not a tree of messages reaching currentId")
+            seen.add(node)
+            message = _object(tree[node], f"{where}.chat.history.messages[{node[:40]!r}]")
+            thread.append(message)
+            node = message.get("parentId")
+        return thread[::-1]
+    return _list(chat.get("messages"), f"{where}.chat.messages")
+
+
+def _checked_messages(messages: list[dict], where: str, settings: Settings) -> list[dict]:
+    if len(messages) > settings.max_messages:
+        raise _bad(f"{where}.messages", f"holds {len(messages)} messages; at most {settings.max_messages} "
+                                        "(JARVIS_MAX_MESSAGES)")
+    return messages
+
+
+def _conversation_settings(value, where: str, settings: Settings) -> dict | None:
+    if value is None:
+        return None
+    from jarvis.chat_settings import checked
+
+    try:
+        return checked(value, settings)
+    except ApiError as error:
+        raise _bad(where, error.message) from None
+
+
+def _title(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(where, "must be a non-empty string")
+    return " ".join(value.split())[:200]
+
+
+def _text(value, where: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, "must be a string")
+    if len(value) > limit:
+        raise _bad(where, f"holds {len(value)} characters; at most {limit}")
+    return value
+
+
+def _optional_text(value, where: str, limit: int) -> str | None:
+    return None if value is None else _text(value, where, limit)
+
+
+def _time(value, where: str) -> float:
+    """Seconds since 1970; milliseconds (Open WebUI writes both) are recognised; absent: now."""
+    if value is None:
+        return time.time()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        raise _bad(where, "must be a number of seconds since 1970")
+    while value > 1e11:  # milliseconds, microseconds, nanoseconds
+        value /= 1000
+    return float(value)
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _bad(where, "must be an object")
+    return value
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise _bad(where, "must be a list")
+    return value
+
+
+def _bad(where: str, problem: str) -> ApiError:
+    return ApiError(400, f"The file's {where} {problem}; nothing was imported", code="invalid_import",
+                    param=where or None)
