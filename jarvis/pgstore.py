@@ -105,9 +105,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 4 -> 5: a conversation's own system prompt and sampling parameters (JSON; NULL: the server's defaults)
         "ALTER TABLE conversations ADD COLUMN settings TEXT",
     ),
-    (  # 5 -> 6: full-text search over messages that have ended
-        "CREATE INDEX messages_search ON messages USING gin (to_tsvector('simple', content)) "
-        "WHERE status <> 'streaming'",
+    (  # 5 -> 6: full-text search over messages that have ended: the words kept in a column (computed when an
+       # answer ends, not at each save), so that ranking never re-parses every matching message
+        "ALTER TABLE messages ADD COLUMN search tsvector GENERATED ALWAYS AS (CASE WHEN status <> 'streaming' "
+        "THEN to_tsvector('simple', content) END) STORED",
+        "CREATE INDEX messages_search ON messages USING gin (search)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
@@ -263,14 +265,15 @@ class PostgresStore:
         expression = " & ".join(words) + ":*"
         headline = f"StartSel={MATCH_START}, StopSel={MATCH_END}, MaxFragments=1, MaxWords=16, MinWords=4"
         with self._db() as db:
+            # The best `limit` first (the stored words ranked), then snippets for those only.
             rows = db.execute(
-                "SELECT messages.id AS message_id, messages.conversation_id, conversations.title, "
-                "ts_headline('simple', messages.content, query, %s) AS snippet "
-                "FROM messages JOIN conversations ON conversations.id = messages.conversation_id, "
-                "to_tsquery('simple', %s) AS query WHERE messages.status <> 'streaming' "
-                "AND to_tsvector('simple', messages.content) @@ query "
-                "ORDER BY ts_rank(to_tsvector('simple', messages.content), query) DESC LIMIT %s",
-                (headline, expression, limit)).fetchall()
+                "SELECT best.id AS message_id, messages.conversation_id, conversations.title, "
+                "ts_headline('simple', messages.content, to_tsquery('simple', %s), %s) AS snippet FROM "
+                "(SELECT id, ts_rank(search, query) AS score FROM messages, to_tsquery('simple', %s) AS query "
+                " WHERE search @@ query ORDER BY score DESC LIMIT %s) AS best "
+                "JOIN messages ON messages.id = best.id "
+                "JOIN conversations ON conversations.id = messages.conversation_id ORDER BY best.score DESC",
+                (expression, headline, expression, limit)).fetchall()
             titles = db.execute(
                 "SELECT id AS conversation_id, title FROM conversations WHERE "
                 + " AND ".join(["title ILIKE %s"] * len(words)) + " ORDER BY updated_at DESC LIMIT %s",

@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 MARKED=18.2.1
 DOMPURIFY=3.4.18
 HIGHLIGHT=11.12.0
+KATEX=0.19.1
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && npm pack --silent "marked@$MARKED" "dompurify@$DOMPURIFY" "@highlightjs/cdn-assets@$HIGHLIGHT" >/dev/null)
+(cd "$work" && npm pack --silent "marked@$MARKED" "dompurify@$DOMPURIFY" "@highlightjs/cdn-assets@$HIGHLIGHT" "katex@$KATEX" >/dev/null)
 for archive in "$work"/*.tgz; do
   mkdir -p "$work/$(basename "$archive" .tgz)"
   tar -xzf "$archive" -C "$work/$(basename "$archive" .tgz)"
@@ -26,9 +27,13 @@ cp "$work/highlightjs-cdn-assets-$HIGHLIGHT/package/es/highlight.min.js" "$vendo
 cp "$work/highlightjs-cdn-assets-$HIGHLIGHT/package/styles/github.min.css" "$vendor/highlight-github.min.css"
 cp "$work/highlightjs-cdn-assets-$HIGHLIGHT/package/styles/github-dark.min.css" "$vendor/highlight-github-dark.min.css"
 cp "$work/highlightjs-cdn-assets-$HIGHLIGHT/package/LICENSE" "$vendor/highlight.js.LICENSE"
+# KaTeX renders to MathML only (the browser draws it): no stylesheet or fonts needed, nothing inline.
+cp "$work/katex-$KATEX/package/dist/katex.mjs" "$vendor/katex.mjs"
+cp "$work/katex-$KATEX/package/LICENSE" "$vendor/katex.LICENSE"
 cat > "$vendor/VERSIONS" <<VERSIONS
 marked $MARKED
 dompurify $DOMPURIFY
 @highlightjs/cdn-assets $HIGHLIGHT
+katex $KATEX
 VERSIONS
 echo "vendored into $vendor:" && ls -la "$vendor"

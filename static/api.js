@@ -27,6 +27,14 @@ export const readConversation = (id) => call(`/api/conversations/${encodeURIComp
 /** @param {string} id @param {string} title */
 export const renameConversation = (id, title) =>
   call(`/api/conversations/${encodeURIComponent(id)}`, { method: "PUT", body: JSON.stringify({ title }) });
+/** @param {string} id @param {object} settings {system_prompt, temperature, top_p, max_tokens} */
+export const updateSettings = (id, settings) =>
+  call(`/api/conversations/${encodeURIComponent(id)}`, { method: "PUT", body: JSON.stringify({ settings }) });
+/** @param {string} query */
+export const search = (query) => call(`/api/conversations/search?q=${encodeURIComponent(query)}`).then((b) => b.data);
+/** @param {string} text a file's contents, sent as it is: the server checks everything */
+export const importFile = (text) =>
+  call("/api/conversations/import", { method: "POST", body: text }).then((body) => body.data);
 /** @param {string} id */
 export const deleteConversation = (id) =>
   call(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });

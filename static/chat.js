@@ -234,9 +234,13 @@ function showMarkdown(target, markdown) {
   }
 }
 
+/** The view of each message element on screen, for Copy. @type {WeakMap<Element, MessageView>} */
+const views = new WeakMap();
+
 /** @param {any} message */
 function addMessage(message) {
   const view = new MessageView(message);
+  views.set(view.element, view);
   messagesView.append(view.element);
   return view;
 }
@@ -245,10 +249,15 @@ function scrollToEnd() {
   messagesView.scrollTop = messagesView.scrollHeight;
 }
 
-/** Adds Edit to user messages and Regenerate to the last answer. */
+/** Adds Copy to every message, Edit to user messages and Regenerate to the last answer. */
 function refreshActions() {
   const articles = [...messagesView.querySelectorAll("article.message")];
-  for (const article of articles) article.querySelector(".actions")?.replaceChildren();
+  for (const article of articles) {
+    const copy = button("Copy", () => copyMessage(article, copy));
+    copy.className = "copy-message";
+    copy.title = "Copy this message's Markdown";
+    article.querySelector(".actions")?.replaceChildren(copy);
+  }
   const lastAssistant = articles.filter((a) => a.getAttribute("data-role") === "assistant").pop();
   if (lastAssistant && !state.following) {
     lastAssistant.querySelector(".actions")?.append(button("Regenerate", () => regenerate()));
@@ -259,6 +268,20 @@ function refreshActions() {
       article.querySelector(".actions")?.append(button("Edit", () => startEdit(id, article)));
     }
   }
+}
+
+/**
+ * Puts a message's exact Markdown (what the model wrote, or what was typed) on the clipboard.
+ * @param {Element} article
+ * @param {HTMLButtonElement} control
+ */
+function copyMessage(article, control) {
+  const view = views.get(article);
+  if (!view) return;
+  navigator.clipboard.writeText(view.text).then(
+    () => { control.textContent = "Copied"; setTimeout(() => { control.textContent = "Copy"; }, 1500); },
+    (error) => console.warn("copy failed", error),
+  );
 }
 
 /**
@@ -663,6 +686,142 @@ async function signInIfNeeded() {
   });
 }
 
+// -- search ------------------------------------------------------------------------
+
+const searchBox = /** @type {HTMLInputElement} */ ($("search"));
+const searchResults = $("search-results");
+/** @type {ReturnType<typeof setTimeout> | null} */ let searchTimer = null;
+let searchAsked = 0;
+
+async function runSearch() {
+  const query = searchBox.value.trim();
+  const asked = ++searchAsked;
+  if (!query) {
+    searchResults.hidden = true;
+    conversationList.hidden = false;
+    return;
+  }
+  const results = await api.search(query);
+  if (asked !== searchAsked) return; // a newer query is on its way
+  searchResults.replaceChildren(...results.map((/** @type {any} */ result) => {
+    const item = document.createElement("li");
+    const open = button("", () => openSearchResult(result.conversation_id, result.message_id).catch(report));
+    const name = document.createElement("span");
+    name.className = "result-title";
+    name.textContent = result.title;
+    const snippet = document.createElement("span");
+    snippet.className = "result-snippet";
+    snippet.append(...highlighted(result.snippet));
+    open.replaceChildren(name, snippet);
+    item.append(open);
+    return item;
+  }));
+  if (!results.length) {
+    const none = document.createElement("li");
+    none.className = "none";
+    none.textContent = "Nothing found";
+    searchResults.replaceChildren(none);
+  }
+  searchResults.hidden = false;
+  conversationList.hidden = true;
+}
+
+/**
+ * A snippet's text with each match (between U+E000 and U+E001) in a <mark>: built from text nodes, never HTML.
+ * @param {string} snippet
+ */
+function highlighted(snippet) {
+  /** @type {(Node)[]} */ const nodes = [];
+  String(snippet).split("\ue000").forEach((part, index) => {
+    if (index === 0) { nodes.push(document.createTextNode(part)); return; }
+    const [match, rest = ""] = part.split("\ue001");
+    const mark = document.createElement("mark");
+    mark.textContent = match;
+    nodes.push(mark, document.createTextNode(rest));
+  });
+  return nodes;
+}
+
+/**
+ * @param {string} conversationId
+ * @param {number | null} messageId null: the title matched
+ */
+async function openSearchResult(conversationId, messageId) {
+  await openConversation(conversationId);
+  if (messageId === null) return;
+  const found = messagesView.querySelector(`article[data-id="${messageId}"]`);
+  if (!found) return;
+  found.classList.add("found");
+  found.scrollIntoView({ block: "center" });
+  setTimeout(() => found.classList.remove("found"), 2500);
+}
+
+// -- this conversation's settings, export and import ------------------------------------
+
+const settingsDialog = /** @type {HTMLDialogElement} */ ($("settings-dialog"));
+const settingFields = {
+  system: /** @type {HTMLTextAreaElement} */ ($("setting-system")),
+  temperature: /** @type {HTMLInputElement} */ ($("setting-temperature")),
+  topP: /** @type {HTMLInputElement} */ ($("setting-top-p")),
+  maxTokens: /** @type {HTMLInputElement} */ ($("setting-max-tokens")),
+};
+
+async function openSettings() {
+  if (!state.conversationId) await newConversation();
+  const id = /** @type {string} */ (state.conversationId);
+  const { settings } = await api.readConversation(id);
+  settingFields.system.value = settings?.system_prompt ?? "";
+  settingFields.temperature.value = settings?.temperature ?? "";
+  settingFields.topP.value = settings?.top_p ?? "";
+  settingFields.maxTokens.value = settings?.max_tokens ?? "";
+  const base = `/api/conversations/${encodeURIComponent(id)}/export`;
+  $("export-json").setAttribute("href", `${base}?format=json`);
+  $("export-markdown").setAttribute("href", `${base}?format=markdown`);
+  $("settings-error").hidden = true;
+  settingsDialog.showModal();
+}
+
+async function saveSettings() {
+  const number = (/** @type {HTMLInputElement} */ field) => (field.value.trim() === "" ? null : Number(field.value));
+  const settings = {
+    system_prompt: settingFields.system.value,
+    temperature: number(settingFields.temperature),
+    top_p: number(settingFields.topP),
+    max_tokens: number(settingFields.maxTokens),
+  };
+  try {
+    await api.updateSettings(/** @type {string} */ (state.conversationId), settings);
+    settingsDialog.close();
+  } catch (error) {
+    const failure = $("settings-error");
+    failure.textContent = error instanceof Error ? error.message : String(error);
+    failure.hidden = false;
+  }
+}
+
+/** @param {File} file */
+async function importConversations(file) {
+  const status = $("import-status");
+  status.hidden = false;
+  status.classList.remove("failed");
+  status.textContent = `Importing ${file.name}…`;
+  try {
+    const ids = await api.importFile(await file.text());
+    status.textContent = `Imported ${ids.length} conversation${ids.length === 1 ? "" : "s"}`;
+    await refreshConversationList();
+    if (ids.length) await openConversation(ids[0]);
+  } catch (error) {
+    status.classList.add("failed");
+    status.textContent = `Nothing imported: ${error instanceof Error ? error.message : String(error)}`;
+  }
+}
+
+/** @param {KeyboardEvent} event */
+function typing(event) {
+  const target = /** @type {HTMLElement | null} */ (event.target);
+  return !!target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+}
+
 async function start() {
   await signInIfNeeded();
   await loadModels();
@@ -687,7 +846,40 @@ prompt.addEventListener("keydown", (event) => {
   }
 });
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") stop();
+  if (event.key === "Escape" && !settingsDialog.open && !/** @type {HTMLDialogElement} */ ($("help-dialog")).open) {
+    stop();
+    return;
+  }
+  if (typing(event) || event.ctrlKey || event.metaKey || event.altKey || document.querySelector("dialog[open]")) return;
+  if (event.key === "/") {
+    event.preventDefault();
+    document.body.classList.add("sidebar-open");
+    searchBox.focus();
+  } else if (event.key === "?") {
+    event.preventDefault();
+    /** @type {HTMLDialogElement} */ ($("help-dialog")).showModal();
+  } else if (event.key === "s") {
+    event.preventDefault();
+    openSettings().catch(report);
+  }
+});
+searchBox.addEventListener("input", () => {
+  if (searchTimer !== null) clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => runSearch().catch(report), 150);
+});
+$("settings-button").addEventListener("click", () => openSettings().catch(report));
+$("help-button").addEventListener("click", () => /** @type {HTMLDialogElement} */ ($("help-dialog")).showModal());
+$("settings-cancel").addEventListener("click", () => settingsDialog.close());
+$("settings-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveSettings().catch(report);
+});
+$("import-button").addEventListener("click", () => $("import-file").click());
+$("import-file").addEventListener("change", () => {
+  const input = /** @type {HTMLInputElement} */ ($("import-file"));
+  const file = input.files?.[0];
+  input.value = "";
+  if (file) importConversations(file).catch(report);
 });
 stopButton.addEventListener("click", stop);
 $("new-chat").addEventListener("click", () => newConversation().catch(report));

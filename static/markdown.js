@@ -12,6 +12,7 @@
 import { marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.mjs";
 import hljs from "./vendor/highlight.min.js";
+import katex from "./vendor/katex.mjs";
 
 // Raw HTML in model output is shown as text, never parsed as HTML: a chat answer has no need for it,
 // and even parsing it inertly makes Chromium log CSP reports for blocked inline handlers.
@@ -21,6 +22,65 @@ marked.use({
       return escapeHtml(token.text);
     },
   },
+});
+
+// Math: $$…$$ and \[…\] as blocks (or inline, within a line), $…$ and \(…\) inline. marked never runs
+// these inside code spans or blocks, so code stays literal. KaTeX writes MathML only — the browser draws
+// it; no stylesheet, fonts or inline styles, so the strict CSP holds — without trust (\href, \url,
+// \htmlClass… stay inert) and with bounded sizes and macro expansion. A formula KaTeX cannot parse shows
+// as its source text; it never stops the rest of the message from rendering.
+const MATH_LIMIT = 4000; // characters of one formula; longer ones stay as text
+const KATEX_OPTIONS = { output: "mathml", throwOnError: true, trust: false, strict: "ignore", maxSize: 20,
+  maxExpand: 200 };
+
+/**
+ * @param {string} tex
+ * @param {boolean} display
+ * @param {string} raw the formula with its delimiters, shown when it cannot be rendered
+ */
+function renderMath(tex, display, raw) {
+  if (tex.length <= MATH_LIMIT) {
+    try {
+      const mathml = katex.renderToString(tex, { ...KATEX_OPTIONS, displayMode: display });
+      // DOMPurify drops <semantics> and <annotation> (keeping their text): take the TeX copy out first.
+      return mathml.replace(/<annotation[\s\S]*?<\/annotation>/g, "").replace(/<\/?semantics>/g, "");
+    } catch (error) {
+      // a parse error, or a formula nested deeper than the stack: shown as written
+    }
+  }
+  return `<span class="math-source">${escapeHtml(raw)}</span>`;
+}
+
+const BLOCK_MATH = /^(?:\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\])[ \t]*(?:\n|$)/;
+const INLINE_MATH = /^(?:\$\$([^$]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|\$(?![\s$])([^$\n]+?)(?<![\s\\])\$(?!\d))/;
+
+marked.use({
+  extensions: [
+    {
+      name: "mathBlock",
+      level: "block",
+      start: (/** @type {string} */ src) => src.match(/\$\$|\\\[/)?.index,
+      tokenizer(/** @type {string} */ src) {
+        const match = BLOCK_MATH.exec(src);
+        if (match) return { type: "mathBlock", raw: match[0], text: (match[1] ?? match[2]).trim() };
+        return undefined;
+      },
+      renderer: (/** @type {{raw: string, text: string}} */ token) => `<p>${renderMath(token.text, true, token.raw.trim())}</p>`,
+    },
+    {
+      name: "mathInline",
+      level: "inline",
+      start: (/** @type {string} */ src) => src.match(/\$|\\[([]/)?.index,
+      tokenizer(/** @type {string} */ src) {
+        const match = INLINE_MATH.exec(src);
+        if (!match) return undefined;
+        const display = match[1] !== undefined || match[2] !== undefined;
+        return { type: "mathInline", raw: match[0], text: match[1] ?? match[2] ?? match[3] ?? match[4], display };
+      },
+      renderer: (/** @type {{raw: string, text: string, display: boolean}} */ token) =>
+        renderMath(token.text, token.display, token.raw),
+    },
+  ],
 });
 
 /** @param {string} text */
@@ -62,7 +122,7 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 });
 
 const SANITIZE = {
-  USE_PROFILES: { html: true },
+  USE_PROFILES: { html: true, mathMl: true },
   FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "iframe", "frame", "object", "embed",
     "video", "audio", "source", "picture", "link", "meta", "base"],
   FORBID_ATTR: ["style", "srcset", "action", "formaction", "background", "poster"],

@@ -83,3 +83,10 @@ def test_store_load_benchmark_smoke():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SQLite (WAL, its own thread)" in result.stdout and "PostgreSQL (pool, wait_poll)" in result.stdout
+
+
+def test_search_benchmark_smoke():
+    result = subprocess.run([sys.executable, "bench/search.py", "--conversations", "200", "--runs", "2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SQLite      rare word" in result.stdout and "PostgreSQL  prefix" in result.stdout
