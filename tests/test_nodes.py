@@ -132,8 +132,10 @@ def test_a_lost_notification_is_caught_by_the_tick(nodes, upstream, database_url
     upstream.scenario = Scenario(tokens=1000, interval=0.02)
     conversation_id, _, events = start_answer(a)
     with psycopg.connect(database_url, autocommit=True) as admin:
-        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' "
-                               "AND datname = current_database()").fetchall()
+        listening = "FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+        wait_until(lambda: admin.execute(f"SELECT count(*) {listening}").fetchone()[0] >= 1, 5,
+                   lambda: "node A never listened")
+        killed = admin.execute(f"SELECT pg_terminate_backend(pid) {listening}").fetchall()
     assert killed, "no node was listening"
     exchange = upstream.wait_for_exchange()
     asked = time.monotonic()
@@ -196,9 +198,10 @@ def test_a_node_starting_leaves_the_answers_of_a_running_node_alone(nodes, upstr
     b = nodes()  # its start-up recovery must not mark A's live answer interrupted
     rest = list(events)
     assert rest[-1][0] == "done" and rest[-2][1]["status"] == "complete"
-    assert content_of_saved(b, conversation_id) == "".join(f"w{i} " for i in range(200))
-    saved = requests.get(f"{b.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
-    assert saved["status"] == "complete"
+    saved = wait_until(lambda: (message := requests.get(f"{b.url}/api/conversations/{conversation_id}", timeout=5)
+                                .json()["messages"][-1])["status"] != "streaming" and message, 5,
+                       lambda: "the answer's end was never saved")
+    assert saved["status"] == "complete" and saved["content"] == "".join(f"w{i} " for i in range(200))
 
 
 @pytest.mark.serial  # measures
