@@ -32,10 +32,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.after_request(_return_trace)
     app.after_request(inputs.close_if_body_unread)
 
-    from jarvis import api, conversations, health, metrics, page
+    from jarvis import api, conversations, debug, health, metrics, page
 
     app.register_blueprint(api.bp)
     app.register_blueprint(conversations.bp)
+    app.register_blueprint(debug.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
     app.register_blueprint(metrics.bp)

@@ -21,6 +21,8 @@ closes the generator when a write fails, and a yield there raises RuntimeError.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import socket
 import time
 
@@ -29,7 +31,7 @@ import gevent.event
 import gevent.queue
 from flask import Response
 
-from jarvis import metrics
+from jarvis import metrics, streams
 from jarvis.backends import Backend, ChatRequest
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn, trace_id_var
@@ -68,6 +70,11 @@ class _Result:
 
 
 _open_relays: set[Relay] = set()
+
+# What a stream is doing, read from its first events only (until the answer starts): thinking
+# (a reasoning field) or answering (content, or a Responses text delta).
+_ANSWERING = re.compile(rb'"content":\s*"[^"]|output_text\.delta')
+_THINKING = re.compile(rb'"reasoning(?:_content)?":\s*"[^"]|reasoning_summary_text\.delta|reasoning_text\.delta')
 
 
 def open_stream_count() -> int:
@@ -131,6 +138,10 @@ class Relay:
         self.upstream_closed_at: float | None = None
         self.closed = False
         self.counted = False
+        self.bytes = 0  # relayed to the client (before SSE framing)
+        self.queued = False  # the backend said it has nothing yet (the embedded model serving another answer)
+        self.thinking = False
+        self.answering = False
 
     # -- start ---------------------------------------------------------------
 
@@ -143,6 +154,7 @@ class Relay:
                                     "try again shortly", code="too_many_streams",
                                headers={"Retry-After": "1"})
             _open_relays.add(self)
+            streams.watch(_open_relays)
             metrics.ACTIVE_STREAMS.inc()
             self.counted = True
             self.watcher.start()
@@ -306,6 +318,7 @@ class Relay:
                             return
                     else:
                         self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+                        self.queued = True
                         waiting = self._observed_waiting()
                         if waiting:
                             yield waiting
@@ -345,6 +358,9 @@ class Relay:
             self.first_event_at = now
         self.last_event = now
         self.events += len(batch)
+        self.bytes += sum(map(len, batch))
+        if not self.answering:
+            self._phase_of(batch)
         if self.observer is not None:
             batch = self.observer.events(batch)
             if not batch:
@@ -397,6 +413,38 @@ class Relay:
         self.error_code = error.code
         self.error_message = str(error.error.get("message") or error)
         return responses_error_event(error.error) if self.whole_events else error_event(error.error)
+
+    def _phase_of(self, batch: list[bytes]) -> None:
+        for payload in batch:
+            if _ANSWERING.search(payload):
+                self.answering = True
+                return
+            if not self.thinking and _THINKING.search(payload):
+                self.thinking = True
+
+    def describe(self, now: float) -> dict:
+        """What /debug/streams and a stack dump show of this stream, from memory."""
+        page = self.observer is not None
+        watchers = getattr(self.observer, "watchers", None)
+        if watchers is not None and not watchers:
+            phase = "detached"  # a page's answer that nobody watches now
+        elif self.generation is None:
+            phase = "waiting for headers"
+        elif self.answering:
+            phase = "answering"
+        elif self.thinking:
+            phase = "thinking"
+        elif self.queued and self.first_event_at is None:
+            phase = "queued"
+        else:
+            phase = "waiting for first token"
+        model = self.request.body.get("model")
+        return {"trace_id": self.request.trace_id, "route": "page" if page else f"/v1/{self.request.endpoint}",
+                "model": model[:100] if isinstance(model, str) else None, "upstream": self.upstream,
+                "phase": phase, "age_s": round(now - self.started, 3),
+                "since_last_byte_s": round(now - self.last_event, 3), "events": self.events, "bytes": self.bytes,
+                "client_attached": bool(watchers) if watchers is not None else not self.stop_reason,
+                "worker": os.getpid()}
 
     # -- non-streaming -----------------------------------------------------------
 

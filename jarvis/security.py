@@ -1,6 +1,6 @@
 """Who may call Jarvis, from where, and the headers every response carries.
 
-- With JARVIS_API_KEY set, every /v1/*, /api/* and /metrics request needs it:
+- With JARVIS_API_KEY set, every /v1/*, /api/*, /debug/* and /metrics request needs it:
   `Authorization: Bearer <key>` or `x-api-key: <key>` (the same check, compared
   in constant time; a wrong key in either header fails even with a good
   cookie), or the page's signed, HttpOnly, SameSite=Strict session cookie that
@@ -35,7 +35,7 @@ from jarvis.store import ConversationStore
 
 bp = Blueprint("session", __name__, url_prefix="/api/session")
 
-_PROTECTED = ("/v1/", "/api/", "/metrics")
+_PROTECTED = ("/v1/", "/api/", "/metrics", "/debug/")
 _SIGN_IN_BYTES = 4096  # a key, in JSON: the only body anyone may send before signing in
 _STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -799,6 +799,39 @@ async function saveSettings() {
   }
 }
 
+/**
+ * The streaming doctor: ten events the server sends 200 ms apart, timed as they arrive here. Bunched
+ * arrivals mean something between Jarvis and this browser buffers (gzip, a proxy, a CDN).
+ */
+async function checkStreaming() {
+  const result = $("stream-check-result");
+  result.classList.remove("bad");
+  result.textContent = "Checking… (2 s)";
+  const started = performance.now();
+  const response = await fetch("/debug/stream-check");
+  if (!response.ok) {
+    result.classList.add("bad");
+    result.textContent = `The check could not run (HTTP ${response.status})`;
+    return;
+  }
+  /** @type {number[]} */ const arrivals = [];
+  for await (const event of readEvents(response)) {
+    if (event.type === "chunk" && event.chunk?.object === "jarvis.stream_check") arrivals.push(performance.now() - started);
+  }
+  const gaps = arrivals.slice(1).map((arrival, index) => Math.round(arrival - arrivals[index]));
+  const median = [...gaps].sort((a, b) => a - b)[Math.floor(gaps.length / 2)] ?? 0;
+  if (arrivals.length < 10) {
+    result.classList.add("bad");
+    result.textContent = `Only ${arrivals.length} of 10 events arrived: the stream was cut.`;
+  } else if (median >= 100) {
+    result.textContent = `Events arrived as sent (gaps ${gaps.join(", ")} ms; sent every 200 ms).`;
+  } else {
+    result.classList.add("bad");
+    result.textContent = `Events arrived bunched (gaps ${gaps.join(", ")} ms; sent every 200 ms): something between ` +
+      "Jarvis and this browser buffers the stream (gzip on text/event-stream? proxy_buffering? a corporate proxy?).";
+  }
+}
+
 /** @param {File} file */
 async function importConversations(file) {
   const status = $("import-status");
@@ -875,6 +908,7 @@ $("settings-form").addEventListener("submit", (event) => {
   saveSettings().catch(report);
 });
 $("import-button").addEventListener("click", () => $("import-file").click());
+$("stream-check").addEventListener("click", () => checkStreaming().catch(report));
 $("import-file").addEventListener("change", () => {
   const input = /** @type {HTMLInputElement} */ ($("import-file"));
   const file = input.files?.[0];

@@ -1,0 +1,63 @@
+"""A reverse proxy that does what breaks streaming in real deployments: it holds each whole response
+before passing it on (nginx with proxy_buffering and no X-Accel-Buffering support, a corporate proxy,
+a CDN), and optionally gzips it (gzip on text/event-stream). Threads; loopback only."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import socket
+import threading
+
+from tests.net import read_http_request
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade"}
+
+
+class BufferingProxy:
+    def __init__(self, target_port: int, *, compress: bool = False):
+        self.target_port = target_port
+        self.compress = compress
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            try:
+                request, _ = read_http_request(client, b"")
+                if request is None:
+                    return
+                method, path, headers, body = request
+                upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=60)
+                forwarded = {name: value for name, value in headers.items() if name not in _HOP}
+                upstream.request(method, path, body=body or None, headers=forwarded)
+                response = upstream.getresponse()
+                data = response.read()  # the whole response, held: this is the fault
+                out = [(name, value) for name, value in response.getheaders() if name.lower() not in _HOP]
+                if self.compress and data:
+                    data = gzip.compress(data)
+                    out.append(("Content-Encoding", "gzip"))
+                out.append(("Via", "1.1 buffering-proxy"))
+                head = f"HTTP/1.1 {response.status} {response.reason}\r\n" + "".join(
+                    f"{name}: {value}\r\n" for name, value in out) + \
+                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                client.sendall(head.encode("latin-1") + data)
+                upstream.close()
+            except OSError:
+                return
