@@ -141,3 +141,17 @@ class RawClient:
             self.sock.close()
         except OSError:
             pass
+
+
+def raw_client_on(port: int, worker: int, attempts: int = 400) -> RawClient:
+    """A keep-alive connection that worker `worker` accepted (a connection stays with the worker that
+    accepted it; which one accepts is the kernel's choice, so ask /healthz until it is the one wanted)."""
+    for _ in range(attempts):
+        client = RawClient(port)
+        client.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        response = client.response()
+        if json.loads(response.read())["worker"] == worker:
+            client._file = None  # the next bytes are read from the socket again
+            return client
+        client.close()
+    raise AssertionError(f"worker {worker} accepted none of {attempts} connections")
