@@ -25,6 +25,7 @@ from gunicorn.workers.ggevent import GeventWorker
 log = logging.getLogger(__name__)
 
 _FILES_BESIDES_CONNECTIONS = 256  # the listener, the database, the upstream pool, logs, metrics
+_NAMED_ADDRESSES = 10000  # addresses a refusal is logged for by name; past that, every 1000th refusal
 
 
 class JarvisWorker(GeventWorker):
@@ -34,6 +35,7 @@ class JarvisWorker(GeventWorker):
         self.max_per_client = Settings.from_env().max_client_connections
         self.open_by_address: collections.Counter[str] = collections.Counter()
         self.refused = 0
+        self.refused_addresses: set[str] = set()
         _raise_open_files_limit(self.cfg.worker_connections + _FILES_BESIDES_CONNECTIONS)
         super().init_process()
 
@@ -43,7 +45,10 @@ class JarvisWorker(GeventWorker):
             return super().handle(listener, client, addr)
         if self.open_by_address[address] >= self.max_per_client:
             self.refused += 1
-            if self.refused == 1 or self.refused % 1000 == 0:
+            first = address not in self.refused_addresses and len(self.refused_addresses) < _NAMED_ADDRESSES
+            if first:
+                self.refused_addresses.add(address)
+            if first or self.refused % 1000 == 0:  # each offender named once, then a count now and then
                 log.warning("closed a connection from %s: it already has %d open (JARVIS_MAX_CLIENT_CONNECTIONS); "
                             "%d refused so far", address, self.max_per_client, self.refused)
             client.close()

@@ -61,7 +61,9 @@ def test_slow_bodies_slowloris_and_idle_connections_cannot_fill_the_worker(start
     latencies = hold_off(jarvis, attacks, deadline=2 + 10000 / 16384 + 3)
     print(f"/healthz during the attack: max {max(latencies) * 1000:.0f} ms over {len(latencies)} checks")
     assert max(latencies) < HEALTH_LIMIT
-    assert "closed a connection from 127.0.0.2" in jarvis.log()
+    log = jarvis.log()
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):  # each offender named, whichever came first
+        assert f"closed a connection from {source}" in log, source
     jarvis.assert_log_clean()
 
 
