@@ -137,6 +137,19 @@ def path(name: str, raw: str) -> str:
     return os.path.abspath(os.path.expanduser(raw))
 
 
+def pem_file(name: str, raw: str) -> str:
+    """A readable file of PEM certificates, checked at start-up rather than at the first TLS handshake."""
+    import ssl
+
+    file = path(name, raw)
+    try:
+        ssl.create_default_context(cafile=file)
+    except (OSError, ssl.SSLError) as error:
+        raise SettingsError(f"{name} must be a readable PEM file of CA certificates ({file}: "
+                            f"{getattr(error, 'strerror', None) or error})") from None
+    return file
+
+
 def setting(env: str, default, parse: Callable[[str, str], object], doc: str, shown: str | None = None,
             secret: bool = False):
     """Declare one setting: its variable, default, parser, one-line doc (and the default as the docs show it)."""
@@ -177,6 +190,9 @@ class Settings:
         "A page's answer runs on with nobody watching for this long, then stops; 0: stop when the page leaves.")
     upstream_connect_seconds: float = setting(
         "JARVIS_UPSTREAM_CONNECT_SECONDS", 10.0, seconds, "Connect timeout to the upstream.")
+    upstream_ca_file: str | None = setting(
+        "JARVIS_UPSTREAM_CA_FILE", None, pem_file,
+        "PEM file of the CAs trusted for `https://` upstreams (a private CA); unset: certifi's public roots.")
     upstream_headers_seconds: float = setting(
         "JARVIS_UPSTREAM_HEADERS_SECONDS", 30.0, seconds,
         "With several upstreams: one that has not answered within this is passed over for the next.")

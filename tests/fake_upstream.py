@@ -17,6 +17,7 @@ import dataclasses
 import json
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -89,7 +90,7 @@ class PeerClosed(Exception):
 
 
 class FakeUpstream:
-    def __init__(self, models: tuple[str, ...] = ("fake-model",)):
+    def __init__(self, models: tuple[str, ...] = ("fake-model",), tls: ssl.SSLContext | None = None):
         self.models = models  # what its /models lists
         self.scenario = Scenario()
         self.exchanges: list[Exchange] = []
@@ -99,8 +100,10 @@ class FakeUpstream:
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(1024)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.tls = tls  # a server context: https://localhost (the name its certificate must carry)
+        self.url = f"https://localhost:{self.port}/v1" if tls else f"http://127.0.0.1:{self.port}/v1"
         self._open_sockets: set[socket.socket] = set()
+        self.connections = 0  # accepted so far
         self._running = True
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
@@ -156,9 +159,16 @@ class FakeUpstream:
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn and llama.cpp's server do
+            self.connections += 1
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket):
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError):
+                sock.close()
+                return
         self._open_sockets.add(sock)
         buffer = b""
         try:
@@ -464,6 +474,8 @@ def _pause(sock, seconds: float) -> None:
             return
         readable, _, _ = select.select([sock], [], [], remaining)
         if readable:
+            if isinstance(sock, ssl.SSLSocket):
+                raise PeerClosed()  # no pipelining in the TLS tests: readable means close_notify or FIN
             try:
                 data = sock.recv(1, socket.MSG_PEEK)
             except OSError:

@@ -1,38 +1,31 @@
 """The upstream backend: an OpenAI-compatible server (Ollama, llama.cpp, vLLM, OpenAI) over HTTP.
 
 Only the configured base URL is ever contacted, redirects are not followed,
-and the key goes to that host alone. Bodies are read with `raw.read1`, which
-returns whatever has arrived under chunked and close-delimited framing alike;
-`iter_lines` would hold a close-delimited answer until the upstream hangs up.
-Closing the response is how a generation is cancelled: the upstream sees its
-socket close and stops generating.
+and the key goes to that host alone. The transport is `jarvis.http1`: gevent
+sockets and the llhttp parser, so a relayed chunk costs one `recv` and one C
+parse. Closing the response is how a generation is cancelled: the upstream
+sees its socket close and stops generating.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 
 import gevent
-import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
+from jarvis import http1
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_object
 from jarvis.logs import trace_id_var, upstream_request_id
 from jarvis.settings import Settings
-from jarvis.sockets import shutdown_quietly
 from jarvis.sse import DONE, MalformedStream, SSEDecoder, event_name
 from jarvis.upstreams import UpstreamConfig
 
 log = logging.getLogger(__name__)
 
-_READ_SIZE = 65536
 _ERROR_BODY_LIMIT = 65536
 _DRAIN_SECONDS = 1.0
-_READ_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 class UpstreamBackend:
@@ -42,13 +35,15 @@ class UpstreamBackend:
         self.name = upstream.name
         self.base_url = upstream.url
         self.model = settings.model
-        self.models_timeout = (settings.upstream_connect_seconds, settings.stream_inactivity_seconds)
         self.models_seconds = settings.upstream_models_seconds
         self.body_limit = settings.upstream_body_max_bytes
         # No read timeout on completions: the relay enforces inactivity and duration by cancelling
         # the read, and a timeout here would cost a timer on every socket read of every chunk.
-        self.chat_timeout = (settings.upstream_connect_seconds, None)
-        self.session = _new_session(upstream.api_key)  # the key goes to this upstream's host only
+        headers = {"User-Agent": "jarvis", "Accept": "*/*", "Accept-Encoding": "identity"}
+        if upstream.api_key:
+            headers["Authorization"] = f"Bearer {upstream.api_key}"  # to this upstream's host only
+        self.client = http1.Client(upstream.url, settings.upstream_connect_seconds, headers,
+                                   ca_file=settings.upstream_ca_file)
 
     def models(self) -> dict:
         """The upstream's model list, unchanged; within JARVIS_UPSTREAM_MODELS_SECONDS and
@@ -56,7 +51,7 @@ class UpstreamBackend:
         request_id = upstream_request_id(trace_id_var.get())
         try:
             with gevent.Timeout(self.models_seconds):
-                response = self._send("GET", "/models", None, request_id, self.models_timeout, stream=True)
+                response = self._send("GET", "/models", None, request_id)
                 _check_content(response, "application/json", "a JSON model list")
                 body = read_capped(response, self.body_limit, "/models")
         except gevent.Timeout:
@@ -76,56 +71,44 @@ class UpstreamBackend:
         body = request.raw
         if "model" not in request.body and self.model:
             body = json.dumps({**request.body, "model": self.model}).encode()
-        response = self._send("POST", "/" + request.endpoint, body, request.upstream_request_id, self.chat_timeout,
-                              stream=True)
+        response = self._send("POST", "/" + request.endpoint, body, request.upstream_request_id)
         if request.stream:
             _check_content(response, "text/event-stream", "an event stream")
         else:
             _check_content(response, "application/json", "a JSON answer")
         return UpstreamGeneration(response, self.body_limit, whole_events=request.endpoint == "responses")
 
-    def _send(self, method, path, body, request_id, timeout, stream) -> requests.Response:
+    def _send(self, method, path, body, request_id) -> http1.Response:
         headers = {"X-Request-Id": request_id}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            response = self.session.request(method, self.base_url + path, data=body, headers=headers,
-                                            timeout=timeout, stream=stream, allow_redirects=False)
-        except requests.exceptions.ConnectTimeout:
-            raise ApiError(502, f"The upstream at {self.base_url} did not accept a connection in time",
-                           type_="upstream_error", code="upstream_unreachable")
-        except requests.exceptions.ReadTimeout:
-            raise ApiError(504, "The upstream did not answer in time", type_="upstream_error", code="upstream_timeout")
-        except requests.exceptions.ConnectionError as error:
-            if _closed_before_answering(error):
-                raise ApiError(502, f"The upstream at {self.base_url} accepted the request, then closed the "
-                                    "connection before answering", type_="upstream_error", code="upstream_closed")
-            raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
-                           type_="upstream_error", code="upstream_unreachable")
-        except _READ_ERRORS as error:
-            raise ApiError(502, f"The upstream at {self.base_url} is unreachable ({type(error).__name__})",
-                           type_="upstream_error", code="upstream_unreachable")
-        if response.status_code >= 300:
+            response = self.client.request(method, path, body, headers)
+        except http1.UpstreamHTTPError as error:
+            raise _transport_error(error, self.base_url)
+        if response.status >= 300:
             raise _status_error(response)
         return response
 
 
-def _closed_before_answering(error: Exception) -> bool:
-    """Whether the connection was made and the upstream hung up without a status line."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, http.client.RemoteDisconnected):
-            return True
-        error = next((arg for arg in getattr(error, "args", ()) if isinstance(arg, BaseException)),
-                     error.__cause__ or error.__context__)
-    return False
+def _transport_error(error: http1.UpstreamHTTPError, base_url: str) -> ApiError:
+    if error.kind == "connect_timeout":
+        return ApiError(502, f"The upstream at {base_url} did not accept a connection in time",
+                        type_="upstream_error", code="upstream_unreachable")
+    if error.kind == "closed":
+        return ApiError(502, f"The upstream at {base_url} accepted the request, then closed the "
+                             "connection before answering", type_="upstream_error", code="upstream_closed")
+    if error.kind == "malformed":
+        return ApiError(502, f"The upstream at {base_url} answered with broken HTTP: {error}",
+                        type_="upstream_error", code="upstream_malformed")
+    return ApiError(502, f"The upstream at {base_url} is unreachable: {error}",
+                    type_="upstream_error", code="upstream_unreachable")
 
 
-def _check_content(response: requests.Response, expected: str, what: str) -> None:
+def _check_content(response: http1.Response, expected: str, what: str) -> None:
     """A 2xx answer must be what was asked for, uncompressed: else 502 before any byte goes out."""
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    content_type = response.headers.get("Content-Type")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    content_type = response.headers.get("content-type")
     problem = None
     if encoding not in ("", "identity"):
         problem = f"is compressed ({encoding}) although Jarvis asked for it uncompressed"
@@ -138,12 +121,12 @@ def _check_content(response: requests.Response, expected: str, what: str) -> Non
                        code="upstream_malformed")
 
 
-def read_capped(response: requests.Response, limit: int, what: str) -> bytes:
+def read_capped(response: http1.Response, limit: int, what: str) -> bytes:
     """A whole upstream body, refused (502) past `limit` bytes (JARVIS_UPSTREAM_BODY_MAX_BYTES)."""
     try:
-        body = response.raw.read(limit + 1)
-    except _READ_ERRORS as error:
-        raise ApiError(502, f"The upstream connection broke ({type(error).__name__})", type_="upstream_error",
+        body = response.read(limit)
+    except http1.UpstreamHTTPError as error:
+        raise ApiError(502, f"The upstream connection broke ({error})", type_="upstream_error",
                        code="upstream_disconnected")
     finally:
         response.close()
@@ -153,25 +136,12 @@ def read_capped(response: requests.Response, limit: int, what: str) -> bytes:
     return body
 
 
-def _new_session(api_key: str | None) -> requests.Session:
-    session = requests.Session()
-    # No proxies or .netrc credentials from the environment: Jarvis talks to its upstream only.
-    session.trust_env = False
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2048, max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update({"Accept-Encoding": "identity", "User-Agent": "jarvis"})
-    if api_key:
-        session.headers["Authorization"] = f"Bearer {api_key}"
-    return session
-
-
-def _status_error(response: requests.Response) -> ApiError:
+def _status_error(response: http1.Response) -> ApiError:
     """Keep the upstream's status and, when it is OpenAI-shaped, its error body."""
-    status = response.status_code
+    status = response.status
     try:
-        text = response.raw.read(_ERROR_BODY_LIMIT)
-    except _READ_ERRORS:
+        text = response.read(_ERROR_BODY_LIMIT)[:_ERROR_BODY_LIMIT]
+    except http1.UpstreamHTTPError:
         text = b""
     finally:
         response.close()
@@ -181,7 +151,7 @@ def _status_error(response: requests.Response) -> ApiError:
                         type_="upstream_error", code="upstream_redirect")
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return ApiError(status, "upstream error", body=body)
@@ -211,31 +181,36 @@ def _valid_utf8(data: bytes) -> bytes:
 class UpstreamGeneration:
     """One open upstream response."""
 
-    def __init__(self, response: requests.Response, body_limit: int, *, whole_events: bool = False):
+    def __init__(self, response: http1.Response, body_limit: int, *, whole_events: bool = False):
         self.response = response
         self.body_limit = body_limit
         self.whole_events = whole_events  # the Responses API: whole named events, ending with a terminal one
         self.finished = False
         self.malformed = 0
+        self.error: UpstreamErrorEvent | None = None  # an error event, raised after the events before it
 
     def batches(self):
         """The data payloads (or whole events) of each read, until the end; StreamError on any other end."""
         decoder = SSEDecoder(whole_events=self.whole_events)
-        read1 = self.response.raw.read1
+        response = self.response
+        read1 = response.read1
         while True:
             try:
-                chunk = read1(_READ_SIZE)
-            except _READ_ERRORS as error:
-                raise StreamError("upstream_disconnected",
-                                  f"The upstream connection broke mid-stream ({type(error).__name__})",
-                                  "upstream_error")
-            if len(chunk) == _READ_SIZE:
+                chunk = read1()
+            except http1.UpstreamHTTPError as error:
+                code = "upstream_malformed" if error.kind == "malformed" else "upstream_disconnected"
+                raise StreamError(code, f"The upstream connection broke mid-stream ({error})", "upstream_error")
+            if response.full_read:
                 gevent.sleep(0)  # the upstream sends faster than we read: let every other greenlet run
             try:
                 payloads = decoder.feed(chunk) if chunk else decoder.finish()
             except MalformedStream as error:
                 raise StreamError("upstream_malformed", str(error), "upstream_error")
             batch = self._checked_events(payloads) if self.whole_events else self._checked(payloads)
+            if self.error is not None:  # the events before it in this read go out first
+                if batch:
+                    yield batch
+                raise self.error
             if self.finished:
                 yield batch
                 return
@@ -266,9 +241,13 @@ class UpstreamGeneration:
             if not payload.isascii():
                 payload = _valid_utf8(payload)
             if b'"error"' in payload or payload.count(b"[") + payload.count(b"{") > _NESTING_CHECK:
-                if not self._checked_event(payload):
-                    self.malformed += 1
-                    continue
+                try:
+                    if not self._checked_event(payload):
+                        self.malformed += 1
+                        continue
+                except UpstreamErrorEvent as error:
+                    self.error = error
+                    break
             batch.append(payload)
         return batch
 
@@ -309,22 +288,22 @@ class UpstreamGeneration:
         if not body.isascii():
             body = _valid_utf8(body)
         self.finished = True
-        return self.response.status_code, body
+        return self.response.status, body
 
     def abort(self) -> None:
         """From any greenlet: tell the upstream at once that nobody is listening (FIN on its socket)."""
-        sock = getattr(getattr(self.response.raw, "_connection", None), "sock", None)
-        if sock is not None and not self.finished:
-            shutdown_quietly(sock)
+        if not self.finished:
+            self.response.abort()
 
     def close(self) -> None:
         """After [DONE], drain to the end so the connection can be reused; otherwise close it."""
         if self.malformed:
             log.warning("skipped %d upstream events that were not JSON objects", self.malformed)
-        if self.finished:
+        if self.finished and not self.response.closed:
             try:
                 with gevent.Timeout(_DRAIN_SECONDS):
-                    self.response.raw.drain_conn()
-            except (gevent.Timeout, *_READ_ERRORS):
+                    while self.response.read1():  # the last chunk's terminator, usually
+                        pass
+            except (gevent.Timeout, http1.UpstreamHTTPError):
                 pass
         self.response.close()
