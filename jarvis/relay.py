@@ -20,6 +20,8 @@ closes the generator when a write fails, and a yield there raises RuntimeError.
 
 from __future__ import annotations
 
+import _socket
+import contextvars
 import logging
 import os
 import re
@@ -206,6 +208,7 @@ class Relay:
             generation = self.backend.open(self.request)
             self.generation = generation
             put(_OPENED)
+            gevent.sleep(0)  # the response sends its headers before this reads (and parses) a first burst
             if self.request.stream:
                 batches = generation.batches()
                 for batch in batches:
@@ -243,6 +246,16 @@ class Relay:
         if self.queued_bytes > _QUEUE_BYTES:
             self.room.clear()
             self.room.wait()
+
+    def _gathered(self, batch: list[bytes]) -> list[bytes]:
+        """The batch and every batch queued right behind it (not a tick, the end or a failure)."""
+        queue = self.queue
+        while queue.qsize():
+            following = queue.peek_nowait()
+            if type(following) is not list or not following:
+                break
+            batch = batch + queue.get_nowait()
+        return batch
 
     def _taken(self, batch: list[bytes]) -> None:
         self.queued_bytes -= sum(map(len, batch))
@@ -301,6 +314,8 @@ class Relay:
                 item = get()
                 if type(item) is list:
                     if item:
+                        if self.queue.qsize():  # more waiting (this greenlet lagged): one write for all
+                            item = self._gathered(item)
                         self._taken(item)
                         try:
                             data = self._events(item)
@@ -533,9 +548,35 @@ _OUTCOMES = {
 }
 
 
+class _SSEResponse(Response):
+    """A Response whose body goes to the server as the generator itself: no werkzeug wrappers
+    (ClosingIterator, iter_encoded) in front of every chunk. The generator yields bytes only."""
+
+    def get_app_iter(self, environ: dict):
+        if environ["REQUEST_METHOD"] == "HEAD":
+            return super().get_app_iter(environ)
+        return _Body(self)
+
+
+class _Body:
+    """Iterates as the generator; close() is the response's (the generator's close, then every
+    call_on_close callback), which the server calls when it is done, started or not."""
+
+    __slots__ = ("response",)
+
+    def __init__(self, response: Response):
+        self.response = response
+
+    def __iter__(self):
+        return iter(self.response.response)
+
+    def close(self) -> None:
+        self.response.close()
+
+
 def sse_response(events) -> Response:
     """A streaming response for SSE bytes: the headers that keep every proxy and client from buffering."""
-    response = Response(events, status=200, content_type="text/event-stream; charset=utf-8")
+    response = _SSEResponse(events, status=200, content_type="text/event-stream; charset=utf-8")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     response.implicit_sequence_conversion = False  # middleware calling get_data() must fail loudly
@@ -545,10 +586,17 @@ def sse_response(events) -> Response:
 class ClientWatcher:
     """Reports a client's FIN or RST the moment it arrives, by peeking at its socket.
 
-    Skipped where peeking is impossible or unsafe (TLS, HTTP/2, no socket). If
-    the peek returns data the client pipelined its next request: stop watching
-    and let a failing heartbeat write report the disconnect instead. The relay
-    stops the watcher before gunicorn reads the next request on the socket.
+    A libev read watcher on the client's descriptor, not a greenlet: starting and
+    stopping one costs no spawn, no switch and no kill per stream. When the
+    descriptor turns readable the hub peeks (without blocking, through a plain
+    socket object on the same descriptor): EOF is a FIN, an error a reset, and
+    data the client's pipelined next request — then it stops watching and lets
+    a failing heartbeat write report a disconnect instead. `on_gone` runs right
+    there, in the hub, in the context (trace id) of whoever started the watch,
+    so it must never block: it may set flags, shut a socket down, kill a greenlet
+    without waiting, put_nowait, set an Event, spawn.
+    Skipped where peeking is impossible or unsafe (TLS, HTTP/2, no socket). The
+    relay stops the watcher before gunicorn reads the next request on the socket.
     """
 
     def __init__(self, environ: dict, on_gone):
@@ -557,22 +605,50 @@ class ClientWatcher:
                   and str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1"))
         self.sock = sock if usable else None
         self.on_gone = on_gone
-        self.greenlet: gevent.Greenlet | None = None
+        self.io = None
+        self.context = None
 
     def start(self) -> None:
-        if self.sock is not None:
-            self.greenlet = spawn(self._watch)
-
-    def _watch(self) -> None:
-        try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
-        except OSError:
-            self.on_gone("reset")
+        if self.sock is None:
             return
-        if not data:
-            self.on_gone("fin")
+        fileno = self.sock.fileno()
+        if fileno < 0:
+            return
+        self.context = contextvars.copy_context()
+        self.io = gevent.get_hub().loop.io(fileno, 1)  # 1: readable
+        self.io.start(self._readable)
+
+    def _readable(self) -> None:
+        """In the hub: never block, never raise."""
+        io = self.io
+        if io is None:
+            return
+        how = None
+        try:
+            plain = _socket.socket(fileno=io.fd)
+        except OSError:
+            how = "reset"  # the descriptor is gone
+        else:
+            try:
+                data = plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return  # woken for nothing: keep watching
+            except OSError:
+                how = "reset"
+            else:
+                how = None if data else "fin"
+            finally:
+                plain.detach()
+        self.stop()
+        if how is not None:
+            try:  # at once, in the hub: a spawned greenlet would wait for the loop's next turn (tens of ms
+                # under load), and every on_gone only sets flags, shuts a socket down and queues a wake-up
+                self.context.run(self.on_gone, how)
+            except Exception:
+                log.exception("reporting a client's disconnect failed")
 
     def stop(self) -> None:
-        if self.greenlet is not None:
-            self.greenlet.kill(block=True, timeout=_KILL_SECONDS)
-            self.greenlet = None
+        io, self.io = self.io, None
+        if io is not None:
+            io.stop()
+            io.close()

@@ -90,3 +90,15 @@ def test_a_path_with_a_newline_cannot_forge_a_log_line(make_app, jarvis_log):
     assert response.status_code == 500 and response.json["error"]["code"] == "internal_error"
     message = next(message for message in jarvis_log.messages() if "unexpected error" in message)
     assert "\n" not in message and "x\\x0a[2026-01-01" in message
+
+
+def test_batches_queued_while_the_response_lagged_go_out_in_one_write(client, backend):
+    # The first token goes out alone; the fake backend then queues the rest without yielding, as an
+    # upstream read does when the response greenlet is behind: they leave together, in order.
+    backend.enqueue([f"t{index} " for index in range(6)])
+    response = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, buffered=False)
+    writes = list(response.response)
+    response.close()
+    tokens = [content_of(sse(write)) for write in writes]
+    assert tokens[:2] == ["", "t0 "]  # the opening comment, then the first token by itself
+    assert tokens[2] == "t1 t2 t3 t4 t5 "
