@@ -1,7 +1,9 @@
 """A fast OpenAI-compatible stub upstream for benchmarks (gevent, its own process).
 
-Each request's `x_bench` object sets `tokens`, `interval` (seconds between
-tokens), `delay` (before the first token) and an `id`. Every token's content is
+Each request's options set `tokens`, `interval` (seconds between tokens),
+`delay` (before the first token) and an `id`: an `x_bench` object in the body,
+or the last message's content `x_bench {...}` (which any proxy passes on
+unchanged, where it might refuse or drop an unknown body field). Every token's content is
 the monotonic time it was sent ("<seconds>|"), so a client can compute
 per-token latency. The server records when each request finished or its peer
 closed; GET /_stats returns those records, POST /_reset clears them.
@@ -88,6 +90,16 @@ def _stream(sock, options: dict) -> bool:
         watcher.kill(block=True)
 
 
+def _options(body: dict) -> dict:
+    if isinstance(body.get("x_bench"), dict):
+        return body["x_bench"]
+    messages = body.get("messages") or [{}]
+    content = messages[-1].get("content")
+    if isinstance(content, str) and content.startswith("x_bench "):
+        return json.loads(content[len("x_bench "):])
+    return {}
+
+
 def handle(sock, address):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as any real server: no Nagle delays
     buffer = b""
@@ -105,7 +117,7 @@ def handle(sock, address):
             elif path.endswith("/models"):
                 _json(sock, 200, {"object": "list", "data": [{"id": "bench", "object": "model"}]})
             elif path.endswith("/chat/completions"):
-                options = json.loads(body).get("x_bench") or {}
+                options = _options(json.loads(body))
                 if not _stream(sock, options):
                     return
             else:

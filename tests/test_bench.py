@@ -13,14 +13,14 @@ pytestmark = pytest.mark.live
 @pytest.mark.serial
 def test_bench_run_smoke():
     result = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--floor"], cwd=ROOT, capture_output=True, text=True, timeout=240
+        [sys.executable, "bench/run.py", "--smoke", "--floor", "--baseline", "HEAD"], cwd=ROOT, capture_output=True,
+        text=True, timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for heading in (
         "1. Added latency",
         "2. Per-chunk cost",
         "3. Concurrency",
-        "3b. The floor",
         "4. Cancel under load",
         "5. Leaks",
         "6. Memory",
@@ -29,6 +29,9 @@ def test_bench_run_smoke():
     ):
         assert heading in result.stdout, result.stdout
     assert "not closed" in result.stdout and "nan" not in result.stdout
+    for row in ("floor: added time to first token", "jarvis: CPU per 1-token stream", "floor: 10 streams: completion",
+                "jarvis@HEAD: 10 streams: completion"):
+        assert row in result.stdout, result.stdout
 
 
 @pytest.mark.serial
