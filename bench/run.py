@@ -493,7 +493,10 @@ def main():
                                                           "for before/after in one run")
     parser.add_argument("--peer", choices=["litellm"], help="also run LiteLLM's proxy (installed into "
                                                             "bench/.work/, never into this environment)")
-    parser.add_argument("--profile", metavar="SVG", help="record the Jarvis worker with py-spy into this flame graph")
+    parser.add_argument("--profile", metavar="SVG", help="record a worker with py-spy into this flame graph "
+                                                         "(.txt: raw stacks, for bench/profile_summary.py)")
+    parser.add_argument("--profile-target", default="jarvis", metavar="NAME",
+                        help="whose worker --profile records: jarvis (default), jarvis@REF, floor")
     args = parser.parse_args()
     sizes = dict(SMOKE if args.smoke else FULL)
     if args.latency_streams:
@@ -508,7 +511,9 @@ def main():
             print(f"Jarvis worker pid {servers.worker.pid}; {os.cpu_count()} cores; loopback")
             profiler = None
             if args.profile:
-                profiler = subprocess.Popen(["py-spy", "record", "--pid", str(servers.worker.pid), "--output",
+                profiled = next(target for target in servers.targets() if target.name == args.profile_target)
+                worker = profiled.process.children()[0]  # gunicorn's one worker
+                profiler = subprocess.Popen(["py-spy", "record", "--pid", str(worker.pid), "--output",
                                              args.profile, "--rate", "500", "--nonblocking",
                                              *(["--format", "raw"] if args.profile.endswith(".txt") else [])],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

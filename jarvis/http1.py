@@ -338,13 +338,18 @@ class Client:
         return self._context
 
 
+_select = None
+
+
 def _still_open(sock) -> bool:
     """An idle connection is usable when nothing is readable on it: neither EOF nor stray bytes."""
-    import gevent.monkey
+    global _select
+    if _select is None:  # the unpatched select(2): a zero timeout never waits, so no need to yield
+        import gevent.monkey
 
-    select = gevent.monkey.get_original("select", "select")
+        _select = gevent.monkey.get_original("select", "select")
     try:
-        readable, _, _ = select([sock.fileno()], [], [], 0)
+        readable, _, _ = _select([sock.fileno()], [], [], 0)
     except (OSError, ValueError):
         return False
     return not readable

@@ -93,3 +93,19 @@ def test_search_benchmark_smoke():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SQLite      rare word" in result.stdout and "PostgreSQL  prefix" in result.stdout
+
+
+def test_profile_summary_gives_a_socket_call_to_whoever_made_it(tmp_path):
+    profile = tmp_path / "raw.txt"
+    profile.write_text(
+        "process 1;Relay._pump (jarvis/relay.py:220);Response.read1 (jarvis/http1.py:113);"
+        "SocketMixin.recv (gevent/_socketcommon.py:657) 6\n"
+        "Hub.run (gevent/hub.py:647) 3\n"
+        "write_chunk (gunicorn/util.py:342);SocketMixin.sendall (gevent/_socketcommon.py:693) 1\n")
+    result = subprocess.run([sys.executable, "bench/profile_summary.py", str(profile), "--cpu-us", "50"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = {line[:45].strip(): line[45:].split() for line in result.stdout.splitlines()[1:]}
+    assert rows["upstream HTTP client"] == ["60.0%", "30.0"]
+    assert rows["the hub's loop (libev, callbacks, switches)"] == ["30.0%", "15.0"]
+    assert rows["gunicorn: writing the response"] == ["10.0%", "5.0"]
