@@ -43,6 +43,7 @@ from jarvis.store import (
     ConversationBusy,
     NoSuchConversation,
     StoreError,
+    import_rows,
     like_escaped,
     search_results,
     search_words,
@@ -241,19 +242,12 @@ class PostgresStore:
         ids = []
         with self._db() as db, db.transaction(), db.cursor() as cursor:
             for conversation in conversations:
-                conversation_id = secrets.token_urlsafe(16)
+                conversation_id, row, messages = import_rows(conversation)
                 cursor.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
-                               "(%s, %s, %s, %s, %s)",
-                               (conversation_id, storable(conversation["title"]), conversation["created_at"],
-                                conversation["updated_at"], None if conversation["settings"] is None else
-                                json.dumps(conversation["settings"])))
+                               "(%s, %s, %s, %s, %s)", row)
                 cursor.executemany(
                     "INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
-                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
-                      message["status"], message["error"] and storable(message["error"]), message["model"],
-                      None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
-                      message["created_at"]) for message in conversation["messages"]])
+                    "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", messages)
                 ids.append(conversation_id)
         return ids
 

@@ -289,18 +289,12 @@ class SQLiteStore:
         ids = []
         with _transaction(self.connection) as db:
             for conversation in conversations:
-                conversation_id = secrets.token_urlsafe(16)
+                conversation_id, row, messages = import_rows(conversation)
                 db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
-                           "(?, ?, ?, ?, ?)", (conversation_id, storable(conversation["title"]),
-                                               conversation["created_at"], conversation["updated_at"],
-                                               _settings_json(conversation["settings"])))
+                           "(?, ?, ?, ?, ?)", row)
                 db.executemany(
                     "INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
-                      message["status"], message["error"] and storable(message["error"]), message["model"],
-                      None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
-                      message["created_at"]) for message in conversation["messages"]])
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
                 ids.append(conversation_id)
         return ids
 
@@ -568,6 +562,20 @@ def _marked(text: str, words: list[str]) -> str:
     """`text` with every occurrence of the words between MATCH_START and MATCH_END (for titles)."""
     pattern = re.compile("|".join(re.escape(word) for word in sorted(words, key=len, reverse=True)), re.IGNORECASE)
     return pattern.sub(lambda match: MATCH_START + match.group(0) + MATCH_END, text)
+
+
+def import_rows(conversation: dict) -> tuple[str, tuple, list[tuple]]:
+    """An imported conversation's new id, its row and its messages' rows, in the column order both stores insert:
+    conversations (id, title, created_at, updated_at, settings) and messages (conversation_id, role,
+    content, reasoning, status, error, model, stats, created_at, updated_at)."""
+    conversation_id = secrets.token_urlsafe(16)
+    row = (conversation_id, storable(conversation["title"]), conversation["created_at"],
+           conversation["updated_at"], _settings_json(conversation["settings"]))
+    messages = [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
+                 message["status"], message["error"] and storable(message["error"]), message["model"],
+                 None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
+                 message["created_at"]) for message in conversation["messages"]]
+    return conversation_id, row, messages
 
 
 def _settings_json(settings: dict | None) -> str | None:

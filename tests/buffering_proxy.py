@@ -7,9 +7,8 @@ from __future__ import annotations
 import gzip
 import http.client
 import socket
-import threading
 
-from tests.net import read_http_request
+from tests.net import accept_in_threads, read_http_request
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade"}
 
@@ -18,24 +17,13 @@ class BufferingProxy:
     def __init__(self, target_port: int, *, compress: bool = False):
         self.target_port = target_port
         self.compress = compress
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(128)
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_in_threads(self.listener, self._serve)
 
     def stop(self) -> None:
         self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         with client:

@@ -125,3 +125,11 @@ class FakeBackend:
         generation = FakeGeneration(request, self.queued.pop(0) if self.queued else self.default)
         self.generations.append(generation)
         return generation
+
+
+def settle(predicate, timeout: float = 5.0, describe=lambda: "condition"):
+    """Poll while letting gevent run (the store's thread and the save timer report through the hub)."""
+    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s: {describe()}")):
+        while not (value := predicate()):
+            gevent.sleep(0.01)
+    return value

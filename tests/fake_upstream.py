@@ -95,10 +95,7 @@ class FakeUpstream:
         self.scenario = Scenario()
         self.exchanges: list[Exchange] = []
         self._lock = threading.Condition()
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(1024)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port = self._listener.getsockname()[1]
         self.tls = tls  # a server context: https://localhost (the name its certificate must carry)
         self.url = f"https://localhost:{self.port}/v1" if tls else f"http://127.0.0.1:{self.port}/v1"

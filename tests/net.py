@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.request
+
+
+def accept_in_threads(listener: socket.socket, handle) -> None:
+    """Accept on `listener` until it is closed, each connection handed to `handle(sock)` on a daemon
+    thread of its own; the accepting runs on a daemon thread too."""
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(sock,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 def free_port() -> int:

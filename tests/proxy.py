@@ -14,10 +14,7 @@ import threading
 class CuttableProxy:
     def __init__(self, target_port: int):
         self.target_port = target_port
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()

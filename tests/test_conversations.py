@@ -2,12 +2,11 @@
 
 import itertools
 
-import gevent
 import pytest
 
 from jarvis.errors import ApiError, StreamError
 from tests.clients import content_of, page_text, sse
-from tests.fake_backend import STALL, Pause, upstream_like_chunks
+from tests.fake_backend import STALL, Pause, settle, upstream_like_chunks
 
 
 def create(client) -> str:
@@ -27,14 +26,6 @@ def reply(client, conversation_id, **body) -> list:
 
 def read(client, conversation_id) -> dict:
     return client.get(f"/api/conversations/{conversation_id}").json
-
-
-def settle(predicate, timeout: float = 5.0, describe=lambda: "condition"):
-    """Poll while letting gevent run (the store's thread and the save timer report through the hub)."""
-    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s: {describe()}")):
-        while not (value := predicate()):
-            gevent.sleep(0.01)
-    return value
 
 
 def test_list_create_read_rename_delete(client):

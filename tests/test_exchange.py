@@ -4,13 +4,12 @@ where the store does the work)."""
 from __future__ import annotations
 
 import json
-import time
 
-import gevent
 import pytest
 
 from jarvis.exchange import FORMAT
 from tests.clients import sse
+from tests.fake_backend import settle
 
 OPEN_WEBUI = [{
     "id": "9b1c", "user_id": "u1", "title": "Rust lifetimes", "created_at": 1718000000, "updated_at": 1718000100,
@@ -50,11 +49,9 @@ def answer(client, conversation_id: str, content: str):
     response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": content})
     assert response.status_code == 200, response.get_data(as_text=True)
     events = sse(response.get_data())
-    deadline = time.monotonic() + 10
-    while any(message["status"] == "streaming"
-              for message in client.get(f"/api/conversations/{conversation_id}").json["messages"]):
-        assert time.monotonic() < deadline, "the answer's last save never landed"
-        gevent.sleep(0.01)
+    settle(lambda: not any(message["status"] == "streaming" for message in
+                           client.get(f"/api/conversations/{conversation_id}").json["messages"]),
+           10, lambda: "the answer's last save never landed")
     return events
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
-import time
 
 import pytest
 
@@ -19,6 +17,8 @@ from jarvis.backends.upstream import UpstreamBackend, UpstreamGeneration
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent
 from jarvis.settings import Settings
 from jarvis.upstreams import UpstreamConfig
+from tests.live import wait_until
+from tests.net import accept_in_threads
 from tests.tls import make_certificate, server_context
 
 EVENTS = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
@@ -227,15 +227,7 @@ class CountingServer:
         self.tls = tls
         self.connections: list[socket.socket] = []
         self.requests = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        accept_in_threads(self.listener, self._serve)
 
     def _serve(self, sock):
         try:
@@ -322,10 +314,8 @@ def test_a_connection_the_upstream_closed_while_idle_is_replaced(new_client, ser
     response.close()
     server.close_idle()
     idle = client._idle[0]
-    deadline = time.monotonic() + 5
-    while http1._still_open(idle.sock):  # the FIN reaches our side
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until(lambda: not http1._still_open(idle.sock), 5, lambda: "the upstream's FIN never arrived",
+               interval=0.005)
     response = client.request("GET", "/models")
     assert response.read(100) == b"{}" and client.opened == 2
     response.close()
