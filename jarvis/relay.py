@@ -1,18 +1,27 @@
 """The relay: the one place where a backend's output becomes a client's SSE stream, and where it ends.
 
-Three greenlets per stream, so that nothing ever waits on one thing while
-another matters:
+Nothing ever waits on one thing while another matters:
 
-    pump      opens the backend and reads it into a bounded queue
-    response  (gunicorn's greenlet) waits on the queue; writes events, `: ping`
-              heartbeats when the queue is quiet, and the in-band error + [DONE]
-              on any abnormal end (inactivity, max duration, shutdown, upstream)
-    watcher   waits on the client socket with MSG_PEEK and reports FIN/RST at
-              once, even while the upstream is silent
+    pump      (a greenlet) opens the backend: connects, sends, waits for the
+              answer's headers. An upstream's stream it then hands over to the
+              response; any other backend's it reads into a bounded queue
+    response  (gunicorn's greenlet) reads an upstream's stream itself, or waits
+              on the queue; writes events, `: ping` heartbeats while the backend
+              is quiet, and the in-band error + [DONE] on any abnormal end
+              (inactivity, max duration, shutdown, upstream)
+    ticker    a repeating timer: heartbeats and time limits. While the response
+              waits inside the upstream's read it interrupts that wait (the
+              generation's batches() yields INTERRUPTED and goes on); otherwise
+              it queues a tick
+    watcher   a read watcher on the client socket reporting FIN/RST at once,
+              even while the upstream is silent
 
-Cancelling is killing the pump: its `finally` closes the backend's generation,
-which for an upstream closes the socket, and the upstream stops generating.
-Every stream ends with exactly one INFO line naming its outcome.
+Reading an upstream in the response's own greenlet is what a token costs least
+with: one wake-up and one switch, where a pump and a queue took two of each.
+
+Cancelling is aborting the generation at once (for an upstream: FIN on its
+socket, so it stops generating) and then ending the greenlet reading it, whose
+`finally` closes it. Every stream ends with exactly one INFO line naming its outcome.
 
 Never `yield` in an `except GeneratorExit` or `finally` block here: gunicorn
 closes the generator when a write fails, and a yield there raises RuntimeError.
@@ -34,11 +43,11 @@ import gevent.queue
 from flask import Response
 
 from jarvis import metrics, streams
-from jarvis.backends import Backend, ChatRequest
+from jarvis.backends import INTERRUPTED, Backend, ChatRequest, Interrupted
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn, trace_id_var
 from jarvis.settings import Settings
-from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event, responses_error_event
+from jarvis.sse import DONE_EVENT, OPENING, PING, LastChunk, data_event, error_event, responses_error_event
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +135,12 @@ class Relay:
         self.watcher = ClientWatcher(environ, self._client_gone)
         self.pump: gevent.Greenlet | None = None
         self.generation = None
+        # An interruptible generation is read by the response's greenlet itself (`reader`), which
+        # closes it; `reading` while it waits inside the generation's batches().
+        self.direct = False
+        self.reader = None
+        self.reading = False
+        self.to_client = False  # the stream is a response body (not a page's run): its last bytes say so
         self.stop_reason: str | None = None
         self.stop_error: StreamError | None = None  # what a stop for another reason tells the client
         self.outcome = "client_stop"
@@ -207,6 +222,11 @@ class Relay:
         try:
             generation = self.backend.open(self.request)
             self.generation = generation
+            if self.request.stream and getattr(generation, "interruptible", False):
+                self.direct = True  # the response reads it, and closes it
+                generation = None
+                put(_OPENED)
+                return
             put(_OPENED)
             gevent.sleep(0)  # the response sends its headers before this reads (and parses) a first burst
             if self.request.stream:
@@ -233,11 +253,16 @@ class Relay:
                                                        f"({type(error).__name__}); see the server log")))
         finally:
             if generation is not None:
-                try:
-                    generation.close()
-                except Exception:
-                    log.warning("closing the backend generation failed", exc_info=True)
-            self.upstream_closed_at = time.monotonic()
+                self._close_generation(generation)
+            elif not self.direct:
+                self.upstream_closed_at = time.monotonic()
+
+    def _close_generation(self, generation) -> None:
+        try:
+            generation.close()
+        except Exception:
+            log.warning("closing the backend generation failed", exc_info=True)
+        self.upstream_closed_at = time.monotonic()
 
     def _put_batch(self, batch: list[bytes]) -> None:
         """Queue a batch; past _QUEUE_BYTES, wait until the response has written enough of it."""
@@ -284,14 +309,23 @@ class Relay:
             self.generation.abort()
         if self.pump is not None:
             self.pump.kill(block=False)
+        if self.direct:
+            gevent.get_hub().loop.run_callback(self._interrupt_read)
+            return
         try:
             self.queue.put_nowait(_WAKE)
         except gevent.queue.Full:
             pass  # the response greenlet has plenty to read and checks stop_reason each turn
 
+    def _interrupt_read(self) -> None:
+        """In the hub: end the reader's wait inside the generation, if it is waiting there."""
+        if self.reading:
+            self.reader.throw(Interrupted)
+
     # -- the response ----------------------------------------------------------
 
     def sse_response(self) -> Response:
+        self.to_client = True
         response = sse_response(self.stream())
         response.call_on_close(self.close)  # covers a generator that never started
         return response
@@ -300,59 +334,15 @@ class Relay:
         """The stream as SSE bytes, from the opening comment to [DONE] (or an error event and [DONE])."""
         trace_id_var.set(self.request.trace_id)
         # One repeating timer per stream drives heartbeats and time limits, rather than a timeout
-        # on every queue wait: this loop runs once per chunk.
+        # on every wait: the loops below run once per chunk.
         ticker = gevent.get_hub().loop.timer(self.tick_seconds, self.tick_seconds)
         ticker.start(self._tick)
         try:
             yield OPENING  # gunicorn sends the headers with the first body write
-            get = self.queue.get
-            last_write = time.monotonic()
-            while True:
-                if self.stop_reason:
-                    yield from self._stopped()
-                    return
-                item = get()
-                if type(item) is list:
-                    if item:
-                        if self.queue.qsize():  # more waiting (this greenlet lagged): one write for all
-                            item = self._gathered(item)
-                        self._taken(item)
-                        try:
-                            data = self._events(item)
-                        except Exception:  # a bug on the page path: end in-band rather than cut the stream
-                            log.exception("processing the backend's events failed")
-                            self._stop("internal")
-                            yield self._fail(StreamError("internal_error", "Jarvis failed while handling the "
-                                                         "answer; see the server log", "server_error"))
-                            return
-                        if data:
-                            yield data
-                            last_write = self.last_event
-                        if last_write - self.started >= self.max_seconds:
-                            yield self._fail(self._limit_reached(last_write))
-                            return
-                    else:
-                        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
-                        self.queued = True
-                        waiting = self._observed_waiting()
-                        if waiting:
-                            yield waiting
-                elif item is _TICK:
-                    now = time.monotonic()
-                    limit = self._limit_reached(now)
-                    if limit is not None:
-                        yield self._fail(limit)
-                        return
-                    if now - last_write >= self.heartbeat:
-                        last_write = now
-                        yield PING
-                elif item is _END:
-                    self.outcome = "complete"
-                    yield self._closing_events("complete") + self.done
-                    return
-                elif isinstance(item, _Failure):
-                    yield self._fail(item.error)
-                    return
+            if self.direct:
+                yield from self._read_directly()
+            else:
+                yield from self._read_queue()
         except GeneratorExit:
             self.outcome = "client_stop"
             raise
@@ -361,7 +351,139 @@ class Relay:
             ticker.close()
             self.close()
 
+    def _read_directly(self):
+        """Read the generation in this greenlet: each batch is written before the next read."""
+        batches = self.generation.batches()
+        self.reader = gevent.getcurrent()
+        last_write = time.monotonic()
+        while True:
+            if self.stop_reason:
+                yield from self._stopped()
+                return
+            self.reading = True
+            try:
+                batch = next(batches, _END)
+            except (ApiError, StreamError) as error:
+                if self.stop_reason:
+                    continue  # the stop ended the read: report the stop, not the broken connection
+                self.outcome = "upstream_error"
+                yield self._fail(error)
+                return
+            except Exception as error:  # a bug: report it in-band rather than hang the client
+                log.exception("backend failed")
+                yield self._fail(StreamError("internal_error", f"Jarvis failed while reading the backend "
+                                                               f"({type(error).__name__}); see the server log"))
+                return
+            except Interrupted:  # a wait in the generation that does not expect one: a bug, and it has ended
+                log.exception("the backend's stream was interrupted where it could not be")
+                yield self._fail(self._internal_error())
+                return
+            finally:
+                self.reading = False
+            if batch is INTERRUPTED:
+                now = time.monotonic()
+                limit = self._limit_reached(now)
+                if limit is not None:
+                    yield self._fail(limit)
+                    return
+                if now - last_write >= self.heartbeat:
+                    last_write = now
+                    yield PING
+            elif batch is _END:
+                if self.stop_reason:
+                    continue
+                self.outcome = "complete"
+                yield self._last(self._closing_events("complete") + self.done)
+                return
+            elif batch:
+                data = self._handled(batch)
+                if data is None:
+                    yield self._fail(self._internal_error())
+                    return
+                if data:
+                    yield data
+                    last_write = self.last_event
+                if last_write - self.started >= self.max_seconds:
+                    yield self._fail(self._limit_reached(last_write))
+                    return
+            else:
+                waiting = self._nothing_yet()
+                if waiting:
+                    yield waiting
+
+    def _read_queue(self):
+        """Wait on the pump's queue: batches, ticks, the end or a failure."""
+        get = self.queue.get
+        last_write = time.monotonic()
+        while True:
+            if self.stop_reason:
+                yield from self._stopped()
+                return
+            item = get()
+            if type(item) is list:
+                if item:
+                    if self.queue.qsize():  # more waiting (this greenlet lagged): one write for all
+                        item = self._gathered(item)
+                    self._taken(item)
+                    data = self._handled(item)
+                    if data is None:
+                        yield self._fail(self._internal_error())
+                        return
+                    if data:
+                        yield data
+                        last_write = self.last_event
+                    if last_write - self.started >= self.max_seconds:
+                        yield self._fail(self._limit_reached(last_write))
+                        return
+                else:
+                    waiting = self._nothing_yet()
+                    if waiting:
+                        yield waiting
+            elif item is _TICK:
+                now = time.monotonic()
+                limit = self._limit_reached(now)
+                if limit is not None:
+                    yield self._fail(limit)
+                    return
+                if now - last_write >= self.heartbeat:
+                    last_write = now
+                    yield PING
+            elif item is _END:
+                self.outcome = "complete"
+                yield self._last(self._closing_events("complete") + self.done)
+                return
+            elif isinstance(item, _Failure):
+                yield self._fail(item.error)
+                return
+
+    def _handled(self, batch: list[bytes]) -> bytes | None:
+        """The batch as SSE bytes; None when handling it failed (a bug on the page path)."""
+        try:
+            return self._events(batch)
+        except Exception:  # end in-band rather than cut the stream
+            log.exception("processing the backend's events failed")
+            self._stop("internal")
+            return None
+
+    def _internal_error(self) -> StreamError:
+        return StreamError("internal_error", "Jarvis failed while handling the answer; see the server log",
+                           "server_error")
+
+    def _nothing_yet(self) -> bytes:
+        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+        self.queued = True
+        return self._observed_waiting()
+
+    def _last(self, data: bytes) -> bytes:
+        """The stream's last bytes: marked as such when they go straight to a client (jarvis.worker
+        then ends the chunked body in the same write)."""
+        return LastChunk(data) if self.to_client else data
+
     def _tick(self) -> None:
+        if self.direct:
+            if self.reading:
+                self.reader.throw(Interrupted)
+            return
         try:
             self.queue.put_nowait(_TICK)
         except gevent.queue.Full:
@@ -409,7 +531,7 @@ class Relay:
             return
         # Stopped on purpose (the Stop button, or nobody watching): a clean end for whoever watches.
         self.outcome = self.stop_reason
-        yield self._closing_events("stopped") + DONE_EVENT
+        yield self._last(self._closing_events("stopped") + DONE_EVENT)
 
     def _limit_reached(self, now: float) -> StreamError | None:
         if now - self.started >= self.max_seconds:
@@ -427,7 +549,7 @@ class Relay:
         self.outcome = _OUTCOMES.get(error.code, "upstream_error")
         self.error_code = error.code
         self.error_message = str(error.error.get("message") or error)
-        return responses_error_event(error.error) if self.whole_events else error_event(error.error)
+        return self._last(responses_error_event(error.error) if self.whole_events else error_event(error.error))
 
     def _phase_of(self, batch: list[bytes]) -> None:
         for payload in batch:
@@ -486,6 +608,8 @@ class Relay:
         self.watcher.stop()
         if self.pump is not None and self.outcome != "complete":
             self.pump.kill(block=True, timeout=_KILL_SECONDS)
+        if self.direct and self.generation is not None:
+            self._close_generation(self.generation)  # drains after [DONE] to reuse the connection
         self._log_end()
         self._record_metrics()
         if self.observer is not None:

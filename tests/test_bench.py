@@ -108,4 +108,4 @@ def test_profile_summary_gives_a_socket_call_to_whoever_made_it(tmp_path):
     rows = {line[:45].strip(): line[45:].split() for line in result.stdout.splitlines()[1:]}
     assert rows["upstream HTTP client"] == ["60.0%", "30.0"]
     assert rows["the hub's loop (libev, callbacks, switches)"] == ["30.0%", "15.0"]
-    assert rows["gunicorn: writing the response"] == ["10.0%", "5.0"]
+    assert rows["writing the response (gunicorn, worker.py)"] == ["10.0%", "5.0"]

@@ -13,6 +13,7 @@ import ssl
 import pytest
 
 from jarvis import http1
+from jarvis.backends import INTERRUPTED, Interrupted
 from jarvis.backends.upstream import UpstreamBackend, UpstreamGeneration
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent
 from jarvis.settings import Settings
@@ -40,7 +41,10 @@ class ScriptedSocket:
         self.sent += data
 
     def recv(self, size: int) -> bytes:
-        return self.pieces.pop(0) if self.pieces else b""
+        piece = self.pieces.pop(0) if self.pieces else b""
+        if isinstance(piece, BaseException):
+            raise piece  # what a throw into a greenlet waiting in recv looks like to its caller
+        return piece
 
     def fileno(self) -> int:
         return -1
@@ -394,4 +398,19 @@ def test_the_events_before_an_error_event_in_the_same_read_still_go_out():
     with pytest.raises(UpstreamErrorEvent) as raised:
         next(batches)
     assert raised.value.error["message"] == "overloaded"
+    generation.close()
+
+
+def test_an_interrupted_wait_yields_interrupted_and_the_stream_goes_on_unharmed():
+    """The relay interrupts the response greenlet's wait for the upstream (heartbeats, limits, a stop):
+    batches() says so and goes on where it was, an event split across the interruption included."""
+    event = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    client, _ = scripted_client([head + event[:20], Interrupted(), Interrupted(), event[20:] + event,
+                                 Interrupted(), b"data: [DONE]\n\n"])
+    generation = UpstreamGeneration(client.request("GET", "/x"), 1 << 20)
+    assert generation.interruptible
+    seen = list(generation.batches())
+    assert seen == [INTERRUPTED, INTERRUPTED, [event[6:-2]] * 2, INTERRUPTED]
+    assert generation.finished
     generation.close()

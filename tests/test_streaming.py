@@ -164,3 +164,36 @@ def test_heartbeats_while_the_upstream_is_silent(start_jarvis):
     pings = [event for event in events if event[:2] == ("comment", ": ping")]
     assert len(pings) >= 2
     assert events[-1][0] == "done"
+
+
+def test_heartbeats_between_tokens_and_every_token_after_them(start_jarvis):
+    """The response greenlet reads the upstream itself; a heartbeat interrupts its wait for the next
+    token, and nothing of the stream is lost or doubled by that."""
+    jarvis = start_jarvis({"JARVIS_HEARTBEAT_SECONDS": "0.2"})
+    events = list(sse_events(jarvis.chat(fault={"tokens": 4, "interval": 0.5})))
+    kinds = ["ping" if event[:2] == ("comment", ": ping") else event[0] for event in events]
+    between = kinds[kinds.index("data"):]
+    assert between.count("ping") >= 4, kinds  # ~2 in each of the three silences between tokens
+    assert content_of(events) == "w0 w1 w2 w3 " and events[-1][0] == "done"
+
+
+def test_an_open_upstream_stream_holds_one_greenlet(jarvis):
+    """Its response's: the pump that opened the upstream hands the stream over and ends (a pump
+    reading into a queue would cost a second greenlet per stream and two more switches per token)."""
+    health = requests.Session()  # one keep-alive connection: its greenlet is in every count
+    responses = []
+
+    def greenlets_with(streams: int) -> int:
+        while len(responses) < streams:
+            responses.append(jarvis.chat(fault={"tokens": 3, "interval": 2.0}))
+            assert next(sse_events(responses[-1]))[0] in ("comment", "data")
+        return health.get(jarvis.url + "/healthz?debug=1", timeout=10).json()["greenlets"]
+
+    try:
+        # Counted between 10 and 20 streams: the first stream also starts the worker's stream snapshots.
+        with_10 = greenlets_with(10)
+        assert greenlets_with(20) - with_10 == 10
+    finally:
+        health.close()
+        for response in responses:
+            response.close()

@@ -11,6 +11,9 @@ this package knows which backend is running.
     generation.result()         -> the whole non-streaming response (status, JSON bytes)
     generation.abort()          -> from any greenlet, at once: tell the source nobody is listening
     generation.close()          -> cancel at the source and release it; safe to call twice
+    generation.interruptible    -> optional, True: batches() may be read by the response's own
+                                   greenlet, which throws `Interrupted` into it while it waits; it
+                                   then yields INTERRUPTED and carries on where it was
 
 `open` may block (connecting, waiting for headers); the relay runs it in a
 pump greenlet and cancels it by killing that greenlet, so every blocking call
@@ -25,6 +28,15 @@ from typing import Protocol
 
 from jarvis.logs import upstream_request_id
 from jarvis.settings import Settings
+
+
+class Interrupted(BaseException):
+    """Thrown into a greenlet waiting inside an interruptible generation's batches(): the relay wants
+    to send a heartbeat, check its time limits or stop. A BaseException, like gevent.Timeout, so that
+    no `except Exception` on the way swallows it."""
+
+
+INTERRUPTED = object()  # what batches() yields after an Interrupted, instead of a batch
 
 
 @dataclass

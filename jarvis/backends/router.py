@@ -192,6 +192,10 @@ class _Routed:
         self.generation = generation
         self.upstream = upstream
 
+    @property
+    def interruptible(self) -> bool:
+        return getattr(self.generation, "interruptible", False)
+
     def batches(self):
         return self.generation.batches()
 

@@ -15,7 +15,7 @@ import logging
 import gevent
 
 from jarvis import http1
-from jarvis.backends import ChatRequest
+from jarvis.backends import INTERRUPTED, ChatRequest, Interrupted
 from jarvis.errors import ApiError, StreamError, UpstreamErrorEvent, error_object
 from jarvis.logs import trace_id_var, upstream_request_id
 from jarvis.settings import Settings
@@ -189,6 +189,8 @@ class UpstreamGeneration:
         self.malformed = 0
         self.error: UpstreamErrorEvent | None = None  # an error event, raised after the events before it
 
+    interruptible = True  # its only waits are read1()'s and the sleep below
+
     def batches(self):
         """The data payloads (or whole events) of each read, until the end; StreamError on any other end."""
         decoder = SSEDecoder(whole_events=self.whole_events)
@@ -197,11 +199,17 @@ class UpstreamGeneration:
         while True:
             try:
                 chunk = read1()
+            except Interrupted:  # between two reads: nothing was consumed
+                yield INTERRUPTED
+                continue
             except http1.UpstreamHTTPError as error:
                 code = "upstream_malformed" if error.kind == "malformed" else "upstream_disconnected"
                 raise StreamError(code, f"The upstream connection broke mid-stream ({error})", "upstream_error")
             if response.full_read:
-                gevent.sleep(0)  # the upstream sends faster than we read: let every other greenlet run
+                try:
+                    gevent.sleep(0)  # the upstream sends faster than we read: let every other greenlet run
+                except Interrupted:
+                    pass  # data is flowing: no heartbeat is due, and a stop has shut the connection down
             try:
                 payloads = decoder.feed(chunk) if chunk else decoder.finish()
             except MalformedStream as error:
@@ -212,7 +220,8 @@ class UpstreamGeneration:
                     yield batch
                 raise self.error
             if self.finished:
-                yield batch
+                if batch:
+                    yield batch
                 return
             if not chunk:
                 if batch:
