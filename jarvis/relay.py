@@ -55,11 +55,11 @@ _QUEUE_BATCHES = 256
 _QUEUE_BYTES = 8 * 1024 * 1024  # the pump waits while this much is read but not yet written
 _KILL_SECONDS = 2.0
 
-class _Opened:
-    """The backend accepted the request (its headers arrived)."""
+class _OpenTimeout(BaseException):
+    """The backend did not accept the request within the inactivity limit (a BaseException, like
+    gevent.Timeout, so that no `except Exception` inside a backend swallows it)."""
 
 
-_OPENED = _Opened()
 _END = object()
 _WAKE = object()
 _TICK = object()
@@ -128,18 +128,20 @@ class Relay:
         self.max_streams = settings.max_streams
         # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
         self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
-        self.queue: gevent.queue.Queue = gevent.queue.Queue(_QUEUE_BATCHES)
+        # The pump's queue to the response, made with the pump (an upstream's stream needs neither).
+        self.queue: gevent.queue.Queue | None = None
         self.queued_bytes = 0
-        self.room = gevent.event.Event()  # set while queued_bytes is under _QUEUE_BYTES
-        self.room.set()
+        self.room: gevent.event.Event | None = None  # set while queued_bytes is under _QUEUE_BYTES
         self.watcher = ClientWatcher(environ, self._client_gone)
         self.pump: gevent.Greenlet | None = None
         self.generation = None
-        # An interruptible generation is read by the response's greenlet itself (`reader`), which
-        # closes it; `reading` while it waits inside the generation's batches().
+        # The backend is opened by the greenlet calling open(), and an interruptible generation read
+        # by the one iterating stream() (`reader`), which closes it; `waiting` while it waits inside
+        # the backend (open, or the generation's batches()).
         self.direct = False
         self.reader = None
-        self.reading = False
+        self.waiting = False
+        self.generation_closed = False
         self.to_client = False  # the stream is a response body (not a page's run): its last bytes say so
         self.stop_reason: str | None = None
         self.stop_error: StreamError | None = None  # what a stop for another reason tells the client
@@ -163,7 +165,9 @@ class Relay:
     # -- start ---------------------------------------------------------------
 
     def open(self) -> None:
-        """Start the pump and the watcher; return once the backend has accepted, or raise ApiError."""
+        """Open the backend in this greenlet (watched: a stop or the inactivity limit interrupts it) and
+        return once it has accepted, or raise ApiError. Then an upstream's stream is read by whoever
+        iterates stream(); any other backend's, and every whole answer, by a pump greenlet."""
         try:
             if len(_open_relays) >= self.max_streams:
                 self.outcome = "refused"
@@ -175,15 +179,53 @@ class Relay:
             metrics.ACTIVE_STREAMS.inc()
             self.counted = True
             self.watcher.start()
-            self.pump = spawn(self._pump)
-            # Streamed or not, an upstream that has not answered at all within the inactivity limit never will.
-            self._wait_for(_Opened, self.inactivity, "upstream_timeout",
-                           "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS")
+            self.generation = self._open_backend()
+            if self.request.stream and getattr(self.generation, "interruptible", False):
+                self.direct = True
+            else:
+                self.queue = gevent.queue.Queue(_QUEUE_BATCHES)
+                self.room = gevent.event.Event()
+                self.room.set()
+                self.pump = spawn(self._pump)
         except BaseException as error:
             if isinstance(error, ApiError):
                 self.error_code, self.error_message = error.code, error.message
             self.close()
             raise
+
+    def _open_backend(self):
+        """backend.open(), interrupted by a stop (`_interrupt_wait`) and, streamed or not, ended when
+        the backend has not answered at all within the inactivity limit: it never will."""
+        if self.stop_reason:
+            raise self._stopped_before_start()
+        self.reader = gevent.getcurrent()
+        self.waiting = True
+        try:
+            with gevent.Timeout(self.inactivity, _OpenTimeout):
+                generation = self.backend.open(self.request)
+        except Interrupted:
+            raise self._stopped_before_start() from None
+        except _OpenTimeout:
+            self.outcome = "inactivity"
+            raise ApiError(504, "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS",
+                           type_="upstream_error", code="upstream_timeout") from None
+        except ApiError:
+            self.outcome = "upstream_error"
+            raise
+        except StreamError as error:
+            self.outcome = "upstream_error"
+            raise ApiError(502, str(error), type_="upstream_error", code=error.code) from None
+        except Exception as error:  # a bug: a clear 502 rather than a traceback to the client
+            log.exception("opening the backend failed")
+            self.outcome = "upstream_error"
+            raise ApiError(502, f"Jarvis failed while opening the backend ({type(error).__name__}); see the "
+                                "server log", type_="upstream_error", code="internal_error") from None
+        finally:
+            self.waiting = False
+        if self.stop_reason:  # stopped as it opened
+            self._close_generation(generation)
+            raise self._stopped_before_start()
+        return generation
 
     def _wait_for(self, wanted: type, seconds: float, timeout_code: str, timeout_message: str):
         """Wait for an item of type `wanted` from the pump, before any byte went to the client."""
@@ -217,18 +259,10 @@ class Relay:
     # -- the pump greenlet -------------------------------------------------
 
     def _pump(self) -> None:
-        generation = None
+        """Read the opened generation into the queue (a backend that is not an upstream's stream)."""
+        generation = self.generation
         put = self.queue.put
         try:
-            generation = self.backend.open(self.request)
-            self.generation = generation
-            if self.request.stream and getattr(generation, "interruptible", False):
-                self.direct = True  # the response reads it, and closes it
-                generation = None
-                put(_OPENED)
-                return
-            put(_OPENED)
-            gevent.sleep(0)  # the response sends its headers before this reads (and parses) a first burst
             if self.request.stream:
                 batches = generation.batches()
                 for batch in batches:
@@ -252,12 +286,10 @@ class Relay:
             put(_Failure(StreamError("internal_error", f"Jarvis failed while reading the backend "
                                                        f"({type(error).__name__}); see the server log")))
         finally:
-            if generation is not None:
-                self._close_generation(generation)
-            elif not self.direct:
-                self.upstream_closed_at = time.monotonic()
+            self._close_generation(generation)
 
     def _close_generation(self, generation) -> None:
+        self.generation_closed = True
         try:
             generation.close()
         except Exception:
@@ -309,17 +341,17 @@ class Relay:
             self.generation.abort()
         if self.pump is not None:
             self.pump.kill(block=False)
-        if self.direct:
-            gevent.get_hub().loop.run_callback(self._interrupt_read)
-            return
+        gevent.get_hub().loop.run_callback(self._interrupt_wait)  # opening, or reading an upstream
+        if self.queue is None:
+            return  # opening (interrupted above), or an upstream's stream (aborted above)
         try:
             self.queue.put_nowait(_WAKE)
         except gevent.queue.Full:
             pass  # the response greenlet has plenty to read and checks stop_reason each turn
 
-    def _interrupt_read(self) -> None:
-        """In the hub: end the reader's wait inside the generation, if it is waiting there."""
-        if self.reading:
+    def _interrupt_wait(self) -> None:
+        """In the hub: end the reader's wait inside the backend, if it is waiting there."""
+        if self.waiting:
             self.reader.throw(Interrupted)
 
     # -- the response ----------------------------------------------------------
@@ -360,7 +392,7 @@ class Relay:
             if self.stop_reason:
                 yield from self._stopped()
                 return
-            self.reading = True
+            self.waiting = True
             try:
                 batch = next(batches, _END)
             except (ApiError, StreamError) as error:
@@ -379,7 +411,7 @@ class Relay:
                 yield self._fail(self._internal_error())
                 return
             finally:
-                self.reading = False
+                self.waiting = False
             if batch is INTERRUPTED:
                 now = time.monotonic()
                 limit = self._limit_reached(now)
@@ -481,7 +513,7 @@ class Relay:
 
     def _tick(self) -> None:
         if self.direct:
-            if self.reading:
+            if self.waiting:
                 self.reader.throw(Interrupted)
             return
         try:
@@ -608,7 +640,8 @@ class Relay:
         self.watcher.stop()
         if self.pump is not None and self.outcome != "complete":
             self.pump.kill(block=True, timeout=_KILL_SECONDS)
-        if self.direct and self.generation is not None:
+        if (self.generation is not None and not self.generation_closed
+                and (self.pump is None or self.pump.dead)):  # (a pump killed before it ran never closed it)
             self._close_generation(self.generation)  # drains after [DONE] to reuse the connection
         self._log_end()
         self._record_metrics()
