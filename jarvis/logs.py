@@ -86,6 +86,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str, log_format: str = "text") -> None:
     """Send the `jarvis` loggers to stderr with the trace id on every line (idempotent)."""
+    # No thread name on records: under gevent every greenlet that logs would get a dummy Thread made
+    # for it (a tenth of the end line's cost), and no format here shows it.
+    logging.logThreads = False
     root = logging.getLogger("jarvis")
     root.setLevel(level.upper())
     root.propagate = False

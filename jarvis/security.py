@@ -20,12 +20,14 @@ Keys never appear in a log line or an error message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import urllib.parse
 
 from flask import Blueprint, Flask, Response, current_app, request, session
+from flask.sessions import SecureCookieSessionInterface
 
 from jarvis import state
 from jarvis.errors import ApiError
@@ -45,9 +47,20 @@ def init_app(app: Flask, settings: Settings, store: ConversationStore) -> None:
     app.config.update(SECRET_KEY=settings.secret_key or store.secret(),
                       SESSION_COOKIE_NAME="jarvis_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")
+    app.session_interface = _SessionInterface()
     app.before_request(_check_request)
     app.after_request(_add_headers)
     app.register_blueprint(bp)
+
+
+class _SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, without building its signer for the requests that carry none (every
+    OpenAI client's): an empty session, as Flask would give them after verifying nothing."""
+
+    def open_session(self, app, request):
+        if self.get_cookie_name(app) not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
 
 
 def _key_check(key: str) -> str:
@@ -105,6 +118,7 @@ def _refuse_unknown_host(settings: Settings) -> None:
                         "if it is yours", code="misdirected_request")
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_loopback_literal(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback

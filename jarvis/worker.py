@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _FILES_BESIDES_CONNECTIONS = 256  # the listener, the database, the upstream pool, logs, metrics
 _NAMED_ADDRESSES = 10000  # addresses a refusal is logged for by name; past that, every 1000th refusal
+_CACHED_ADDRESSES = 10000  # addresses whose exemption (a trusted proxy or not) is remembered
 
 
 class _Response(wsgi.Response):
@@ -102,6 +103,7 @@ class JarvisWorker(GeventWorker):
         self.open_by_address: collections.Counter[str] = collections.Counter()
         self.refused = 0
         self.refused_addresses: set[str] = set()
+        self.exempt_by_address: dict[str, bool] = {}  # parsed and matched once per address
         _raise_open_files_limit(self.cfg.worker_connections + _FILES_BESIDES_CONNECTIONS)
         super().init_process()
 
@@ -128,6 +130,14 @@ class JarvisWorker(GeventWorker):
                 del self.open_by_address[address]
 
     def _exempt(self, address: str) -> bool:
+        exempt = self.exempt_by_address.get(address)
+        if exempt is None:
+            if len(self.exempt_by_address) >= _CACHED_ADDRESSES:
+                self.exempt_by_address.clear()
+            exempt = self.exempt_by_address[address] = self._trusted(address)
+        return exempt
+
+    def _trusted(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
