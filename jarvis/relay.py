@@ -2,13 +2,15 @@
 
 Nothing ever waits on one thing while another matters:
 
-    pump      (a greenlet) opens the backend: connects, sends, waits for the
-              answer's headers. An upstream's stream it then hands over to the
-              response; any other backend's it reads into a bounded queue
-    response  (gunicorn's greenlet) reads an upstream's stream itself, or waits
-              on the queue; writes events, `: ping` heartbeats while the backend
-              is quiet, and the in-band error + [DONE] on any abnormal end
-              (inactivity, max duration, shutdown, upstream)
+    response  (gunicorn's greenlet) opens the backend — connects, sends, waits
+              for the answer's headers, interrupted by a stop and bounded by the
+              inactivity limit — then reads an upstream's stream itself; writes
+              events, `: ping` heartbeats while the backend is quiet, and the
+              in-band error + [DONE] on any abnormal end (inactivity, max
+              duration, shutdown, upstream)
+    pump      (a greenlet) only for a backend that is not an upstream's stream
+              (the embedded model, a whole answer): reads it into a bounded
+              queue, which the response waits on
     ticker    a repeating timer: heartbeats and time limits. While the response
               waits inside the upstream's read it interrupts that wait (the
               generation's batches() yields INTERRUPTED and goes on); otherwise

@@ -15,9 +15,10 @@ this package knows which backend is running.
                                    greenlet, which throws `Interrupted` into it while it waits; it
                                    then yields INTERRUPTED and carries on where it was
 
-`open` may block (connecting, waiting for headers); the relay runs it in a
-pump greenlet and cancels it by killing that greenlet, so every blocking call
-in a backend must be a gevent-cooperative one.
+`open` may block (connecting, waiting for headers); the relay cancels it by
+throwing `Interrupted` (or a gevent.Timeout) into the greenlet waiting in it, so
+every blocking call in a backend must be a gevent-cooperative one, and every
+resource it holds released on any BaseException.
 """
 
 from __future__ import annotations
