@@ -430,6 +430,15 @@ class Relay:
                 yield self._last(self._closing_events("complete") + self.done)
                 return
             elif batch:
+                if self.first_event_at is None and len(batch) > 1:
+                    # The client's first token goes out before the rest of a first burst is framed.
+                    first = self._handled(batch[:1])
+                    if first is None:
+                        yield self._fail(self._internal_error())
+                        return
+                    if first:
+                        yield first
+                    batch = batch[1:]
                 data = self._handled(batch)
                 if data is None:
                     yield self._fail(self._internal_error())
