@@ -3,10 +3,12 @@
 Starts bench/upstream.py and Jarvis on free loopback ports and runs each
 scenario through every target of the run, printing one row per target with
 medians, p99 and ratios to the direct line. Targets: `direct` (the stub
-itself), `jarvis`, and on request `floor` (bench/passthrough.py, a 40-line
-Flask + gevent pass-through), `baseline` (Jarvis at another git commit, from a
-throw-away worktree) and `litellm` (LiteLLM's proxy, one worker, installed into
-a throw-away virtualenv under bench/.work/, never into Jarvis's environment).
+itself), `jarvis`, and on request, with --floor, `relay` (bench/socket_relay.py:
+gevent sockets copying bytes, no HTTP server) and `floor` (bench/passthrough.py,
+a 40-line Flask + gevent pass-through under gunicorn), `baseline` (Jarvis at
+another git commit, from a throw-away worktree) and `litellm` (LiteLLM's proxy,
+one worker, installed into a throw-away virtualenv under bench/.work/, never
+into Jarvis's environment).
 
     1 latency      sequential streams of 200 tokens over one keep-alive connection; 1-token streams:
                    time to the response headers and server CPU to set up one stream
@@ -121,6 +123,11 @@ class Servers:
         self.extra: list[Target] = []
         self.worktree = None
         if floor:
+            port = free_port()
+            process = self._start(subprocess.Popen([sys.executable, str(ROOT / "bench" / "socket_relay.py"), "--port",
+                                                    str(port), "--upstream-port", str(self.upstream_port)]))
+            wait_for_http(f"http://127.0.0.1:{port}/healthz")
+            self.extra.append(Target("relay", port, psutil.Process(process.pid)))
             port = free_port()
             process = self._start(start_gunicorn(ROOT, "bench.passthrough:app", port,
                                                  {**env, "PASSTHROUGH_UPSTREAM_URL": upstream_url},
@@ -488,7 +495,8 @@ def main():
     parser.add_argument("--latency-streams", type=int, help="how many streams scenario 1 runs")
     parser.add_argument("--concurrency", type=int, action="append", help="stream counts for scenario 3")
     parser.add_argument("--floor", action="store_true",
-                        help="also run the scenarios through bench/passthrough.py, a minimal pass-through")
+                        help="also run the scenarios through the two floors: bench/socket_relay.py (gevent sockets "
+                             "copying bytes) and bench/passthrough.py (Flask under gunicorn)")
     parser.add_argument("--baseline", metavar="REF", help="also run Jarvis at this git commit (a worktree), "
                                                           "for before/after in one run")
     parser.add_argument("--peer", choices=["litellm"], help="also run LiteLLM's proxy (installed into "

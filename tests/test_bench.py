@@ -30,7 +30,7 @@ def test_bench_run_smoke():
         assert heading in result.stdout, result.stdout
     assert "not closed" in result.stdout and "nan" not in result.stdout
     for row in ("floor: added time to first token", "jarvis: CPU per 1-token stream", "floor: 10 streams: completion",
-                "jarvis@HEAD: 10 streams: completion"):
+                "relay: 10 streams: completion", "jarvis@HEAD: 10 streams: completion"):
         assert row in result.stdout, result.stdout
 
 
