@@ -55,11 +55,11 @@ FULL = {"latency_streams": 50, "setup_streams": 500, "chunk_tokens": 5000, "conc
         "concurrency_tokens": 100,
         "cancel_background": 300, "cancel_mid": 50, "cancel_early": 20, "steady_seconds": 1.0, "cancel_wait": 10,
         "early_delay": 5, "leak_streams": 10000,
-        "memory_streams": 1000}
+        "memory_streams": 1000, "quiet_wait": 30.0}
 SMOKE = {"latency_streams": 3, "setup_streams": 5, "chunk_tokens": 200, "concurrency": [10], "concurrency_tokens": 15,
          "cancel_background": 10, "cancel_mid": 3, "cancel_early": 2, "steady_seconds": 0.2, "cancel_wait": 1,
          "early_delay": 0.5, "leak_streams": 40,
-         "memory_streams": 20}
+         "memory_streams": 20, "quiet_wait": 0}
 
 
 # -- processes -----------------------------------------------------------------
@@ -260,6 +260,29 @@ def one_stream(target: Target, options: dict, **kwargs) -> Stream:
         return Stream().run(sock, options, auth=target.auth, **kwargs)
 
 
+QUIET_CPU = 0.1  # of one core, over QUIET_WINDOW: below it the servers are idle (CPU times tick in 10 ms)
+QUIET_WINDOW = 0.2
+
+
+def quiet(servers, sizes) -> None:
+    """Wait until every process of the run is idle before measuring the next target: a peer that leaves
+    upstream streams running after its clients have gone (LiteLLM does, see scenario 4) would
+    otherwise load the stub and the cores while the next target is measured."""
+    if not sizes["quiet_wait"]:
+        return  # --smoke: seconds matter more than fair numbers
+    deadline = time.monotonic() + sizes["quiet_wait"]
+    while True:
+        before = sum(target.cpu() for target in servers.targets())
+        gevent.sleep(QUIET_WINDOW)
+        used = sum(target.cpu() for target in servers.targets()) - before
+        if used <= QUIET_CPU * QUIET_WINDOW:
+            return
+        if time.monotonic() > deadline:
+            print(f"  (the servers still use {used / QUIET_WINDOW:.0%} of a core after {sizes['quiet_wait']:.0f} s; "
+                  "measuring anyway)")
+            return
+
+
 def percentile(values, fraction):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * fraction))] if values else float("nan")
@@ -281,6 +304,7 @@ def table(title, header, rows):
 def scenario_latency(servers, sizes, summary):
     rows, direct = [], None
     for target in servers.targets():
+        quiet(servers, sizes)
         with socket.create_connection(("127.0.0.1", target.port)) as sock:
             Stream().run(sock, {"tokens": 200}, auth=target.auth)  # warm the connection and any upstream pool
             streams = [Stream().run(sock, {"tokens": 200}, auth=target.auth) for _ in range(sizes["latency_streams"])]
@@ -312,6 +336,7 @@ def scenario_chunk(servers, sizes, summary):
     tokens = sizes["chunk_tokens"]
     rows, direct_rate = [], None
     for target in servers.targets():
+        quiet(servers, sizes)
         one_stream(target, {"tokens": 100}, keep_latencies=False)
         before = target.cpu()
         stream = one_stream(target, {"tokens": tokens}, keep_latencies=False)
@@ -335,6 +360,7 @@ def scenario_concurrency(servers, sizes, summary):
             if target.max_streams is not None and count > target.max_streams:
                 rows.append([count, target.name, "not run"] + [""] * 9)
                 continue
+            quiet(servers, sizes)
             pool = gevent.pool.Pool(count)
             stub, client = servers.targets()[0], psutil.Process()
             cpu_before, stub_before, client_before = target.cpu(), stub.cpu(), sum(client.cpu_times()[:2])
@@ -368,6 +394,7 @@ def scenario_concurrency(servers, sizes, summary):
 def scenario_cancel(servers, sizes, summary):
     rows = []
     for target in servers.targets():
+        quiet(servers, sizes)
         pool = gevent.pool.Pool()
         for _ in range(sizes["cancel_background"]):
             pool.spawn(one_stream, target, {"tokens": 400, "interval": 0.02}, keep_latencies=False)
