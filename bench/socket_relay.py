@@ -22,7 +22,7 @@ from pathlib import Path  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.net import read_http_request  # noqa: E402
+from tests.net import http_requests  # noqa: E402
 
 _END = b"0\r\n\r\n"  # the end of the stub's chunked body
 
@@ -39,30 +39,28 @@ def serve(port: int, upstream_port: int) -> None:
 
     def handle(client, _address):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buffer = b""
-        while True:
-            request, buffer = read_http_request(client, buffer)
-            if request is None:
-                return
-            method, path, _headers, body = request
-            if path == "/healthz":
-                client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                continue
-            up = upstream()
-            try:
-                up.sendall(b"%s %s HTTP/1.1\r\nHost: upstream\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(body), body))
-                while True:
-                    data = up.recv(65536)
-                    if not data:
-                        raise ConnectionError("the stub closed")
-                    client.sendall(data)
-                    if data.endswith(_END):
-                        break
-            except OSError:
-                up.close()  # the client or the stub went away mid-answer
-                return
-            idle.append(up)
+        try:
+            for method, path, _headers, body in http_requests(client):
+                if path == "/healthz":
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    continue
+                up = upstream()
+                try:
+                    up.sendall(b"%s %s HTTP/1.1\r\nHost: upstream\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (method.encode(), path.encode(), len(body), body))
+                    while True:
+                        data = up.recv(65536)
+                        if not data:
+                            raise ConnectionError("the stub closed")
+                        client.sendall(data)
+                        if data.endswith(_END):
+                            break
+                except OSError:
+                    up.close()  # mid-answer: not reusable
+                    raise
+                idle.append(up)
+        except OSError:
+            return  # the client or the stub went away
 
     StreamServer(("127.0.0.1", port), handle).serve_forever()
 

@@ -26,7 +26,7 @@ import gevent  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.net import read_http_request  # noqa: E402
+from tests.net import http_requests  # noqa: E402
 
 RECORDS: dict[str, dict] = {}
 _HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -102,13 +102,8 @@ def _options(body: dict) -> dict:
 
 def handle(sock, address):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as any real server: no Nagle delays
-    buffer = b""
     try:
-        while True:
-            request, buffer = read_http_request(sock, buffer)
-            if request is None:
-                return
-            method, path, _, body = request
+        for _method, path, _, body in http_requests(sock):
             if path == "/_stats":
                 _json(sock, 200, RECORDS)
             elif path == "/_reset":

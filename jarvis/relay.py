@@ -152,6 +152,7 @@ class Relay:
         self.started = time.monotonic()
         self.first_event_at: float | None = None
         self.last_event = self.started
+        self.last_write = self.started  # the last bytes written to the client, a heartbeat included
         self.error_code: str | None = None
         self.error_message: str | None = None
         self.stopped_at: float | None = None  # first stop signal: client gone, Stop, shutdown, ...
@@ -373,6 +374,7 @@ class Relay:
         ticker.start(self._tick)
         try:
             yield OPENING  # gunicorn sends the headers with the first body write
+            self.last_write = time.monotonic()
             if self.direct:
                 yield from self._read_directly()
             else:
@@ -389,7 +391,6 @@ class Relay:
         """Read the generation in this greenlet: each batch is written before the next read."""
         batches = self.generation.batches()
         self.reader = gevent.getcurrent()
-        last_write = time.monotonic()
         while True:
             if self.stop_reason:
                 yield from self._stopped()
@@ -415,14 +416,8 @@ class Relay:
             finally:
                 self.waiting = False
             if batch is INTERRUPTED:
-                now = time.monotonic()
-                limit = self._limit_reached(now)
-                if limit is not None:
-                    yield self._fail(limit)
+                if (yield from self._ticked()):
                     return
-                if now - last_write >= self.heartbeat:
-                    last_write = now
-                    yield PING
             elif batch is _END:
                 if self.stop_reason:
                     continue
@@ -432,32 +427,17 @@ class Relay:
             elif batch:
                 if self.first_event_at is None and len(batch) > 1:
                     # The client's first token goes out before the rest of a first burst is framed.
-                    first = self._handled(batch[:1])
-                    if first is None:
-                        yield self._fail(self._internal_error())
+                    if (yield from self._sent(batch[:1])):
                         return
-                    if first:
-                        yield first
                     batch = batch[1:]
-                data = self._handled(batch)
-                if data is None:
-                    yield self._fail(self._internal_error())
-                    return
-                if data:
-                    yield data
-                    last_write = self.last_event
-                if last_write - self.started >= self.max_seconds:
-                    yield self._fail(self._limit_reached(last_write))
+                if (yield from self._sent(batch)):
                     return
             else:
-                waiting = self._nothing_yet()
-                if waiting:
-                    yield waiting
+                yield from self._nothing_yet()
 
     def _read_queue(self):
         """Wait on the pump's queue: batches, ticks, the end or a failure."""
         get = self.queue.get
-        last_write = time.monotonic()
         while True:
             if self.stop_reason:
                 yield from self._stopped()
@@ -468,29 +448,13 @@ class Relay:
                     if self.queue.qsize():  # more waiting (this greenlet lagged): one write for all
                         item = self._gathered(item)
                     self._taken(item)
-                    data = self._handled(item)
-                    if data is None:
-                        yield self._fail(self._internal_error())
-                        return
-                    if data:
-                        yield data
-                        last_write = self.last_event
-                    if last_write - self.started >= self.max_seconds:
-                        yield self._fail(self._limit_reached(last_write))
+                    if (yield from self._sent(item)):
                         return
                 else:
-                    waiting = self._nothing_yet()
-                    if waiting:
-                        yield waiting
+                    yield from self._nothing_yet()
             elif item is _TICK:
-                now = time.monotonic()
-                limit = self._limit_reached(now)
-                if limit is not None:
-                    yield self._fail(limit)
+                if (yield from self._ticked()):
                     return
-                if now - last_write >= self.heartbeat:
-                    last_write = now
-                    yield PING
             elif item is _END:
                 self.outcome = "complete"
                 yield self._last(self._closing_events("complete") + self.done)
@@ -498,6 +462,35 @@ class Relay:
             elif isinstance(item, _Failure):
                 yield self._fail(item.error)
                 return
+
+    # Both loops' steps, as generators that yield what goes to the client and return True when that
+    # ended the stream: `if (yield from self._sent(batch)): return`.
+
+    def _sent(self, batch: list[bytes]):
+        """The batch as SSE bytes; the end when handling it failed or the stream reached its maximum."""
+        data = self._handled(batch)
+        if data is None:
+            yield self._fail(self._internal_error())
+            return True
+        if data:
+            yield data
+            self.last_write = self.last_event
+        if self.last_write - self.started >= self.max_seconds:
+            yield self._fail(self._limit_reached(self.last_write))
+            return True
+        return False
+
+    def _ticked(self):
+        """On a tick: the end when a time limit is reached, else a heartbeat if one is due."""
+        now = time.monotonic()
+        limit = self._limit_reached(now)
+        if limit is not None:
+            yield self._fail(limit)
+            return True
+        if now - self.last_write >= self.heartbeat:
+            self.last_write = now
+            yield PING
+        return False
 
     def _handled(self, batch: list[bytes]) -> bytes | None:
         """The batch as SSE bytes; None when handling it failed (a bug on the page path)."""
@@ -512,10 +505,12 @@ class Relay:
         return StreamError("internal_error", "Jarvis failed while handling the answer; see the server log",
                            "server_error")
 
-    def _nothing_yet(self) -> bytes:
+    def _nothing_yet(self):
         self.last_event = time.monotonic()  # the backend is alive but has nothing yet
         self.queued = True
-        return self._observed_waiting()
+        waiting = self._observed_waiting()
+        if waiting:
+            yield waiting
 
     def _last(self, data: bytes) -> bytes:
         """The stream's last bytes: marked as such when they go straight to a client (jarvis.worker

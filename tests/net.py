@@ -41,6 +41,16 @@ def wait_for_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+def http_requests(sock):
+    """Each HTTP/1.1 request on a keep-alive connection, (method, path, headers, body), until the peer closes."""
+    buffer = b""
+    while True:
+        request, buffer = read_http_request(sock, buffer)
+        if request is None:
+            return
+        yield request
+
+
 def read_http_request(sock, buffer: bytes):
     """Read one HTTP/1.1 request with a Content-Length body from `sock`.
 
