@@ -137,15 +137,19 @@ class LiveServer:
 
 
 def sse_events(response: requests.Response):
-    """Parse a Jarvis SSE response into (kind, value, arrival_time) tuples: kind is data, comment or done."""
+    """Parse a Jarvis SSE response into (kind, value, arrival_time) tuples: kind is data, comment or done.
+    The response is closed once its events end or the generator is dropped: no socket is left to the GC."""
     buffer = b""
-    for chunk in _read1_chunks(response):
-        buffer += chunk
-        while b"\n\n" in buffer:
-            block, buffer = buffer.split(b"\n\n", 1)
-            now = time.monotonic()
-            for kind, value in parse_event_block(block):
-                yield (kind, value, now)
+    try:
+        for chunk in _read1_chunks(response):
+            buffer += chunk
+            while b"\n\n" in buffer:
+                block, buffer = buffer.split(b"\n\n", 1)
+                now = time.monotonic()
+                for kind, value in parse_event_block(block):
+                    yield (kind, value, now)
+    finally:
+        response.close()
 
 
 def _read1_chunks(response: requests.Response):

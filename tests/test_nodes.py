@@ -50,17 +50,9 @@ def start_answer(node: LiveServer, session: requests.Session | None = None):
     answer = http.post(f"{node.url}/api/conversations/{conversation_id}/messages", json={"content": "go"},
                        stream=True, timeout=30)
     assert answer.status_code == 200, answer.text
-    events = closing_events(answer)
+    events = sse_events(answer)
     next(event for event in events if event[0] == "data")
     return conversation_id, int(answer.headers["X-Message-Id"]), events
-
-
-def closing_events(response: requests.Response):
-    """The response's events; the response is closed once they end (or the generator is dropped)."""
-    try:
-        yield from sse_events(response)
-    finally:
-        response.close()
 
 
 @pytest.mark.serial  # measures
@@ -104,7 +96,7 @@ def test_an_answer_on_a_re_attached_from_b_completes_whole(nodes, upstream):
     conversation_id, message_id, events = start_answer(a)
     followed = requests.get(f"{b.url}/api/conversations/{conversation_id}/messages/{message_id}/stream",
                             stream=True, timeout=30)
-    seen = list(closing_events(followed))
+    seen = list(sse_events(followed))
     assert content_of(seen) == "".join(f"w{i} " for i in range(60))
     assert seen[-1][0] == "done" and seen[-2][1]["status"] == "complete"
     assert content_of(list(events))  # the page on A got its answer too
@@ -171,7 +163,7 @@ def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_th
     killed = time.monotonic()
     path = f"{b.url}/api/conversations/{conversation_id}/messages/{message_id}/stream"
     followed = requests.get(path, stream=True, timeout=30)
-    seen = list(closing_events(followed))
+    seen = list(sse_events(followed))
     interrupted_after = time.monotonic() - killed
     print(f"node killed -> answer interrupted on the other node: {interrupted_after:.2f} s "
           f"(lease {leases.LEASE_SECONDS:g} s)")
@@ -182,7 +174,7 @@ def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_th
     upstream.scenario = Scenario(tokens=3)
     answer = requests.post(f"{b.url}/api/conversations/{conversation_id}/messages", json={"content": "again"},
                            stream=True, timeout=30)
-    assert content_of(list(closing_events(answer))) == "w0 w1 w2 "
+    assert content_of(list(sse_events(answer))) == "w0 w1 w2 "
     b.assert_log_clean()
 
 
