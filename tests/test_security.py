@@ -41,7 +41,8 @@ def test_canary_secrets_never_reach_the_logs(start_jarvis, upstream):
         "status": 500, "error_body": {"error": {"message": "boom", "type": "x", "param": None, "code": None}}}})
     stopped = requests.post(jarvis.url + "/v1/chat/completions", headers=good, stream=True,
                             json={**body, "x_fault": {"tokens": 200, "interval": 0.02}})
-    next(sse_events(stopped))
+    streaming = sse_events(stopped)  # kept: the stream stays open through the dump below
+    next(streaming)
     with requests.Session() as browser:
         browser.post(jarvis.url + "/api/session", json={"key": CLIENT_CANARY})
         cookie = browser.cookies.get("jarvis_session")

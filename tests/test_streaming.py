@@ -181,12 +181,13 @@ def test_an_open_upstream_stream_holds_one_greenlet(jarvis):
     """Its response's: the pump that opened the upstream hands the stream over and ends (a pump
     reading into a queue would cost a second greenlet per stream and two more switches per token)."""
     health = requests.Session()  # one keep-alive connection: its greenlet is in every count
-    responses = []
+    responses, events = [], []  # the event generators kept: dropping one closes its response
 
     def greenlets_with(streams: int) -> int:
         while len(responses) < streams:
             responses.append(jarvis.chat(fault={"tokens": 3, "interval": 2.0}))
-            assert next(sse_events(responses[-1]))[0] in ("comment", "data")
+            events.append(sse_events(responses[-1]))
+            assert next(events[-1])[0] in ("comment", "data")
         return health.get(jarvis.url + "/healthz?debug=1", timeout=10).json()["greenlets"]
 
     try:
