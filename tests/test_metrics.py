@@ -3,7 +3,7 @@
 import pytest
 import requests
 
-from tests.clients import RawClient, chat_body, chat_request, metric
+from tests.clients import RawClient, chat_body, chat_request, metric, raw_client_on
 from tests.live import sse_events
 
 pytestmark = pytest.mark.live
@@ -16,15 +16,17 @@ def test_metrics_report_the_right_counts_across_two_workers(start_jarvis, upstre
     assert len(jarvis.workers()) == 2
     auth = {"x-api-key": KEY}
     assert requests.get(jarvis.url + "/metrics").status_code == 401
-    # Complete streams, each on its own connection, until both workers have ended some: the kernel
-    # hands a connection to whichever worker accepts first, and one idle worker can win every time.
+    # Three complete streams on each worker, on connections each worker is known to have accepted (the
+    # kernel hands a connection to whichever worker accepts first; one idle worker can win every time).
     complete = 0
-    while complete < 6 or len(worker_pids(jarvis)) < 2:
-        assert complete < 100, "100 connections in a row went to one worker"
-        body = chat_body({"tokens": 3})
-        list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, headers=auth, stream=True)))
-        complete += 1
-        jarvis.wait_for_log("stream end outcome=", count=complete)
+    for worker in jarvis.workers():
+        for _ in range(3):
+            client = raw_client_on(jarvis.port, worker.pid)
+            client.send(chat_request(chat_body({"tokens": 3}), extra_headers=f"x-api-key: {KEY}\r\n"))
+            client.read_until(b"data: [DONE]")
+            client.close()
+            complete += 1
+            jarvis.wait_for_log("stream end outcome=", count=complete)
     for _ in range(3):  # failed mid-stream
         body = chat_body({"tokens": 5, "error_event_after": 1})
         list(sse_events(requests.post(jarvis.url + "/v1/chat/completions", json=body, headers=auth, stream=True)))
