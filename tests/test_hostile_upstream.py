@@ -98,16 +98,15 @@ def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream
     assert requests.get(jarvis.url + "/healthz", timeout=1).ok
 
 
-# Back-to-back events just under the 4 MiB cap; 6 s in the suite (HUGE_EVENTS_SECONDS=60 for the full run).
-HUGE_EVENTS_SECONDS = float(os.environ.get("HUGE_EVENTS_SECONDS", "6"))
+# Back-to-back events just under the 4 MiB cap; 10 s in the suite (HUGE_EVENTS_SECONDS=60 for the full run).
+HUGE_EVENTS_SECONDS = float(os.environ.get("HUGE_EVENTS_SECONDS", "10"))
 
 
 @pytest.mark.serial
 @pytest.mark.timeout(HUGE_EVENTS_SECONDS + 60)
 def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
-    jarvis = start_jarvis(args=["--timeout", "3"])  # a hub blocked for 3 s would get the worker killed
+    jarvis = start_jarvis(args=["--timeout", "5"])  # a hub blocked for 5 s would get the worker killed
     relayed = []
-    tokens = int(HUGE_EVENTS_SECONDS * 10) - 10  # the neighbour ends before the flood
 
     def flood():
         response = chat(jarvis, "huge_events", seconds=HUGE_EVENTS_SECONDS)
@@ -115,7 +114,7 @@ def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
 
     def neighbour():  # an ordinary stream on the same worker
         gaps, last = [], None
-        for kind, _, arrived in sse_events(jarvis.chat(fault={"tokens": tokens, "interval": 0.1})):
+        for kind, _, arrived in sse_events(jarvis.chat(fault={"tokens": 80, "interval": 0.1})):
             if kind == "data":
                 gaps.append(arrived - last if last else 0.0)
                 last = arrived
@@ -137,6 +136,6 @@ def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
           f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms over {len(latencies)}; "
           f"neighbour's longest gap {max(neighbour.gaps) * 1000:.0f} ms")
     assert relayed[0] > 100e6 and max(latencies) < 0.1
-    assert len(neighbour.gaps) >= tokens and max(neighbour.gaps) < 0.5  # it kept flowing, at its own 100 ms pace
+    assert len(neighbour.gaps) >= 80 and max(neighbour.gaps) < 0.5  # it kept flowing, at its own 100 ms pace
     assert "WORKER TIMEOUT" not in jarvis.log()
     jarvis.assert_log_clean()
