@@ -25,6 +25,7 @@ import sqlite3
 import time
 from typing import Protocol
 
+from gevent.event import AsyncResult
 from gevent.threadpool import ThreadPool
 
 from jarvis import leases
@@ -241,15 +242,40 @@ def migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+def _outcome(function, args) -> tuple[bool, object]:
+    """(True, result) or (False, the exception it raised): run on the store's thread."""
+    try:
+        return True, function(*args)
+    except Exception as error:  # every one goes back to the caller, and is raised there
+        return False, error
+
+
 class SQLiteStore:
     def __init__(self, data_dir: str, busy_seconds: float = 10.0):
         os.makedirs(data_dir, exist_ok=True)
         self.path = database_path(data_dir)
         self.pool = ThreadPool(1)
-        self.connection = self.pool.apply(_connect, (self.path, busy_seconds))
+        self.connection = self._run(_connect, self.path, busy_seconds)
 
     def _run(self, function, *args):
-        return self.pool.apply(function, args)
+        """`function(*args)` on the store's thread; its result, or its exception raised here."""
+        return self._spawn(function, *args).get()
+
+    def _spawn(self, function, *args) -> AsyncResult:
+        """`function(*args)` on the store's thread, its outcome in the AsyncResult. An exception is caught
+        on the thread and handed over: gevent's pool would also print every one as a traceback on stderr
+        (its hub's handle_error), and a locked database is an expected, one-line event."""
+        result = AsyncResult()
+
+        def settle(done):
+            succeeded, value = done.value if done.successful() else (False, done.exception)
+            if succeeded:
+                result.set(value)
+            else:
+                result.set_exception(value)
+
+        self.pool.spawn(_outcome, function, args).rawlink(settle)
+        return result
 
     def close(self) -> None:
         """Close the database and stop the store's thread (tests build many stores)."""
@@ -370,7 +396,7 @@ class SQLiteStore:
                              reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
         """Queue the update without waiting; writes run in order on the store's thread.
         Returns an AsyncResult whose value says whether the message still existed."""
-        return self.pool.spawn(self._update_message, message_id, content, status, error, reasoning, stats,
+        return self._spawn(self._update_message, message_id, content, status, error, reasoning, stats,
                                reasoning_moved)
 
     def _update_message(self, message_id: int, content: str, status: str, error: str | None, reasoning: str = "",
@@ -435,7 +461,7 @@ class SQLiteStore:
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
         """The answer's last save and the end of its run, in one write, queued (an AsyncResult of whether
         the answer still existed)."""
-        return self.pool.spawn(self._finish_answer, message_id, content, status, error, reasoning, stats,
+        return self._spawn(self._finish_answer, message_id, content, status, error, reasoning, stats,
                                reasoning_moved)
 
     def _finish_answer(self, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:

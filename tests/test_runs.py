@@ -229,7 +229,8 @@ def test_saves_that_keep_failing_end_the_answer_with_an_error_and_it_is_saved_on
                                       json={"content": "and now?"}).get_data())) == "again"
 
 
-def test_a_store_that_refuses_writes_is_a_clear_503_and_changes_nothing(make_client, backend, locked, jarvis_log):
+def test_a_store_that_refuses_writes_is_a_clear_503_and_changes_nothing(make_client, backend, locked, jarvis_log,
+                                                                        capfd):
     client = make_client(store_busy_seconds=0.2)
     conversation_id = client.post("/api/conversations", json={}).json["id"]
     locked.take()
@@ -240,6 +241,7 @@ def test_a_store_that_refuses_writes_is_a_clear_503_and_changes_nothing(make_cli
     locked.release()
     assert backend.requests == [] and client.get(f"/api/conversations/{conversation_id}").json["messages"] == []
     assert not [record for record in jarvis_log.records if record.exc_info]  # one line each, no traceback
+    assert "Traceback" not in capfd.readouterr().err  # nor one printed by gevent for the store's thread
 
 
 def test_a_bug_while_handling_an_answer_ends_it_with_an_error_event_not_a_cut(client, backend, monkeypatch, jarvis_log):
