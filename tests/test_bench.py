@@ -109,3 +109,25 @@ def test_profile_summary_gives_a_socket_call_to_whoever_made_it(tmp_path):
     assert rows["upstream HTTP client"] == ["60.0%", "30.0"]
     assert rows["the hub's loop (libev, callbacks, switches)"] == ["30.0%", "15.0"]
     assert rows["writing the response (gunicorn, worker.py)"] == ["10.0%", "5.0"]
+
+
+SPLIT_TOKENS = r"""
+import socket, sys
+sys.path.insert(0, ".")
+from bench.run import Stream
+
+client, server = socket.socketpair()
+events = b"".join(b'data: {"content": "%d.5|"}\n\n' % n for n in range(3)) + b"data: [DONE]\n\n"
+cut = events.index(b"1.5|") + 2  # a token's stamp split across two HTTP chunks, as a server that fell behind does
+chunks = [events[:cut], events[cut:]]
+server.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n")
+stream = Stream().run(client, {"tokens": 3}, keep_latencies=False)
+print(stream.tokens, stream.complete)
+"""
+
+
+def test_the_bench_client_counts_a_token_split_across_http_chunks():
+    result = subprocess.run([sys.executable, "-c", SPLIT_TOKENS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3", "True"]
