@@ -14,6 +14,9 @@ Live (real gunicorn, real sockets, marked `live`): `upstream`, the fault-injecti
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +26,35 @@ from tests.browser import browser, context  # noqa: F401 (fixtures for the brows
 from tests.fake_backend import FakeBackend
 from tests.fake_upstream import FakeUpstream
 from tests.live import LiveServer
+
+# -- phase times ----------------------------------------------------------------------------
+
+PHASES_FILE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "phases.txt"
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STARTED] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """What each phase of the README's test command took, printed above the serial phase's last line:
+    the parallel phase ("not serial") starts .pytest_cache/phases.txt, every run adds its line."""
+    markers = config.option.markexpr
+    if hasattr(config, "workerinput") or markers not in ("not serial", "serial"):
+        return  # an xdist worker (the controller reports the whole phase), or not one of the two phases
+    stats = terminalreporter.stats
+    counts = ", ".join(f"{len(stats[key])} {key}" for key in ("passed", "failed", "error", "skipped") if stats.get(key))
+    line = (f"-m {markers!r}: {counts or 'nothing ran'}, exit {int(exitstatus)}, "
+            f"{time.monotonic() - config.stash[_STARTED]:.0f} s on {os.cpu_count()} cores")
+    PHASES_FILE.parent.mkdir(exist_ok=True)
+    with open(PHASES_FILE, "w" if markers == "not serial" else "a") as phases:
+        phases.write(line + "\n")
+    terminalreporter.write_sep("-", "test phases")
+    terminalreporter.write(PHASES_FILE.read_text())
+
+
+_STARTED = pytest.StashKey[float]()
+
 
 # -- in-process ---------------------------------------------------------------------------
 

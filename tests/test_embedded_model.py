@@ -97,11 +97,13 @@ def test_hub_stays_responsive_while_the_model_generates(jarvis):
             latencies.append(time.monotonic() - started)
             finished.wait(0.02)  # a health checker, not a busy loop
     reader.join(30)
+    # A hub that ran the generation would answer nothing until the 120 tokens were done (seconds), and the
+    # monitor would report it blocked; a free one answers in milliseconds, tens on a slow machine.
     assert len(latencies) >= 10
-    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]
     gaps = [later - earlier for earlier, later in zip(ping_times, ping_times[1:], strict=False)]
     assert len(gaps) >= 3
-    assert max(gaps) < 0.2 + 0.1, gaps  # heartbeat 0.2 s, never more than 100 ms late
+    assert max(gaps) < 0.2 + 0.5, gaps  # heartbeat 0.2 s; a blocked hub would hold them all to the end
     assert "appears to be blocked" not in jarvis.log()
 
 
@@ -136,38 +138,46 @@ def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
     assert second_ttft < max(2 * first_ttft, first_ttft + 0.2), (first_ttft, second_ttft)
 
 
-LONG_PROMPT = " ".join(f"Item {n}: the quick brown fox jumps over the lazy dog." for n in range(30))  # ~330 words
+def long_prompt(word: str) -> str:
+    """About 330 words; prompts made with different words share no prefix, so none reuses another's cache."""
+    return " ".join(f"{word} {n}: the quick brown fox jumps over the lazy dog." for n in range(30))
+
+
+def first_token_seconds(jarvis, **body) -> float:
+    started = time.monotonic()
+    events = sse_events(stream(jarvis, **body))
+    next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
+    seconds = time.monotonic() - started
+    list(events)
+    return seconds
 
 
 def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis):
-    """llama.cpp reads a prompt in one long decode; the abort callback stops it within a graph node."""
+    """llama.cpp reads a prompt in one long decode; the abort callback stops it within a graph node.
+    Every limit is relative to this machine's own pace, measured here: a prompt of the same length read
+    whole, and a short answer with nothing ahead of it."""
+    whole_seconds = first_token_seconds(jarvis, max_tokens=1,
+                                        messages=[{"role": "user", "content": long_prompt("Item")}])
+    jarvis.wait_for_log("local generation end")  # logged once its thread has finished
+    read_ms = float(generation_ends(jarvis)[-1]["duration_ms"])
     reader = RawClient(jarvis.port)
-    reader.send(chat_request({"messages": [{"role": "user", "content": LONG_PROMPT}], "stream": True,
+    reader.send(chat_request({"messages": [{"role": "user", "content": long_prompt("Entry")}], "stream": True,
                               "max_tokens": 5}, extra_headers="X-Request-Id: long-prompt\r\n"))
     jarvis.wait_for_log("[long-prompt] local generation start")
-    time.sleep(0.2)  # the moment of the Stop: 200 ms into reading the prompt (it takes seconds)
+    time.sleep(read_ms / 10 / 1000)  # the moment of the Stop: a tenth of the way into reading the prompt
     reader.close_rst()
     jarvis.wait_for_log("[long-prompt] local generation end")
     end = generation_ends(jarvis)[-1]
     assert (end["reason"], end["tokens"]) == ("cancelled", "0")
-    assert float(end["stop_ms"]) < 100, end
-    assert float(end["duration_ms"]) < 1500, end  # it never read the whole prompt (> 2 s here)
+    assert float(end["stop_ms"]) < max(100, read_ms / 10), (end, read_ms)  # within a graph node, not the prompt
+    assert float(end["duration_ms"]) < read_ms / 2, (end, read_ms)  # it never read the whole prompt
 
-    started = time.monotonic()
-    events = sse_events(stream(jarvis, max_tokens=3))
-    next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
-    assert time.monotonic() - started < 1.0  # nothing ahead of it: the cancelled prompt is gone
-    list(events)
+    # Nothing ahead of the next answer: it starts as fast as one asked again with the model idle. A prompt
+    # left reading would add most of `read_ms`.
+    after_stop = first_token_seconds(jarvis, max_tokens=3)
+    idle = first_token_seconds(jarvis, max_tokens=3)
+    assert after_stop < idle + read_ms / 2 / 1000, (after_stop, idle, read_ms, whole_seconds)
     jarvis.assert_log_clean("removing memory module")
-
-
-def test_a_long_prompt_takes_seconds_to_read(jarvis):
-    """What the test above relies on: without a Stop, this prompt takes over 2 s before its first token."""
-    started = time.monotonic()
-    events = sse_events(stream(jarvis, max_tokens=1, messages=[{"role": "user", "content": LONG_PROMPT}]))
-    next(event for event in events if event[0] == "data")
-    assert time.monotonic() - started > 2.0
-    list(events)
 
 
 def test_second_request_waits_with_heartbeats_then_streams(jarvis):

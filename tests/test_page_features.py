@@ -212,7 +212,9 @@ def test_hostile_math_and_imported_files_stay_inert_and_never_freeze_the_page(ja
     results = render(page, hostile_math(canary))
     slowest = max(result["ms"] for result in results)
     print(f"hostile math: slowest render {slowest:.1f} ms over {len(results)} payloads")
-    assert slowest < 100, [round(result["ms"]) for result in results]
+    # KaTeX's own limits (maxSize, maxExpand) bound each payload; without them one freezes the page for
+    # seconds or for ever. Measured: tens of ms on a slow machine, so 0.5 s is far from both.
+    assert slowest < 500, [round(result["ms"]) for result in results]
     dangerous = "script, iframe, img, style, link, a[href^=javascript], [style], [onerror], [onclick], [class*=evil]"
     assert page.locator(", ".join(f"#messages {s.strip()}" for s in dangerous.split(","))).count() == 0
 

@@ -8,6 +8,7 @@ import pytest
 
 from tests.browser import open_page, send, wait_status
 from tests.fake_upstream import Scenario
+from tests.test_page_runs import STOP_LIMIT
 
 pytestmark = [pytest.mark.live, pytest.mark.browser]
 
@@ -51,7 +52,9 @@ def test_thinking_shows_live_then_folds_and_survives_a_reload(jarvis, upstream, 
         seen = time.monotonic()
         exchange = upstream.wait_for_exchange()
         first_token_delays.append(seen - exchange.first_token_at)
-        assert seen - exchange.first_token_at < 0.7
+        # Live: within a second of the upstream's first thought (tens of ms measured; a page that showed the
+        # thinking only once it ended would wait the 40 thoughts' 2 s).
+        assert seen - exchange.first_token_at < 1.0
     wait_status(page, "complete")
 
     answer = page.locator("[data-role=assistant]").last
@@ -89,7 +92,7 @@ def test_stop_while_thinking_keeps_the_thinking_so_far(jarvis, upstream, context
     clicked = time.monotonic()
     page.evaluate("document.querySelector('#stop').click()")
     upstream.wait_until_ended(exchange, timeout=5)
-    assert exchange.closed_at is not None and exchange.closed_at - clicked < 0.1
+    assert exchange.closed_at is not None and exchange.closed_at - clicked < STOP_LIMIT
     wait_status(page, "stopped")
     shown = page.locator("[data-role=assistant]").last.locator(".thinking-content").text_content().strip()
     assert shown and page.locator("[data-role=assistant]").last.locator(".content").inner_text() == ""

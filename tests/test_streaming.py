@@ -18,7 +18,8 @@ pytestmark = pytest.mark.live
                                            ("close", True)])
 @pytest.mark.serial
 def test_tokens_arrive_at_the_upstreams_pace(jarvis, framing, crlf):
-    response = jarvis.chat(fault={"tokens": 8, "interval": 0.15, "stamp": True, "framing": framing,
+    interval = 0.2
+    response = jarvis.chat(fault={"tokens": 8, "interval": interval, "stamp": True, "framing": framing,
                                   "crlf": crlf, "comments": True})
     arrivals = []
     for kind, value, arrived in sse_events(response):
@@ -27,9 +28,10 @@ def test_tokens_arrive_at_the_upstreams_pace(jarvis, framing, crlf):
             arrivals.append((sent, arrived))
     assert len(arrivals) == 8
     lags = [arrived - sent for sent, arrived in arrivals]
-    # Each token reaches the client while the upstream is still producing the next one.
-    assert max(lags) < 0.1, lags
-    assert arrivals[-1][1] - arrivals[0][1] > 0.8
+    # Each token reaches the client while the upstream is still producing the next one (a few ms on a slow
+    # machine); a relay that buffers delivers them all at the end, up to 7 intervals late.
+    assert max(lags) < interval, lags
+    assert arrivals[-1][1] - arrivals[0][1] > 7 * interval * 0.9
 
 
 def test_stream_is_openai_shaped_and_ends_right_after_done(jarvis):
