@@ -50,8 +50,8 @@ def hold_off(jarvis, attacks: list[SlowClients], deadline: float, key: str | Non
                                headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=10)
         assert content_of(sse_events(stream)) == "w0 w1 w2 "
         for attack in attacks:
-            held = [closed - opened for opened, closed in zip(attack.opened_at, attack.closed_at, strict=True)]
             assert None not in attack.closed_at, f"{attack.mode}: {attack.open_count} connections still open"
+            held = [closed - opened for opened, closed in zip(attack.opened_at, attack.closed_at, strict=True)]
             assert max(held) < deadline, f"{attack.mode}: held {max(held):.1f} s"
             refused = sum(1 for seconds in held if seconds < 0.5)
             print(f"{attack.mode} from {attack.source}: {ATTACK} connections, {refused} closed at once, the rest "
