@@ -10,8 +10,7 @@ from tests.live import ROOT
 pytestmark = pytest.mark.live
 
 
-@pytest.mark.serial
-def test_bench_run_smoke():
+def test_bench_run_smoke():  # no timing asserted: it runs beside other tests
     result = subprocess.run(
         [sys.executable, "bench/run.py", "--smoke", "--floor", "--baseline", "HEAD"], cwd=ROOT, capture_output=True,
         text=True, timeout=240,
@@ -63,8 +62,7 @@ def test_local_model_benchmark_smoke():
 
 
 @pytest.mark.model
-@pytest.mark.serial
-def test_prompt_abort_benchmark_smoke():
+def test_prompt_abort_benchmark_smoke():  # no timing asserted
     result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr

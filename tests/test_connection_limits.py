@@ -1,6 +1,7 @@
 """Thousands of slow connections cannot take a worker: /healthz answers, streams complete, the attack's
 connections end within their deadlines (live gunicorn, -w 1, attackers on their own loopback addresses)."""
 
+import socket
 import time
 
 import pytest
@@ -89,20 +90,19 @@ def test_slow_bodies_against_the_sign_in_route_and_a_keyed_api_cannot_fill_the_w
 def test_a_slow_body_gets_408_and_its_connection_closed(start_jarvis):
     jarvis = start_jarvis(SHORT)
     attack = SlowClients(jarvis.port, 1, "slow_body", source="127.0.0.2", trickle=0.2)
+    # What the client is told, read raw from a second slow body at the same time (one deadline's wait).
+    told = socket.create_connection(("127.0.0.1", jarvis.port))
     attack.start()
     try:
+        told.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{")
+        told.settimeout(10)
+        answer = b""
+        while chunk := told.recv(65536):
+            answer += chunk
         wait_until(lambda: attack.closed_at[0], 10, lambda: "the slow body was never cut")
         assert 2.0 <= attack.closed_at[0] - attack.opened_at[0] < 4.0
     finally:
         attack.stop()
-    # What the client was told (a raw read of the same exchange).
-    import socket
-
-    with socket.create_connection(("127.0.0.1", jarvis.port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 5000\r\n\r\n{")
-        sock.settimeout(10)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        told.close()
     assert answer.startswith(b"HTTP/1.1 408") and b"JARVIS_BODY_SECONDS" in answer  # then closed
