@@ -98,7 +98,11 @@ class LiveServer:
             assert forbidden not in log, f"{forbidden!r} in the log:\n{log[-4000:]}"
         return log
 
-    def end_lines(self) -> list[str]:
+    def end_lines(self, count: int = 0, timeout: float = 10.0) -> list[str]:
+        """The streams' end lines, once there are at least `count`: a stream's line is written after its
+        last byte left, so a client can have read it all before the line is there."""
+        if count:
+            self.wait_for_log("stream end outcome=", timeout, count)
         return [line for line in self.log().splitlines() if "stream end outcome=" in line]
 
     def workers(self) -> list[psutil.Process]:

@@ -269,7 +269,8 @@ def test_the_embedded_model_can_sit_beside_an_upstream_in_the_upstreams_file(tmp
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "unsupported_endpoint"
         health = requests.get(server.url + "/healthz", timeout=5).json()
         assert health["upstreams"][1]["model"]["generations"] == 1
-        assert [line.split(" upstream=")[1].split()[0] for line in server.end_lines()] == ["mine", "gpu-box", "-"]
+        assert [line.split(" upstream=")[1].split()[0] for line in server.end_lines(count=3)] == \
+            ["mine", "gpu-box", "-"]
         server.assert_log_clean()
     finally:
         server.stop()
