@@ -138,6 +138,13 @@ class FakeUpstream:
         return [exchange for exchange in self.exchanges
                 if exchange.path.endswith(endpoint) and (endpoint != "/completions" or "/chat/" not in exchange.path)]
 
+    def reset(self) -> FakeUpstream:
+        """Forget every exchange and go back to the default scenario: a module's next test starts clean."""
+        with self._lock:
+            self.scenario = Scenario()
+            self.exchanges = []
+        return self
+
     def stop(self) -> None:
         self._running = False
         self._listener.close()

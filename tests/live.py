@@ -50,6 +50,7 @@ class LiveServer:
                         "--bind", f"127.0.0.1:{self.port}", "--error-logfile", str(self.log_path),
                         *(args or []), app]
         self.process: subprocess.Popen | None = None
+        self._log_from = 0  # where log() starts reading: a shared server's next test sees only its own lines
 
     def start(self, timeout: float = 30.0) -> LiveServer:
         for attempt in range(3):
@@ -84,7 +85,20 @@ class LiveServer:
     # -- looking inside -----------------------------------------------------
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_from)
+            return log.read().decode(errors="replace")
+
+    def for_next_test(self) -> LiveServer:
+        """A server shared by a module's tests, handed to the next one: its log read from here on, and
+        started again if the last test left it dead."""
+        if self.process.poll() is not None:
+            self._log_from = 0
+            return self.start()
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return self
 
     def wait_for_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
         """The log, once `text` appears in it `count` times (a bounded poll of the file)."""

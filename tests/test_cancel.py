@@ -13,6 +13,17 @@ pytestmark = [pytest.mark.live, pytest.mark.serial]
 CANCEL_LIMIT = 0.1  # seconds from the client's close to the upstream connection's close
 
 
+@pytest.fixture
+def upstream(module_upstream):
+    return module_upstream.reset()
+
+
+@pytest.fixture
+def jarvis(module_jarvis, upstream):
+    """One Jarvis for the module (conftest): these tests change nothing another could see."""
+    return module_jarvis.for_next_test()
+
+
 def open_stream(jarvis, upstream, fault, index):
     client = RawClient(jarvis.port)
     client.send(chat_request(chat_body(fault)))

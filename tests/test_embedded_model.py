@@ -25,11 +25,18 @@ def local(tmp_path, env=None, args=None) -> LiveServer:
     return LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.2", **(env or {})}, args).start()
 
 
-@pytest.fixture
-def jarvis(tmp_path):
-    server = local(tmp_path)
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    server = local(tmp_path_factory.mktemp("model"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def jarvis(model_server):
+    """One server for the module's tests: loading the model costs a second or two per start. Each test
+    reads only its own part of the log; none leaves a generation running."""
+    return model_server.for_next_test()
 
 
 def stream(jarvis, max_tokens=40, trace_id=None, **body):
@@ -203,12 +210,14 @@ def test_client_leaving_while_queued_never_starts_a_generation(jarvis):
     queued = RawClient(jarvis.port)
     queued.send(chat_request({**LONG, "max_tokens": 5}, extra_headers="X-Request-Id: queued-client\r\n"))
     queued.read_until(b": ping\n\n")
-    assert requests.get(jarvis.url + "/healthz").json()["model"]["queued"] == 1
+    health = requests.get(jarvis.url + "/healthz").json()["model"]
+    assert health["queued"] == 1
+    generations = health["generations"]  # so far, this one included
     queued.close_rst()
     jarvis.wait_for_log("[queued-client] stream end outcome=client_stop")
     assert list(first_events)[-1][0] == "done"
     health = requests.get(jarvis.url + "/healthz").json()["model"]
-    assert health["queued"] == 0 and health["generations"] == 1
+    assert health["queued"] == 0 and health["generations"] == generations  # the queued one never started
     assert "[queued-client] local generation start" not in jarvis.log()
     assert content_of(sse_events(stream(jarvis, max_tokens=3)))
 

@@ -11,6 +11,17 @@ from tests.live import sse_events
 pytestmark = pytest.mark.live
 
 
+@pytest.fixture
+def upstream(module_upstream):
+    return module_upstream.reset()
+
+
+@pytest.fixture
+def jarvis(module_jarvis, upstream):
+    """One Jarvis for the module (conftest): these tests change nothing another could see."""
+    return module_jarvis.for_next_test()
+
+
 def error_then_done(events):
     """The last two events must be the in-band error and [DONE]; return the error object."""
     kinds = [kind for kind, _, _ in events]

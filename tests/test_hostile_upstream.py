@@ -15,6 +15,17 @@ from tests.live import sse_events
 pytestmark = pytest.mark.live
 
 
+@pytest.fixture
+def upstream(module_upstream):
+    return module_upstream.reset()
+
+
+@pytest.fixture
+def jarvis(module_jarvis, upstream):
+    """One Jarvis for the module (conftest): these tests change nothing another could see."""
+    return module_jarvis.for_next_test()
+
+
 def chat(jarvis, mode: str, stream: bool = True, **fault):
     return requests.post(jarvis.url + "/v1/chat/completions", json=chat_body({"hostile": mode, **fault}, stream),
                          stream=stream, timeout=30)

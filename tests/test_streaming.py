@@ -14,6 +14,17 @@ from tests.upstream_shapes import answer_chunks
 pytestmark = pytest.mark.live
 
 
+@pytest.fixture
+def upstream(module_upstream):
+    return module_upstream.reset()
+
+
+@pytest.fixture
+def jarvis(module_jarvis, upstream):
+    """One Jarvis for the module (conftest): these tests change nothing another could see."""
+    return module_jarvis.for_next_test()
+
+
 @pytest.mark.parametrize("framing, crlf", [("chunked", False), ("close", False), ("chunked", True),
                                            ("close", True)])
 @pytest.mark.serial
