@@ -46,8 +46,11 @@ def stream(jarvis, max_tokens=40, trace_id=None, **body):
                          headers=headers)
 
 
-def generation_ends(jarvis) -> list[dict]:
-    pattern = r"local generation end reason=(\w+) tokens=(\d+) cancel_to_stop_ms=([\d.-]+) duration_ms=([\d.]+)"
+def generation_ends(jarvis, trace_id: str = "") -> list[dict]:
+    """The generations' end lines (of one stream's, with `trace_id`): on the module's shared server, a
+    generation the last test left is still ending while the next test begins."""
+    pattern = ((rf"\[{trace_id}\] " if trace_id else "")
+               + r"local generation end reason=(\w+) tokens=(\d+) cancel_to_stop_ms=([\d.-]+) duration_ms=([\d.]+)")
     return [dict(zip(("reason", "tokens", "stop_ms", "duration_ms"), match, strict=True))
             for match in re.findall(pattern, jarvis.log())]
 
@@ -116,7 +119,7 @@ def test_hub_stays_responsive_while_the_model_generates(jarvis):
 
 def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
     started = time.monotonic()
-    first = stream(jarvis, max_tokens=250)
+    first = stream(jarvis, max_tokens=250, trace_id="two-chunks")
     events = sse_events(first)
     first_ttft = None
     received = 0
@@ -127,8 +130,8 @@ def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
             if received == 2:
                 break
     first.close()
-    jarvis.wait_for_log("local generation end reason=cancelled")
-    end = generation_ends(jarvis)[-1]
+    jarvis.wait_for_log("[two-chunks] local generation end reason=cancelled")
+    end = generation_ends(jarvis, "two-chunks")[-1]
     assert int(end["tokens"]) < 250
     # Within one token: the thread stops no later than the token in flight would have taken
     # (the average token time of this generation, prompt included, bounds it from above).
@@ -150,9 +153,9 @@ def long_prompt(word: str) -> str:
     return " ".join(f"{word} {n}: the quick brown fox jumps over the lazy dog." for n in range(30))
 
 
-def first_token_seconds(jarvis, **body) -> float:
+def first_token_seconds(jarvis, trace_id=None, **body) -> float:
     started = time.monotonic()
-    events = sse_events(stream(jarvis, **body))
+    events = sse_events(stream(jarvis, trace_id=trace_id, **body))
     next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
     seconds = time.monotonic() - started
     list(events)
@@ -163,10 +166,10 @@ def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis
     """llama.cpp reads a prompt in one long decode; the abort callback stops it within a graph node.
     Every limit is relative to this machine's own pace, measured here: a prompt of the same length read
     whole, and a short answer with nothing ahead of it."""
-    whole_seconds = first_token_seconds(jarvis, max_tokens=1,
+    whole_seconds = first_token_seconds(jarvis, max_tokens=1, trace_id="whole-prompt",
                                         messages=[{"role": "user", "content": long_prompt("Item")}])
-    jarvis.wait_for_log("local generation end")  # logged once its thread has finished
-    read_ms = float(generation_ends(jarvis)[-1]["duration_ms"])
+    jarvis.wait_for_log("[whole-prompt] local generation end")  # logged once its thread has finished
+    read_ms = float(generation_ends(jarvis, "whole-prompt")[-1]["duration_ms"])
     reader = RawClient(jarvis.port)
     reader.send(chat_request({"messages": [{"role": "user", "content": long_prompt("Entry")}], "stream": True,
                               "max_tokens": 5}, extra_headers="X-Request-Id: long-prompt\r\n"))
@@ -174,7 +177,7 @@ def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis
     time.sleep(read_ms / 10 / 1000)  # the moment of the Stop: a tenth of the way into reading the prompt
     reader.close_rst()
     jarvis.wait_for_log("[long-prompt] local generation end")
-    end = generation_ends(jarvis)[-1]
+    end = generation_ends(jarvis, "long-prompt")[-1]
     assert (end["reason"], end["tokens"]) == ("cancelled", "0")
     assert float(end["stop_ms"]) < max(100, read_ms / 10), (end, read_ms)  # within a graph node, not the prompt
     assert float(end["duration_ms"]) < read_ms / 2, (end, read_ms)  # it never read the whole prompt
