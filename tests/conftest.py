@@ -167,8 +167,16 @@ def database_url(postgres_cluster):
 # -- live ---------------------------------------------------------------------------------
 
 
+def _shares_servers(request) -> bool:
+    return request.node.get_closest_marker("shared_servers") is not None
+
+
 @pytest.fixture
-def upstream():
+def upstream(request):
+    """The fault-injecting fake upstream: the test's own, or its module's (marker shared_servers)."""
+    if _shares_servers(request):
+        yield request.getfixturevalue("module_upstream").reset()
+        return
     server = FakeUpstream()
     yield server
     server.stop()
@@ -194,22 +202,19 @@ def start_jarvis(tmp_path, upstream):
 
 
 @pytest.fixture
-def jarvis(start_jarvis):
-    """Jarvis with default settings (heartbeat 5 s) in front of the fake upstream."""
+def jarvis(request, start_jarvis):
+    """Jarvis with default settings (heartbeat 5 s) in front of the fake upstream: the test's own, or
+    its module's (marker shared_servers)."""
+    if _shares_servers(request):
+        return request.getfixturevalue("module_jarvis").for_next_test()
     return start_jarvis()
 
 
 # A module whose tests leave nothing behind that the next could see (no settings of their own, no
-# conversations listed, no counters read) shares one upstream and one Jarvis, which saves a gunicorn
-# start (about 0.5 s of CPU, a second on a slow machine) per test. It opts in by overriding the two:
-#
-#     @pytest.fixture
-#     def upstream(module_upstream):
-#         return module_upstream.reset()
-#
-#     @pytest.fixture
-#     def jarvis(module_jarvis, upstream):
-#         return module_jarvis.for_next_test()
+# conversations listed, no counters read) is marked `shared_servers`: its tests share one upstream and
+# one Jarvis, which saves a gunicorn start (about 0.5 s of CPU, a second on a slow machine) per test.
+# Each test gets the upstream reset and Jarvis's log from its own start (for_next_test); start_jarvis
+# still starts a Jarvis of the test's own, in front of the module's upstream.
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,9 @@ import requests
 from tests.clients import RawClient, chat_body, chat_request
 from tests.live import wait_until
 
-pytestmark = [pytest.mark.live, pytest.mark.serial]
+pytestmark = [pytest.mark.live, pytest.mark.serial, pytest.mark.shared_servers]
 
 CANCEL_LIMIT = 0.1  # seconds from the client's close to the upstream connection's close
-
-
-@pytest.fixture
-def upstream(module_upstream):
-    return module_upstream.reset()
-
-
-@pytest.fixture
-def jarvis(module_jarvis, upstream):
-    """One Jarvis for the module (conftest): these tests change nothing another could see."""
-    return module_jarvis.for_next_test()
 
 
 def open_stream(jarvis, upstream, fault, index):

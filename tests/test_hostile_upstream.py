@@ -12,18 +12,7 @@ import requests
 from tests.clients import chat_body, page_text
 from tests.live import sse_events
 
-pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def upstream(module_upstream):
-    return module_upstream.reset()
-
-
-@pytest.fixture
-def jarvis(module_jarvis, upstream):
-    """One Jarvis for the module (conftest): these tests change nothing another could see."""
-    return module_jarvis.for_next_test()
+pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 
 def chat(jarvis, mode: str, stream: bool = True, **fault):

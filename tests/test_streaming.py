@@ -11,18 +11,7 @@ from tests.clients import RawClient, chat_body, chat_request, content_of
 from tests.live import sse_events
 from tests.upstream_shapes import answer_chunks
 
-pytestmark = pytest.mark.live
-
-
-@pytest.fixture
-def upstream(module_upstream):
-    return module_upstream.reset()
-
-
-@pytest.fixture
-def jarvis(module_jarvis, upstream):
-    """One Jarvis for the module (conftest): these tests change nothing another could see."""
-    return module_jarvis.for_next_test()
+pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 
 @pytest.mark.parametrize("framing, crlf", [("chunked", False), ("close", False), ("chunked", True),
