@@ -143,10 +143,15 @@ class RawClient:
             pass
 
 
-def raw_client_on(port: int, worker: int, attempts: int = 400) -> RawClient:
+def raw_client_on(port: int, worker: int, timeout: float = 30.0) -> RawClient:
     """A keep-alive connection that worker `worker` accepted (a connection stays with the worker that
-    accepted it; which one accepts is the kernel's choice, so ask /healthz until it is the one wanted)."""
-    for _ in range(attempts):
+    accepted it; which one accepts is the kernel's choice, so ask /healthz until it is the one wanted).
+    Bounded in time, not in tries: a worker still importing on a slow machine accepts nothing for
+    seconds, while the other takes hundreds of connections."""
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while time.monotonic() < deadline:
+        attempts += 1
         client = RawClient(port)
         client.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         response = client.response()
@@ -154,4 +159,4 @@ def raw_client_on(port: int, worker: int, attempts: int = 400) -> RawClient:
             client._file = None  # the next bytes are read from the socket again
             return client
         client.close()
-    raise AssertionError(f"worker {worker} accepted none of {attempts} connections")
+    raise AssertionError(f"worker {worker} accepted none of {attempts} connections in {timeout:g} s")

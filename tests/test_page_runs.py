@@ -211,17 +211,31 @@ def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works
 
 def sessions_by_worker(jarvis, wanted: list[int]) -> list[list[requests.Session]]:
     """Keep-alive sessions pinned to distinct workers (a connection stays with the worker that accepted
-    it): `wanted[i]` sessions on the i-th worker found."""
+    it): `wanted[i]` sessions on the i-th worker found. Bounded in time (see raw_client_on)."""
     pinned: dict[int, list[requests.Session]] = {}
-    for _ in range(400):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         session = requests.Session()
         worker = session.get(jarvis.url + "/healthz", timeout=5).json()["worker"]
         pinned.setdefault(worker, []).append(session)
         ranked = sorted(pinned.values(), key=len, reverse=True)
         if len(ranked) >= len(wanted) and all(len(ranked[i]) >= count for i, count in enumerate(sorted(
                 wanted, reverse=True))):
-            return [ranked[i][:count] for i, count in enumerate(sorted(wanted, reverse=True))]
+            chosen = [ranked[i][:count] for i, count in enumerate(sorted(wanted, reverse=True))]
+            _close_all_but(pinned, chosen)
+            return chosen
+    _close_all_but(pinned, [])
     raise AssertionError(f"reached only workers {list(pinned)}")
+
+
+def _close_all_but(pinned: dict[int, list[requests.Session]], chosen: list[list[requests.Session]]) -> None:
+    """Close the sessions not handed out: left to the garbage collector, their sockets would be found
+    unclosed in whichever later test it runs in."""
+    kept = {id(session) for group in chosen for session in group}
+    for sessions in pinned.values():
+        for session in sessions:
+            if id(session) not in kept:
+                session.close()
 
 
 def follow_lags(session, url: str, count: int) -> list[float]:
@@ -279,6 +293,8 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
     saved = wait_until(lambda: (m := owner.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()[
         "messages"][-1])["status"] == "stopped" and m, 5, lambda: "the stopped answer was never saved")
     assert saved["content"] == shown  # what the page showed is what was kept
+    for session in (owner, beside, other):
+        session.close()
 
 
 @pytest.mark.serial
@@ -335,3 +351,5 @@ def test_two_sends_to_one_conversation_at_the_same_instant_start_one_answer(star
         messages = first.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()["messages"]
         assert [m["role"] for m in messages] == ["user", "assistant"]
     assert outcomes == [[200, 409]] * 20
+    first.close()
+    second.close()
