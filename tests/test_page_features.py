@@ -87,15 +87,16 @@ def test_export_import_round_trip_and_a_malformed_file_imports_nothing(jarvis, u
 def test_search_finds_a_word_in_the_third_message_of_an_old_conversation_and_opens_it_there(jarvis, upstream,
                                                                                             context):
     upstream.scenario = Scenario(tokens=2)
-    session = requests.Session()
     ids = []
-    for number, words in enumerate([["apples", "pears"], ["a first question", "tell me about quokkas"],
-                                    ["plums", "figs"]]):
-        conversation_id = session.post(jarvis.url + "/api/conversations", json={"title": f"Old {number}"}).json()["id"]
-        ids.append(conversation_id)
-        for text in words:
-            list(session.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages", json={"content": text},
-                              stream=True).iter_content(None))
+    with requests.Session() as session:
+        for number, words in enumerate([["apples", "pears"], ["a first question", "tell me about quokkas"],
+                                        ["plums", "figs"]]):
+            conversation_id = session.post(jarvis.url + "/api/conversations",
+                                           json={"title": f"Old {number}"}).json()["id"]
+            ids.append(conversation_id)
+            for text in words:
+                list(session.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages",
+                                  json={"content": text}, stream=True).iter_content(None))
     page, problems = open_page(context, jarvis.url)
     page.keyboard.press("/")
     page.keyboard.type("quokka")
