@@ -37,7 +37,8 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        self.env = {key: value for key, value in os.environ.items() if not key.startswith("JARVIS_")}
+        self.env = {key: value for key, value in os.environ.items()
+                    if not key.startswith("JARVIS_") and key != "PYTHONDONTWRITEBYTECODE"}  # see conftest
         self.data_dir = tmp_path / f"data-{self.port}"
         # The metrics files live in the test's folder, so even a killed server leaves nothing in /tmp.
         metrics_dir = tmp_path / f"metrics-{self.port}"
