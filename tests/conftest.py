@@ -63,6 +63,7 @@ gc.callbacks.append(_resource_warnings_shown_during_collection)
 # -- phase times ----------------------------------------------------------------------------
 
 PHASES_FILE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "phases.txt"
+_STARTED = pytest.StashKey[float]()
 
 
 def pytest_sessionstart(session):
@@ -84,9 +85,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         phases.write(line + "\n")
     terminalreporter.write_sep("-", "test phases")
     terminalreporter.write(PHASES_FILE.read_text())
-
-
-_STARTED = pytest.StashKey[float]()
 
 
 # -- in-process ---------------------------------------------------------------------------

@@ -96,9 +96,9 @@ class LiveServer:
         """A server shared by a module's tests, handed to the next one once the last one's streams have
         ended (their end lines are written after their last byte): its log read from here on, and
         started again if the last test left it dead."""
+        self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         if self.process.poll() is not None:
-            self._log_from = 0
-            return self.start()
+            return self.start()  # the same log file: the dead server's lines stay before the offset
         wait_until(lambda: requests.get(self.url + "/healthz", timeout=5).json()["open_streams"] == 0, 10,
                    lambda: f"the last test left streams open:\n{self.log()[-4000:]}")
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
