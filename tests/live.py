@@ -101,6 +101,9 @@ class LiveServer:
             return self.start()  # the same log file: the dead server's lines stay before the offset
         wait_until(lambda: requests.get(self.url + "/healthz", timeout=5).json()["open_streams"] == 0, 10,
                    lambda: f"the last test left streams open:\n{self.log()[-4000:]}")
+        # A fresh page opens the newest conversation: the next test starts with none.
+        for conversation in requests.get(self.url + "/api/conversations", timeout=5).json()["data"]:
+            requests.delete(f"{self.url}/api/conversations/{conversation['id']}", timeout=5).raise_for_status()
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         return self
 

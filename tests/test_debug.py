@@ -18,7 +18,7 @@ from tests.buffering_proxy import BufferingProxy
 from tests.clients import RawClient, chat_body, chat_request, raw_client_on
 from tests.live import wait_until
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 KEY = "debug-key-0123456789abcdef"
 PHASES = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-pytestmark = pytest.mark.live
+pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 OPENAI_1X = "openai>=1.109,<2"
 

@@ -13,8 +13,9 @@ import requests
 
 from tests.browser import ASSISTANT, PageProblems, last_answer, open_page, send, wait_status, wait_text_longer
 from tests.fake_upstream import Scenario
+from tests.live import wait_until
 
-pytestmark = [pytest.mark.live, pytest.mark.browser]
+pytestmark = [pytest.mark.live, pytest.mark.browser, pytest.mark.shared_servers]
 
 def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=40, interval=0.05)
@@ -371,11 +372,13 @@ def test_page_asks_for_the_api_key_once(start_jarvis, upstream, context):
 def test_a_stream_cut_without_done_is_shown_as_interrupted(jarvis, upstream, context):
     """If Jarvis itself dies mid-answer (kill -9 of the worker), the page says so instead of hanging."""
     page, problems = start_a_long_answer(context, jarvis, upstream, "long answer please")
-    os.kill(jarvis.worker().pid, signal.SIGKILL)
+    killed = jarvis.worker().pid
+    os.kill(killed, signal.SIGKILL)
     wait_status(page, "interrupted")
     assert "Interrupted" in last_answer(page).locator(".error").inner_text()
     assert last_answer(page).locator(".content").inner_text().strip()
-    jarvis.wait_for_log("Booting worker", count=2)
+    wait_until(lambda: [worker.pid for worker in jarvis.workers()] not in ([], [killed]), 10,
+               lambda: f"no worker booted after {killed} was killed:\n{jarvis.log()[-2000:]}")
     page.wait_for_selector("#send:not([disabled])")
     assert requests.get(jarvis.url + "/healthz", timeout=10).ok  # the replacement worker is serving
     assert problems.page_errors == [] and problems.rejections() == []

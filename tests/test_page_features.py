@@ -14,7 +14,7 @@ from tests.fake_upstream import Scenario
 from tests.test_page import _Canary
 from tests.test_page import canary as canary  # noqa: F401 (the canary server, a fixture)
 
-pytestmark = [pytest.mark.live, pytest.mark.browser]
+pytestmark = [pytest.mark.live, pytest.mark.browser, pytest.mark.shared_servers]
 
 
 def test_a_system_prompt_and_temperature_set_in_the_page_reach_the_upstream(jarvis, upstream, context):

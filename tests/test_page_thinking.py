@@ -10,7 +10,7 @@ from tests.browser import open_page, send, wait_status
 from tests.fake_upstream import Scenario
 from tests.test_page_runs import STOP_LIMIT
 
-pytestmark = [pytest.mark.live, pytest.mark.browser]
+pytestmark = [pytest.mark.live, pytest.mark.browser, pytest.mark.shared_servers]
 
 LAST = "[...document.querySelectorAll('[data-role=assistant]')].at(-1)"  # the last answer, in page JS
 
