@@ -68,7 +68,8 @@ def on_starting(server):
     if settings.database_url:
         _recover_postgres(server)
         return
-    from jarvis.store import StoreError, recover_interrupted
+    from jarvis.stores import StoreError
+    from jarvis.stores.sqlite import recover_interrupted
 
     try:
         recovered = recover_interrupted(settings.data_dir)  # also brings the database's schema up to date
@@ -82,7 +83,7 @@ def _recover_postgres(server):
     """The same for PostgreSQL, in a child process: psycopg must first be imported after gevent's patch
     (it picks its wait function then), so the master never imports it. Only answers whose lease has
     expired are marked: other nodes' answers are still running."""
-    result = subprocess.run([sys.executable, "-m", "jarvis.pgstore", "migrate"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "jarvis.stores.postgres", "migrate"], capture_output=True, text=True,
                             timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
     if result.returncode != 0:
         sys.exit(result.stderr.strip() or f"jarvis: migrating the PostgreSQL store failed ({result.returncode})")

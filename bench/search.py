@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jarvis.store import SQLiteStore  # noqa: E402
+from jarvis.stores.sqlite import SQLiteStore  # noqa: E402
 
 VOCABULARY = ("time year people way day man thing woman life child world school state family student group "
               "country problem hand part place case week company system program question work government number "
@@ -86,19 +86,19 @@ def main():
 
         cluster = PostgresCluster().start()
         try:
-            from jarvis.pgstore import PostgresStore
+            from jarvis.stores.postgres import PostgresStore
 
             store = PostgresStore(cluster.new_database())
             for index in range(0, len(documents), 500):
                 store.import_conversations(documents[index:index + 500])
-            with store._db() as db:
+            with store.pool.connection() as db:
                 db.execute("ANALYZE")
             for name, query in QUERIES.items():
                 words = query.split()
                 like = " AND ".join(["content ILIKE %s"] * len(words))
 
                 def scan(words=words, like=like):
-                    with store._db() as db:
+                    with store.pool.connection() as db:
                         return db.execute(f"SELECT id FROM messages WHERE {like} LIMIT 50",
                                           [f"%{w}%" for w in words]).fetchall()
 

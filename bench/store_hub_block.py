@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from jarvis.store import SQLiteStore  # noqa: E402
+from jarvis.stores.sqlite import SQLiteStore  # noqa: E402
 
 
 def measure(work) -> tuple[float, float, float]:

@@ -26,7 +26,7 @@ import gevent  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jarvis import leases  # noqa: E402
-from jarvis.store import SQLiteStore  # noqa: E402
+from jarvis.stores.sqlite import SQLiteStore  # noqa: E402
 
 OWNER = leases.this_process()
 
@@ -102,7 +102,7 @@ def main():
         cluster = PostgresCluster().start()
         url = cluster.new_database()
     try:
-        from jarvis.pgstore import PostgresStore, waiting_strategy
+        from jarvis.stores.postgres import PostgresStore, waiting_strategy
 
         store = PostgresStore(url)
         try:

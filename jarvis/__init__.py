@@ -1,6 +1,6 @@
 """Jarvis: a self-hosted chat server that streams OpenAI-compatible completions and never hangs.
 
-This package's top level stays light: gunicorn's master imports `jarvis.settings` and `jarvis.store`
+This package's top level stays light: gunicorn's master imports `jarvis.settings` and `jarvis.stores.sqlite`
 to validate settings before it forks, and must not import Flask, requests or prometheus-client.
 """
 

@@ -17,10 +17,11 @@ from flask import Blueprint, Response, jsonify, request
 from jarvis import chat_settings, exchange, state
 from jarvis import runs as runs_module
 from jarvis.backends import ChatRequest
+from jarvis.endings import Outcome
 from jarvis.errors import ApiError
 from jarvis.inputs import check_messages, read_json_object, text_field
 from jarvis.logs import trace_id_var
-from jarvis.store import ConversationBusy, NoSuchConversation
+from jarvis.stores import ConversationBusy, NoSuchConversation
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def delete_conversation(conversation_id):
     """Delete a conversation; an answer still running in it stops (on another worker, within a tick)."""
     run = state.runs().for_conversation(conversation_id)
     if run is not None:
-        run.stop("deleted")
+        run.stop(Outcome.DELETED)
     if not state.store().delete_conversation(conversation_id):
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     return "", 204
@@ -203,7 +204,7 @@ def stop_answer(conversation_id):
     """Stop the conversation's answer, wherever it runs: 202 when one was running, 200 when none was."""
     run = state.runs().for_conversation(conversation_id)
     if run is not None and not run.finished:
-        run.stop("stopped")
+        run.stop(Outcome.STOPPED)
         return {"stopped": True}, 202
     _conversation_or_404(conversation_id)
     if state.store().request_stop(conversation_id):

@@ -20,7 +20,7 @@ from jarvis import state, streams
 from jarvis.backends import ChatRequest
 from jarvis.logs import trace_id_var
 from jarvis.page import _CSP as PAGE_CSP
-from jarvis.relay import Relay, _open_relays
+from jarvis.relay import Relay
 
 bp = Blueprint("debug", __name__, url_prefix="/debug")
 
@@ -31,7 +31,7 @@ CHECK_INTERVAL = 0.2
 @bp.get("/streams")
 def open_streams():
     """Every open stream in every worker of this node, oldest first."""
-    listed = sorted(streams.node_streams(_open_relays), key=lambda stream: -stream["age_s"])
+    listed = sorted(streams.node_streams(streams.OPEN), key=lambda stream: -stream["age_s"])
     if request.args.get("format") == "html" or (request.accept_mimetypes.accept_html
                                                 and not request.accept_mimetypes.accept_json):
         response = make_response(render_template("streams.html", streams=listed))
@@ -64,6 +64,9 @@ class _CheckBackend:
 
 
 class _CheckEvents:
+    interruptible = False
+    upstream = None
+
     def batches(self):
         started = time.monotonic()
         for index in range(CHECK_EVENTS):

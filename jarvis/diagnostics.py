@@ -36,10 +36,9 @@ def dump_greenlets(reason: str) -> None:
     stream = sys.stderr
     stream.write(f"==== jarvis stack dump ({reason}) pid {os.getpid()}: greenlets and threads ====\n")
     try:  # first the open streams, one line each, so the dump names a stuck one before its stack
-        from jarvis.relay import _open_relays
-        from jarvis.streams import summary_lines
+        from jarvis.streams import OPEN, summary_lines
 
-        lines = summary_lines(_open_relays)
+        lines = summary_lines(OPEN)
         stream.write(f"open streams: {len(lines)}\n" + "".join(f"  {line}\n" for line in lines))
     except Exception as error:  # a dump must never fail for want of a summary
         stream.write(f"open streams: unknown ({type(error).__name__})\n")

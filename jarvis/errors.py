@@ -11,10 +11,11 @@ upstream's key and the client's headers are not part of any message.
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
+
+from jarvis.stores import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ def init_app(app: Flask) -> None:
     """Answer every error, expected or not, in one shape."""
     app.register_error_handler(ApiError, lambda error: error.to_response())
     app.register_error_handler(HTTPException, _http_exception)
-    app.register_error_handler(sqlite3.Error, _store_failure)
+    app.register_error_handler(StoreUnavailable, _store_failure)
     app.register_error_handler(Exception, _unexpected_exception)
 
 
-def _store_failure(error: sqlite3.Error) -> Response:
-    """The database refused (full disk, a lock held too long): say so, one log line, no traceback."""
+def _store_failure(error: StoreUnavailable) -> Response:
+    """The database failed (full disk, a lock held too long, a server gone, no connection in time): say
+    so, one log line, no traceback."""
     log.warning("the conversation store failed on %s %s: %s", request.method, request.path, error)
     return ApiError(503, f"The conversations could not be read or saved ({error}); nothing was changed. "
                          "Try again in a moment", code="store_unavailable",

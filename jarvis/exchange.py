@@ -24,7 +24,7 @@ import time
 
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
-from jarvis.store import STATUSES
+from jarvis.stores import STATUSES
 
 FORMAT = "jarvis.conversations"
 VERSION = 1

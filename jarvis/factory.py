@@ -11,7 +11,7 @@ from flask import Flask, Response, request
 from jarvis import errors, inputs, lifecycle, logs, security, state
 from jarvis.backends import Backend, create_backend
 from jarvis.settings import Settings
-from jarvis.store import ConversationStore, open_store
+from jarvis.stores import ConversationStore, open_store
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None,

@@ -18,7 +18,8 @@ import weakref
 import gevent
 from flask import Flask, Response, request
 
-from jarvis import relay
+from jarvis import streams
+from jarvis.endings import Outcome
 from jarvis.sockets import shutdown_quietly
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,10 @@ def _watch(worker, delay: float) -> None:
     while worker.alive:
         gevent.sleep(_POLL_SECONDS)
     _close_idle()
-    if relay.open_stream_count():
-        log.info("worker stopping: %d open streams may finish within %.1f s", relay.open_stream_count(), delay)
+    if streams.open_count():
+        log.info("worker stopping: %d open streams may finish within %.1f s", streams.open_count(), delay)
         gevent.sleep(delay)
-    ended = relay.interrupt_all("shutdown")
+    ended = streams.interrupt_all(Outcome.SHUTDOWN)
     if ended:
         log.info("worker stopping: ended %d open streams with server_shutdown", ended)
     # Connections whose stream just ended are idle now; close them too.

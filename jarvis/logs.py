@@ -102,3 +102,7 @@ def configure(level: str, log_format: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_FORMAT, _DATE_FORMAT))
     handler.addFilter(_TraceIdFilter())
     root.addHandler(handler)
+    # psycopg's pool says when it cannot connect (PostgreSQL away): in the same format, not bare on stderr.
+    driver = logging.getLogger("psycopg")
+    driver.addHandler(handler)
+    driver.propagate = False

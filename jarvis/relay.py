@@ -1,4 +1,4 @@
-"""The relay: the one place where a backend's output becomes a client's SSE stream, and where it ends.
+"""The relay: the one place where a backend's output becomes a client's SSE stream.
 
 Nothing ever waits on one thing while another matters:
 
@@ -8,22 +8,24 @@ Nothing ever waits on one thing while another matters:
               events, `: ping` heartbeats while the backend is quiet, and the
               in-band error + [DONE] on any abnormal end (inactivity, max
               duration, shutdown, upstream)
-    pump      (a greenlet) only for a backend that is not an upstream's stream
+    pump      (jarvis.pump) only for a backend that is not an upstream's stream
               (the embedded model, a whole answer): reads it into a bounded
               queue, which the response waits on
     ticker    a repeating timer: heartbeats and time limits. While the response
               waits inside the upstream's read it interrupts that wait (the
               generation's batches() yields INTERRUPTED and goes on); otherwise
               it queues a tick
-    watcher   a read watcher on the client socket reporting FIN/RST at once,
-              even while the upstream is silent
+    client    a read watcher on the client socket (jarvis.worker.ClientWatcher)
+              reporting FIN/RST at once, even while the upstream is silent
 
 Reading an upstream in the response's own greenlet is what a token costs least
 with: one wake-up and one switch, where a pump and a queue took two of each.
 
 Cancelling is aborting the generation at once (for an upstream: FIN on its
 socket, so it stops generating) and then ending the greenlet reading it, whose
-`finally` closes it. Every stream ends with exactly one INFO line naming its outcome.
+`finally` closes it. The relay writes down what happened (jarvis.endings.Happened);
+how the stream ended is decided once, in jarvis.endings, when it closes: one INFO
+line, the metrics and (through its observer) the saved answer all read that.
 
 Never `yield` in an `except GeneratorExit` or `finally` block here: gunicorn
 closes the generator when a write fails, and a yield there raises RuntimeError.
@@ -31,94 +33,61 @@ closes the generator when a write fails, and a yield there raises RuntimeError.
 
 from __future__ import annotations
 
-import _socket
-import contextvars
 import logging
-import os
-import re
-import socket
 import time
+from typing import Protocol
 
 import gevent
-import gevent.event
 import gevent.queue
 from flask import Response
 
 from jarvis import metrics, streams
-from jarvis.backends import INTERRUPTED, Backend, ChatRequest, Interrupted
+from jarvis.backends import INTERRUPTED, Backend, ChatRequest, Generation, Interrupted
+from jarvis.endings import ENDINGS, Ending, Happened, Outcome, decide, report
 from jarvis.errors import ApiError, StreamError
-from jarvis.logs import spawn, trace_id_var
+from jarvis.logs import trace_id_var
+from jarvis.pump import END, TICK, WAKE, Failure, Pump, Result
+from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, LastChunk, data_event, error_event, responses_error_event
+from jarvis.worker import ClientWatcher
 
 log = logging.getLogger(__name__)
 
-_QUEUE_BATCHES = 256
-_QUEUE_BYTES = 8 * 1024 * 1024  # the pump waits while this much is read but not yet written
 _KILL_SECONDS = 2.0
+
 
 class _OpenTimeout(BaseException):
     """The backend did not accept the request within the inactivity limit (a BaseException, like
     gevent.Timeout, so that no `except Exception` inside a backend swallows it)."""
 
 
-_END = object()
-_WAKE = object()
-_TICK = object()
+class StreamObserver(Protocol):
+    """What a relay tells the one who asked for it without being its client (a page's run), and the
+    only things it asks of it."""
 
+    def events(self, batch: list[bytes]) -> list[bytes]:
+        """The backend's payloads; returns those to send (it may rewrite them)."""
 
-class _Failure:
-    __slots__ = ("error",)
+    def finish(self, status: str) -> list[bytes]:
+        """Payloads to send before [DONE] when the stream completes or is stopped (`status`)."""
 
-    def __init__(self, error: Exception):
-        self.error = error
+    def waiting(self) -> list[bytes]:
+        """Payloads to send while the backend has nothing yet (the embedded model serves another answer)."""
 
+    def watched(self) -> bool:
+        """Whether anybody watches the stream now (nobody: it is detached, and still runs)."""
 
-class _Result:
-    __slots__ = ("status", "body")
-
-    def __init__(self, status: int, body: bytes):
-        self.status = status
-        self.body = body
-
-
-_open_relays: set[Relay] = set()
-
-# What a stream is doing, read from its first events only (until the answer starts): thinking
-# (a reasoning field) or answering (content, or a Responses text delta).
-_ANSWERING = re.compile(rb'"content":\s*"[^"]|output_text\.delta')
-_THINKING = re.compile(rb'"reasoning(?:_content)?":\s*"[^"]|reasoning_summary_text\.delta|reasoning_text\.delta')
-
-
-def open_stream_count() -> int:
-    return len(_open_relays)
-
-
-def interrupt_all(reason: str) -> int:
-    """End every open stream with `reason` (used at shutdown); return how many there were."""
-    relays = list(_open_relays)
-    for relay in relays:
-        relay.interrupt(reason)
-    return len(relays)
-
-
-_STOP_ERRORS = {
-    "shutdown": StreamError("server_shutdown", "Jarvis is shutting down; send the request again in a moment",
-                            "server_error"),
-    "deleted": StreamError("conversation_deleted", "The conversation was deleted while its answer streamed",
-                           "invalid_request_error"),
-}
+    def ended(self, ending: Ending, error_message: str | None) -> None:
+        """The stream has ended, as `ending` says; called once, after the end line."""
 
 
 class Relay:
     """One chat completion on its way from a backend to a client."""
 
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
-                 observer=None):
+                 observer: StreamObserver | None = None):
         self.backend = backend
-        # Optional: .events(batch) -> the batch to send (it may rewrite it), .finish(status) -> payloads to
-        # send before [DONE] when a stream completes or is stopped, .waiting() -> payloads to send while
-        # the backend has nothing yet (a queued model), and .ended(outcome, error_message).
         self.observer = observer
         self.request = request
         # The Responses API streams named events, relayed whole, and ends without [DONE].
@@ -130,33 +99,27 @@ class Relay:
         self.max_streams = settings.max_streams
         # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
         self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
-        # The pump's queue to the response, made with the pump (an upstream's stream needs neither).
-        self.queue: gevent.queue.Queue | None = None
-        self.queued_bytes = 0
-        self.room: gevent.event.Event | None = None  # set while queued_bytes is under _QUEUE_BYTES
-        self.watcher = ClientWatcher(environ, self._client_gone)
-        self.pump: gevent.Greenlet | None = None
-        self.generation = None
-        # The backend is opened by the greenlet calling open(), and an interruptible generation read
-        # by the one iterating stream() (`reader`), which closes it; `waiting` while it waits inside
-        # the backend (open, or the generation's batches()).
+        self.client = ClientWatcher(environ, self._client_gone)
+        self.pump: Pump | None = None  # a backend that is not an upstream's stream; see jarvis.pump
+        self.generation: Generation | None = None
+        # The backend is opened by the greenlet calling open(), and an upstream's stream read by the one
+        # iterating stream() (`reader`), which closes it; `in_backend` while it waits inside the backend
+        # (open, or the generation's batches()), where a stop or a tick interrupts it.
         self.direct = False
         self.reader = None
-        self.waiting = False
+        self.in_backend = False
         self.generation_closed = False
         self.to_client = False  # the stream is a response body (not a page's run): its last bytes say so
-        self.stop_reason: str | None = None
+        self.happened = Happened()
         self.stop_error: StreamError | None = None  # what a stop for another reason tells the client
-        self.outcome = "client_stop"
+        self.ending: Ending | None = None  # decided once, when the stream closes
         self.events = 0
         self.started = time.monotonic()
         self.first_event_at: float | None = None
         self.last_event = self.started
         self.last_write = self.started  # the last bytes written to the client, a heartbeat included
-        self.error_code: str | None = None
-        self.error_message: str | None = None
         self.stopped_at: float | None = None  # first stop signal: client gone, Stop, shutdown, ...
-        self.client_left_by: str | None = None  # "fin" or "reset", as the watcher saw it
+        self.client_left_by: str | None = None  # "fin" or "reset", as the client watcher saw it
         self.upstream_closed_at: float | None = None
         self.closed = False
         self.counted = False
@@ -165,133 +128,84 @@ class Relay:
         self.thinking = False
         self.answering = False
 
+    @property
+    def stopping(self) -> Outcome | None:
+        """Why the stream is being stopped, once a stop came (from any greenlet)."""
+        return self.happened.stop
+
+    @property
+    def chosen_upstream(self) -> str | None:
+        """The upstream the router chose for this stream (its configured name), once opened."""
+        return self.generation.upstream if self.generation is not None else None
+
     # -- start ---------------------------------------------------------------
 
     def open(self) -> None:
         """Open the backend in this greenlet (watched: a stop or the inactivity limit interrupts it) and
         return once it has accepted, or raise ApiError. Then an upstream's stream is read by whoever
-        iterates stream(); any other backend's, and every whole answer, by a pump greenlet."""
+        iterates stream(); any other backend's, and every whole answer, by a pump."""
         try:
-            if len(_open_relays) >= self.max_streams:
-                self.outcome = "refused"
+            if streams.open_count() >= self.max_streams:
+                self.happened.refused = True
                 raise ApiError(429, f"This worker already serves {self.max_streams} streams (JARVIS_MAX_STREAMS); "
                                     "try again shortly", code="too_many_streams",
                                headers={"Retry-After": "1"})
-            _open_relays.add(self)
-            streams.watch(_open_relays)
+            streams.register(self)
             metrics.ACTIVE_STREAMS.inc()
             self.counted = True
-            self.watcher.start()
+            self.client.start()
             self.generation = self._open_backend()
-            if self.request.stream and getattr(self.generation, "interruptible", False):
+            if self.request.stream and self.generation.interruptible:
                 self.direct = True
             else:
-                self.queue = gevent.queue.Queue(_QUEUE_BATCHES)
-                self.room = gevent.event.Event()
-                self.room.set()
-                self.pump = spawn(self._pump)
+                self.pump = Pump(self.generation, self.request.stream, self._close_generation)
         except BaseException as error:
-            if isinstance(error, ApiError):
-                self.error_code, self.error_message = error.code, error.message
+            if isinstance(error, ApiError) and not self.happened.failed:
+                self.happened.error_code, self.happened.error_message = error.code, error.message
             self.close()
             raise
 
-    def _open_backend(self):
+    def _open_backend(self) -> Generation:
         """backend.open(), interrupted by a stop (`_interrupt_wait`) and, streamed or not, ended when
         the backend has not answered at all within the inactivity limit: it never will."""
-        if self.stop_reason:
+        if self.stopping:
             raise self._stopped_before_start()
         self.reader = gevent.getcurrent()
-        self.waiting = True
+        self.in_backend = True
         try:
             with gevent.Timeout(self.inactivity, _OpenTimeout):
                 generation = self.backend.open(self.request)
         except Interrupted:
             raise self._stopped_before_start() from None
         except _OpenTimeout:
-            self.outcome = "inactivity"
+            self.happened.timed_out = True
             raise ApiError(504, "The upstream did not start answering within JARVIS_STREAM_INACTIVITY_SECONDS",
                            type_="upstream_error", code="upstream_timeout") from None
-        except ApiError:
-            self.outcome = "upstream_error"
+        except ApiError as error:
+            self.happened.fail(error)
             raise
         except StreamError as error:
-            self.outcome = "upstream_error"
-            raise ApiError(502, str(error), type_="upstream_error", code=error.code) from None
+            failure = ApiError(502, str(error), type_="upstream_error", code=error.code)
+            self.happened.fail(failure)
+            raise failure from None
         except Exception as error:  # a bug: a clear 502 rather than a traceback to the client
             log.exception("opening the backend failed")
-            self.outcome = "upstream_error"
-            raise ApiError(502, f"Jarvis failed while opening the backend ({type(error).__name__}); see the "
-                                "server log", type_="upstream_error", code="internal_error") from None
+            failure = ApiError(502, f"Jarvis failed while opening the backend ({type(error).__name__}); see the "
+                                    "server log", type_="upstream_error", code="internal_error")
+            self.happened.fail(failure)
+            raise failure from None
         finally:
-            self.waiting = False
-        if self.stop_reason:  # stopped as it opened
+            self.in_backend = False
+        if self.stopping:  # stopped as it opened
             self._close_generation(generation)
             raise self._stopped_before_start()
         return generation
 
-    def _wait_for(self, wanted: type, seconds: float, timeout_code: str, timeout_message: str):
-        """Wait for an item of type `wanted` from the pump, before any byte went to the client."""
-        deadline = time.monotonic() + seconds
-        while True:
-            if self.stop_reason:
-                raise self._stopped_before_start()
-            try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except gevent.queue.Empty:
-                self.outcome = "inactivity"
-                raise ApiError(504, timeout_message, type_="upstream_error", code=timeout_code)
-            if isinstance(item, _Failure):
-                self.outcome = "upstream_error"
-                error = item.error
-                if isinstance(error, ApiError):
-                    raise error
-                raise ApiError(502, str(error), type_="upstream_error", code=error.code)
-            if isinstance(item, wanted):
-                return item
-
     def _stopped_before_start(self) -> ApiError:
-        self.outcome = self.stop_reason
-        if self.stop_reason == "shutdown":
-            return ApiError(503, "Jarvis is shutting down; send the request again in a moment", code="server_shutdown")
-        if self.stop_reason == "deleted":
-            return ApiError(404, "The conversation was deleted", code="conversation_deleted")
-        # 499: nginx's "client closed request"; nobody is left to read it.
-        return ApiError(499, "The client closed the connection", code="client_closed")
+        status, message, code = ENDINGS[self.stopping].before_start or ENDINGS[Outcome.CLIENT_STOP].before_start
+        return ApiError(status, message, code=code)
 
-    # -- the pump greenlet -------------------------------------------------
-
-    def _pump(self) -> None:
-        """Read the opened generation into the queue (a backend that is not an upstream's stream)."""
-        generation = self.generation
-        put = self.queue.put
-        try:
-            if self.request.stream:
-                batches = generation.batches()
-                for batch in batches:
-                    if batch:
-                        # Hand the client its first token before relaying the rest of a burst.
-                        self._put_batch(batch[:1])
-                        gevent.sleep(0)
-                        if len(batch) > 1:
-                            self._put_batch(batch[1:])
-                        break
-                    put(batch)
-                for batch in batches:
-                    self._put_batch(batch)
-                put(_END)
-            else:
-                put(_Result(*generation.result()))
-        except (ApiError, StreamError) as error:
-            put(_Failure(error))
-        except Exception as error:  # a bug: report it in-band rather than hang the client
-            log.exception("backend failed")
-            put(_Failure(StreamError("internal_error", f"Jarvis failed while reading the backend "
-                                                       f"({type(error).__name__}); see the server log")))
-        finally:
-            self._close_generation(generation)
-
-    def _close_generation(self, generation) -> None:
+    def _close_generation(self, generation: Generation) -> None:
         self.generation_closed = True
         try:
             generation.close()
@@ -299,62 +213,34 @@ class Relay:
             log.warning("closing the backend generation failed", exc_info=True)
         self.upstream_closed_at = time.monotonic()
 
-    def _put_batch(self, batch: list[bytes]) -> None:
-        """Queue a batch; past _QUEUE_BYTES, wait until the response has written enough of it."""
-        self.queued_bytes += sum(map(len, batch))
-        self.queue.put(batch)
-        if self.queued_bytes > _QUEUE_BYTES:
-            self.room.clear()
-            self.room.wait()
-
-    def _gathered(self, batch: list[bytes]) -> list[bytes]:
-        """The batch and every batch queued right behind it (not a tick, the end or a failure)."""
-        queue = self.queue
-        while queue.qsize():
-            following = queue.peek_nowait()
-            if type(following) is not list or not following:
-                break
-            batch = batch + queue.get_nowait()
-        return batch
-
-    def _taken(self, batch: list[bytes]) -> None:
-        self.queued_bytes -= sum(map(len, batch))
-        if self.queued_bytes <= _QUEUE_BYTES and not self.room.is_set():
-            self.room.set()
-
     # -- stop signals from other greenlets -----------------------------------
 
     def _client_gone(self, how: str) -> None:
         self.client_left_by = how
-        self._stop("client_stop")
+        self._stop(Outcome.CLIENT_STOP)
 
-    def interrupt(self, reason: str, error: StreamError | None = None) -> None:
+    def interrupt(self, reason: Outcome, error: StreamError | None = None) -> None:
         """Stop this stream from another greenlet: shutdown, deleted (its conversation), stopped (on
         purpose), detached (nobody watching); or for any other reason, ending with `error`."""
-        if error is not None and self.stop_reason is None:
+        if error is not None and self.stopping is None:
             self.stop_error = error
         self._stop(reason)
 
-    def _stop(self, reason: str) -> None:
-        if self.stop_reason is None:
-            self.stop_reason = reason
+    def _stop(self, reason: Outcome) -> None:
+        if self.stopping is None:
+            self.happened.stop = reason
             self.stopped_at = time.monotonic()
         # Cancel at the source now, not when the response greenlet or the pump next get to run.
         if self.generation is not None:
             self.generation.abort()
+        gevent.get_hub().loop.run_callback(self._interrupt_wait)  # opening, or reading an upstream
         if self.pump is not None:
             self.pump.kill(block=False)
-        gevent.get_hub().loop.run_callback(self._interrupt_wait)  # opening, or reading an upstream
-        if self.queue is None:
-            return  # opening (interrupted above), or an upstream's stream (aborted above)
-        try:
-            self.queue.put_nowait(_WAKE)
-        except gevent.queue.Full:
-            pass  # the response greenlet has plenty to read and checks stop_reason each turn
+            self.pump.nudge(WAKE)
 
     def _interrupt_wait(self) -> None:
         """In the hub: end the reader's wait inside the backend, if it is waiting there."""
-        if self.waiting:
+        if self.in_backend:
             self.reader.throw(Interrupted)
 
     # -- the response ----------------------------------------------------------
@@ -378,9 +264,9 @@ class Relay:
             if self.direct:
                 yield from self._read_directly()
             else:
-                yield from self._read_queue()
+                yield from self._read_pump()
         except GeneratorExit:
-            self.outcome = "client_stop"
+            self.happened.client_left_mid_write = True
             raise
         finally:
             ticker.stop()
@@ -392,16 +278,15 @@ class Relay:
         batches = self.generation.batches()
         self.reader = gevent.getcurrent()
         while True:
-            if self.stop_reason:
+            if self.stopping:
                 yield from self._stopped()
                 return
-            self.waiting = True
+            self.in_backend = True
             try:
-                batch = next(batches, _END)
+                batch = next(batches, END)
             except (ApiError, StreamError) as error:
-                if self.stop_reason:
+                if self.stopping:
                     continue  # the stop ended the read: report the stop, not the broken connection
-                self.outcome = "upstream_error"
                 yield self._fail(error)
                 return
             except Exception as error:  # a bug: report it in-band rather than hang the client
@@ -414,15 +299,14 @@ class Relay:
                 yield self._fail(self._internal_error())
                 return
             finally:
-                self.waiting = False
+                self.in_backend = False
             if batch is INTERRUPTED:
                 if (yield from self._ticked()):
                     return
-            elif batch is _END:
-                if self.stop_reason:
+            elif batch is END:
+                if self.stopping:
                     continue
-                self.outcome = "complete"
-                yield self._last(self._closing_events("complete") + self.done)
+                yield self._completed()
                 return
             elif batch:
                 if self.first_event_at is None and len(batch) > 1:
@@ -435,31 +319,27 @@ class Relay:
             else:
                 yield from self._nothing_yet()
 
-    def _read_queue(self):
+    def _read_pump(self):
         """Wait on the pump's queue: batches, ticks, the end or a failure."""
-        get = self.queue.get
+        pump = self.pump
         while True:
-            if self.stop_reason:
+            if self.stopping:
                 yield from self._stopped()
                 return
-            item = get()
+            item = pump.next()
             if type(item) is list:
                 if item:
-                    if self.queue.qsize():  # more waiting (this greenlet lagged): one write for all
-                        item = self._gathered(item)
-                    self._taken(item)
                     if (yield from self._sent(item)):
                         return
                 else:
                     yield from self._nothing_yet()
-            elif item is _TICK:
+            elif item is TICK:
                 if (yield from self._ticked()):
                     return
-            elif item is _END:
-                self.outcome = "complete"
-                yield self._last(self._closing_events("complete") + self.done)
+            elif item is END:
+                yield self._completed()
                 return
-            elif isinstance(item, _Failure):
+            elif isinstance(item, Failure):
                 yield self._fail(item.error)
                 return
 
@@ -498,7 +378,7 @@ class Relay:
             return self._events(batch)
         except Exception:  # end in-band rather than cut the stream
             log.exception("processing the backend's events failed")
-            self._stop("internal")
+            self._stop(Outcome.UPSTREAM_ERROR)  # cancel at the source; the error is what the stream ends with
             return None
 
     def _internal_error(self) -> StreamError:
@@ -508,9 +388,10 @@ class Relay:
     def _nothing_yet(self):
         self.last_event = time.monotonic()  # the backend is alive but has nothing yet
         self.queued = True
-        waiting = self._observed_waiting()
-        if waiting:
-            yield waiting
+        if self.observer is not None:
+            waiting = self.observer.waiting()
+            if waiting:
+                yield b"".join(data_event(payload) for payload in waiting)
 
     def _last(self, data: bytes) -> bytes:
         """The stream's last bytes: marked as such when they go straight to a client (jarvis.worker
@@ -519,13 +400,10 @@ class Relay:
 
     def _tick(self) -> None:
         if self.direct:
-            if self.waiting:
+            if self.in_backend:
                 self.reader.throw(Interrupted)
             return
-        try:
-            self.queue.put_nowait(_TICK)
-        except gevent.queue.Full:
-            pass  # the response has plenty to read; limits are checked when it gets here
+        self.pump.nudge(TICK)
 
     def _events(self, batch: list[bytes]) -> bytes:
         now = time.monotonic()
@@ -535,7 +413,7 @@ class Relay:
         self.events += len(batch)
         self.bytes += sum(map(len, batch))
         if not self.answering:
-            self._phase_of(batch)
+            streams.note_phase(self, batch)
         if self.observer is not None:
             batch = self.observer.events(batch)
             if not batch:
@@ -552,23 +430,20 @@ class Relay:
             return b""
         return b"".join(data_event(payload) for payload in self.observer.finish(status))
 
-    def _observed_waiting(self) -> bytes:
-        if self.observer is None:
-            return b""
-        return b"".join(data_event(payload) for payload in self.observer.waiting())
+    def _completed(self) -> bytes:
+        self.happened.completed = True
+        return self._last(self._closing_events("complete") + self.done)
 
     def _stopped(self):
-        if self.stop_reason == "client_stop":
-            self.outcome = "client_stop"
+        """How a stopped stream ends: nothing for a client that left; an error for a stop that says
+        why (shutdown, deleted, too long, not saved); else a clean end for whoever watches."""
+        reason = self.stopping
+        if reason is Outcome.CLIENT_STOP:
             return
-        if self.stop_error is not None:
-            yield self._fail(self.stop_error)
+        error = self.stop_error or ENDINGS[reason].stop_error
+        if error is not None:
+            yield self._fail(error)
             return
-        if self.stop_reason in _STOP_ERRORS:
-            yield self._fail(_STOP_ERRORS[self.stop_reason])
-            return
-        # Stopped on purpose (the Stop button, or nobody watching): a clean end for whoever watches.
-        self.outcome = self.stop_reason
         yield self._last(self._closing_events("stopped") + DONE_EVENT)
 
     def _limit_reached(self, now: float) -> StreamError | None:
@@ -584,76 +459,66 @@ class Relay:
     def _fail(self, error: StreamError | ApiError) -> bytes:
         if isinstance(error, ApiError):
             error = StreamError(error.code or "upstream_error", str(error), "upstream_error")
-        self.outcome = _OUTCOMES.get(error.code, "upstream_error")
-        self.error_code = error.code
-        self.error_message = str(error.error.get("message") or error)
+        self.happened.fail(error)
         return self._last(responses_error_event(error.error) if self.whole_events else error_event(error.error))
-
-    def _phase_of(self, batch: list[bytes]) -> None:
-        for payload in batch:
-            if _ANSWERING.search(payload):
-                self.answering = True
-                return
-            if not self.thinking and _THINKING.search(payload):
-                self.thinking = True
-
-    def describe(self, now: float) -> dict:
-        """What /debug/streams and a stack dump show of this stream, from memory."""
-        page = self.observer is not None
-        watchers = getattr(self.observer, "watchers", None)
-        if watchers is not None and not watchers:
-            phase = "detached"  # a page's answer that nobody watches now
-        elif self.generation is None:
-            phase = "waiting for headers"
-        elif self.answering:
-            phase = "answering"
-        elif self.thinking:
-            phase = "thinking"
-        elif self.queued and self.first_event_at is None:
-            phase = "queued"
-        else:
-            phase = "waiting for first token"
-        model = self.request.body.get("model")
-        return {"trace_id": self.request.trace_id, "route": "page" if page else f"/v1/{self.request.endpoint}",
-                "model": model[:100] if isinstance(model, str) else None, "upstream": self.upstream,
-                "phase": phase, "age_s": round(now - self.started, 3),
-                "since_last_byte_s": round(now - self.last_event, 3), "events": self.events, "bytes": self.bytes,
-                "client_attached": bool(watchers) if watchers is not None else not self.stop_reason,
-                "worker": os.getpid()}
 
     # -- non-streaming -----------------------------------------------------------
 
     def result_response(self) -> Response:
         """Wait for a whole answer, cancelling the backend if the client leaves first."""
         try:
-            result = self._wait_for(_Result, self.max_seconds, "upstream_timeout",
-                                    "The upstream did not finish within JARVIS_STREAM_MAX_SECONDS")
+            result = self._whole_answer()
             self.first_event_at = time.monotonic()
             self.events = 1
-            self.outcome = "complete"
+            self.happened.completed = True
             return Response(result.body, status=result.status, content_type="application/json")
         finally:
             self.close()
 
+    def _whole_answer(self) -> Result:
+        """The pump's Result, before any byte went to the client; ApiError when it fails or takes longer
+        than JARVIS_STREAM_MAX_SECONDS, or the client leaves."""
+        deadline = time.monotonic() + self.max_seconds
+        while True:
+            if self.stopping:
+                raise self._stopped_before_start()
+            try:
+                item = self.pump.next(timeout=max(0.0, deadline - time.monotonic()))
+            except gevent.queue.Empty:
+                self.happened.timed_out = True
+                raise ApiError(504, "The upstream did not finish within JARVIS_STREAM_MAX_SECONDS",
+                               type_="upstream_error", code="upstream_timeout") from None
+            if isinstance(item, Failure):
+                error = item.error
+                if not isinstance(error, ApiError):
+                    error = ApiError(502, str(error), type_="upstream_error", code=error.code)
+                self.happened.fail(error)
+                raise error
+            if isinstance(item, Result):
+                return item
+
     # -- the end ---------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the watcher, cancel the backend unless it finished, and log the one end line."""
+        """Stop watching the client, cancel the backend unless it finished, decide how the stream ended
+        and report it: the end line, the metrics, the observer."""
         if self.closed:
             return
         self.closed = True
-        _open_relays.discard(self)
-        self.watcher.stop()
-        if self.pump is not None and self.outcome != "complete":
+        streams.unregister(self)
+        self.client.stop()
+        self.ending = ending = decide(self.happened)
+        if self.pump is not None and ending.cancels_upstream:
             self.pump.kill(block=True, timeout=_KILL_SECONDS)
         if (self.generation is not None and not self.generation_closed
                 and (self.pump is None or self.pump.dead)):  # (a pump killed before it ran never closed it)
             self._close_generation(self.generation)  # drains after [DONE] to reuse the connection
-        self._log_end()
-        self._record_metrics()
+        if self.counted:
+            metrics.ACTIVE_STREAMS.dec()
+        report(ending, self)
         if self.observer is not None:
             try:
-                self.observer.ended(self.outcome, self.error_message)
+                self.observer.ended(ending, self.happened.error_message)
             except Exception:
                 log.exception("recording the end of the stream failed")
 
@@ -661,160 +526,5 @@ class Relay:
     def upstream(self) -> str:
         """The upstream that answered (several: the one the router chose; none chosen yet: '-')."""
         if self.generation is not None:
-            return getattr(self.generation, "upstream", self.backend.name)
+            return self.generation.upstream or self.backend.name
         return "-" if self.backend.name == "router" else self.backend.name
-
-    def _record_metrics(self) -> None:
-        if self.counted:
-            metrics.ACTIVE_STREAMS.dec()
-        metrics.STREAMS.labels(self.outcome, self.request.endpoint, self.upstream).inc()
-        metrics.STREAM_DURATION.observe(time.monotonic() - self.started)
-        if self.first_event_at is not None:
-            metrics.TIME_TO_FIRST_TOKEN.observe(self.first_event_at - self.started)
-        if self.stopped_at is not None and self.upstream_closed_at is not None:
-            metrics.CANCEL_LATENCY.observe(max(0.0, self.upstream_closed_at - self.stopped_at))
-        if self.outcome == "upstream_error":
-            metrics.UPSTREAM_ERRORS.labels(self.error_code or "unknown", self.upstream).inc()
-
-    def _log_end(self) -> None:
-        now = time.monotonic()
-        fields = {"outcome": self.outcome, "events": self.events,
-                  "ttft_ms": round((self.first_event_at - self.started) * 1000, 1) if self.first_event_at else None,
-                  "duration_ms": round((now - self.started) * 1000, 1)}
-        extra = ""
-        if self.error_code:
-            fields["error"] = self.error_code
-            extra += f" error={self.error_code}"
-        if self.client_left_by is not None:
-            fields["client"] = self.client_left_by
-            extra += f" client={self.client_left_by}"
-        if self.stopped_at is not None and self.upstream_closed_at is not None:
-            # Stop signal (client gone, Stop, shutdown...) to the generation cancelled at its source.
-            fields["cancel_ms"] = round(max(0.0, self.upstream_closed_at - self.stopped_at) * 1000, 1)
-            extra += f" cancel_ms={fields['cancel_ms']}"
-        # Which upstream answered, and the id it logged this request under, to join its log with ours.
-        fields["endpoint"], fields["upstream"] = self.request.endpoint, self.upstream
-        fields["upstream_id"] = self.request.upstream_request_id
-        log.info("stream end outcome=%s events=%d ttft_ms=%s duration_ms=%.1f endpoint=%s upstream=%s upstream_id=%s%s",
-                 self.outcome, self.events, "-" if fields["ttft_ms"] is None else fields["ttft_ms"],
-                 fields["duration_ms"], self.request.endpoint, self.upstream, fields["upstream_id"], extra,
-                 extra={"fields": fields})
-
-
-_OUTCOMES = {
-    "stream_inactivity": "inactivity",
-    "stream_max_duration": "max_duration",
-    "server_shutdown": "shutdown",
-    "conversation_deleted": "deleted",
-    "answer_too_long": "too_long",
-    "answer_not_saved": "not_saved",
-}
-
-
-class _SSEResponse(Response):
-    """A Response whose body goes to the server as the generator itself: no werkzeug wrappers
-    (ClosingIterator, iter_encoded) in front of every chunk. The generator yields bytes only."""
-
-    def get_app_iter(self, environ: dict):
-        if environ["REQUEST_METHOD"] == "HEAD":
-            return super().get_app_iter(environ)
-        return _Body(self)
-
-
-class _Body:
-    """Iterates as the generator; close() is the response's (the generator's close, then every
-    call_on_close callback), which the server calls when it is done, started or not."""
-
-    __slots__ = ("response",)
-
-    def __init__(self, response: Response):
-        self.response = response
-
-    def __iter__(self):
-        return iter(self.response.response)
-
-    def close(self) -> None:
-        self.response.close()
-
-
-def sse_response(events) -> Response:
-    """A streaming response for SSE bytes: the headers that keep every proxy and client from buffering."""
-    response = _SSEResponse(events, status=200, content_type="text/event-stream; charset=utf-8")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    response.implicit_sequence_conversion = False  # middleware calling get_data() must fail loudly
-    return response
-
-
-class ClientWatcher:
-    """Reports a client's FIN or RST the moment it arrives, by peeking at its socket.
-
-    A libev read watcher on the client's descriptor, not a greenlet: starting and
-    stopping one costs no spawn, no switch and no kill per stream. When the
-    descriptor turns readable the hub peeks (without blocking, through a plain
-    socket object on the same descriptor): EOF is a FIN, an error a reset, and
-    data the client's pipelined next request — then it stops watching and lets
-    a failing heartbeat write report a disconnect instead. `on_gone` runs right
-    there, in the hub, in the context (trace id) of whoever started the watch,
-    so it must never block: it may set flags, shut a socket down, kill a greenlet
-    without waiting, put_nowait, set an Event, spawn.
-    Skipped where peeking is impossible or unsafe (TLS, HTTP/2, no socket). The
-    relay stops the watcher before gunicorn reads the next request on the socket.
-    """
-
-    def __init__(self, environ: dict, on_gone):
-        sock = environ.get("gunicorn.socket")
-        usable = (sock is not None and getattr(sock, "cipher", None) is None
-                  and str(environ.get("SERVER_PROTOCOL", "")).startswith("HTTP/1"))
-        self.sock = sock if usable else None
-        self.on_gone = on_gone
-        self.io = None
-        self.context = None
-
-    def start(self) -> None:
-        if self.sock is None:
-            return
-        fileno = self.sock.fileno()
-        if fileno < 0:
-            return
-        self.context = contextvars.copy_context()
-        loop = gevent.get_hub().loop
-        # 1: readable. The highest priority: in a loop turn with hundreds of streams' reads pending, a
-        # client's FIN is handled (and its upstream cancelled) before them, not after.
-        self.io = loop.io(fileno, 1, priority=getattr(loop, "MAXPRI", None))
-        self.io.start(self._readable)
-
-    def _readable(self) -> None:
-        """In the hub: never block, never raise."""
-        io = self.io
-        if io is None:
-            return
-        how = None
-        try:
-            plain = _socket.socket(fileno=io.fd)
-        except OSError:
-            how = "reset"  # the descriptor is gone
-        else:
-            try:
-                data = plain.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return  # woken for nothing: keep watching
-            except OSError:
-                how = "reset"
-            else:
-                how = None if data else "fin"
-            finally:
-                plain.detach()
-        self.stop()
-        if how is not None:
-            try:  # at once, in the hub: a spawned greenlet would wait for the loop's next turn (tens of ms
-                # under load), and every on_gone only sets flags, shuts a socket down and queues a wake-up
-                self.context.run(self.on_gone, how)
-            except Exception:
-                log.exception("reporting a client's disconnect failed")
-
-    def stop(self) -> None:
-        io, self.io = self.io, None
-        if io is not None:
-            io.stop()
-            io.close()

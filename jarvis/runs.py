@@ -37,11 +37,14 @@ from flask import Response
 from jarvis import leases
 from jarvis.answer import Answer
 from jarvis.backends import Backend, ChatRequest
+from jarvis.endings import Ending, Outcome
 from jarvis.errors import StreamError
-from jarvis.relay import ClientWatcher, Relay, sse_response
+from jarvis.relay import Relay
+from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
-from jarvis.store import ConversationStore
+from jarvis.stores import ConversationStore
+from jarvis.worker import ClientWatcher
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ _SWITCH_BYTES = 1024 * 1024  # after handing on this much without waiting, let o
 _FAILED_SAVES = 3  # saves failing in a row before the answer stops (about 1.5 s of unsaved text)
 _FINAL_RETRY_SECONDS = 1.0
 _END = object()
-
-_STATUS_OF_OUTCOME = {"complete": "complete", "client_stop": "stopped", "stopped": "stopped", "detached": "stopped"}
 
 
 def page_chunk(*, delta: dict | None = None, **fields) -> dict:
@@ -164,7 +165,7 @@ class Run:
 
     def events(self, batch: list[bytes]) -> list[bytes]:
         if self.answer.upstream is None:  # several upstreams: the one the router chose (its name, from config)
-            self.answer.upstream = getattr(self.relay.generation, "upstream", None)
+            self.answer.upstream = self.relay.chosen_upstream
         page_batch = []
         for payload in batch:
             try:
@@ -172,9 +173,9 @@ class Run:
             except (ValueError, RecursionError):
                 continue
             page_batch.append(json.dumps(self.answer.add(chunk)).encode())
-        if self.answer.length > self.runs.settings.max_answer_chars and self.relay.stop_reason is None:
+        if self.answer.length > self.runs.settings.max_answer_chars and self.relay.stopping is None:
             limit = self.runs.settings.max_answer_chars
-            self.relay.interrupt("too_long", StreamError(
+            self.relay.interrupt(Outcome.TOO_LONG, StreamError(
                 "answer_too_long", f"The answer grew past {limit} characters (JARVIS_MAX_ANSWER_CHARS): it was "
                                    "stopped there and kept as far as it went", "server_error"))
         if self.flush_timer is None:
@@ -199,7 +200,7 @@ class Run:
     def finish(self, status: str) -> list[bytes]:
         chunks = self.answer.finish()
         chunks[-1]["status"] = status
-        if self.relay.stop_reason == "detached":
+        if self.relay.stopping is Outcome.DETACHED:
             chunks[-1]["note"] = self._detached_note()
         return [json.dumps(chunk).encode() for chunk in chunks]
 
@@ -212,15 +213,18 @@ class Run:
         others = [run.conversation_id for run in self.runs.by_message.values() if run is not self]
         return [json.dumps(page_chunk(waiting={"for": others})).encode()]
 
-    def ended(self, outcome: str, error_message: str | None) -> None:
+    def watched(self) -> bool:
+        return bool(self.watchers)
+
+    def ended(self, ending: Ending, error_message: str | None) -> None:
         if self.flush_timer is not None:
             self.flush_timer.kill(block=False)
             self.flush_timer = None
-        if outcome == "deleted":
+        if ending.outcome is Outcome.DELETED:
             self._finally_saved()
             return
-        status = _STATUS_OF_OUTCOME.get(outcome, "error")
-        if outcome == "detached":
+        status = ending.page_status
+        if ending.outcome is Outcome.DETACHED:
             error_message = self._detached_note()
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
         self._save_final(status, error_message if status != "complete" else None, attempt=1)
@@ -266,12 +270,12 @@ class Run:
         if result.successful():
             self.failed_saves = 0
             if result.value is False:
-                self.stop("deleted")  # deleted (perhaps from another worker), or found dead and interrupted
+                self.stop(Outcome.DELETED)  # deleted (perhaps from another worker), or found dead and interrupted
             return
         self.failed_saves += 1
         log.warning("saving the answer failed (%s), %d time(s) in a row", result.exception, self.failed_saves)
-        if self.failed_saves >= _FAILED_SAVES and self.relay.stop_reason is None:
-            self.relay.interrupt("not_saved", StreamError(
+        if self.failed_saves >= _FAILED_SAVES and self.relay.stopping is None:
+            self.relay.interrupt(Outcome.NOT_SAVED, StreamError(
                 "answer_not_saved", f"The answer could not be saved ({result.exception}): it was stopped rather "
                                     "than go on unsaved, and is kept as far as it was saved", "server_error"))
         elif self.flush_timer is None and not self.finished:
@@ -319,7 +323,7 @@ class Run:
     def _nobody_watching(self) -> None:
         seconds = self.runs.settings.detached_seconds
         if seconds == 0:
-            self.stop("client_stop")  # as a /v1 client leaving: cancelled at once
+            self.stop(Outcome.CLIENT_STOP)  # as a /v1 client leaving: cancelled at once
             return
         self._cancel_detach_timer()
         self.detach_timer = gevent.spawn_later(seconds, self._detached)
@@ -332,7 +336,7 @@ class Run:
             self.detach_timer = gevent.spawn_later(REMOTE_WATCH_SECONDS, self._detached)  # watched elsewhere
             return
         log.info("nobody watched for %.0f s: stopping the answer", self.runs.settings.detached_seconds)
-        self.stop("detached")
+        self.stop(Outcome.DETACHED)
 
     def _cancel_detach_timer(self) -> None:
         if self.detach_timer is not None:
@@ -341,7 +345,7 @@ class Run:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: Outcome) -> None:
         """Cancel at the source now: stopped (Stop), detached, deleted, client_stop."""
         if not self.finished:
             self.relay.interrupt(reason)
@@ -380,12 +384,12 @@ class Runs:
         run = self.by_message.get(message_id)
         if run is not None:
             log.info("a %s came from another node", "Stop" if kind == "stop" else "delete")
-            run.stop("stopped" if kind == "stop" else "deleted")
+            run.stop(Outcome.STOPPED if kind == "stop" else Outcome.DELETED)
 
     def close(self) -> None:
         """Stop every run and the tick (an app being thrown away, as in tests)."""
         for run in list(self.by_message.values()):
-            run.stop("shutdown")
+            run.stop(Outcome.SHUTDOWN)
         if self.ticker is not None:
             self.ticker.kill()
 
@@ -417,10 +421,10 @@ class Runs:
             for run in list(self.by_message.values()):
                 state = states.get(run.message_id)
                 if state is None:
-                    run.stop("deleted")
+                    run.stop(Outcome.DELETED)
                 elif state[0]:
                     log.info("a Stop came from another worker")
-                    run.stop("stopped")
+                    run.stop(Outcome.STOPPED)
                 else:
                     run.watched_remotely(state[1])
 

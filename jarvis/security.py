@@ -33,7 +33,7 @@ from jarvis import state
 from jarvis.errors import ApiError
 from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
-from jarvis.store import ConversationStore
+from jarvis.stores import ConversationStore
 
 bp = Blueprint("session", __name__, url_prefix="/api/session")
 

@@ -249,6 +249,10 @@ class Settings:
     store_busy_seconds: float = setting(
         "JARVIS_STORE_BUSY_SECONDS", 10.0, seconds,
         "How long a database write waits for a lock held elsewhere before it fails (and is retried).")
+    store_timeout_seconds: float = setting(
+        "JARVIS_STORE_TIMEOUT_SECONDS", 5.0, seconds,
+        "PostgreSQL: how long a request waits for a connection to the database (and each attempt to make "
+        "one) before it is answered 503 `store_unavailable` with `Retry-After`.")
     api_key: str | None = setting(
         "JARVIS_API_KEY", None, key, "When set (16+ characters), required on `/v1/*`, `/api/*` and `/metrics`.",
         secret=True)

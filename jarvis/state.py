@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from jarvis.backends import Backend
     from jarvis.runs import Runs
     from jarvis.settings import Settings
-    from jarvis.store import ConversationStore
+    from jarvis.stores import ConversationStore
 
 _SETTINGS, _BACKEND, _STORE, _RUNS = "jarvis.settings", "jarvis.backend", "jarvis.store", "jarvis.runs"
 

@@ -1,7 +1,8 @@
-"""Every open stream on this node, as an operator needs to see it: GET /debug/streams, and the top of
+"""Every open stream: this worker's registry of them (counted against JARVIS_MAX_STREAMS, ended at
+shutdown), and the whole node's, as an operator needs to see it: GET /debug/streams, and the top of
 each worker's USR1 dump.
 
-Each worker knows its own relays (jarvis.relay). To show the whole node, a worker with streams open
+Each worker knows its own relays (OPEN). To show the whole node, a worker with streams open
 writes a snapshot of them every SNAPSHOT_SECONDS into the metrics directory that gunicorn's workers
 already share (`streams-<pid>.json`, written whole and renamed into place), and once more, empty,
 when its last one ends; the worker that answers /debug/streams adds its own live list to the other
@@ -14,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import time
 
 import gevent
@@ -23,10 +25,63 @@ _FILE = "streams-{pid}.json"
 
 _writer: gevent.Greenlet | None = None
 
+# What a stream is doing, read from its first events only (until the answer starts): thinking
+# (a reasoning field) or answering (content, or a Responses text delta).
+_ANSWERING = re.compile(rb'"content":\s*"[^"]|output_text\.delta')
+_THINKING = re.compile(rb'"reasoning(?:_content)?":\s*"[^"]|reasoning_summary_text\.delta|reasoning_text\.delta')
+
+
+OPEN: set = set()  # this worker's open relays (jarvis.relay.Relay)
+
+
+def open_count() -> int:
+    return len(OPEN)
+
+
+def register(relay) -> None:
+    OPEN.add(relay)
+    watch(OPEN)
+
+
+def unregister(relay) -> None:
+    OPEN.discard(relay)
+
+
+def interrupt_all(reason) -> int:
+    """End every open stream for `reason` (an Outcome: shutdown); return how many there were."""
+    relays = list(OPEN)
+    for relay in relays:
+        relay.interrupt(reason)
+    return len(relays)
+
 
 def describe_all(relays) -> list[dict]:
     now = time.monotonic()
-    return [relay.describe(now) for relay in list(relays)]
+    return [describe(relay, now) for relay in list(relays)]
+
+
+def describe(relay, now: float) -> dict:
+    """What /debug/streams and a stack dump show of this stream, from memory."""
+    page = relay.observer is not None
+    watched = relay.observer.watched() if page else not relay.stopping
+    if not watched and page:
+        phase = "detached"  # a page's answer that nobody watches now
+    elif relay.generation is None:
+        phase = "waiting for headers"
+    elif relay.answering:
+        phase = "answering"
+    elif relay.thinking:
+        phase = "thinking"
+    elif relay.queued and relay.first_event_at is None:
+        phase = "queued"
+    else:
+        phase = "waiting for first token"
+    model = relay.request.body.get("model")
+    return {"trace_id": relay.request.trace_id, "route": "page" if page else f"/v1/{relay.request.endpoint}",
+            "model": model[:100] if isinstance(model, str) else None, "upstream": relay.upstream,
+            "phase": phase, "age_s": round(now - relay.started, 3),
+            "since_last_byte_s": round(now - relay.last_event, 3), "events": relay.events, "bytes": relay.bytes,
+            "client_attached": bool(watched), "worker": os.getpid()}
 
 
 def summary_lines(relays) -> list[str]:
@@ -87,3 +142,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def note_phase(relay, batch: list[bytes]) -> None:
+    """Whether the stream is thinking or answering yet, from its events until the answer starts."""
+    for payload in batch:
+        if _ANSWERING.search(payload):
+            relay.answering = True
+            return
+        if not relay.thinking and _THINKING.search(payload):
+            relay.thinking = True

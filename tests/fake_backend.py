@@ -50,6 +50,9 @@ def upstream_like_chunks(shape: str, **options) -> list[dict]:
 
 
 class FakeGeneration:
+    interruptible = False
+    upstream = None
+
     def __init__(self, request: ChatRequest, answer: list):
         self.request = request
         self.answer = answer

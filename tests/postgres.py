@@ -47,6 +47,10 @@ class PostgresCluster:
     def start(self) -> PostgresCluster:
         self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
                   "-E", "UTF8", "--locale=C", "--no-sync")
+        return self.resume()
+
+    def resume(self) -> PostgresCluster:
+        """Start the server (again, after pause(): the same port, the same data)."""
         options = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
         self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-l", os.path.join(self.base, "log"),
@@ -54,6 +58,13 @@ class PostgresCluster:
         with open(os.path.join(self.data, "postmaster.pid")) as pid_file:
             self.pid = int(pid_file.readline())
         return self
+
+    def pause(self) -> None:
+        """Stop the server as an outage would, every client's connection cut; resume() brings it back.
+        A fast shutdown, not an immediate one: with synchronous_commit off (above), a crash would also
+        lose the last commits, which is not what the tests of an outage are about."""
+        self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
+        self.pid = None
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -34,8 +34,8 @@ def page(request, make_app, tmp_path):
         yield make_app().test_client()
         return
     from jarvis import create_app
-    from jarvis.pgstore import PostgresStore
     from jarvis.settings import Settings
+    from jarvis.stores.postgres import PostgresStore
 
     store = PostgresStore(request.getfixturevalue("database_url"))
     app = create_app(Settings(data_dir=str(tmp_path / "pg")), backend=request.getfixturevalue("backend"),

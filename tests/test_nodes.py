@@ -245,7 +245,7 @@ def test_a_node_refuses_to_start_on_a_store_it_cannot_use_without_a_traceback(da
     if problem == "unreachable":
         url = f"postgresql://jarvis:pw-canary@127.0.0.1:{free_port()}/jarvis"
     else:
-        from jarvis.pgstore import PostgresStore
+        from jarvis.stores.postgres import PostgresStore
 
         PostgresStore(database_url).close()
         with psycopg.connect(database_url, autocommit=True) as connection:

@@ -192,7 +192,7 @@ def test_an_answer_past_its_size_cap_is_stopped_at_the_source_and_kept_as_far_as
 @pytest.fixture
 def locked(tmp_path):
     """Another process's write lock on Jarvis's database, taken and released by the test."""
-    from jarvis.store import database_path
+    from jarvis.stores.sqlite import database_path
 
     class Lock:
         connection = None

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from jarvis.store import SCHEMA_VERSION, ConversationBusy, SQLiteStore, StoreError, database_path, recover_interrupted
+from jarvis.stores import ConversationBusy, StoreError
+from jarvis.stores.sqlite import SCHEMA_VERSION, SQLiteStore, database_path, recover_interrupted
 from tests.clients import content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
@@ -65,7 +66,7 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         store = SQLiteStore(str(tmp_path))
     else:
-        from jarvis.pgstore import PostgresStore
+        from jarvis.stores.postgres import PostgresStore
 
         store = PostgresStore(request.getfixturevalue("database_url"))
     yield store
@@ -366,7 +367,7 @@ def test_postgres_two_claims_at_once_give_one_answer(database_url):
     """Two nodes claim one conversation at the same instant: the row lock makes them take turns."""
     import threading
 
-    from jarvis.pgstore import PostgresStore
+    from jarvis.stores.postgres import PostgresStore
 
     stores = [PostgresStore(database_url), PostgresStore(database_url)]
     try:
@@ -396,7 +397,7 @@ def test_postgres_two_claims_at_once_give_one_answer(database_url):
 def test_postgres_refuses_a_newer_schema_and_another_node_finds_the_shared_secret(database_url):
     import psycopg
 
-    from jarvis.pgstore import PostgresStore
+    from jarvis.stores.postgres import PostgresStore
 
     first = PostgresStore(database_url)
     second = PostgresStore(database_url)  # migrates nothing: already done
@@ -410,8 +411,8 @@ def test_postgres_refuses_a_newer_schema_and_another_node_finds_the_shared_secre
 
 
 def test_postgres_unreachable_is_a_clear_error():
-    from jarvis.pgstore import PostgresStore
+    from jarvis.stores.postgres import PostgresStore
 
     with pytest.raises(StoreError, match="cannot reach the PostgreSQL server") as raised:
-        PostgresStore(f"postgresql://nobody:secret-pw@127.0.0.1:{free_port()}/none", busy_seconds=1)
+        PostgresStore(f"postgresql://nobody:secret-pw@127.0.0.1:{free_port()}/none", timeout_seconds=1)
     assert "secret-pw" not in str(raised.value)

@@ -11,9 +11,12 @@ this package knows which backend is running.
     generation.result()         -> the whole non-streaming response (status, JSON bytes)
     generation.abort()          -> from any greenlet, at once: tell the source nobody is listening
     generation.close()          -> cancel at the source and release it; safe to call twice
-    generation.interruptible    -> optional, True: batches() may be read by the response's own
-                                   greenlet, which throws `Interrupted` into it while it waits; it
-                                   then yields INTERRUPTED and carries on where it was
+    generation.interruptible    -> True: batches() may be read by the response's own greenlet,
+                                   which throws `Interrupted` into it while it waits; it then
+                                   yields INTERRUPTED and carries on where it was. False: the
+                                   relay reads it through a pump (jarvis.pump)
+    generation.upstream         -> the configured name of the upstream that answers (several
+                                   upstreams: the one the router chose), or None
 
 `open` may block (connecting, waiting for headers); the relay cancels it by
 throwing `Interrupted` (or a gevent.Timeout) into the greenlet waiting in it, so
@@ -57,6 +60,9 @@ class ChatRequest:
 
 
 class Generation(Protocol):
+    interruptible: bool
+    upstream: str | None
+
     def batches(self) -> Iterator[list[bytes]]: ...
 
     def result(self) -> tuple[int, bytes]: ...

@@ -155,6 +155,9 @@ class LocalBackend:
 class LocalGeneration:
     """One request for the model: queued, then generating in the pool's thread."""
 
+    interruptible = False  # read through a pump: its tokens come from the model's thread
+    upstream = None
+
     def __init__(self, backend: LocalBackend, arguments: dict):
         self.backend = backend
         self.arguments = arguments

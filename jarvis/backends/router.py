@@ -194,7 +194,7 @@ class _Routed:
 
     @property
     def interruptible(self) -> bool:
-        return getattr(self.generation, "interruptible", False)
+        return self.generation.interruptible
 
     def batches(self):
         return self.generation.batches()

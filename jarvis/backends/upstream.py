@@ -190,6 +190,7 @@ class UpstreamGeneration:
         self.error: UpstreamErrorEvent | None = None  # an error event, raised after the events before it
 
     interruptible = True  # its only waits are read1()'s and the sleep below
+    upstream = None  # one upstream: its name is the backend's
 
     def batches(self):
         """The data payloads (or whole events) of each read, until the end; StreamError on any other end."""

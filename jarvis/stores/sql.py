@@ -1,0 +1,396 @@
+"""Every transaction of the conversation store, written once for SQLite and PostgreSQL.
+
+The SQL here is what both databases accept: `?` placeholders (PostgreSQL's dialect turns them into
+`%s`), `RETURNING id`, `NOT EXISTS`, `true`. What differs is a `Dialect`: how a write transaction
+starts (SQLite takes its lock up front, BEGIN IMMEDIATE), locking the row a claim reads (PostgreSQL:
+FOR UPDATE), case-insensitive LIKE, full-text search, and notifications to other nodes (PostgreSQL's
+NOTIFY; SQLite's workers share one machine and read the same flags on their tick).
+
+A store (stores.sqlite, stores.postgres) says where its SQL runs — `_call(function, *args)` runs
+`function(db, *args)` and returns its result; `_later` queues it, in order, and returns an AsyncResult —
+and turns its database's errors into StoreUnavailable there.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+from jarvis import leases
+from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation
+from jarvis.stores.common import (
+    import_rows,
+    like_escaped,
+    message_of,
+    search_results,
+    search_words,
+    settings_json,
+    settings_of,
+    storable,
+)
+
+_MESSAGE_COLUMNS = ("id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, stats, "
+                    "created_at, updated_at")
+
+
+class Dialect:
+    """What SQLite and PostgreSQL do differently, in the store's terms."""
+
+    name = "sql"
+    lock_row = ""  # appended to the SELECT that claims a conversation
+    like = "LIKE ? ESCAPE '\\'"  # a case-insensitive match of an escaped pattern
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def transaction(self, connection):
+        raise NotImplementedError
+
+    def executemany(self, connection, sql: str, rows: list[tuple]) -> None:
+        connection.executemany(self.sql(sql), rows)
+
+    def notify(self, db: Db, payload: str) -> None:
+        """Tell every node (a Stop, a delete): nothing to do where the tick is enough."""
+
+    def announcing_save(self, update: str) -> str:
+        """The UPDATE of an answer (ending in RETURNING id), so that it also announces the save."""
+        return update
+
+    def search_messages(self, db: Db, words: list[str], limit: int) -> list[dict]:
+        """The best `limit` ended messages holding every word (the last as a prefix): message_id,
+        conversation_id, title and a snippet with the matches between MATCH_START and MATCH_END."""
+        raise NotImplementedError
+
+
+class Db:
+    """A connection, spoken to in the shared SQL."""
+
+    __slots__ = ("connection", "dialect")
+
+    def __init__(self, connection, dialect: Dialect):
+        self.connection = connection
+        self.dialect = dialect
+
+    def execute(self, sql: str, args=()):
+        return self.connection.execute(self.dialect.sql(sql), args)
+
+    def one(self, sql: str, args=()) -> dict | None:
+        """The row a key names, if any (read whole: a statement never stays open behind it)."""
+        rows = self.execute(sql, args).fetchall()
+        return dict(rows[0]) if rows else None
+
+    def all(self, sql: str, args=()) -> list[dict]:
+        return [dict(row) for row in self.execute(sql, args).fetchall()]
+
+    def count(self, sql: str, args=()) -> int:
+        """Rows changed."""
+        return self.execute(sql, args).rowcount
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        self.dialect.executemany(self.connection, sql, rows)
+
+    def transaction(self):
+        return self.dialect.transaction(self.connection)
+
+
+def reap_dead_runs(db: Db, conversation_id: str | None, now: float) -> int:
+    """Mark answers whose run is dead (owner gone, lease expired, or no run at all) interrupted."""
+    where, args = ("WHERE conversation_id = ?", (conversation_id,)) if conversation_id else ("", ())
+    dead = [row["message_id"] for row in db.all(f"SELECT message_id, owner, lease_expires_at FROM runs {where}", args)
+            if not leases.alive(row["owner"], row["lease_expires_at"], now)]
+    for message_id in dead:
+        db.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
+    scope = "AND conversation_id = ?" if conversation_id else ""
+    return db.count(f"UPDATE messages SET status = 'interrupted', error = ?, updated_at = ? WHERE status = "
+                    f"'streaming' {scope} AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.message_id = messages.id)",
+                    (INTERRUPTED_NOTE, now, *args))
+
+
+def _save(db: Db, message_id: int, content: str, status: str, error: str | None, reasoning: str = "",
+          stats: dict | None = None, reasoning_moved: bool = False) -> bool:
+    """Save an answer (announced to pages following it from other nodes); whether it still existed. A
+    save while streaming never brings back an answer that already ended (or was found dead)."""
+    only_while_streaming = " AND status = 'streaming'" if status == "streaming" else ""
+    update = db.dialect.announcing_save(
+        "UPDATE messages SET content = ?, reasoning = ?, reasoning_moved = ?, status = ?, error = ?, stats = ?, "
+        f"updated_at = ? WHERE id = ?{only_while_streaming} RETURNING id")
+    return bool(db.all(update, (storable(content), storable(reasoning), bool(reasoning_moved), status,
+                                error and storable(error), None if stats is None else json.dumps(stats),
+                                time.time(), message_id)))
+
+
+class SQLStore:
+    """The store's interface over a dialect; subclasses give `dialect`, `_call`, `_later`, `secret`,
+    `schema_version` and `close`."""
+
+    dialect: Dialect
+
+    def _call(self, function, *args):
+        raise NotImplementedError
+
+    def _later(self, function, *args):
+        raise NotImplementedError
+
+    def status(self) -> dict | None:
+        return None
+
+    # -- conversations ---------------------------------------------------------
+
+    def list_conversations(self) -> list[dict]:
+        return self._call(_list_conversations)
+
+    def create_conversation(self, title: str, settings: dict | None = None) -> dict:
+        now = time.time()
+        conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": now,
+                        "updated_at": now, "settings": settings_json(settings)}
+        self._call(_count, "INSERT INTO conversations (id, title, created_at, updated_at, settings) "
+                           "VALUES (?, ?, ?, ?, ?)", tuple(conversation.values()))
+        return {**conversation, "settings": settings}
+
+    def update_conversation_settings(self, conversation_id: str, settings: dict) -> bool:
+        return self._call(_count, "UPDATE conversations SET settings = ? WHERE id = ?",
+                          (settings_json(settings), conversation_id)) > 0
+
+    def import_conversations(self, conversations: list[dict]) -> list[str]:
+        """Add checked conversations (jarvis.exchange) with new ids, all in one transaction; their ids."""
+        return self._call(_import_conversations, conversations)
+
+    def search(self, query: str, limit: int = 50) -> list[dict]:
+        """Conversations whose title or ended messages hold every word of `query` (the last one as a
+        prefix), best first: {conversation_id, title, message_id (None: the title), snippet} with the
+        matches between MATCH_START and MATCH_END."""
+        words = search_words(query)
+        if not words:
+            return []
+        return self._call(_search, words, limit)
+
+    def get_conversation(self, conversation_id: str) -> dict | None:
+        return self._call(_get_conversation, conversation_id)
+
+    def rename_conversation(self, conversation_id: str, title: str) -> bool:
+        return self._call(_count, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                          (storable(title), time.time(), conversation_id)) > 0
+
+    def delete_conversation(self, conversation_id: str) -> bool:
+        return self._call(_delete_conversation, conversation_id)
+
+    # -- messages ----------------------------------------------------------------
+
+    def add_message(self, conversation_id: str, role: str, content: str, status: str = "complete",
+                    model: str | None = None, trace_id: str | None = None) -> int:
+        return self._call(_add_message, conversation_id, role, storable(content), status, model, trace_id)
+
+    def update_message(self, message_id: int, content: str, status: str, error: str | None = None, *,
+                       reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False) -> bool:
+        return self._call(_save, message_id, content, status, error, reasoning, stats, reasoning_moved)
+
+    def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
+                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
+        """Queue the update without waiting; writes run in order. An AsyncResult of whether the message
+        still existed."""
+        return self._later(_save, message_id, content, status, error, reasoning, stats, reasoning_moved)
+
+    def delete_messages_from(self, conversation_id: str, message_id: int) -> None:
+        self._call(_count, "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id))
+
+    # -- runs: answers in progress, at most one per conversation, whichever worker or node runs it ----------
+
+    def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
+                     delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
+                     model: str | None = None, trace_id: str | None = None) -> tuple[int, list[dict]]:
+        """Claim the conversation for a new answer, in one transaction: drop the messages from
+        `delete_from` on (an edit), add the user's message, the answer (streaming) and its run. Returns
+        the answer's id and the history before it (only messages before `history_before`, when given: a
+        regenerate leaves the answer it replaces in place until the new one has started). Raises
+        NoSuchConversation or ConversationBusy (a live run exists, on any worker or node), changing nothing."""
+        return self._call(_start_answer, conversation_id, owner, user_content and storable(user_content),
+                          delete_from, history_before, title and storable(title), model, trace_id)
+
+    def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None:
+        """Drop the messages from `first` up to (not including) `before`: what a regenerate replaced."""
+        self._call(_count, "DELETE FROM messages WHERE conversation_id = ? AND id >= ? AND id < ?",
+                   (conversation_id, first, before))
+
+    def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
+                            reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
+        """The answer's last save and the end of its run, in one transaction, queued (an AsyncResult of
+        whether the answer still existed)."""
+        return self._later(_finish_answer, message_id, content, status, error, reasoning, stats, reasoning_moved)
+
+    def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]:
+        """For the runs `owner` holds: renew their leases (when `renew`) and report, per answer id,
+        (stop requested, last watched from elsewhere). An answer missing from it lost its run
+        (its conversation was deleted, or it was found dead)."""
+        return self._call(_tick_runs, owner, renew)
+
+    def request_stop(self, conversation_id: str) -> bool:
+        """Ask whichever worker or node runs the conversation's answer to stop it; False when none runs."""
+        return self._call(_request_stop, conversation_id)
+
+    def follow(self, message_id: int, *, touch: bool) -> dict | None:
+        """An answer as saved, for a page following it from another worker: its text, status and whether
+        its run lives (a dead one is marked interrupted here). `touch` tells the owner someone watches."""
+        return self._call(_follow, message_id, touch)
+
+    def listen(self, heard) -> None:
+        """Nothing to hear: one machine's workers see each other's Stops through the tick."""
+
+    def subscribe(self, message_id: int):
+        """No announcements of saves: a page following from another worker polls."""
+        return None
+
+    def unsubscribe(self, message_id: int, event) -> None:
+        pass
+
+    # -- the page's sign-in sessions -------------------------------------------------------------
+
+    def create_session(self, key_check: str) -> str:
+        """A new session for a page that presented the key; its id is the cookie's only content."""
+        session_id = secrets.token_urlsafe(32)
+        self._call(_count, "INSERT INTO sessions (id, key_check, created_at) VALUES (?, ?, ?)",
+                   (session_id, key_check, time.time()))
+        return session_id
+
+    def session_valid(self, session_id: str, key_check: str, max_age: float) -> bool:
+        """Whether the session exists, is younger than `max_age` seconds, and was made with today's key."""
+        row = self._call(_one, "SELECT key_check, created_at FROM sessions WHERE id = ?", (session_id,))
+        return row is not None and secrets.compare_digest(row["key_check"], key_check) and \
+            time.time() - row["created_at"] < max_age
+
+    def delete_session(self, session_id: str) -> None:
+        self._call(_count, "DELETE FROM sessions WHERE id = ?", (session_id,))
+
+
+# Each transaction: run where the store runs its SQL, with `db` its connection.
+
+def _count(db: Db, sql: str, args) -> int:
+    return db.count(sql, args)
+
+
+def _one(db: Db, sql: str, args) -> dict | None:
+    return db.one(sql, args)
+
+
+def _list_conversations(db: Db) -> list[dict]:
+    with db.transaction():
+        reap_dead_runs(db, None, time.time())
+        rows = db.all("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
+                      "runs.conversation_id = conversations.id) AS running FROM conversations "
+                      "ORDER BY updated_at DESC")
+    return [{**row, "running": bool(row["running"])} for row in rows]
+
+
+def _import_conversations(db: Db, conversations: list[dict]) -> list[str]:
+    ids = []
+    with db.transaction():
+        for conversation in conversations:
+            conversation_id, row, messages = import_rows(conversation)
+            db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
+                       "(?, ?, ?, ?, ?)", row)
+            db.executemany("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, "
+                           "stats, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+            ids.append(conversation_id)
+    return ids
+
+
+def _search(db: Db, words: list[str], limit: int) -> list[dict]:
+    rows = db.dialect.search_messages(db, words, limit)
+    titles = db.all("SELECT id AS conversation_id, title FROM conversations WHERE "
+                    + " AND ".join([f"title {db.dialect.like}"] * len(words)) + " ORDER BY updated_at DESC LIMIT ?",
+                    (*[f"%{like_escaped(word)}%" for word in words], limit))
+    return search_results(titles, rows, words, limit)
+
+
+def _get_conversation(db: Db, conversation_id: str) -> dict | None:
+    with db.transaction():
+        reap_dead_runs(db, conversation_id, time.time())
+    row = db.one("SELECT id, title, created_at, updated_at, settings, EXISTS (SELECT 1 FROM runs WHERE "
+                 "runs.conversation_id = conversations.id) AS running FROM conversations WHERE id = ?",
+                 (conversation_id,))
+    if row is None:
+        return None
+    messages = db.all(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+                      (conversation_id,))
+    return {**row, "running": bool(row["running"]), "settings": settings_of(row["settings"]),
+            "messages": [message_of(message) for message in messages]}
+
+
+def _delete_conversation(db: Db, conversation_id: str) -> bool:
+    with db.transaction():
+        for run in db.all("SELECT message_id FROM runs WHERE conversation_id = ?", (conversation_id,)):
+            db.dialect.notify(db, f"deleted {run['message_id']}")
+        return db.count("DELETE FROM conversations WHERE id = ?", (conversation_id,)) > 0
+
+
+def _add_message(db: Db, conversation_id, role, content, status, model, trace_id) -> int:
+    now = time.time()
+    with db.transaction():
+        message_id = db.one("INSERT INTO messages (conversation_id, role, content, status, model, trace_id, "
+                            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                            (conversation_id, role, content, status, model, trace_id, now, now))["id"]
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+    return message_id
+
+
+def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, history_before, title, model, trace_id):
+    now = time.time()
+    with db.transaction():
+        claimed = db.one("SELECT 1 AS found FROM conversations WHERE id = ?" + db.dialect.lock_row, (conversation_id,))
+        if claimed is None:
+            raise NoSuchConversation(conversation_id)
+        reap_dead_runs(db, conversation_id, now)
+        if db.one("SELECT 1 AS found FROM runs WHERE conversation_id = ?", (conversation_id,)):
+            raise ConversationBusy(conversation_id)
+        if delete_from is not None:
+            db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, delete_from))
+        if user_content is not None:
+            db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, updated_at) "
+                       "VALUES (?, 'user', ?, 'complete', ?, ?)", (conversation_id, user_content, now, now))
+        message_id = db.one("INSERT INTO messages (conversation_id, role, content, status, model, trace_id, "
+                            "created_at, updated_at) VALUES (?, 'assistant', '', 'streaming', ?, ?, ?, ?) RETURNING id",
+                            (conversation_id, model, trace_id, now, now))["id"]
+        db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at) VALUES (?, ?, ?, ?)",
+                   (message_id, conversation_id, owner, now + leases.LEASE_SECONDS))
+        db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ? WHERE id = ?",
+                   (title, now, conversation_id))
+        history = db.all("SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ? ORDER BY id",
+                         (conversation_id, history_before or message_id))
+    return message_id, history
+
+
+def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:
+    with db.transaction():
+        db.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
+        return _save(db, message_id, content, status, error, reasoning, stats, reasoning_moved)
+
+
+def _tick_runs(db: Db, owner: str, renew: bool) -> dict[int, tuple[bool, float | None]]:
+    if renew:
+        db.execute("UPDATE runs SET lease_expires_at = ? WHERE owner = ?", (time.time() + leases.LEASE_SECONDS, owner))
+    rows = db.all("SELECT message_id, stop_requested, watched_at FROM runs WHERE owner = ?", (owner,))
+    return {row["message_id"]: (bool(row["stop_requested"]), row["watched_at"]) for row in rows}
+
+
+def _request_stop(db: Db, conversation_id: str) -> bool:
+    with db.transaction():
+        reap_dead_runs(db, conversation_id, time.time())
+        stopped = db.all("UPDATE runs SET stop_requested = true WHERE conversation_id = ? RETURNING message_id",
+                         (conversation_id,))
+        for run in stopped:
+            db.dialect.notify(db, f"stop {run['message_id']}")
+    return bool(stopped)
+
+
+def _follow(db: Db, message_id: int, touch: bool) -> dict | None:
+    now = time.time()
+    with db.transaction():
+        row = db.one("SELECT conversation_id FROM messages WHERE id = ?", (message_id,))
+        if row is None:
+            return None
+        reap_dead_runs(db, row["conversation_id"], now)
+        if touch:
+            db.execute("UPDATE runs SET watched_at = ? WHERE message_id = ?", (now, message_id))
+        message = db.one("SELECT id, conversation_id, role, content, reasoning, reasoning_moved, status, error, "
+                         "stats, trace_id FROM messages WHERE id = ?", (message_id,))
+    return message_of(message)

@@ -1,0 +1,237 @@
+"""The conversation store in SQLite: WAL mode, under JARVIS_DATA_DIR.
+
+Every call runs on one dedicated native thread, so a slow disk (a WAL checkpoint, an fsync) never
+blocks the gevent hub; the hub waits cooperatively for the result. Writes that read first take the
+lock up front (BEGIN IMMEDIATE), so two workers claiming the same conversation take turns instead of
+failing mid-way; a lock held elsewhere is waited for up to JARVIS_STORE_BUSY_SECONDS.
+
+The schema is versioned (`PRAGMA user_version`) and every open brings an older database up to date in
+place (`MIGRATIONS`); a newer one is refused. gunicorn's master imports this module (to migrate and
+mark interrupted answers before it forks): the standard library and gevent only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+
+from gevent.event import AsyncResult
+from gevent.threadpool import ThreadPool
+
+from jarvis.stores import StoreError, StoreUnavailable
+from jarvis.stores.common import MATCH_END, MATCH_START, file_secret
+from jarvis.stores.sql import Db, Dialect, SQLStore, reap_dead_runs
+
+# The schema, as the steps that build it: step N takes a database from version N to N + 1
+# (`PRAGMA user_version`). A database made before versioning reads as version 0 and has the
+# tables of step 0 already, which is why that step says IF NOT EXISTS. Never edit a step that
+# has shipped; add one, here and in stores.postgres (the same versions mean the same tables).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 0 -> 1: conversations and messages, as Jarvis first shipped them
+        """CREATE TABLE IF NOT EXISTS conversations (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'complete',
+            error TEXT,
+            model TEXT,
+            trace_id TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id)",
+    ),
+    (  # 1 -> 2: a thinking model's reasoning, and the numbers shown under an answer (JSON)
+        "ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE messages ADD COLUMN stats TEXT",
+    ),
+    (  # 2 -> 3: answers in progress; at most one per conversation, whichever worker runs it; and whether
+       # an answer's first content turned out to be reasoning (a lone </think>), for pages that re-attach
+        "ALTER TABLE messages ADD COLUMN reasoning_moved INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE runs (
+            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            conversation_id TEXT NOT NULL UNIQUE REFERENCES conversations(id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            stop_requested INTEGER NOT NULL DEFAULT 0,
+            watched_at REAL
+        )""",
+    ),
+    (  # 3 -> 4: the page's sign-in sessions, so that signing out revokes one everywhere
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            key_check TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
+    (  # 4 -> 5: a conversation's own system prompt and sampling parameters (JSON; NULL: the server's defaults)
+        "ALTER TABLE conversations ADD COLUMN settings TEXT",
+    ),
+    (  # 5 -> 6: full-text search over messages that have ended (a streaming answer is indexed when it ends,
+       # not at each save), kept in step by triggers
+        """CREATE VIRTUAL TABLE messages_search USING fts5(content, content='messages', content_rowid='id',
+            tokenize='unicode61 remove_diacritics 2')""",
+        """CREATE TRIGGER messages_search_insert AFTER INSERT ON messages WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_search_unindex AFTER UPDATE ON messages WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_search (messages_search, rowid, content) VALUES ('delete', old.id, old.content);
+        END""",
+        """CREATE TRIGGER messages_search_index AFTER UPDATE ON messages WHEN new.status != 'streaming' BEGIN
+            INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+        END""",
+        """CREATE TRIGGER messages_search_delete AFTER DELETE ON messages WHEN old.status != 'streaming' BEGIN
+            INSERT INTO messages_search (messages_search, rowid, content) VALUES ('delete', old.id, old.content);
+        END""",
+        "INSERT INTO messages_search (rowid, content) SELECT id, content FROM messages WHERE status != 'streaming'",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+
+    @contextlib.contextmanager
+    def transaction(self, connection: sqlite3.Connection):
+        """One write transaction (the connection autocommits otherwise); IMMEDIATE takes the lock up front."""
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def search_messages(self, db: Db, words: list[str], limit: int) -> list[dict]:
+        expression = " ".join(f'"{word.replace(chr(34), chr(34) * 2)}"' for word in words) + "*"
+        return db.all("SELECT messages.id AS message_id, messages.conversation_id, conversations.title, "
+                      f"snippet(messages_search, 0, '{MATCH_START}', '{MATCH_END}', '…', 16) AS snippet "
+                      "FROM messages_search JOIN messages ON messages.id = messages_search.rowid "
+                      "JOIN conversations ON conversations.id = messages.conversation_id "
+                      "WHERE messages_search MATCH ? ORDER BY rank LIMIT ?", (expression, limit))
+
+
+DIALECT = SQLiteDialect()
+
+
+def database_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "jarvis.sqlite3")
+
+
+def recover_interrupted(data_dir: str) -> int:
+    """At server start: answers left streaming by a process that is gone are marked interrupted."""
+    path = database_path(data_dir)
+    if not os.path.exists(path):
+        return 0
+    connection = _connect(path)
+    try:
+        db = Db(connection, DIALECT)
+        with db.transaction():
+            return reap_dead_runs(db, None, time.time())
+    finally:
+        connection.close()
+
+
+def _connect(path: str, busy_seconds: float = 10.0) -> sqlite3.Connection:
+    # busy_seconds: how long a write waits for a lock another process holds, then fails.
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_seconds)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+    connection.execute("PRAGMA foreign_keys=ON")
+    migrate(connection)
+    return connection
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION in place, in one transaction; return the version found.
+
+    BEGIN IMMEDIATE makes workers that start together take turns: the first migrates, the
+    others find the work done.
+    """
+    with DIALECT.transaction(connection):
+        found = connection.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise StoreError(f"the database was written by a newer Jarvis (schema {found}; this one knows "
+                             f"{SCHEMA_VERSION}): run that version, or restore a backup of the database")
+        for step in MIGRATIONS[found:]:
+            for statement in step:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return found
+
+
+def _on_thread(function, args) -> tuple[bool, object]:
+    """(True, result) or (False, the exception it raised): run on the store's thread."""
+    try:
+        return True, function(*args)
+    except sqlite3.Error as error:  # a full disk, a lock held too long, a broken file: worth retrying
+        return False, StoreUnavailable(str(error))
+    except Exception as error:  # every one goes back to the caller, and is raised there
+        return False, error
+
+
+class SQLiteStore(SQLStore):
+    dialect = DIALECT
+
+    def __init__(self, data_dir: str, busy_seconds: float = 10.0):
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = database_path(data_dir)
+        self.pool = ThreadPool(1)
+        try:
+            self.connection = self._run(_connect, self.path, busy_seconds)
+        except StoreUnavailable as error:
+            self.pool.kill()
+            raise StoreError(f"cannot open the database {self.path} ({error})") from None
+        self.db = Db(self.connection, DIALECT)
+
+    def _call(self, function, *args):
+        return self._run(function, self.db, *args)
+
+    def _later(self, function, *args) -> AsyncResult:
+        return self._spawn(function, self.db, *args)
+
+    def _run(self, function, *args):
+        """`function(*args)` on the store's thread; its result, or its exception raised here."""
+        return self._spawn(function, *args).get()
+
+    def _spawn(self, function, *args) -> AsyncResult:
+        """`function(*args)` on the store's thread, its outcome in the AsyncResult. An exception is caught
+        on the thread and handed over: gevent's pool would also print every one as a traceback on stderr
+        (its hub's handle_error), and a locked database is an expected, one-line event."""
+        result = AsyncResult()
+
+        def settle(done):
+            succeeded, value = done.value if done.successful() else (False, done.exception)
+            if succeeded:
+                result.set(value)
+            else:
+                result.set_exception(value)
+
+        self.pool.spawn(_on_thread, function, args).rawlink(settle)
+        return result
+
+    def close(self) -> None:
+        """Close the database and stop the store's thread (tests build many stores)."""
+        self._run(self.connection.close)
+        self.pool.kill()
+
+    def secret(self) -> str:
+        """The cookie-signing secret: generated once and kept (mode 0600) beside the database."""
+        return file_secret(os.path.dirname(self.path))
+
+    def schema_version(self) -> int:
+        return self._run(lambda: self.connection.execute("PRAGMA user_version").fetchone()[0])
+
+    def journal_mode(self) -> str:
+        return self._run(lambda: self.connection.execute("PRAGMA journal_mode").fetchone()[0])
