@@ -182,6 +182,8 @@ def send_message(conversation_id):
     if plan.replaces_from is not None:  # the new answer has started: it replaces the previous one
         state.store().delete_messages_between(conversation_id, plan.replaces_from, message_id)
     response.headers["X-Message-Id"] = str(message_id)
+    if plan.content is not None and history and history[-1]["role"] == "user":
+        response.headers["X-User-Message-Id"] = str(history[-1]["id"])  # the page keeps its views by id
     return response
 
 

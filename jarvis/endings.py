@@ -154,17 +154,18 @@ def report(ending: Ending, relay: Relay) -> None:
         cancel_seconds = max(0.0, relay.upstream_closed_at - relay.stopped_at)
 
     metrics.STREAMS.labels(ending.label, relay.request.endpoint, upstream).inc()
-    metrics.STREAM_DURATION.observe(now - relay.started)
+    metrics.STREAM_DURATION.observe(now - relay.clock.started)
     if relay.first_event_at is not None:
-        metrics.TIME_TO_FIRST_TOKEN.observe(relay.first_event_at - relay.started)
+        metrics.TIME_TO_FIRST_TOKEN.observe(relay.first_event_at - relay.clock.started)
     if cancel_seconds is not None:
         metrics.CANCEL_LATENCY.observe(cancel_seconds)
     if ending.outcome is Outcome.UPSTREAM_ERROR:
         metrics.UPSTREAM_ERRORS.labels(error_code or "unknown", upstream).inc()
 
+    started = relay.clock.started
     fields = {"outcome": ending.label, "events": relay.events,
-              "ttft_ms": round((relay.first_event_at - relay.started) * 1000, 1) if relay.first_event_at else None,
-              "duration_ms": round((now - relay.started) * 1000, 1)}
+              "ttft_ms": round((relay.first_event_at - started) * 1000, 1) if relay.first_event_at else None,
+              "duration_ms": round((now - started) * 1000, 1)}
     extra = ""
     if error_code:
         fields["error"] = error_code

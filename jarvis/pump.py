@@ -10,6 +10,7 @@ same queue, so its response has one thing to wait on.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import gevent
@@ -85,6 +86,18 @@ class Pump:
             if self.queued_bytes <= _QUEUE_BYTES and not self.room.is_set():
                 self.room.set()
         return item
+
+    def whole_answer(self, seconds: float, stopped: Callable[[], bool]) -> Result | Failure | None:
+        """A whole answer's Result or Failure; None when a stop came first; TimeoutError after `seconds`."""
+        deadline = time.monotonic() + seconds
+        while not stopped():
+            try:
+                item = self.next(timeout=max(0.0, deadline - time.monotonic()))
+            except gevent.queue.Empty:
+                raise TimeoutError from None
+            if isinstance(item, (Result, Failure)):
+                return item
+        return None
 
     def _gathered(self, batch: list[bytes]) -> list[bytes]:
         queue = self.queue

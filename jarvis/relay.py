@@ -1,36 +1,23 @@
 """The relay: the one place where a backend's output becomes a client's SSE stream.
 
-Nothing ever waits on one thing while another matters:
+Nothing ever waits on one thing while another matters. The response (gunicorn's greenlet) opens the
+backend — connects, sends, waits for the answer's headers, interrupted by a stop and bounded by the
+inactivity limit — then reads an upstream's stream itself, or takes what a pump read (jarvis.pump:
+the embedded model, whole answers); it writes events, `: ping` heartbeats while the backend is quiet,
+and the in-band error + [DONE] on any abnormal end. A repeating timer (the ticker) keeps time
+(jarvis.clock): while the response waits inside an upstream's read it interrupts that wait (batches()
+yields INTERRUPTED and goes on), else it queues a tick. The client's socket is watched for FIN/RST
+(jarvis.worker.ClientWatcher), even while the upstream is silent. Reading an upstream in the
+response's own greenlet costs a token one wake-up and one switch, where a pump and a queue took two.
 
-    response  (gunicorn's greenlet) opens the backend — connects, sends, waits
-              for the answer's headers, interrupted by a stop and bounded by the
-              inactivity limit — then reads an upstream's stream itself; writes
-              events, `: ping` heartbeats while the backend is quiet, and the
-              in-band error + [DONE] on any abnormal end (inactivity, max
-              duration, shutdown, upstream)
-    pump      (jarvis.pump) only for a backend that is not an upstream's stream
-              (the embedded model, a whole answer): reads it into a bounded
-              queue, which the response waits on
-    ticker    a repeating timer: heartbeats and time limits. While the response
-              waits inside the upstream's read it interrupts that wait (the
-              generation's batches() yields INTERRUPTED and goes on); otherwise
-              it queues a tick
-    client    a read watcher on the client socket (jarvis.worker.ClientWatcher)
-              reporting FIN/RST at once, even while the upstream is silent
+Cancelling is aborting the generation at once (for an upstream: FIN on its socket, so it stops
+generating) and then ending the greenlet reading it, whose `finally` closes it. The relay writes down
+what happened (jarvis.endings.Happened); how the stream ended is decided once, in jarvis.endings, when
+it closes: one INFO line, the metrics and (through its observer) the saved answer all read that.
 
-Reading an upstream in the response's own greenlet is what a token costs least
-with: one wake-up and one switch, where a pump and a queue took two of each.
-
-Cancelling is aborting the generation at once (for an upstream: FIN on its
-socket, so it stops generating) and then ending the greenlet reading it, whose
-`finally` closes it. The relay writes down what happened (jarvis.endings.Happened);
-how the stream ended is decided once, in jarvis.endings, when it closes: one INFO
-line, the metrics and (through its observer) the saved answer all read that.
-
-Never `yield` in an `except GeneratorExit` or `finally` block here: gunicorn
-closes the generator when a write fails, and a yield there raises RuntimeError.
+Never `yield` in an `except GeneratorExit` or `finally` block here: gunicorn closes the generator when
+a write fails, and a yield there raises RuntimeError.
 """
-
 from __future__ import annotations
 
 import logging
@@ -38,15 +25,15 @@ import time
 from typing import Protocol
 
 import gevent
-import gevent.queue
 from flask import Response
 
 from jarvis import metrics, streams
 from jarvis.backends import INTERRUPTED, Backend, ChatRequest, Generation, Interrupted
+from jarvis.clock import Clock
 from jarvis.endings import ENDINGS, Ending, Happened, Outcome, decide, report
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import trace_id_var
-from jarvis.pump import END, TICK, WAKE, Failure, Pump, Result
+from jarvis.pump import END, TICK, WAKE, Failure, Pump
 from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, LastChunk, data_event, error_event, responses_error_event
@@ -93,12 +80,8 @@ class Relay:
         # The Responses API streams named events, relayed whole, and ends without [DONE].
         self.whole_events = request.endpoint == "responses"
         self.done = b"" if self.whole_events else DONE_EVENT
-        self.heartbeat = settings.heartbeat_seconds
-        self.inactivity = settings.stream_inactivity_seconds
-        self.max_seconds = settings.stream_max_seconds
         self.max_streams = settings.max_streams
-        # Heartbeats go out at most a quarter heartbeat late; limits are checked as often.
-        self.tick_seconds = min(self.heartbeat, self.inactivity, self.max_seconds) / 4
+        self.clock = Clock(settings)
         self.client = ClientWatcher(environ, self._client_gone)
         self.pump: Pump | None = None  # a backend that is not an upstream's stream; see jarvis.pump
         self.generation: Generation | None = None
@@ -114,10 +97,7 @@ class Relay:
         self.stop_error: StreamError | None = None  # what a stop for another reason tells the client
         self.ending: Ending | None = None  # decided once, when the stream closes
         self.events = 0
-        self.started = time.monotonic()
         self.first_event_at: float | None = None
-        self.last_event = self.started
-        self.last_write = self.started  # the last bytes written to the client, a heartbeat included
         self.stopped_at: float | None = None  # first stop signal: client gone, Stop, shutdown, ...
         self.client_left_by: str | None = None  # "fin" or "reset", as the client watcher saw it
         self.upstream_closed_at: float | None = None
@@ -173,7 +153,7 @@ class Relay:
         self.reader = gevent.getcurrent()
         self.in_backend = True
         try:
-            with gevent.Timeout(self.inactivity, _OpenTimeout):
+            with gevent.Timeout(self.clock.inactivity, _OpenTimeout):
                 generation = self.backend.open(self.request)
         except Interrupted:
             raise self._stopped_before_start() from None
@@ -256,15 +236,12 @@ class Relay:
         trace_id_var.set(self.request.trace_id)
         # One repeating timer per stream drives heartbeats and time limits, rather than a timeout
         # on every wait: the loops below run once per chunk.
-        ticker = gevent.get_hub().loop.timer(self.tick_seconds, self.tick_seconds)
+        ticker = gevent.get_hub().loop.timer(self.clock.tick_seconds, self.clock.tick_seconds)
         ticker.start(self._tick)
         try:
             yield OPENING  # gunicorn sends the headers with the first body write
-            self.last_write = time.monotonic()
-            if self.direct:
-                yield from self._read_directly()
-            else:
-                yield from self._read_pump()
+            self.clock.last_write = time.monotonic()
+            yield from self._read()
         except GeneratorExit:
             self.happened.client_left_mid_write = True
             raise
@@ -273,77 +250,64 @@ class Relay:
             ticker.close()
             self.close()
 
-    def _read_directly(self):
-        """Read the generation in this greenlet: each batch is written before the next read."""
-        batches = self.generation.batches()
-        self.reader = gevent.getcurrent()
+    def _read(self):
+        """Read the backend until the stream ends: an upstream's stream in this greenlet (each batch
+        written before the next read), anything else from its pump. Both give the same items."""
+        take = self._direct_reader() if self.direct else self.pump.next
         while True:
             if self.stopping:
                 yield from self._stopped()
                 return
-            self.in_backend = True
-            try:
-                batch = next(batches, END)
-            except (ApiError, StreamError) as error:
-                if self.stopping:
-                    continue  # the stop ended the read: report the stop, not the broken connection
-                yield self._fail(error)
-                return
-            except Exception as error:  # a bug: report it in-band rather than hang the client
-                log.exception("backend failed")
-                yield self._fail(StreamError("internal_error", f"Jarvis failed while reading the backend "
-                                                               f"({type(error).__name__}); see the server log"))
-                return
-            except Interrupted:  # a wait in the generation that does not expect one: a bug, and it has ended
-                log.exception("the backend's stream was interrupted where it could not be")
-                yield self._fail(self._internal_error())
-                return
-            finally:
-                self.in_backend = False
-            if batch is INTERRUPTED:
-                if (yield from self._ticked()):
-                    return
-            elif batch is END:
-                if self.stopping:
-                    continue
-                yield self._completed()
-                return
-            elif batch:
-                if self.first_event_at is None and len(batch) > 1:
-                    # The client's first token goes out before the rest of a first burst is framed.
-                    if (yield from self._sent(batch[:1])):
-                        return
-                    batch = batch[1:]
-                if (yield from self._sent(batch)):
-                    return
-            else:
-                yield from self._nothing_yet()
-
-    def _read_pump(self):
-        """Wait on the pump's queue: batches, ticks, the end or a failure."""
-        pump = self.pump
-        while True:
-            if self.stopping:
-                yield from self._stopped()
-                return
-            item = pump.next()
+            item = take()
             if type(item) is list:
-                if item:
-                    if (yield from self._sent(item)):
-                        return
-                else:
+                if not item:
                     yield from self._nothing_yet()
+                    continue
+                if self.first_event_at is None and len(item) > 1:
+                    # The client's first token goes out before the rest of a first burst is framed.
+                    if (yield from self._sent(item[:1])):
+                        return
+                    item = item[1:]
+                if (yield from self._sent(item)):
+                    return
             elif item is TICK:
                 if (yield from self._ticked()):
                     return
             elif item is END:
-                yield self._completed()
-                return
+                if not self.stopping:  # (stopped: the stop says how it ended)
+                    yield self._completed()
+                    return
             elif isinstance(item, Failure):
                 yield self._fail(item.error)
                 return
 
-    # Both loops' steps, as generators that yield what goes to the client and return True when that
+    def _direct_reader(self):
+        """The pump's `next` for an upstream's stream read in this greenlet, where a stop or a tick
+        interrupts its wait (`in_backend`): batches, TICK, END or a Failure."""
+        batches = self.generation.batches()
+        self.reader = gevent.getcurrent()
+
+        def take():
+            self.in_backend = True
+            try:
+                batch = next(batches, END)
+            except (ApiError, StreamError) as error:
+                # A stop ended the read: report the stop, not the broken connection.
+                return WAKE if self.stopping else Failure(error)
+            except Exception as error:  # a bug: report it in-band rather than hang the client
+                log.exception("backend failed")
+                return Failure(StreamError("internal_error", f"Jarvis failed while reading the backend "
+                                                             f"({type(error).__name__}); see the server log"))
+            except Interrupted:  # a wait in the generation that does not expect one: a bug, and it has ended
+                log.exception("the backend's stream was interrupted where it could not be")
+                return Failure(self._internal_error())
+            finally:
+                self.in_backend = False
+            return TICK if batch is INTERRUPTED else batch
+
+        return take
+
+    # The loop's steps, as generators that yield what goes to the client and return True when that
     # ended the stream: `if (yield from self._sent(batch)): return`.
 
     def _sent(self, batch: list[bytes]):
@@ -354,21 +318,20 @@ class Relay:
             return True
         if data:
             yield data
-            self.last_write = self.last_event
-        if self.last_write - self.started >= self.max_seconds:
-            yield self._fail(self._limit_reached(self.last_write))
+            self.clock.last_write = self.clock.last_event
+        if self.clock.last_write - self.clock.started >= self.clock.max_seconds:
+            yield self._fail(self.clock.limit_reached(self.clock.last_write))
             return True
         return False
 
     def _ticked(self):
         """On a tick: the end when a time limit is reached, else a heartbeat if one is due."""
         now = time.monotonic()
-        limit = self._limit_reached(now)
+        limit = self.clock.limit_reached(now)
         if limit is not None:
             yield self._fail(limit)
             return True
-        if now - self.last_write >= self.heartbeat:
-            self.last_write = now
+        if self.clock.heartbeat_due(now):
             yield PING
         return False
 
@@ -386,7 +349,7 @@ class Relay:
                            "server_error")
 
     def _nothing_yet(self):
-        self.last_event = time.monotonic()  # the backend is alive but has nothing yet
+        self.clock.last_event = time.monotonic()  # the backend is alive but has nothing yet
         self.queued = True
         if self.observer is not None:
             waiting = self.observer.waiting()
@@ -409,7 +372,7 @@ class Relay:
         now = time.monotonic()
         if self.first_event_at is None:
             self.first_event_at = now
-        self.last_event = now
+        self.clock.last_event = now
         self.events += len(batch)
         self.bytes += sum(map(len, batch))
         if not self.answering:
@@ -446,16 +409,6 @@ class Relay:
             return
         yield self._last(self._closing_events("stopped") + DONE_EVENT)
 
-    def _limit_reached(self, now: float) -> StreamError | None:
-        if now - self.started >= self.max_seconds:
-            return StreamError("stream_max_duration", f"The stream reached JARVIS_STREAM_MAX_SECONDS "
-                                                      f"({self.max_seconds:g} s) and was ended", "timeout_error")
-        if now - self.last_event >= self.inactivity:
-            return StreamError("stream_inactivity", f"The backend sent nothing for {self.inactivity:g} s "
-                                                    "(JARVIS_STREAM_INACTIVITY_SECONDS); the stream was ended",
-                               "timeout_error")
-        return None
-
     def _fail(self, error: StreamError | ApiError) -> bytes:
         if isinstance(error, ApiError):
             error = StreamError(error.code or "upstream_error", str(error), "upstream_error")
@@ -465,37 +418,28 @@ class Relay:
     # -- non-streaming -----------------------------------------------------------
 
     def result_response(self) -> Response:
-        """Wait for a whole answer, cancelling the backend if the client leaves first."""
+        """Wait for a whole answer (at most JARVIS_STREAM_MAX_SECONDS), cancelling the backend if the
+        client leaves first; any failure is an ApiError, before any byte went to the client."""
         try:
-            result = self._whole_answer()
-            self.first_event_at = time.monotonic()
-            self.events = 1
-            self.happened.completed = True
-            return Response(result.body, status=result.status, content_type="application/json")
-        finally:
-            self.close()
-
-    def _whole_answer(self) -> Result:
-        """The pump's Result, before any byte went to the client; ApiError when it fails or takes longer
-        than JARVIS_STREAM_MAX_SECONDS, or the client leaves."""
-        deadline = time.monotonic() + self.max_seconds
-        while True:
-            if self.stopping:
-                raise self._stopped_before_start()
             try:
-                item = self.pump.next(timeout=max(0.0, deadline - time.monotonic()))
-            except gevent.queue.Empty:
+                item = self.pump.whole_answer(self.clock.max_seconds, lambda: self.stopping is not None)
+            except TimeoutError:
                 self.happened.timed_out = True
                 raise ApiError(504, "The upstream did not finish within JARVIS_STREAM_MAX_SECONDS",
                                type_="upstream_error", code="upstream_timeout") from None
+            if item is None:
+                raise self._stopped_before_start()
             if isinstance(item, Failure):
-                error = item.error
-                if not isinstance(error, ApiError):
-                    error = ApiError(502, str(error), type_="upstream_error", code=error.code)
+                error = item.error if isinstance(item.error, ApiError) else \
+                    ApiError(502, str(item.error), type_="upstream_error", code=item.error.code)
                 self.happened.fail(error)
                 raise error
-            if isinstance(item, Result):
-                return item
+            self.first_event_at = time.monotonic()
+            self.events = 1
+            self.happened.completed = True
+            return Response(item.body, status=item.status, content_type="application/json")
+        finally:
+            self.close()
 
     # -- the end ---------------------------------------------------------------
 

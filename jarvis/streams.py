@@ -79,8 +79,8 @@ def describe(relay, now: float) -> dict:
     model = relay.request.body.get("model")
     return {"trace_id": relay.request.trace_id, "route": "page" if page else f"/v1/{relay.request.endpoint}",
             "model": model[:100] if isinstance(model, str) else None, "upstream": relay.upstream,
-            "phase": phase, "age_s": round(now - relay.started, 3),
-            "since_last_byte_s": round(now - relay.last_event, 3), "events": relay.events, "bytes": relay.bytes,
+            "phase": phase, "age_s": round(now - relay.clock.started, 3),
+            "since_last_byte_s": round(now - relay.clock.last_event, 3), "events": relay.events, "bytes": relay.bytes,
             "client_attached": bool(watched), "worker": os.getpid()}
 
 

@@ -66,7 +66,7 @@ def data_of(events) -> list[dict]:
 
 
 def page_text(chunks: list[dict]) -> tuple[str, str]:
-    """(reasoning, content) as the page shows them from its chunks (the rules static/chat.js applies)."""
+    """(reasoning, content) as the page shows them from its chunks (the rules static/page/message-view.js applies)."""
     reasoning = content = ""
     for chunk in chunks:
         for choice in chunk.get("choices") or []:

@@ -51,7 +51,7 @@ def test_a_wrong_key_in_any_header_never_passes(guarded, headers):
 def test_healthz_and_the_page_shell_stay_open(guarded):
     assert guarded.get("/healthz").status_code == 200
     assert guarded.get("/").status_code == 200
-    with guarded.get("/static/chat.js") as script:
+    with guarded.get("/static/page/main.js") as script:
         assert script.status_code == 200
     assert guarded.get("/api/session").json == {"required": True, "signed_in": False}
 
@@ -100,7 +100,7 @@ def test_get_never_changes_state(client):
 
 
 def test_security_headers_on_every_response(client):
-    for path in ["/", "/healthz", "/v1/models", "/nope", "/static/chat.js"]:
+    for path in ["/", "/healthz", "/v1/models", "/nope", "/static/page/main.js"]:
         with client.get(path) as response:
             headers = response.headers
         assert headers["X-Content-Type-Options"] == "nosniff"

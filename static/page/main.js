@@ -1,0 +1,391 @@
+// @ts-check
+/**
+ * The chat page's entry: the conversation on screen (its messages kept by id in a MessageList), sending,
+ * regenerating and editing, start-up and sign-in, and the page's keys and buttons. The other modules:
+ *
+ *   message-view.js       one message on screen          message-list.js   the messages, by id
+ *   answer-stream.js      start, attach, re-attach, Stop  conversation-list.js  the sidebar's list
+ *   search.js             search as you type             settings.js       settings, import/export, doctor
+ */
+import * as api from "../api.js";
+import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
+import { showConversations } from "./conversation-list.js";
+import { $, button, report } from "./dom.js";
+import { MessageList } from "./message-list.js";
+import { MessageView } from "./message-view.js";
+import { searchAsTyped } from "./search.js";
+import { checkStreaming, importConversations, openSettings, saveSettings, settingsDialog } from "./settings.js";
+import { LAST_CONVERSATION, LAST_MODEL, state } from "./state.js";
+
+const messagesView = $("messages");
+const conversationList = $("conversation-list");
+const form = /** @type {HTMLFormElement} */ ($("composer"));
+const prompt = /** @type {HTMLTextAreaElement} */ ($("prompt"));
+const sendButton = /** @type {HTMLButtonElement} */ ($("send"));
+const stopButton = /** @type {HTMLButtonElement} */ ($("stop"));
+const modelPicker = /** @type {HTMLSelectElement} */ ($("model"));
+const title = $("title");
+const editing = $("editing");
+const searchBox = /** @type {HTMLInputElement} */ ($("search"));
+const helpDialog = /** @type {HTMLDialogElement} */ ($("help-dialog"));
+
+/** @type {MessageList<MessageView>} */
+const messages = new MessageList(messagesView, (message) => new MessageView(message));
+
+// -- the messages' actions ---------------------------------------------------------------
+
+/** Adds Copy to every message, Edit to user messages and Regenerate to the last answer. */
+function refreshActions() {
+  for (const view of messages) {
+    const copy = button("Copy", () => copyMessage(view, copy));
+    copy.className = "copy-message";
+    copy.title = "Copy this message's Markdown";
+    view.actions.replaceChildren(copy);
+    if (view.message.role === "user" && view.id !== null && !state.following) {
+      const id = view.id;
+      view.actions.append(button("Edit", () => startEdit(id, view)));
+    }
+  }
+  const lastAnswer = messages.last((view) => view.message.role === "assistant");
+  if (lastAnswer && !state.following) lastAnswer.actions.append(button("Regenerate", () => regenerate().catch(report)));
+}
+
+/**
+ * Puts a message's exact Markdown (what the model wrote, or what was typed) on the clipboard.
+ * @param {MessageView} view
+ * @param {HTMLButtonElement} control
+ */
+function copyMessage(view, control) {
+  navigator.clipboard.writeText(view.text).then(
+    () => { control.textContent = "Copied"; setTimeout(() => { control.textContent = "Copy"; }, 1500); },
+    (error) => console.warn("copy failed", error),
+  );
+}
+
+function scrollToEnd() {
+  messagesView.scrollTop = messagesView.scrollHeight;
+}
+
+// -- conversations ---------------------------------------------------------------------
+
+async function refreshConversationList() {
+  const conversations = await api.listConversations();
+  showConversations(conversationList, conversations, state.conversationId, {
+    open: openConversation, rename: renameConversation, remove: removeConversation, stop: stopElsewhere,
+  });
+  return conversations;
+}
+
+/** @param {string} id */
+async function openConversation(id) {
+  detach();
+  const conversation = await api.readConversation(id);
+  state.conversationId = id;
+  localStorage.setItem(LAST_CONVERSATION, id);
+  title.textContent = conversation.title;
+  cancelEdit();
+  messages.clear();
+  /** @type {MessageView | null} */ let streaming = null;
+  for (const message of conversation.messages) {
+    const view = messages.add(message);
+    if (message.status === "streaming") streaming = view;
+  }
+  refreshActions();
+  scrollToEnd();
+  await refreshConversationList();
+  document.body.classList.remove("sidebar-open");
+  if (streaming) {
+    // Still being written (another tab, a reload, a lost connection): follow it from where it is.
+    followAnswer(id, streaming, streaming.id, null).catch(report);
+  }
+}
+
+async function newConversation() {
+  const conversation = await api.createConversation();
+  await openConversation(conversation.id);
+  prompt.focus();
+}
+
+/**
+ * @param {string} id
+ * @param {string} current
+ */
+async function renameConversation(id, current) {
+  const name = window.prompt("Rename conversation", current);
+  if (!name || !name.trim()) return;
+  await api.renameConversation(id, name.trim());
+  if (id === state.conversationId) title.textContent = name.trim();
+  await refreshConversationList();
+}
+
+/** @param {string} id */
+async function removeConversation(id) {
+  if (!window.confirm("Delete this conversation?")) return;
+  if (id === state.conversationId) detach();
+  await api.deleteConversation(id);
+  if (id === state.conversationId) {
+    state.conversationId = null;
+    localStorage.removeItem(LAST_CONVERSATION);
+    messages.clear();
+    title.textContent = "Jarvis";
+  }
+  await refreshConversationList();
+}
+
+/**
+ * Stops the answer running in another conversation (from the list, or a waiting note).
+ * @param {string} conversationId
+ */
+async function stopElsewhere(conversationId) {
+  if (state.following?.conversationId === conversationId) {
+    stop();
+    return;
+  }
+  await api.stopAnswer(conversationId);
+  await refreshConversationList();
+}
+
+/**
+ * Re-reads the conversation from the server, which owns it: every view matched to its message by id.
+ * @param {string} conversationId
+ */
+async function settleWithServer(conversationId) {
+  if (state.conversationId !== conversationId || state.following) return;
+  const conversation = await api.readConversation(conversationId);
+  if (state.conversationId !== conversationId || state.following) return;
+  title.textContent = conversation.title;
+  messages.reconcile(conversation.messages);
+  refreshActions();
+  await refreshConversationList();
+}
+
+// -- sending ---------------------------------------------------------------------------
+
+/** @param {string} text */
+async function send(text) {
+  if (!state.conversationId) {
+    const conversation = await api.createConversation();
+    state.conversationId = conversation.id;
+    localStorage.setItem(LAST_CONVERSATION, conversation.id);
+  }
+  const body = { content: text, model: modelPicker.value || undefined, edit: state.editId ?? undefined };
+  if (state.editId !== null) {
+    const edited = messages.find(state.editId);
+    if (edited) messages.removeFrom(edited);
+    cancelEdit();
+  }
+  const question = messages.add({ role: "user", content: text });
+  await startAnswer(body, question);
+}
+
+async function regenerate() {
+  const lastQuestion = messages.last((view) => view.message.role === "user");
+  if (lastQuestion) messages.removeAfter(lastQuestion);
+  await startAnswer({ regenerate: true, model: modelPicker.value || undefined }, null);
+}
+
+/**
+ * Starts an answer on the server and follows it into a new assistant message.
+ * @param {object} body
+ * @param {MessageView | null} question the user's new message, named when the server answers
+ */
+async function startAnswer(body, question) {
+  const conversationId = /** @type {string} */ (state.conversationId);
+  const view = messages.add({ role: "assistant", content: "", status: "streaming" });
+  scrollToEnd();
+  await followAnswer(conversationId, view, null, (signal) => api.sendMessage(conversationId, body, signal),
+    (response) => {
+      const questionId = Number(response.headers.get("X-User-Message-Id"));
+      if (question && questionId) messages.name(question, questionId);
+    });
+  await refreshConversationList().catch(report);
+}
+
+/** @param {boolean} streaming */
+function setStreaming(streaming) {
+  stopButton.disabled = !streaming;
+  sendButton.disabled = streaming;
+  if (streaming) refreshActions();
+}
+
+/**
+ * @param {number} id
+ * @param {MessageView} view
+ */
+function startEdit(id, view) {
+  state.editId = id;
+  prompt.value = view.text;
+  editing.hidden = false;
+  prompt.focus();
+}
+
+function cancelEdit() {
+  state.editId = null;
+  editing.hidden = true;
+}
+
+/**
+ * @param {string} conversationId
+ * @param {number | null} messageId null: the title matched
+ */
+async function openSearchResult(conversationId, messageId) {
+  await openConversation(conversationId);
+  if (messageId === null) return;
+  const found = messages.find(messageId)?.element;
+  if (!found) return;
+  found.classList.add("found");
+  found.scrollIntoView({ block: "center" });
+  setTimeout(() => found.classList.remove("found"), 2500);
+}
+
+// -- start-up and keys -------------------------------------------------------------
+
+/** Fills the model picker: grouped by upstream when the models come from several. */
+async function loadModels() {
+  try {
+    const models = await api.listModels();
+    const option = (/** @type {string} */ id) => {
+      const element = document.createElement("option");
+      element.value = element.textContent = id;
+      return element;
+    };
+    /** @type {Map<string, string[]>} */
+    const byOwner = new Map();
+    for (const model of models) byOwner.set(model.owner, [...(byOwner.get(model.owner) ?? []), model.id]);
+    if (byOwner.size > 1) {
+      modelPicker.replaceChildren(...[...byOwner].map(([owner, ids]) => {
+        const group = document.createElement("optgroup");
+        group.label = owner || "other";
+        group.append(...ids.map(option));
+        return group;
+      }));
+    } else {
+      modelPicker.replaceChildren(...models.map((model) => option(model.id)));
+    }
+    const remembered = localStorage.getItem(LAST_MODEL);
+    if (remembered && models.some((model) => model.id === remembered)) modelPicker.value = remembered;
+  } catch (error) {
+    console.warn("could not load the model list", error);
+  }
+}
+
+/** When Jarvis has an API key, ask for it once; the server then keeps a session cookie. */
+async function signInIfNeeded() {
+  const session = await api.sessionState();
+  if (!session.required || session.signed_in) return;
+  const signIn = /** @type {HTMLFormElement} */ ($("sign-in"));
+  const keyInput = /** @type {HTMLInputElement} */ ($("api-key"));
+  const failure = $("sign-in-error");
+  $("app").hidden = true;
+  signIn.hidden = false;
+  keyInput.focus();
+  await new Promise((resolve) => {
+    signIn.addEventListener("submit", (event) => {
+      event.preventDefault();
+      api.signIn(keyInput.value).then(() => {
+        signIn.hidden = true;
+        $("app").hidden = false;
+        keyInput.value = "";
+        resolve(undefined);
+      }, (error) => {
+        failure.textContent = error instanceof Error ? error.message : String(error);
+        failure.hidden = false;
+      });
+    });
+  });
+}
+
+async function showSettings() {
+  if (!state.conversationId) await newConversation();
+  await openSettings(/** @type {string} */ (state.conversationId));
+}
+
+/** @param {KeyboardEvent} event */
+function typing(event) {
+  const target = /** @type {HTMLElement | null} */ (event.target);
+  return !!target && (target.isContentEditable || ["INPUT", "TEXTAREA", "SELECT"].includes(target.tagName));
+}
+
+async function start() {
+  await signInIfNeeded();
+  await loadModels();
+  const conversations = await refreshConversationList();
+  const remembered = localStorage.getItem(LAST_CONVERSATION);
+  const last = conversations.find((/** @type {any} */ c) => c.id === remembered) ?? conversations[0];
+  if (last) await openConversation(last.id);
+  document.body.dataset.ready = "true";
+}
+
+Object.assign(hooks, {
+  streaming: setStreaming,
+  settle: settleWithServer,
+  stopElsewhere,
+  reopen: openConversation,
+  named: (/** @type {MessageView} */ view, /** @type {number} */ id) => messages.name(view, id),
+});
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = prompt.value.trim();
+  if (!text || state.following) return;
+  prompt.value = "";
+  send(text).catch(report);
+});
+prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && !settingsDialog.open && !helpDialog.open) {
+    stop();
+    return;
+  }
+  if (typing(event) || event.ctrlKey || event.metaKey || event.altKey || document.querySelector("dialog[open]")) return;
+  if (event.key === "/") {
+    event.preventDefault();
+    document.body.classList.add("sidebar-open");
+    searchBox.focus();
+  } else if (event.key === "?") {
+    event.preventDefault();
+    helpDialog.showModal();
+  } else if (event.key === "s") {
+    event.preventDefault();
+    showSettings().catch(report);
+  }
+});
+searchAsTyped(searchBox, $("search-results"), conversationList, openSearchResult);
+$("settings-button").addEventListener("click", () => showSettings().catch(report));
+$("help-button").addEventListener("click", () => helpDialog.showModal());
+$("settings-cancel").addEventListener("click", () => settingsDialog.close());
+$("settings-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  saveSettings().catch(report);
+});
+$("import-button").addEventListener("click", () => $("import-file").click());
+$("stream-check").addEventListener("click", () => checkStreaming().catch(report));
+$("import-file").addEventListener("change", () => {
+  const input = /** @type {HTMLInputElement} */ ($("import-file"));
+  const file = input.files?.[0];
+  input.value = "";
+  if (file) {
+    importConversations(file, async (ids) => {
+      await refreshConversationList();
+      if (ids.length) await openConversation(ids[0]);
+    }).catch(report);
+  }
+});
+stopButton.addEventListener("click", stop);
+$("new-chat").addEventListener("click", () => newConversation().catch(report));
+$("cancel-edit").addEventListener("click", cancelEdit);
+$("toggle-sidebar").addEventListener("click", () => {
+  const open = document.body.classList.toggle("sidebar-open");
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+});
+modelPicker.addEventListener("change", () => localStorage.setItem(LAST_MODEL, modelPicker.value));
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") reattachNow();
+});
+window.addEventListener("online", reattachNow);
+start().catch(report);

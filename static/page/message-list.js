@@ -1,0 +1,119 @@
+// @ts-check
+/**
+ * The conversation's messages on screen, kept by their server id — never matched by position, so a
+ * conversation can hold versions of a message, tool messages, or lose one to a regenerate without the
+ * page's views and the server's messages drifting apart.
+ *
+ * The list knows views only through `element` and `id` (null until the server has named the message),
+ * and its container only through `append` and `replaceChildren`: the page passes MessageViews and the
+ * #messages element; the unit tests (tests/js/) plain objects.
+ */
+
+/** @typedef {{element: any, id: number | null}} View */
+
+/** @template {View} V */
+export class MessageList {
+  /**
+   * @param {{append: (element: any) => void, replaceChildren: (...elements: any[]) => void}} container
+   * @param {(message: any) => V} makeView
+   */
+  constructor(container, makeView) {
+    this.container = container;
+    this.makeView = makeView;
+    /** @type {V[]} in screen order */ this.order = [];
+    /** @type {Map<number, V>} */ this.byId = new Map();
+  }
+
+  /** @param {any} message shown at the end; kept by its id once it has one */
+  add(message) {
+    const view = this.makeView(message);
+    this.order.push(view);
+    if (view.id !== null) this.byId.set(view.id, view);
+    this.container.append(view.element);
+    return view;
+  }
+
+  /**
+   * The server has named a message this page added.
+   * @param {V} view
+   * @param {number} id
+   */
+  name(view, id) {
+    if (view.id !== null) this.byId.delete(view.id);
+    view.id = id;
+    this.byId.set(id, view);
+  }
+
+  /** @param {number} id */
+  find(id) {
+    return this.byId.get(id) ?? null;
+  }
+
+  /** @param {(view: V) => boolean} [predicate] */
+  last(predicate = () => true) {
+    for (let index = this.order.length - 1; index >= 0; index -= 1) {
+      if (predicate(this.order[index])) return this.order[index];
+    }
+    return null;
+  }
+
+  /**
+   * Removes `view` and every view after it (an edit starts a new branch there).
+   * @param {V} view
+   */
+  removeFrom(view) {
+    const index = this.order.indexOf(view);
+    if (index < 0) return;
+    this.order.slice(index).forEach((gone) => { if (gone.id !== null) this.byId.delete(gone.id); });
+    this.order = this.order.slice(0, index);
+    this.container.replaceChildren(...this.order.map((kept) => kept.element));
+  }
+
+  /**
+   * Removes every view after `view`.
+   * @param {V} view
+   */
+  removeAfter(view) {
+    const index = this.order.indexOf(view);
+    if (index >= 0 && index + 1 < this.order.length) this.removeFrom(this.order[index + 1]);
+  }
+
+  clear() {
+    this.order = [];
+    this.byId.clear();
+    this.container.replaceChildren();
+  }
+
+  /**
+   * Brings the list in line with the server's messages, by id: shown in the server's order, views of
+   * messages the server no longer has dropped, new ones added. Views the server has not named (a
+   * message whose request failed before the server kept it) are the newest on the page: they stay last.
+   * Returns the messages that had no view.
+   * @param {{id: number}[]} messages
+   */
+  reconcile(messages) {
+    const wanted = new Set(messages.map((message) => message.id));
+    /** @type {V[]} */ const order = [];
+    const added = [];
+    const unnamed = this.order.filter((view) => view.id === null);
+    for (const message of messages) {
+      let view = this.byId.get(message.id);
+      if (!view) {
+        view = this.makeView(message);
+        this.byId.set(message.id, view);
+        added.push(message);
+      }
+      order.push(view);
+    }
+    for (const [id] of this.byId) if (!wanted.has(id)) this.byId.delete(id);
+    order.push(...unnamed); // the newest things this page added, still unknown to the server
+    this.order = order;
+    this.container.replaceChildren(...order.map((view) => view.element));
+    return added;
+  }
+
+  /** Views in screen order. */
+  [Symbol.iterator]() {
+    return this.order[Symbol.iterator]();
+  }
+}

@@ -1,0 +1,210 @@
+// @ts-check
+/**
+ * The message view: one message on screen. Assistant text (and a thinking model's reasoning, in a
+ * collapsible block above it) is rendered as sanitised Markdown, at most once per frame. A thinking
+ * model's reasoning arrives as `delta.reasoning_content` (whatever shape the upstream used) and shows
+ * live in a block above the answer that folds away when the answer starts.
+ */
+import { renderMarkdown } from "../markdown.js";
+import { seconds } from "./dom.js";
+
+/**
+ * @typedef {{ttft_ms?: number | null, thinking_ms?: number | null, completion_tokens?: number | null,
+ *   tokens_per_second?: number | null, upstream?: string}} AnswerStats
+ * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
+ *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null}} Message
+ */
+
+/**
+ * One message on screen. Assistant text (and a thinking model's reasoning, in a collapsible block
+ * above it) is rendered as sanitised Markdown, at most once per frame.
+ */
+export class MessageView {
+  /** @param {Message} message */
+  constructor(message) {
+    this.message = message;
+    this.element = document.createElement("article");
+    this.element.className = `message ${message.role}`;
+    this.element.dataset.role = message.role;
+    if (typeof message.id === "number") this.element.dataset.id = String(message.id);
+    this.thinking = document.createElement("details");
+    this.thinking.className = "thinking";
+    this.thinkingLabel = document.createElement("summary");
+    this.thinkingBody = document.createElement("div");
+    this.thinkingBody.className = "thinking-content";
+    this.thinking.append(this.thinkingLabel, this.thinkingBody);
+    this.body = document.createElement("div");
+    this.body.className = "content";
+    this.errorNote = document.createElement("p");
+    this.errorNote.className = "error";
+    this.errorNote.hidden = true;
+    this.statsLine = document.createElement("p");
+    this.statsLine.className = "stats";
+    this.statsLine.hidden = true;
+    this.actions = document.createElement("div");
+    this.actions.className = "actions";
+    this.element.append(this.thinking, this.body, this.errorNote, this.statsLine, this.actions);
+    this.text = message.content;
+    this.reasoning = message.reasoning ?? "";
+    this.renderedReasoning = null;
+    /** @type {number | null} */ this.thinkingStartedAt = null; // this page's clock, while it watches
+    /** @type {number | null} */ this.thinkingMs = message.stats?.thinking_ms ?? null;
+    /** @type {ReturnType<typeof setInterval> | null} */ this.thinkingTimer = null;
+    this.frameRequested = false;
+    this.setStatus(message.status ?? "complete", message.error ?? null, message.trace_id ?? null);
+    this.setStats(message.stats ?? null);
+    this.render();
+  }
+
+  /** The message's id on the server; null until the server has said it. */
+  get id() {
+    return typeof this.message.id === "number" ? this.message.id : null;
+  }
+
+  /** @param {number} id */
+  set id(id) {
+    this.message.id = id;
+    this.element.dataset.id = String(id);
+  }
+
+  /**
+   * Applies one streamed delta: reasoning, content, or the news that the content so far was reasoning.
+   * @param {any} delta
+   */
+  applyDelta(delta) {
+    if (!delta || typeof delta !== "object") return;
+    if (delta.content_was_reasoning === true) {
+      this.reasoning += this.text;
+      this.text = "";
+    }
+    if (typeof delta.reasoning_content === "string" && delta.reasoning_content) {
+      this.reasoning += delta.reasoning_content;
+      if (this.thinkingStartedAt === null && !this.text) this.startThinking();
+    }
+    if (typeof delta.content === "string" && delta.content) {
+      this.text += delta.content;
+      if (this.thinkingStartedAt !== null) this.stopThinking();
+    }
+    this.scheduleRender();
+  }
+
+  startThinking() {
+    this.thinkingStartedAt = performance.now();
+    this.thinking.open = true;
+    this.thinkingTimer = setInterval(() => this.labelThinking(), 1000);
+  }
+
+  /** The answer has started (or the stream ended): fold the thinking away, keep its duration. */
+  stopThinking() {
+    if (this.thinkingStartedAt === null) return;
+    this.thinkingMs ??= performance.now() - this.thinkingStartedAt;
+    this.thinkingStartedAt = null;
+    if (this.thinkingTimer !== null) clearInterval(this.thinkingTimer);
+    this.thinkingTimer = null;
+    if (this.text) this.thinking.open = false;
+    this.labelThinking();
+  }
+
+  labelThinking() {
+    if (this.thinkingStartedAt !== null) {
+      this.thinkingLabel.textContent = `Thinking… ${seconds(performance.now() - this.thinkingStartedAt)}`;
+    } else {
+      this.thinkingLabel.textContent = this.thinkingMs !== null ? `Thought for ${seconds(this.thinkingMs)}` : "Thoughts";
+    }
+  }
+
+  scheduleRender() {
+    if (this.frameRequested) return;
+    this.frameRequested = true;
+    requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    this.frameRequested = false;
+    if (this.message.role !== "assistant") {
+      this.body.textContent = this.text;
+      this.thinking.hidden = true;
+      return;
+    }
+    this.thinking.hidden = !this.reasoning;
+    if (this.reasoning !== this.renderedReasoning) {
+      this.renderedReasoning = this.reasoning;
+      showMarkdown(this.thinkingBody, this.reasoning);
+      if (this.thinkingStartedAt !== null) this.thinkingBody.scrollTop = this.thinkingBody.scrollHeight;
+    }
+    this.labelThinking();
+    showMarkdown(this.body, this.text);
+  }
+
+  /**
+   * The stream ended: show what arrived and how it ended.
+   * @param {string} status
+   * @param {string | null} error
+   * @param {string | null} traceId
+   */
+  finish(status, error, traceId) {
+    this.stopThinking();
+    this.render();
+    this.setStatus(status, error, traceId);
+  }
+
+  /**
+   * @param {string} status
+   * @param {string | null} error
+   * @param {string | null} traceId
+   */
+  setStatus(status, error, traceId) {
+    if (this.message.role === "assistant") this.element.dataset.status = status;
+    const notes = {
+      error: error ? `Error: ${error}` : "Error",
+      stopped: error ? `Stopped: ${error}` : "Stopped.",
+      interrupted: "Interrupted: the answer was cut short.",
+    };
+    const note = notes[/** @type {keyof typeof notes} */ (status)];
+    this.errorNote.hidden = !note;
+    this.errorNote.textContent = note ? `${note}${status === "error" && traceId ? ` (trace ${traceId})` : ""}` : "";
+  }
+
+  /**
+   * A passing note while the answer streams ("Reconnecting…"), or none.
+   * @param {string | null} text
+   * @param {HTMLElement | null} [action]
+   */
+  setNote(text, action = null) {
+    this.errorNote.hidden = !text;
+    this.errorNote.replaceChildren(...(text ? [text] : []), ...(action ? [" ", action] : []));
+  }
+
+  /** @param {AnswerStats | null} stats numbers from the server; nothing else is trusted */
+  setStats(stats) {
+    if (!stats || typeof stats !== "object") return;
+    const number = (/** @type {unknown} */ value) => (typeof value === "number" && Number.isFinite(value) ? value : null);
+    const ttft = number(stats.ttft_ms);
+    const thinking = number(stats.thinking_ms);
+    const tokens = number(stats.completion_tokens);
+    const speed = number(stats.tokens_per_second);
+    if (thinking !== null) this.thinkingMs = thinking;
+    const parts = [];
+    if (typeof stats.upstream === "string" && stats.upstream) parts.push(`via ${stats.upstream}`);
+    if (ttft !== null) parts.push(`${seconds(ttft)} to first token`);
+    if (thinking !== null) parts.push(`thought ${seconds(thinking)}`);
+    if (tokens !== null) parts.push(`${tokens} tokens`);
+    if (speed !== null) parts.push(`${speed.toFixed(1)} tokens/s`);
+    this.statsLine.textContent = parts.join(" · ");
+    this.statsLine.hidden = parts.length === 0;
+    this.labelThinking();
+  }
+}
+
+/**
+ * @param {HTMLElement} target
+ * @param {string} markdown untrusted
+ */
+export function showMarkdown(target, markdown) {
+  try {
+    target.replaceChildren(renderMarkdown(markdown));
+  } catch (error) {
+    console.warn("rendering Markdown failed; showing plain text", error);
+    target.textContent = markdown;
+  }
+}

@@ -1,0 +1,69 @@
+// Unit tests of the page's message list (static/page/message-list.js), run by Node's built-in test
+// runner (tests/test_javascript.py). The list knows views and its container only through a few
+// members, so plain objects stand in for MessageViews and the #messages element.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { MessageList } from "../../static/page/message-list.js";
+
+/** A container that records its children, as #messages would show them. */
+function container() {
+  return {
+    children: [],
+    append(element) { this.children.push(element); },
+    replaceChildren(...elements) { this.children = elements; },
+  };
+}
+
+/** A view of a message: its element is a label the test can read. */
+function view(message) {
+  return { message, element: `${message.role}:${message.content}`, id: typeof message.id === "number" ? message.id : null };
+}
+
+const CONVERSATION = [
+  { id: 1, role: "user", content: "a" },
+  { id: 2, role: "assistant", content: "b" },
+  { id: 3, role: "user", content: "c" },
+  { id: 4, role: "assistant", content: "d" },
+];
+
+test("a message view is found by its id after the list was re-ordered", () => {
+  const shown = container();
+  const list = new MessageList(shown, view);
+  const views = CONVERSATION.map((message) => list.add(message));
+  const reordered = [CONVERSATION[2], CONVERSATION[0], CONVERSATION[3], CONVERSATION[1]];
+  assert.deepEqual(list.reconcile(reordered), []); // nothing new: every view kept
+  assert.equal(list.find(2), views[1]);
+  assert.equal(list.find(3), views[2]);
+  assert.deepEqual(shown.children, ["user:c", "user:a", "assistant:d", "assistant:b"]);
+  assert.deepEqual([...list].map((shownView) => shownView.id), [3, 1, 4, 2]);
+});
+
+test("reconcile drops what the server no longer has, adds what it has new, and keeps unnamed views in place", () => {
+  const shown = container();
+  const list = new MessageList(shown, view);
+  CONVERSATION.forEach((message) => list.add(message));
+  const failed = list.add({ role: "user", content: "refused" }); // a send the server refused: never named
+  const added = list.reconcile([CONVERSATION[0], CONVERSATION[1], CONVERSATION[2], { id: 7, role: "assistant", content: "e" }]);
+  assert.deepEqual(added.map((message) => message.id), [7]);
+  assert.equal(list.find(4), null);
+  assert.equal(list.find(7).element, "assistant:e");
+  assert.deepEqual(shown.children, ["user:a", "assistant:b", "user:c", "assistant:e", "user:refused"]);
+  assert.equal(failed.id, null);
+});
+
+test("a view named by the server is found by that id; removeFrom drops it and what follows", () => {
+  const shown = container();
+  const list = new MessageList(shown, view);
+  list.add(CONVERSATION[0]);
+  const question = list.add({ role: "user", content: "new" });
+  const answer = list.add({ role: "assistant", content: "" });
+  list.name(question, 9);
+  list.name(answer, 10);
+  assert.equal(list.find(9), question);
+  assert.equal(list.last((shownView) => shownView.message.role === "user"), question);
+  list.removeFrom(question);
+  assert.equal(list.find(9), null);
+  assert.equal(list.find(10), null);
+  assert.deepEqual(shown.children, ["user:a"]);
+});
