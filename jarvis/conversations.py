@@ -21,7 +21,8 @@ from jarvis.endings import Outcome
 from jarvis.errors import ApiError
 from jarvis.inputs import check_messages, read_json_object, text_field
 from jarvis.logs import trace_id_var
-from jarvis.stores import ConversationBusy, NoSuchConversation
+from jarvis.security import client_address
+from jarvis.stores import ConversationBusy, NoSuchConversation, TooManyRuns
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,15 @@ def send_message(conversation_id):
     try:
         message_id, history = state.store().start_answer(
             conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
-            history_before=plan.replaces_from, title=plan.title, model=model, trace_id=trace_id)
+            history_before=plan.replaces_from, title=plan.title, model=model, trace_id=trace_id,
+            client=client_address(request.environ), max_runs=state.settings().max_runs_per_client)
     except ConversationBusy:
         raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
+    except TooManyRuns as error:
+        limit = state.settings().max_runs_per_client
+        raise ApiError(429, f"You already have {error.running} answers running, the most one client may have "
+                            f"(JARVIS_MAX_RUNS_PER_CLIENT={limit}): stop one, or wait for one to end",
+                       code="too_many_runs", headers={"Retry-After": "5"})
     except NoSuchConversation:
         raise ApiError(404, "No such conversation", code="conversation_not_found")
     # Usage lets the stats under the answer use the upstream's own token count; the page never

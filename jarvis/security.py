@@ -174,3 +174,23 @@ def sign_out():
         state.store().delete_session(session_id)
     session.clear()
     return "", 204
+
+
+def client_address(environ: dict) -> str:
+    """Who a request comes from, for per-client limits: the peer's address; behind a reverse proxy on
+    loopback (gunicorn's default `forwarded_allow_ips`), the last address of X-Forwarded-For, which is
+    the one that proxy saw (anything before it, the client could have written)."""
+    peer = environ.get("REMOTE_ADDR") or "-"
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if forwarded and _is_loopback(peer):
+        last = forwarded.split(",")[-1].strip()
+        if last:
+            return last[:64]
+    return peer
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

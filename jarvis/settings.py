@@ -269,6 +269,11 @@ class Settings:
         "JARVIS_ALLOW_NO_AUTH", False, flag, "1 lets Jarvis listen beyond loopback without a key.")
     max_streams: int = setting(
         "JARVIS_MAX_STREAMS", 1000, integer(1), "Open streams per worker; more get 429 with `Retry-After`.")
+    max_runs_per_client: int = setting(
+        "JARVIS_MAX_RUNS_PER_CLIENT", 4, integer(1),
+        "Page answers one client address may have running at once, on every worker and node, those nobody "
+        "watches included; one more gets 429 with `Retry-After`. Behind a reverse proxy on loopback, the "
+        "client is the last address of `X-Forwarded-For`.")
     max_import_bytes: int = setting(
         "JARVIS_MAX_IMPORT_BYTES", 32 * 1024 * 1024, integer(1024), "Largest file the page may import (413 above).")
     max_messages: int = setting("JARVIS_MAX_MESSAGES", 1000, integer(1), "Messages per request (400 above).")

@@ -61,7 +61,8 @@ def listing(jarvis) -> tuple[list[dict], float]:
 def test_debug_streams_lists_every_open_stream_of_both_workers_with_its_phase(start_jarvis, upstream):
     from tests.fake_upstream import Scenario
 
-    jarvis = start_jarvis(args=["-w", "2"])
+    # Every page answer here comes from this one (loopback) client: let it run them all.
+    jarvis = start_jarvis({"JARVIS_MAX_RUNS_PER_CLIENT": "100"}, args=["-w", "2"])
     workers = sorted(process.pid for process in jarvis.workers())
     expected, clients, conversations = {}, [], []
     for phase, fault in PHASES.items():

@@ -255,3 +255,33 @@ def test_a_bug_while_handling_an_answer_ends_it_with_an_error_event_not_a_cut(cl
     events = sse(response.get_data())
     assert events[-2][1]["error"]["code"] == "internal_error" and events[-1][0] == "done"
     assert settle(lambda: saved(client, conversation_id)["status"] == "error")
+
+
+def start_from(client, backend, address: str, forwarded: str | None = None):
+    """A page answer that keeps running (it stalls), asked from `address` (and through a proxy's
+    X-Forwarded-For when given)."""
+    backend.enqueue(["w0 ", STALL])
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "hi"},
+                           headers=headers, environ_base={"REMOTE_ADDR": address})
+    return conversation_id, response
+
+
+def test_a_client_with_four_answers_running_gets_429_for_a_fifth_and_other_clients_do_not(client, backend):
+    running = [start_from(client, backend, "192.0.2.1") for _ in range(4)]
+    assert [response.status_code for _, response in running] == [200] * 4
+    conversation_id, refused = start_from(client, backend, "192.0.2.1")
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "5"
+    assert refused.json["error"]["code"] == "too_many_runs"
+    assert "JARVIS_MAX_RUNS_PER_CLIENT=4" in refused.json["error"]["message"]
+    assert client.get(f"/api/conversations/{conversation_id}").json["messages"] == []  # nothing was added
+    assert start_from(client, backend, "192.0.2.2")[1].status_code == 200  # another client
+    # Behind a proxy on loopback, the client is the address the proxy saw; elsewhere the header counts for nothing.
+    assert start_from(client, backend, "127.0.0.1", forwarded="10.9.9.9, 192.0.2.1")[1].status_code == 429
+    assert start_from(client, backend, "127.0.0.1", forwarded="192.0.2.3")[1].status_code == 200
+    assert start_from(client, backend, "192.0.2.1", forwarded="192.0.2.4")[1].status_code == 429
+    # An answer stopped frees its place at once.
+    assert client.post(f"/api/conversations/{running[0][0]}/stop").status_code == 202
+    running[0][1].get_data()
+    settle(lambda: start_from(client, backend, "192.0.2.1")[1].status_code == 200)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from jarvis.stores import ConversationBusy, StoreError
+from jarvis.stores import ConversationBusy, StoreError, TooManyRuns
 from jarvis.stores.sqlite import SCHEMA_VERSION, SQLiteStore, database_path, recover_interrupted
 from tests.clients import content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
@@ -326,6 +326,25 @@ def test_one_answer_per_conversation_and_a_dead_run_is_interrupted_only_once_its
     assert not store.update_message_later(answer, "late", "streaming").get(timeout=10)  # ended stays ended
     saved = store.follow(answer, touch=False)
     assert (saved["content"], saved["status"], saved["stats"]) == ("partial answer", "stopped", {"ttft_ms": 1.0})
+
+
+def test_a_client_runs_at_most_max_runs_answers_and_only_live_runs_count(store, monkeypatch):
+    from jarvis import leases
+
+    conversations = [store.create_conversation(f"c{index}")["id"] for index in range(4)]
+    first, _ = store.start_answer(conversations[0], owner=OWNER, user_content="a", client="192.0.2.1", max_runs=2)
+    store.start_answer(conversations[1], owner=OWNER, user_content="b", client="192.0.2.1", max_runs=2)
+    with pytest.raises(TooManyRuns) as refused:
+        store.start_answer(conversations[2], owner=OWNER, user_content="c", client="192.0.2.1", max_runs=2)
+    assert refused.value.running == 2
+    assert store.get_conversation(conversations[2])["messages"] == []  # refused: nothing changed
+    store.start_answer(conversations[3], owner=OWNER, user_content="d", client="192.0.2.2", max_runs=2)
+    store.finish_answer_later(first, "done", "complete").get(timeout=10)  # an answer that ended frees its place
+    store.start_answer(conversations[2], owner=OWNER, user_content="c", client="192.0.2.1", max_runs=2)
+    # A run whose owner died counts no more once its lease has expired.
+    monkeypatch.setattr(leases, "alive", lambda owner, expires_at, now: False)
+    fresh = store.create_conversation("e")["id"]
+    store.start_answer(fresh, owner=OWNER, user_content="e", client="192.0.2.1", max_runs=1)
 
 
 def test_an_expired_lease_marks_the_answer_interrupted(store, monkeypatch):

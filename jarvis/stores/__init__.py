@@ -42,6 +42,14 @@ class ConversationBusy(RuntimeError):
     """The conversation already has an answer running, on this worker or another."""
 
 
+class TooManyRuns(RuntimeError):
+    """The client already has as many answers running as it may (JARVIS_MAX_RUNS_PER_CLIENT)."""
+
+    def __init__(self, running: int):
+        super().__init__(f"{running} answers running")
+        self.running = running
+
+
 class ConversationStore(Protocol):
     def list_conversations(self) -> list[dict]: ...
     def create_conversation(self, title: str, settings: dict | None = None) -> dict: ...
@@ -60,7 +68,8 @@ class ConversationStore(Protocol):
     def delete_messages_from(self, conversation_id: str, message_id: int) -> None: ...
     def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
                      delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
-                     model: str | None = None, trace_id: str | None = None) -> tuple[int, list[dict]]: ...
+                     model: str | None = None, trace_id: str | None = None, client: str | None = None,
+                     max_runs: int | None = None) -> tuple[int, list[dict]]: ...
     def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None: ...
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False): ...

@@ -107,6 +107,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "THEN to_tsvector('simple', content) END) STORED",
         "CREATE INDEX messages_search ON messages USING gin (search)",
     ),
+    (  # 6 -> 7: which client started each running answer (JARVIS_MAX_RUNS_PER_CLIENT)
+        "ALTER TABLE runs ADD COLUMN client TEXT",
+        "CREATE INDEX runs_by_client ON runs(client)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

@@ -18,7 +18,7 @@ import secrets
 import time
 
 from jarvis import leases
-from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation
+from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation, TooManyRuns
 from jarvis.stores.common import (
     import_rows,
     like_escaped,
@@ -198,14 +198,16 @@ class SQLStore:
 
     def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
                      delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
-                     model: str | None = None, trace_id: str | None = None) -> tuple[int, list[dict]]:
+                     model: str | None = None, trace_id: str | None = None, client: str | None = None,
+                     max_runs: int | None = None) -> tuple[int, list[dict]]:
         """Claim the conversation for a new answer, in one transaction: drop the messages from
         `delete_from` on (an edit), add the user's message, the answer (streaming) and its run. Returns
         the answer's id and the history before it (only messages before `history_before`, when given: a
         regenerate leaves the answer it replaces in place until the new one has started). Raises
-        NoSuchConversation or ConversationBusy (a live run exists, on any worker or node), changing nothing."""
+        NoSuchConversation, ConversationBusy (a live run exists, on any worker or node) or TooManyRuns
+        (`client` already runs `max_runs` answers, anywhere), changing nothing."""
         return self._call(_start_answer, conversation_id, owner, user_content and storable(user_content),
-                          delete_from, history_before, title and storable(title), model, trace_id)
+                          delete_from, history_before, title and storable(title), model, trace_id, client, max_runs)
 
     def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None:
         """Drop the messages from `first` up to (not including) `before`: what a regenerate replaced."""
@@ -333,7 +335,8 @@ def _add_message(db: Db, conversation_id, role, content, status, model, trace_id
     return message_id
 
 
-def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, history_before, title, model, trace_id):
+def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, history_before, title, model, trace_id,
+                  client=None, max_runs=None):
     now = time.time()
     with db.transaction():
         claimed = db.one("SELECT 1 AS found FROM conversations WHERE id = ?" + db.dialect.lock_row, (conversation_id,))
@@ -342,6 +345,11 @@ def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, his
         reap_dead_runs(db, conversation_id, now)
         if db.one("SELECT 1 AS found FROM runs WHERE conversation_id = ?", (conversation_id,)):
             raise ConversationBusy(conversation_id)
+        if client is not None and max_runs is not None:
+            reap_dead_runs(db, None, now)  # the client's answers elsewhere count only while they live
+            running = db.one("SELECT count(*) AS running FROM runs WHERE client = ?", (client,))["running"]
+            if running >= max_runs:
+                raise TooManyRuns(running)
         if delete_from is not None:
             db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, delete_from))
         if user_content is not None:
@@ -350,8 +358,8 @@ def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, his
         message_id = db.one("INSERT INTO messages (conversation_id, role, content, status, model, trace_id, "
                             "created_at, updated_at) VALUES (?, 'assistant', '', 'streaming', ?, ?, ?, ?) RETURNING id",
                             (conversation_id, model, trace_id, now, now))["id"]
-        db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at) VALUES (?, ?, ?, ?)",
-                   (message_id, conversation_id, owner, now + leases.LEASE_SECONDS))
+        db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at, client) "
+                   "VALUES (?, ?, ?, ?, ?)", (message_id, conversation_id, owner, now + leases.LEASE_SECONDS, client))
         db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ? WHERE id = ?",
                    (title, now, conversation_id))
         history = db.all("SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ? ORDER BY id",

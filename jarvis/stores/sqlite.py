@@ -94,6 +94,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END""",
         "INSERT INTO messages_search (rowid, content) SELECT id, content FROM messages WHERE status != 'streaming'",
     ),
+    (  # 6 -> 7: which client started each running answer (JARVIS_MAX_RUNS_PER_CLIENT)
+        "ALTER TABLE runs ADD COLUMN client TEXT",
+        "CREATE INDEX runs_by_client ON runs(client)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
