@@ -102,7 +102,9 @@ def configure(level: str, log_format: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_FORMAT, _DATE_FORMAT))
     handler.addFilter(_TraceIdFilter())
     root.addHandler(handler)
-    # psycopg's pool says when it cannot connect (PostgreSQL away): in the same format, not bare on stderr.
+    # psycopg's own lines in the same format, not bare on stderr; its pool's warning for every failed
+    # connection attempt is left out (the requests that could not be served each log one line already).
     driver = logging.getLogger("psycopg")
     driver.addHandler(handler)
     driver.propagate = False
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -43,7 +43,7 @@ from jarvis.relay import Relay
 from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
-from jarvis.stores import ConversationStore
+from jarvis.stores import ConversationStore, StoreUnavailable
 from jarvis.worker import ClientWatcher
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,8 @@ REMOTE_WATCH_SECONDS = 2.0  # a follower elsewhere counts as watching for this l
 _WATCHER_QUEUE = 1000  # events a slow watcher may fall behind before it is dropped (it can re-attach)
 _WATCHER_BYTES = 16 * 1024 * 1024  # ... or bytes
 _SWITCH_BYTES = 1024 * 1024  # after handing on this much without waiting, let other greenlets run
-_FAILED_SAVES = 3  # saves failing in a row before the answer stops (about 1.5 s of unsaved text)
-_FINAL_RETRY_SECONDS = 1.0
+_RETRY_FIRST_SECONDS = 1.0  # a save that failed is tried again after this, doubling up to _RETRY_MAX_SECONDS,
+_RETRY_MAX_SECONDS = 5.0  # for at most JARVIS_STORE_RETRY_SECONDS: the text waits in memory meanwhile
 _END = object()
 
 
@@ -126,6 +126,9 @@ class Run:
         self.flush_timer: gevent.Greenlet | None = None
         self.last_flush = time.monotonic()
         self.failed_saves = 0
+        self.saving = False  # a save is on its way to the store
+        self.unsaved_since: float | None = None  # the first of the saves failing in a row
+        self.saved_chars = 0  # of content, in the store's last accepted save
         self.final_saved = gevent.event.Event()  # the store has the answer's end (its run row is gone)
 
     # -- start and stream ------------------------------------------------------------------
@@ -229,12 +232,15 @@ class Run:
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
         self._save_final(status, error_message if status != "complete" else None, attempt=1)
 
-    def _save_final(self, status: str, error: str | None, attempt: int) -> None:
-        """The last save and the end of the run: retried until the store takes it, so that an answer is
-        never left `streaming` by a full disk or a held lock that later clears."""
+    def _save_final(self, status: str, error: str | None, attempt: int, first_failed: float | None = None) -> None:
+        """The last save and the end of the run: retried with back-off until the store takes it (a full
+        disk, a held lock, a database away), for at most JARVIS_STORE_RETRY_SECONDS; the text waits here
+        meanwhile. It wins over an `interrupted` mark another process set while this one could not renew
+        its lease. Past the limit the loss is logged at ERROR, naming the answer and what was lost."""
         limit = self.runs.settings.max_answer_chars
+        content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
-            self.message_id, self.answer.content[:limit], status, error, reasoning=self.answer.reasoning[:limit],
+            self.message_id, content, status, error, reasoning=self.answer.reasoning[:limit],
             stats=self.answer.stats(), reasoning_moved=self.answer.reasoning_moved)
 
         def saved(result):
@@ -243,10 +249,21 @@ class Run:
                     log.info("the answer's last save went through at attempt %d", attempt)
                 self._finally_saved()
                 return
+            now = time.monotonic()
+            began = first_failed if first_failed is not None else now
+            retry_seconds = self.runs.settings.store_retry_seconds
+            if now - began >= retry_seconds:
+                log.error("the answer %d could not be saved for %g s (JARVIS_STORE_RETRY_SECONDS; %s): %d of its "
+                          "%d characters are lost, the store keeps the %d it last accepted", self.message_id,
+                          retry_seconds, result.exception, len(content) - self.saved_chars, len(content),
+                          self.saved_chars)
+                self._finally_saved()
+                return
+            delay = min(_RETRY_FIRST_SECONDS * 2 ** (attempt - 1), _RETRY_MAX_SECONDS)
             if attempt == 1 or attempt % 10 == 0:
-                log.warning("the answer's last save failed (%s); retrying every %g s", result.exception,
-                            _FINAL_RETRY_SECONDS)
-            gevent.spawn_later(_FINAL_RETRY_SECONDS, self._save_final, status, error, attempt + 1)
+                log.warning("the answer's last save failed (%s); trying again for up to %g s", result.exception,
+                            retry_seconds)
+            gevent.spawn_later(delay, self._save_final, status, error, attempt + 1, began)
 
         result.rawlink(saved)
 
@@ -257,29 +274,45 @@ class Run:
 
     def _flush(self) -> None:
         self.flush_timer = None
+        if self.saving:  # the last save has not come back (a slow or absent database): this one waits for it
+            self.flush_timer = gevent.spawn_later(self._flush_interval(), self._flush)
+            return
+        self.saving = True
         self.last_flush = time.monotonic()
         limit = self.runs.settings.max_answer_chars
-        result = self.runs.store.update_message_later(self.message_id, self.answer.content[:limit], "streaming",
+        content = self.answer.content[:limit]
+        result = self.runs.store.update_message_later(self.message_id, content, "streaming",
                                                       reasoning=self.answer.reasoning[:limit],
                                                       reasoning_moved=self.answer.reasoning_moved)
-        result.rawlink(self._saved)
+        result.rawlink(lambda result: self._saved(result, len(content)))
 
-    def _saved(self, result) -> None:
-        """Every save's result is checked: a message gone stops the run; saves that keep failing end it
-        with an error rather than let it go on unsaved."""
+    def _saved(self, result, chars: int) -> None:
+        """Every save's result is checked: a message gone stops the run. Saves that fail are tried again
+        with back-off while the answer goes on, its text kept here; past JARVIS_STORE_RETRY_SECONDS of
+        failing the answer is stopped with an in-band error rather than go on unsaved."""
+        self.saving = False
         if result.successful():
-            self.failed_saves = 0
+            self.failed_saves, self.unsaved_since = 0, None
             if result.value is False:
-                self.stop(Outcome.DELETED)  # deleted (perhaps from another worker), or found dead and interrupted
+                self.stop(Outcome.DELETED)  # its conversation was deleted (perhaps from another worker)
+            else:
+                self.saved_chars = chars
             return
         self.failed_saves += 1
-        log.warning("saving the answer failed (%s), %d time(s) in a row", result.exception, self.failed_saves)
-        if self.failed_saves >= _FAILED_SAVES and self.relay.stopping is None:
+        now = time.monotonic()
+        self.unsaved_since = self.unsaved_since or now
+        retry_seconds = self.runs.settings.store_retry_seconds
+        if self.failed_saves == 1 or self.failed_saves % 10 == 0:
+            log.warning("saving the answer failed (%s), %d time(s) in a row; its text is kept here and saved when "
+                        "the store takes it", result.exception, self.failed_saves)
+        if now - self.unsaved_since >= retry_seconds and self.relay.stopping is None:
             self.relay.interrupt(Outcome.NOT_SAVED, StreamError(
-                "answer_not_saved", f"The answer could not be saved ({result.exception}): it was stopped rather "
-                                    "than go on unsaved, and is kept as far as it was saved", "server_error"))
+                "answer_not_saved", f"The answer could not be saved for {retry_seconds:g} s ({result.exception}): it "
+                                    "was stopped rather than go on unsaved, and is kept as far as it was saved",
+                "server_error"))
         elif self.flush_timer is None and not self.finished:
-            self.flush_timer = gevent.spawn_later(self._flush_interval(), self._flush)  # try again
+            delay = min(_RETRY_FIRST_SECONDS * 2 ** (self.failed_saves - 1), _RETRY_MAX_SECONDS)
+            self.flush_timer = gevent.spawn_later(delay, self._flush)  # try again
 
     # -- watchers -------------------------------------------------------------------------
 
@@ -409,14 +442,24 @@ class Runs:
 
     def _tick(self) -> None:
         renewed = time.monotonic()
+        failing = 0  # ticks in a row that could not reach the store
         while self.by_message:
             gevent.sleep(TICK_SECONDS)
-            renew = time.monotonic() - renewed >= leases.RENEW_SECONDS
+            renew = failing > 0 or time.monotonic() - renewed >= leases.RENEW_SECONDS
             try:
-                states = self.store.tick_runs(self.owner, renew=renew)
-            except Exception:
-                log.warning("could not check this worker's answers in the store", exc_info=True)
+                states = self.store.tick_runs(self.owner, renew=renew, held=list(self.by_message))
+            except StoreUnavailable as error:
+                failing += 1
+                if failing == 1 or failing % 100 == 0:  # one line, then one every 10 s or so
+                    log.warning("could not check this worker's answers in the store (%s); %d time(s) in a row",
+                                error, failing)
                 continue
+            except Exception:
+                log.exception("checking this worker's answers in the store failed")
+                continue
+            if failing:
+                log.info("the store answers again after %d failed checks of this worker's answers", failing)
+                failing = 0
             renewed = time.monotonic() if renew else renewed
             for run in list(self.by_message.values()):
                 state = states.get(run.message_id)

@@ -249,6 +249,10 @@ class Settings:
     store_busy_seconds: float = setting(
         "JARVIS_STORE_BUSY_SECONDS", 10.0, seconds,
         "How long a database write waits for a lock held elsewhere before it fails (and is retried).")
+    store_retry_seconds: float = setting(
+        "JARVIS_STORE_RETRY_SECONDS", 600.0, seconds,
+        "How long the worker writing an answer keeps retrying its saves (its text kept in memory) while the "
+        "database refuses them or is away; past it the answer is stopped, and the loss logged at ERROR.")
     store_timeout_seconds: float = setting(
         "JARVIS_STORE_TIMEOUT_SECONDS", 5.0, seconds,
         "PostgreSQL: how long a request waits for a connection to the database (and each attempt to make "

@@ -212,7 +212,7 @@ def locked(tmp_path):
 
 def test_saves_that_keep_failing_end_the_answer_with_an_error_and_it_is_saved_once_they_work(make_client, backend,
                                                                                                locked):
-    client = make_client(store_busy_seconds=0.2)
+    client = make_client(store_busy_seconds=0.2, store_retry_seconds=0.5)
     conversation_id, _, response = start(client, backend, [item for index in range(200)
                                                           for item in (f"t{index} ", Pause(0.05))])
     first = sse(read_some(response, 4))

@@ -270,8 +270,8 @@ class SmallDisk:
 def test_a_full_disk_mid_answer_ends_it_with_an_error_and_the_next_answer_works(tmp_path, upstream):
     disk = SmallDisk(tmp_path / "disk")
     upstream.scenario.tokens, upstream.scenario.interval = 400, 0.02
-    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATA_DIR": str(disk.path)},
-                        wrap=disk.wrap)
+    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATA_DIR": str(disk.path),
+                                   "JARVIS_STORE_RETRY_SECONDS": "1"}, wrap=disk.wrap)
     disk.server = jarvis
     try:
         jarvis.start()

@@ -1,6 +1,7 @@
-"""The database goes away under a running Jarvis (PostgreSQL stopped at once, as in a crash or an
+"""The database goes away under a running Jarvis (PostgreSQL stopped, its connections cut, as in an
 outage): the page API says so with 503 within JARVIS_STORE_TIMEOUT_SECONDS, what needs no database
-keeps answering, and the first request after the database is back works."""
+keeps answering, the first request after the database is back works, and an answer streaming through
+the outage is saved whole once it is back (within JARVIS_STORE_RETRY_SECONDS)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 import pytest
 import requests
 
-from tests.clients import chat_body
-from tests.live import LiveServer, wait_until
+from tests.clients import chat_body, content_of
+from tests.live import LiveServer, sse_events, wait_until
 from tests.postgres import PostgresCluster
 
 pytestmark = pytest.mark.live
@@ -71,5 +72,71 @@ def test_with_postgresql_stopped_the_page_api_answers_503_in_time_v1_and_healthz
         assert [message["role"] for message in saved] == ["user", "assistant"]
         jarvis.assert_log_clean()
         assert "the conversation store failed on GET /api/conversations" in jarvis.log()
+    finally:
+        jarvis.stop()
+
+
+def last_message(jarvis, conversation_id: str) -> dict | None:
+    """The conversation's last message as saved; None while the page API cannot answer (503)."""
+    response = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=30)
+    return response.json()["messages"][-1] if response.status_code == 200 else None
+
+
+def page_answer(jarvis, conversation_id: str):
+    response = requests.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages", json={"content": "hi"},
+                             stream=True, timeout=60)
+    assert response.status_code == 200, response.text
+    return int(response.headers["X-Message-Id"]), sse_events(response)
+
+
+def test_an_answer_outlives_a_database_outage_longer_than_its_lease(cluster, upstream, tmp_path):
+    """PostgreSQL away for 200 tokens (8 s at the upstream's pace; the lease is 6 s) in the middle of a page
+    answer, on two workers: the client gets every token, and once the database is back the saved answer
+    is complete and whole — whether the other worker marked it interrupted first or not."""
+    upstream.scenario.tokens, upstream.scenario.interval = 300, 0.04
+    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATABASE_URL": cluster.new_database(),
+                                   "JARVIS_STORE_TIMEOUT_SECONDS": "1"}, args=["-w", "2"]).start()
+    try:
+        conversation_id = requests.post(jarvis.url + "/api/conversations", json={}, timeout=10).json()["id"]
+        message_id, events = page_answer(jarvis, conversation_id)
+        received = [next(events) for _ in range(30)]
+        cluster.pause()
+        received += [next(events) for _ in range(200)]
+        cluster.resume()
+        for _ in range(3):  # pages listing conversations: whichever worker answers looks for dead runs
+            requests.get(jarvis.url + "/api/conversations", timeout=30)
+        received += list(events)
+        assert received[-1][0] == "done" and received[-2][1].get("status") == "complete", received[-3:]
+        sent = content_of(received)
+        assert sent == "".join(f"w{index} " for index in range(300))
+
+        message = wait_until(lambda: (saved := last_message(jarvis, conversation_id)) and saved["status"] == "complete"
+                             and saved, 30, lambda: f"the answer was never saved complete:\n{jarvis.log()[-3000:]}")
+        assert message["id"] == message_id and message["content"] == sent
+        jarvis.assert_log_clean()
+    finally:
+        jarvis.stop()
+
+
+def test_past_the_retry_limit_the_client_is_told_and_the_loss_is_logged_naming_the_answer(cluster, upstream,
+                                                                                          tmp_path):
+    upstream.scenario.tokens, upstream.scenario.interval = 400, 0.02
+    jarvis = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATABASE_URL": cluster.new_database(),
+                                   "JARVIS_STORE_TIMEOUT_SECONDS": "1", "JARVIS_STORE_RETRY_SECONDS": "2"}).start()
+    try:
+        conversation_id = requests.post(jarvis.url + "/api/conversations", json={}, timeout=10).json()["id"]
+        message_id, events = page_answer(jarvis, conversation_id)
+        received = [next(events) for _ in range(40)]  # 0.8 s: saved at least once
+        cluster.pause()
+        received += list(events)
+        assert received[-1][0] == "done" and received[-2][1]["error"]["code"] == "answer_not_saved"  # told in-band
+        line = jarvis.wait_for_log(f"the answer {message_id} could not be saved", timeout=30)
+        assert "[ERROR]" in next(text for text in line.splitlines() if f"the answer {message_id} could" in text)
+        cluster.resume()
+
+        message = wait_until(lambda: (saved := last_message(jarvis, conversation_id)) and saved["status"] != "streaming"
+                             and saved, 30, lambda: "the answer never ended in the store")
+        assert message["status"] == "interrupted"  # what the store last accepted, found dead once its lease expired
+        assert content_of(received).startswith(message["content"]) and message["content"]
     finally:
         jarvis.stop()

@@ -292,16 +292,23 @@ class PostgresStore(SQLStore):
             self.listener = gevent.spawn(self._listen)
 
     def _listen(self) -> None:
+        failures = 0  # connections in a row that failed: one line for the first, then one a minute
         while True:
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as connection:
                     connection.execute(f"LISTEN {CHANNEL}")
+                    if failures:
+                        log.info("the store's notifications are back after %d failed attempts", failures)
+                        failures = 0
                     for notice in connection.notifies():
                         kind, _, number = notice.payload.partition(" ")
                         if number.isdigit():
                             self._heard(kind, int(number))
             except psycopg.Error as error:
-                log.warning("the store's notifications stopped (%s); listening again in 1 s", _reason(error))
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning("the store's notifications stopped (%s); listening again every second (the tick "
+                                "covers the gap)", _reason(error))
             gevent.sleep(1.0)
 
     def _heard(self, kind: str, message_id: int) -> None:

@@ -110,8 +110,9 @@ def reap_dead_runs(db: Db, conversation_id: str | None, now: float) -> int:
 def _save(db: Db, message_id: int, content: str, status: str, error: str | None, reasoning: str = "",
           stats: dict | None = None, reasoning_moved: bool = False) -> bool:
     """Save an answer (announced to pages following it from other nodes); whether it still existed. A
-    save while streaming never brings back an answer that already ended (or was found dead)."""
-    only_while_streaming = " AND status = 'streaming'" if status == "streaming" else ""
+    save while streaming never brings back an answer that ended; one marked interrupted while its writer
+    could not reach the database (its lease expired meanwhile) is streaming again."""
+    only_while_streaming = " AND status IN ('streaming', 'interrupted')" if status == "streaming" else ""
     update = db.dialect.announcing_save(
         "UPDATE messages SET content = ?, reasoning = ?, reasoning_moved = ?, status = ?, error = ?, stats = ?, "
         f"updated_at = ? WHERE id = ?{only_while_streaming} RETURNING id")
@@ -220,11 +221,13 @@ class SQLStore:
         whether the answer still existed)."""
         return self._later(_finish_answer, message_id, content, status, error, reasoning, stats, reasoning_moved)
 
-    def tick_runs(self, owner: str, *, renew: bool) -> dict[int, tuple[bool, float | None]]:
+    def tick_runs(self, owner: str, *, renew: bool, held=()) -> dict[int, tuple[bool, float | None]]:
         """For the runs `owner` holds: renew their leases (when `renew`) and report, per answer id,
-        (stop requested, last watched from elsewhere). An answer missing from it lost its run
-        (its conversation was deleted, or it was found dead)."""
-        return self._call(_tick_runs, owner, renew)
+        (stop requested, last watched from elsewhere). An answer of `held` (the ones `owner` is writing)
+        whose run another process removed while `owner` could not renew its lease (the database was
+        away) is claimed again, unless a newer answer holds its conversation. An answer missing from the
+        report lost its run for good: its conversation was deleted, or another answer took it."""
+        return self._call(_tick_runs, owner, renew, tuple(held))
 
     def request_stop(self, conversation_id: str) -> bool:
         """Ask whichever worker or node runs the conversation's answer to stop it; False when none runs."""
@@ -373,11 +376,31 @@ def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats,
         return _save(db, message_id, content, status, error, reasoning, stats, reasoning_moved)
 
 
-def _tick_runs(db: Db, owner: str, renew: bool) -> dict[int, tuple[bool, float | None]]:
+def _tick_runs(db: Db, owner: str, renew: bool, held: tuple[int, ...] = ()) -> dict[int, tuple[bool, float | None]]:
     if renew:
         db.execute("UPDATE runs SET lease_expires_at = ? WHERE owner = ?", (time.time() + leases.LEASE_SECONDS, owner))
     rows = db.all("SELECT message_id, stop_requested, watched_at FROM runs WHERE owner = ?", (owner,))
-    return {row["message_id"]: (bool(row["stop_requested"]), row["watched_at"]) for row in rows}
+    states = {row["message_id"]: (bool(row["stop_requested"]), row["watched_at"]) for row in rows}
+    for message_id in held:
+        if message_id not in states and _claim_again(db, owner, message_id):
+            states[message_id] = (False, None)
+    return states
+
+
+def _claim_again(db: Db, owner: str, message_id: int) -> bool:
+    """The owner of an answer that was marked interrupted while it could not renew its lease takes it back."""
+    with db.transaction():
+        message = db.one("SELECT conversation_id, status FROM messages WHERE id = ?", (message_id,))
+        if message is None or message["status"] not in ("streaming", "interrupted"):
+            return False  # deleted, or ended
+        if db.one("SELECT 1 AS found FROM runs WHERE conversation_id = ?", (message["conversation_id"],)):
+            return False  # a newer answer holds the conversation
+        now = time.time()
+        db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at) VALUES (?, ?, ?, ?)",
+                   (message_id, message["conversation_id"], owner, now + leases.LEASE_SECONDS))
+        db.execute("UPDATE messages SET status = 'streaming', error = NULL, updated_at = ? WHERE id = ?",
+                   (now, message_id))
+    return True
 
 
 def _request_stop(db: Db, conversation_id: str) -> bool:
