@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from flask import Blueprint, Response, jsonify, request
 
-from jarvis import chat_settings, exchange, state
+from jarvis import chat_settings, cooperative, exchange, state
 from jarvis import runs as runs_module
 from jarvis.backends import ChatRequest
 from jarvis.endings import Outcome
@@ -83,7 +83,14 @@ def import_conversations():
     """Add the conversations of a Jarvis or Open WebUI export, all or none; 201 with their new ids."""
     settings = state.settings()
     request.max_content_length = settings.max_import_bytes
-    document = read_json_object(limit=settings.max_import_bytes, any_json=True)[1]
+    # Parsed and checked in slices: the hub keeps serving everyone else meanwhile (jarvis.cooperative).
+    most = exchange.MAX_CONVERSATIONS
+    try:
+        document = read_json_object(limit=settings.max_import_bytes, any_json=True,
+                                    decode=lambda raw: cooperative.loads(raw, max_items=most))[1]
+    except cooperative.TooLong:
+        raise ApiError(400, f"The file holds more than {exchange.MAX_CONVERSATIONS} conversations; at most "
+                            f"{exchange.MAX_CONVERSATIONS} at once", code="invalid_import") from None
     conversations = exchange.parse_import(document, settings)
     ids = state.store().import_conversations(conversations)
     log.info("imported %d conversations", len(ids))

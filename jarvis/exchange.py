@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 
+from jarvis.cooperative import Slicer
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
 from jarvis.stores import STATUSES
@@ -81,26 +82,31 @@ def _one_line(text: str) -> str:
 def parse_import(document, settings: Settings) -> list[dict]:
     """The conversations a file holds, checked and normalised: [{title, created_at, updated_at, settings,
     messages: [{role, content, reasoning, status, error, model, stats, created_at}]}]. ApiError (400,
-    naming the place) on anything wrong; nothing is written here."""
+    naming the place) on anything wrong; nothing is written here. Checked in slices (the hub runs
+    between conversations), and the count before any conversation is."""
     if isinstance(document, dict) and document.get("format") == FORMAT:
         if document.get("version") != VERSION:
             raise _bad("version", f"is {document.get('version')!r}; this Jarvis reads version {VERSION}")
-        conversations = _list(document.get("conversations"), "conversations")
-        parsed = [_jarvis_conversation(item, f"conversations[{index}]", settings)
-                  for index, item in enumerate(conversations)]
+        items = _list(document.get("conversations"), "conversations")
+        check, where = _jarvis_conversation, "conversations[{}]"
     elif isinstance(document, list) and document and all(isinstance(item, dict) and isinstance(item.get("chat"), dict)
                                                          for item in document):
-        parsed = [_open_webui_conversation(item, f"[{index}]", settings) for index, item in enumerate(document)]
+        items, check, where = document, _open_webui_conversation, "[{}]"
     elif isinstance(document, dict) and isinstance(document.get("chat"), dict):
-        parsed = [_open_webui_conversation(document, "", settings)]
+        items, check, where = [document], _open_webui_conversation, ""
     else:
         raise ApiError(400, "This file is neither a Jarvis export (format \"jarvis.conversations\") nor an Open "
                             "WebUI chat export", code="unknown_import_format")
-    if not parsed:
+    if not items:
         raise ApiError(400, "The file holds no conversation", code="invalid_import")
-    if len(parsed) > MAX_CONVERSATIONS:
-        raise ApiError(400, f"The file holds {len(parsed)} conversations; at most {MAX_CONVERSATIONS} at once",
+    if len(items) > MAX_CONVERSATIONS:
+        raise ApiError(400, f"The file holds {len(items)} conversations; at most {MAX_CONVERSATIONS} at once",
                        code="invalid_import")
+    slicer = Slicer()
+    parsed = []
+    for index, item in enumerate(items):
+        parsed.append(check(item, where.format(index), settings))
+        slicer.step()
     return parsed
 
 

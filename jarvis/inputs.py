@@ -13,6 +13,7 @@ import gevent
 from flask import request
 
 from jarvis import state
+from jarvis.cooperative import TooLong
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
 from jarvis.sockets import stop_reading
@@ -29,7 +30,7 @@ def close_if_body_unread(response):
     return response
 
 
-def read_json_object(*, limit: int | None = None, any_json: bool = False) -> tuple[bytes, dict]:
+def read_json_object(*, limit: int | None = None, any_json: bool = False, decode=json.loads) -> tuple[bytes, dict]:
     """The whole request body, raw and parsed, which must be a JSON object: at most `limit` bytes (else
     JARVIS_MAX_BODY_BYTES), arriving within JARVIS_BODY_SECONDS plus a second per
     JARVIS_BODY_MIN_BYTES_PER_SECOND bytes — a body sent a byte at a time holds a connection no longer.
@@ -54,7 +55,9 @@ def read_json_object(*, limit: int | None = None, any_json: bool = False) -> tup
         raise ApiError(413, f"This request's body may be at most {limit} bytes", code="request_too_large")
     request.environ[BODY_READ] = True
     try:
-        body = json.loads(raw)
+        body = decode(raw)
+    except TooLong:
+        raise  # the caller's limit, not a malformed body
     except (ValueError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON", code="invalid_json")
     if not isinstance(body, dict) and not any_json:
