@@ -122,6 +122,7 @@ def post_worker_init(worker):
     from jarvis import diagnostics, lifecycle
 
     diagnostics.install_stack_dump()
+    diagnostics.rate_limit_blocking_reports()
     lifecycle.watch_worker(worker)
 
 

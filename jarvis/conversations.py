@@ -230,7 +230,7 @@ def stop_answer(conversation_id):
 
 def _offset(name: str) -> int:
     raw = request.args.get(name, "0")
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 15):  # ("²".isdigit(), and int() refuses it)
         raise ApiError(400, f"'{name}' must be a whole number of characters, 0 or more", param=name,
                        code="invalid_value")
     return int(raw)

@@ -5,6 +5,11 @@ every greenlet (`gevent.util.print_run_info`), but it runs only when the hub
 gets to run. faulthandler prints from the signal itself, so it works even when
 the hub is blocked, but it sees only the greenlet that is running. gunicorn's
 own USR1 handler (reopen the log files) still runs after ours.
+
+gevent's monitor thread reports a hub blocked for more than GEVENT_MAX_BLOCKING_TIME
+(0.1 s) with every thread's stack, about 20 KB each time: `rate_limit_blocking_reports`
+prints the first in full, then at most one every REPORT_EVERY_SECONDS, saying how many
+were left out since.
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ import faulthandler
 import os
 import signal
 import sys
+import threading
+import time
 
 import gevent.util
+
+REPORT_EVERY_SECONDS = 10.0
 
 
 def install_stack_dump() -> None:
@@ -51,3 +60,32 @@ def dump_blocked_worker() -> None:
     """For gunicorn's worker_abort: the hub was blocked; show what blocked it."""
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     dump_greenlets("worker timeout")
+
+
+def rate_limit_blocking_reports() -> None:
+    """Let gevent's monitor print a blocked-hub report at most every REPORT_EVERY_SECONDS (each one
+    naming how many were left out before it); the monitor keeps looking as before. gevent keeps the
+    printing in `_show_blocking_report` so that it "can be overridden at runtime" (gevent/_monitor.py)."""
+    from gevent import _monitor
+
+    monitor_class = _monitor.PeriodicMonitoringThread
+    if getattr(monitor_class, "_jarvis_rate_limited", False):
+        return
+    show = monitor_class._show_blocking_report
+    lock = threading.Lock()
+    last, left_out = [float("-inf")], [0]
+
+    def show_rate_limited(self, hub, report, active_greenlet):
+        with lock:
+            now = time.monotonic()
+            if now - last[0] < REPORT_EVERY_SECONDS:
+                left_out[0] += 1
+                return active_greenlet, report
+            skipped, left_out[0], last[0] = left_out[0], 0, now
+        if skipped:
+            report = [f"({skipped} more blocked-hub reports in the last {REPORT_EVERY_SECONDS:g} s were left out)",
+                      *report]
+        return show(self, hub, report, active_greenlet)
+
+    monitor_class._show_blocking_report = show_rate_limited
+    monitor_class._jarvis_rate_limited = True

@@ -73,6 +73,11 @@ _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _check_request() -> None:
+    environ = request.environ
+    if "HTTP_HOST" not in environ and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+        # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host (else the name it
+        # falls back on, the listening address, would pass the host check below).
+        raise ApiError(400, "An HTTP/1.1 request must send a Host header", code="missing_host")
     path = request.path
     if path != "/healthz":
         _refuse_unknown_host(state.settings())

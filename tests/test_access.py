@@ -206,3 +206,14 @@ def test_a_new_key_ends_every_session(make_client):
     rotated = make_client(api_key="another-key-0123456789abcdef")  # same data directory and secret
     rotated.set_cookie("jarvis_session", cookie)
     assert rotated.get("/api/conversations").status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/"])
+def test_an_http_1_1_request_without_host_is_400_and_http_1_0_is_served(client, path):
+    from werkzeug.test import create_environ, run_wsgi_app
+
+    for protocol, expected in [("HTTP/1.1", 400), ("HTTP/1.0", 200)]:
+        environ = create_environ(path, environ_overrides={"SERVER_PROTOCOL": protocol})
+        del environ["HTTP_HOST"]
+        _, status, _ = run_wsgi_app(client.application, environ, buffered=True)
+        assert int(status.split()[0]) == expected, (path, protocol, status)

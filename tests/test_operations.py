@@ -87,6 +87,17 @@ def test_gevent_monitor_reports_a_blocked_hub(start_jarvis):
     assert requests.get(jarvis.url + "/healthz").ok
 
 
+def test_blocked_hub_reports_are_rate_limited(start_jarvis):
+    """Three blocks within a second: the first is reported in full (about 20 KB of stacks), the next two
+    are counted, not printed (a database under load once wrote 12.7 MB of them in 75 s)."""
+    jarvis = start_jarvis(app="tests.blocking_app:app")
+    for _ in range(3):  # each report is printed while the hub is still blocked, before the request returns
+        assert requests.post(jarvis.url + "/test/block-hub?seconds=0.4").ok
+    log = jarvis.wait_for_log("appears to be blocked")
+    assert log.count("appears to be blocked") == 1 and "block_hub" in log
+    assert requests.get(jarvis.url + "/healthz").ok
+
+
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
     jarvis = start_jarvis(args=["--timeout", "2"], app="tests.blocking_app:app")
     worker = jarvis.worker().pid

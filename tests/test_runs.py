@@ -109,20 +109,28 @@ def test_detached_seconds_0_stops_when_the_page_leaves(make_client, backend):
     assert settle(lambda: saved(client, conversation_id)["status"] == "stopped")
 
 
-def test_a_second_send_while_an_answer_runs_is_409(client, backend):
+def test_a_second_send_while_an_answer_runs_is_409_and_logs_no_traceback(client, backend, capfd, caplog):
     conversation_id, _, response = start(client, backend, ["w0 ", STALL])
     busy = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "again"})
     assert busy.status_code == 409 and busy.json["error"]["code"] == "conversation_busy"
     assert client.get("/api/conversations").json["data"][0]["running"] is True
     client.post(f"/api/conversations/{conversation_id}/stop")
     response.get_data()
+    assert "Traceback" not in capfd.readouterr().err  # an expected refusal, not an error
+    assert not [record for record in caplog.records if record.exc_info]
 
 
 def test_re_attach_needs_a_real_answer_and_whole_offsets(client, backend):
     conversation_id, message_id, response = start(client, backend, ["w0 "])
     response.get_data()
     assert client.get(f"/api/conversations/{conversation_id}/messages/99999/stream").status_code == 404
-    assert client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream?after=-1").status_code == 400
+    for offset in ["-1", "²", "１", "1e3", " 1", "9" * 40]:  # a superscript and a full-width digit pass isdigit()
+        response = client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream",
+                              query_string={"after": offset})
+        assert response.status_code == 400 and response.json["error"]["param"] == "after", offset
+        response = client.get(f"/api/conversations/{conversation_id}/messages/{message_id}/stream",
+                              query_string={"reasoning_after": offset})
+        assert response.status_code == 400 and response.json["error"]["param"] == "reasoning_after", offset
 
 
 # -- two apps on one database: a page on one worker, the answer on another ----------------------------
