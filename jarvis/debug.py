@@ -66,6 +66,7 @@ class _CheckBackend:
 class _CheckEvents:
     interruptible = False
     upstream = None
+    finished = False
 
     def batches(self):
         started = time.monotonic()

@@ -255,7 +255,7 @@ class Relay:
         written before the next read), anything else from its pump. Both give the same items."""
         take = self._direct_reader() if self.direct else self.pump.next
         while True:
-            if self.stopping:
+            if self.stopping and not self._delivered():
                 yield from self._stopped()
                 return
             item = take()
@@ -274,12 +274,17 @@ class Relay:
                 if (yield from self._ticked()):
                     return
             elif item is END:
-                if not self.stopping:  # (stopped: the stop says how it ended)
+                if not self.stopping or self._delivered():  # (else the stop says how it ended)
                     yield self._completed()
                     return
             elif isinstance(item, Failure):
                 yield self._fail(item.error)
                 return
+
+    def _delivered(self) -> bool:
+        """The backend's last event has been read: a stop that comes now (a client that hangs up the
+        moment it reads it, as Codex CLI does at response.completed) does not undo a whole answer."""
+        return self.direct and self.generation.finished
 
     def _direct_reader(self):
         """The pump's `next` for an upstream's stream read in this greenlet, where a stop or a tick

@@ -52,6 +52,7 @@ def upstream_like_chunks(shape: str, **options) -> list[dict]:
 class FakeGeneration:
     interruptible = False
     upstream = None
+    finished = False
 
     def __init__(self, request: ChatRequest, answer: list):
         self.request = request

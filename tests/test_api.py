@@ -102,3 +102,47 @@ def test_batches_queued_while_the_response_lagged_go_out_in_one_write(client, ba
     tokens = [content_of(sse(write)) for write in writes]
     assert tokens[:2] == ["", "t0 "]  # the opening comment, then the first token by itself
     assert tokens[2] == "t1 t2 t3 t4 t5 "
+
+
+class _DeliveredAnswer:
+    """An upstream's stream read in the response's greenlet, whose last event is its first batch."""
+
+    interruptible, upstream = True, None
+
+    def __init__(self):
+        self.finished = self.aborted = self.closed = False
+
+    def batches(self):
+        self.finished = True  # as UpstreamGeneration does on [DONE] or response.completed
+        yield [b'{"choices": [{"index": 0, "delta": {"content": "all"}, "finish_reason": "stop"}]}']
+
+    def result(self):
+        raise NotImplementedError
+
+    def abort(self):
+        self.aborted = self.aborted or not self.finished  # nothing to cancel once it has finished
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_client_hanging_up_right_after_the_last_event_leaves_a_complete_answer():
+    """Codex CLI closes its connection the moment it reads response.completed: the answer was whole, so
+    it is `complete` (not client_stop), and the upstream is not cancelled (its connection can be reused)."""
+    from jarvis.backends import ChatRequest
+    from jarvis.endings import Outcome
+    from jarvis.relay import Relay
+    from jarvis.settings import Settings
+    from jarvis.sse import OPENING
+
+    generation = _DeliveredAnswer()
+    backend = type("Backend", (), {"name": "upstream", "open": lambda self, request: generation})()
+    relay = Relay(backend, ChatRequest(body={}, raw=b"", stream=True, trace_id="t"), Settings(), {})
+    relay.open()
+    stream = relay.stream()
+    assert next(stream) is OPENING
+    assert b'"all"' in next(stream)
+    relay.interrupt(Outcome.CLIENT_STOP)  # the client read it and hung up, before the relay looked again
+    assert b"[DONE]" in b"".join(stream)
+    assert relay.ending.outcome is Outcome.COMPLETE
+    assert not generation.aborted and generation.closed

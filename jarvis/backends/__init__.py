@@ -17,6 +17,8 @@ this package knows which backend is running.
                                    relay reads it through a pump (jarvis.pump)
     generation.upstream         -> the configured name of the upstream that answers (several
                                    upstreams: the one the router chose), or None
+    generation.finished         -> an interruptible generation's last event ([DONE], a terminal
+                                   Responses event) has been read: nothing is left to cancel
 
 `open` may block (connecting, waiting for headers); the relay cancels it by
 throwing `Interrupted` (or a gevent.Timeout) into the greenlet waiting in it, so
@@ -62,6 +64,7 @@ class ChatRequest:
 class Generation(Protocol):
     interruptible: bool
     upstream: str | None
+    finished: bool
 
     def batches(self) -> Iterator[list[bytes]]: ...
 

@@ -157,6 +157,7 @@ class LocalGeneration:
 
     interruptible = False  # read through a pump: its tokens come from the model's thread
     upstream = None
+    finished = False  # (the pump's END says when it is)
 
     def __init__(self, backend: LocalBackend, arguments: dict):
         self.backend = backend

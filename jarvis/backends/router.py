@@ -196,6 +196,10 @@ class _Routed:
     def interruptible(self) -> bool:
         return self.generation.interruptible
 
+    @property
+    def finished(self) -> bool:
+        return self.generation.finished
+
     def batches(self):
         return self.generation.batches()
 
