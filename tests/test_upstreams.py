@@ -438,3 +438,44 @@ def test_the_page_groups_models_by_upstream_and_says_which_one_answered(routed, 
     wait_status(page, "complete")
     assert last_answer(page).locator(".stats").inner_text().startswith("via b")  # kept with the message
     problems.assert_clean()
+
+
+class _Refusing:
+    """An upstream's backend that cannot be connected to, then can."""
+
+    name = "upstream"
+
+    def __init__(self):
+        self.refusing = True
+
+    def open(self, request):
+        if self.refusing:
+            raise ApiError(502, "Connection refused", type_="upstream_error", code="upstream_unreachable")
+        return type("Generation", (), {"interruptible": True, "upstream": None, "finished": False})()
+
+    def status(self):
+        return None
+
+
+def test_an_upstream_with_listed_models_that_refuses_connections_is_unreachable_until_one_works(tmp_path,
+                                                                                               monkeypatch):
+    from jarvis.backends import ChatRequest
+    from jarvis.backends import router as router_module
+
+    path = write_upstreams(tmp_path, "[[upstream]]\nname = 'fixed'\nurl = 'http://127.0.0.1:1/v1'\nmodels = ['m']\n")
+    router = router_module.RouterBackend(Settings.from_env({"JARVIS_UPSTREAMS_FILE": path}))
+    (fixed,) = router.upstreams
+    fixed.backend = _Refusing()
+
+    def ask():
+        return router.open(ChatRequest(body={"model": "m"}, raw=b"{}", stream=True, trace_id="t"))
+
+    with pytest.raises(ApiError):
+        ask()
+    assert router.status()["upstreams"][0]["state"] == "unreachable"
+    monkeypatch.setattr(router_module, "COOL_DOWN_SECONDS", 0.0)  # its rest over: still unreachable, not up
+    assert router.status()["upstreams"][0]["state"] == "unreachable"
+    assert [model["id"] for model in router.models()["data"]] == ["m"]  # still listed: requests are its news
+    fixed.backend.refusing = False
+    ask()
+    assert router.status()["upstreams"][0]["state"] == "up"

@@ -48,6 +48,7 @@ class Upstream:
             self.models = ()
         self.listed = config.models is not None or config.embedded  # its models are known without asking
         self.reachable = True
+        self.refusing = False  # its last attempt could not even connect, and none has worked since
         self.failed_at: float | None = None
         self.last_error: str | None = None
 
@@ -58,9 +59,19 @@ class Upstream:
     def failed(self, error: ApiError) -> None:
         self.failed_at = time.monotonic()
         self.last_error = error.code or str(error.status)
+        # An upstream whose models are listed in the file is never asked for /models: its requests are
+        # the only news of it, and one that could not connect stays unreachable until one does.
+        self.refusing = error.code == "upstream_unreachable"
+
+    def answered(self) -> None:
+        self.failed_at = None  # it answers: no more resting
+        self.refusing = False
 
     def status(self) -> dict:
-        state = "cooling_down" if self.cooling_down else ("up" if self.reachable else "unreachable")
+        if not self.reachable or self.refusing:
+            state = "unreachable"
+        else:
+            state = "cooling_down" if self.cooling_down else "up"
         status = {"name": self.name, "state": state, "models": list(self.models), "last_error": self.last_error}
         embedded = self.backend.status()
         if embedded is not None:
@@ -132,7 +143,7 @@ class RouterBackend:
             more_to_try = index + 1 < len(candidates)
             try:
                 generation = self._open(upstream, request, deadline=more_to_try)
-                upstream.failed_at = None  # it answers: no more resting
+                upstream.answered()
                 return _Routed(generation, upstream.name)
             except ApiError as error:
                 if not _fail_over(error):
