@@ -61,7 +61,7 @@ class Upstream:
         self.last_error = error.code or str(error.status)
         # An upstream whose models are listed in the file is never asked for /models: its requests are
         # the only news of it, and one that could not connect stays unreachable until one does.
-        self.refusing = error.code == "upstream_unreachable"
+        self.refusing = self.config.models is not None and error.code == "upstream_unreachable"
 
     def answered(self) -> None:
         self.failed_at = None  # it answers: no more resting
