@@ -93,7 +93,7 @@ def open_store(settings) -> ConversationStore:
     if settings.database_url:
         from jarvis.stores.postgres import PostgresStore
 
-        return PostgresStore(settings.database_url, settings.store_busy_seconds, settings.store_timeout_seconds)
+        return PostgresStore(settings.database_url, settings.store_timeout_seconds)
     from jarvis.stores.sqlite import SQLiteStore
 
     return SQLiteStore(settings.data_dir, settings.store_busy_seconds)

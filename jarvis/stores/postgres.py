@@ -116,7 +116,6 @@ assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store 
 
 
 class PostgresDialect(Dialect):
-    name = "postgresql"
     lock_row = " FOR UPDATE"  # two nodes claiming one conversation take turns
     like = "ILIKE ?"  # (a backslash escapes by default)
 
@@ -216,10 +215,8 @@ class _Serial:
 class PostgresStore(SQLStore):
     dialect = DIALECT
 
-    def __init__(self, url: str, busy_seconds: float = 10.0, timeout_seconds: float = 5.0, *,
-                 max_connections: int = 10):
+    def __init__(self, url: str, timeout_seconds: float = 5.0, *, max_connections: int = 10):
         self.url = url
-        self.busy_seconds = busy_seconds
         self.timeout_seconds = timeout_seconds
         connect_timeout = max(1, round(timeout_seconds))  # libpq takes whole seconds
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False, name="jarvis",

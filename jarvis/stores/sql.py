@@ -37,7 +37,6 @@ _MESSAGE_COLUMNS = ("id, role, content, reasoning, reasoning_moved, status, erro
 class Dialect:
     """What SQLite and PostgreSQL do differently, in the store's terms."""
 
-    name = "sql"
     lock_row = ""  # appended to the SELECT that claims a conversation
     like = "LIKE ? ESCAPE '\\'"  # a case-insensitive match of an escaped pattern
 

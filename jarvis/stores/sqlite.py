@@ -103,7 +103,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class SQLiteDialect(Dialect):
-    name = "sqlite"
 
     @contextlib.contextmanager
     def transaction(self, connection: sqlite3.Connection):
