@@ -103,3 +103,27 @@ def test_stop_while_thinking_keeps_the_thinking_so_far(jarvis, upstream, context
     kept = page.locator("[data-role=assistant]").last.locator(".thinking-content").text_content().strip()
     assert kept.startswith(shown)
     problems.assert_clean()
+
+
+def test_a_page_reloaded_mid_thought_never_shows_its_own_short_thinking_time(jarvis, upstream, context):
+    """A page that re-attaches 2.5 s into a 3 s thought has watched it for half a second: it must not say
+    "Thought for 0.5 s" (it did, until the final stats came); it waits for the server's figure."""
+    upstream.scenario = Scenario(shape="llamacpp", reasoning_tokens=60, tokens=20, interval=0.05)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "think about it")
+    page.wait_for_function(f"() => {LAST} && {LAST}.querySelector('.thinking-content').textContent.split(' ')"
+                           ".length >= 50", polling="raf")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.evaluate("""() => {
+      window.__labels = [];
+      new MutationObserver(() => {
+        const label = document.querySelector('[data-role=assistant]:last-of-type .thinking summary');
+        if (label) window.__labels.push(label.textContent);
+      }).observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true});
+    }""")
+    wait_status(page, "complete")
+    durations = [float(label.split()[2]) for label in page.evaluate("window.__labels")
+                 if label.startswith("Thought for ")]
+    assert durations and min(durations) >= 1.5, page.evaluate("window.__labels")[-20:]  # ~3 s, the server's
+    problems.assert_clean()

@@ -48,6 +48,9 @@ export class MessageView {
     this.reasoning = message.reasoning ?? "";
     this.renderedReasoning = null;
     /** @type {number | null} */ this.thinkingStartedAt = null; // this page's clock, while it watches
+    // Whether this page watches the answer from its start: only then does its clock time the thinking
+    // (a page that re-attached mid-thought waits for the server's figure, in the final stats).
+    this.watchedFromStart = message.status === "streaming" && !message.content && !message.reasoning;
     /** @type {number | null} */ this.thinkingMs = message.stats?.thinking_ms ?? null;
     /** @type {ReturnType<typeof setInterval> | null} */ this.thinkingTimer = null;
     this.frameRequested = false;
@@ -97,7 +100,7 @@ export class MessageView {
   /** The answer has started (or the stream ended): fold the thinking away, keep its duration. */
   stopThinking() {
     if (this.thinkingStartedAt === null) return;
-    this.thinkingMs ??= performance.now() - this.thinkingStartedAt;
+    if (this.watchedFromStart) this.thinkingMs ??= performance.now() - this.thinkingStartedAt;
     this.thinkingStartedAt = null;
     if (this.thinkingTimer !== null) clearInterval(this.thinkingTimer);
     this.thinkingTimer = null;
@@ -107,7 +110,8 @@ export class MessageView {
 
   labelThinking() {
     if (this.thinkingStartedAt !== null) {
-      this.thinkingLabel.textContent = `Thinking… ${seconds(performance.now() - this.thinkingStartedAt)}`;
+      this.thinkingLabel.textContent = this.watchedFromStart
+        ? `Thinking… ${seconds(performance.now() - this.thinkingStartedAt)}` : "Thinking…";
     } else {
       this.thinkingLabel.textContent = this.thinkingMs !== null ? `Thought for ${seconds(this.thinkingMs)}` : "Thoughts";
     }
