@@ -95,11 +95,6 @@ ENDINGS: dict[Outcome, Ending] = {ending.outcome: ending for ending in [
 _BY_ERROR_CODE = {ending.error_code: outcome for outcome, ending in ENDINGS.items()
                   if ending.error_code not in (None, "upstream_error", "too_many_streams")}
 
-# Why a stream may be stopped from outside (Relay.interrupt, or its client leaving).
-STOP_REASONS = {Outcome.CLIENT_STOP, Outcome.STOPPED, Outcome.DETACHED, Outcome.DELETED, Outcome.SHUTDOWN,
-                Outcome.TOO_LONG, Outcome.NOT_SAVED}
-
-
 @dataclass
 class Happened:
     """What a relay saw of its stream, written as it happens; `decide()` reads it once, at the end."""

@@ -42,7 +42,7 @@ def test_a_large_document_lets_the_hub_run_while_it_is_parsed():
                                              for _ in range(200_000)]}).encode()
     gaps, last = [], [time.perf_counter()]
 
-    def tick():
+    def tick():  # the probe: how long the hub goes between turns (its timer, not a wait for an event)
         while True:
             gevent.sleep(0.001)
             now = time.perf_counter()
