@@ -17,6 +17,7 @@ from jarvis.cooperative import TooLong
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
 from jarvis.sockets import stop_reading
+from jarvis.worker import awaiting_body, jittered
 
 BODY_READ = "jarvis.body_read"  # set in the WSGI environ once a request's whole body has been read
 
@@ -45,8 +46,12 @@ def read_json_object(*, limit: int | None = None, any_json: bool = False, decode
         raise ApiError(413, f"This request's body may be at most {limit} bytes", code="request_too_large")
     deadline = settings.body_seconds + (request.content_length or 0) / settings.body_min_bytes_per_second
     raw = None
-    with gevent.Timeout(deadline, False):
+    with awaiting_body(request.environ) as was_shed, gevent.Timeout(jittered(deadline), False):
         raw = request.stream.read(limit + 1) if limit is not None else request.get_data(cache=False)
+    if was_shed():
+        stop_reading(request.environ)
+        raise ApiError(503, "The server is near its connection limit and closed this connection while its body "
+                            "was still arriving; send it again", code="server_busy", headers={"Retry-After": "1"})
     if raw is None:
         stop_reading(request.environ)
         raise ApiError(408, f"The request body did not arrive within {deadline:.0f} s (JARVIS_BODY_SECONDS and "

@@ -31,7 +31,13 @@ def stop_reading(environ: dict) -> None:
     """After this response, close the client's connection: reads on it now end (gunicorn ignores an
     app's Connection: close, but ends a keep-alive connection whose next read finds nothing)."""
     sock = environ.get("gunicorn.socket")
-    fileno = sock.fileno() if sock is not None else -1
+    if sock is not None:
+        shutdown_reads(sock)
+
+
+def shutdown_reads(sock) -> None:
+    """End reads on `sock` (the greenlet reading it sees EOF); writes still go out."""
+    fileno = sock.fileno()
     if fileno < 0:
         return
     plain = _socket.socket(fileno=fileno)

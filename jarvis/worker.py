@@ -1,4 +1,5 @@
-"""gunicorn's gevent worker, with a cap on the connections one client address may hold open.
+"""gunicorn's gevent worker, with a cap on the connections one client address may hold open, and
+connection shedding near `worker_connections`.
 
 Without it, one client holding connections open — request heads or bodies sent a byte at a time, idle
 keep-alives — fills the worker's `worker_connections`, and every other client, health checks
@@ -7,21 +8,36 @@ as they are accepted. Addresses gunicorn trusts as proxies (`forwarded_allow_ips
 default) are exempt: every client of a reverse proxy shares its address, so the proxy must apply its
 own per-client limits (see the README).
 
+The cap alone does not stop an attacker with many addresses (60 addresses x 100 connections fill
+5,000 slots), and a full worker stops accepting: health checks and new streams wait in the kernel's
+backlog. So `Shedder` keeps the connections that have not sent a whole request yet — a head still
+arriving, a body still arriving, an idle keep-alive — in the order they started waiting, and when the
+worker holds more than 90% of `worker_connections`, each connection it accepts sheds the oldest of
+them (a FIN; a body still arriving is answered 503 first). A connection whose request is being
+served — a stream above all — is never shed; only when every slot serves a real request does the
+worker stop accepting.
+
+The deadlines that end slow heads and idle keep-alives (gunicorn's `keepalive`) and slow bodies
+(JARVIS_BODY_SECONDS) are stretched by a random 0-10% (at most a second): 2,000 of them started
+together would otherwise expire in one loop turn and send their answers in one burst.
+
 The worker also raises its own limit on open files to what `worker_connections` needs, and writes
 responses with fewer system calls (`_Response`). `ClientWatcher`, at the end, is how a stream hears
 its client leave: it watches the socket this worker accepted.
 
 gunicorn's master imports this module to find the worker class: it must import nothing but gunicorn,
-gevent, jarvis.settings and jarvis.sse (both standard library only) at module level.
+gevent, jarvis.settings, jarvis.sockets and jarvis.sse (all standard library only) at module level.
 """
 
 from __future__ import annotations
 
 import _socket
 import collections
+import contextlib
 import contextvars
 import ipaddress
 import logging
+import random
 import resource
 import socket
 
@@ -30,6 +46,7 @@ import gevent.socket
 from gunicorn.http import wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
+from jarvis.sockets import shutdown_quietly, shutdown_reads
 from jarvis.sse import LastChunk
 
 log = logging.getLogger(__name__)
@@ -37,6 +54,90 @@ log = logging.getLogger(__name__)
 _FILES_BESIDES_CONNECTIONS = 256  # the listener, the database, the upstream pool, logs, metrics
 _NAMED_ADDRESSES = 10000  # addresses a refusal is logged for by name; past that, every 1000th refusal
 _CACHED_ADDRESSES = 10000  # addresses whose exemption (a trusted proxy or not) is remembered
+SHED_ABOVE = 0.9  # of worker_connections: past this, each connection accepted sheds the oldest waiting one
+_SHED_NAMED_EVERY = 1000  # shed connections logged: the first, then every 1000th
+
+
+def jittered(seconds: float) -> float:
+    """A deadline stretched by a random 0-10% (at most 1 s), so deadlines set together expire apart."""
+    return seconds + random.uniform(0.0, min(1.0, seconds * 0.1))
+
+
+class Shedder:
+    """The worker's connections that have not sent a whole request yet, oldest first (see the module).
+
+    `waiting` maps a socket to what it is waiting for: "head" (a request head, or the next request on a
+    kept-alive connection) or "body". `open` counts every connection the worker holds; `shedding`, the
+    ones shed whose greenlets have not ended yet (they still hold a slot, but are on their way out).
+    """
+
+    def __init__(self, worker_connections: int):
+        self.limit = max(1, int(worker_connections * SHED_ABOVE))
+        self.open = 0
+        self.waiting: dict = {}
+        self.shedding: set = set()
+        self.shed_bodies: set = set()
+        self.shed = 0
+
+    def opened(self, sock) -> None:
+        self.open += 1
+        self.waiting[sock] = "head"
+        while self.open - len(self.shedding) > self.limit and self.waiting:
+            self._shed_oldest()
+
+    def closed(self, sock) -> None:
+        self.open -= 1
+        self.waiting.pop(sock, None)
+        self.shedding.discard(sock)
+        self.shed_bodies.discard(sock)
+
+    def serving(self, sock) -> None:
+        """A whole request head arrived: its answer is under way (a body may still be read: `awaiting_body`)."""
+        self.waiting.pop(sock, None)
+
+    def idle(self, sock) -> None:
+        """An answer ended and the connection is kept alive: it waits for its next request, the newest waiter."""
+        if sock not in self.shedding:
+            self.waiting[sock] = "head"
+
+    @contextlib.contextmanager
+    def awaiting_body(self, sock):
+        """While a route reads its request's body; yields a check: was the connection shed meanwhile?"""
+        self.waiting[sock] = "body"
+        try:
+            yield lambda: sock in self.shed_bodies
+        finally:
+            self.waiting.pop(sock, None)
+
+    def _shed_oldest(self) -> None:
+        sock, waiting_for = next(iter(self.waiting.items()))
+        del self.waiting[sock]
+        self.shedding.add(sock)
+        self.shed += 1
+        if self.shed == 1 or self.shed % _SHED_NAMED_EVERY == 0:
+            log.warning("shed a connection still waiting for its request %s: the worker holds %d connections, "
+                        "over %d of worker_connections; %d shed so far", waiting_for, self.open, self.limit,
+                        self.shed)
+        if waiting_for == "body":
+            self.shed_bodies.add(sock)  # its route reads EOF, sees this and answers 503
+            shutdown_reads(sock)
+        else:
+            shutdown_quietly(sock)  # gunicorn's head parser reads EOF and closes quietly
+
+
+SHEDDER: Shedder | None = None  # the worker's, once it runs; None in-process (the test client, scripts)
+
+
+@contextlib.contextmanager
+def awaiting_body(environ: dict):
+    """Around reading a request body: the connection may be shed meanwhile; yields `was_shed()`."""
+    sock = environ.get("gunicorn.socket")
+    if SHEDDER is None or sock is None:
+        yield lambda: False
+        return
+    with SHEDDER.awaiting_body(sock) as was_shed:
+        yield was_shed
+
 
 
 class _Response(wsgi.Response):
@@ -109,10 +210,30 @@ class JarvisWorker(GeventWorker):
         self.refused = 0
         self.refused_addresses: set[str] = set()
         self.exempt_by_address: dict[str, bool] = {}  # parsed and matched once per address
+        global SHEDDER
+        SHEDDER = self.shedder = Shedder(self.cfg.worker_connections)
         _raise_open_files_limit(self.cfg.worker_connections + _FILES_BESIDES_CONNECTIONS)
         super().init_process()
 
+    def timeout_ctx(self):
+        """gunicorn's deadline for a request head (and an idle keep-alive), jittered."""
+        return gevent.Timeout(jittered(self.cfg.keepalive), False)
+
     def handle(self, listener, client, addr):
+        self.shedder.opened(client)
+        try:
+            return self._handle(listener, client, addr)
+        finally:
+            self.shedder.closed(client)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        self.shedder.serving(sock)
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            self.shedder.idle(sock)
+
+    def _handle(self, listener, client, addr):
         address = addr[0] if isinstance(addr, tuple) else None
         if address is None or self._exempt(address):
             return super().handle(listener, client, addr)
