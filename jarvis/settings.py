@@ -183,7 +183,8 @@ class Settings:
         "JARVIS_HEARTBEAT_SECONDS", 5.0, seconds, "A `: ping` comment after this long without output.")
     stream_inactivity_seconds: float = setting(
         "JARVIS_STREAM_INACTIVITY_SECONDS", 120.0, seconds,
-        "End a stream when the backend has sent nothing (first token included) for this long.")
+        "End a stream when the backend has sent nothing (first token included) for this long; a "
+        "non-streamed answer's body must arrive whole within this of its head.")
     stream_max_seconds: float = setting("JARVIS_STREAM_MAX_SECONDS", 1800.0, seconds, "End any stream after this long.")
     detached_seconds: float = setting(
         "JARVIS_DETACHED_SECONDS", 60.0, seconds_or_zero,

@@ -219,6 +219,10 @@ class FakeUpstream:
                                                                     "owned_by": "tests"} for model in self.models]})
                 self._record(exchange, finished_at=time.monotonic())
                 return True
+            if scenario.hostile and path.endswith((*_ENDPOINTS, "/embeddings")):
+                hostile.play(scenario.hostile, sock, scenario, _send, _pause)
+                self._record(exchange, finished_at=time.monotonic())
+                return False
             if path.endswith("/embeddings"):
                 return self._embeddings(sock, exchange, scenario, payload)
             if not path.endswith(_ENDPOINTS):
@@ -226,10 +230,6 @@ class FakeUpstream:
                                                  "param": None, "code": None}})
                 self._record(exchange, finished_at=time.monotonic())
                 return True
-            if scenario.hostile:
-                hostile.play(scenario.hostile, sock, scenario, _send, _pause)
-                self._record(exchange, finished_at=time.monotonic())
-                return False
             return self._chat(sock, exchange, scenario, payload)
         except PeerClosed:
             self._record(exchange, closed_at=time.monotonic())

@@ -6,6 +6,8 @@ scenario's `models` field. Each mode writes raw bytes to the socket itself:
     huge_events    back-to-back events of `event_bytes` each (just under Jarvis's 4 MiB cap), for
                    `seconds` or until the peer leaves
     drip           a normal answer, one byte every `drip_seconds`
+    drip_json      a whole JSON answer (for a request that did not stream: chat, completions,
+                   embeddings), its head at once and its body one byte every `drip_seconds`
     nested         an event whose JSON nests 100,000 deep under "error"
     surrogates     an emoji sent as two events, one UTF-16 half each ("\\ud83d", then "\\ude00")
     invalid_utf8   an event whose content holds bytes that are not UTF-8
@@ -57,6 +59,13 @@ def play(mode: str, sock, scenario, send, pause) -> None:
         send(sock, DONE)
     elif mode == "drip":
         body = SSE_HEAD + b"".join(chunked(content_event(json.dumps(f"w{i} "))) for i in range(scenario.tokens)) + DONE
+        for index in range(len(body)):
+            send(sock, body[index:index + 1])
+            pause(sock, scenario.drip_seconds)
+    elif mode == "drip_json":
+        body = json.dumps({"id": "c", "object": "list", "data": [{"object": "embedding", "index": 0,
+                                                                   "embedding": [0.5] * 50}]}).encode()
+        send(sock, head("200 OK", "application/json", f"Content-Length: {len(body)}"))
         for index in range(len(body)):
             send(sock, body[index:index + 1])
             pause(sock, scenario.drip_seconds)

@@ -88,6 +88,26 @@ def test_models_from_a_dripping_upstream_end_at_their_deadline(start_jarvis, ups
     assert requests.get(jarvis.url + "/healthz", timeout=1).ok
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/embeddings", {"model": "m", "input": "hello"}),
+    ("/v1/completions", {"model": "m", "prompt": "hello"}),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hello"}]}),
+])
+def test_a_non_streamed_answer_that_drips_ends_at_the_inactivity_limit_not_the_streams_maximum(
+        start_jarvis, path, body):
+    # The body is about 300 bytes at one byte per 0.05 s: 15 s whole, each byte well inside the limit.
+    jarvis = start_jarvis({"JARVIS_STREAM_INACTIVITY_SECONDS": "1"})
+    started = time.monotonic()
+    response = requests.post(jarvis.url + path, json={**body, "x_fault": {"hostile": "drip_json",
+                                                                          "drip_seconds": 0.05}}, timeout=30)
+    took = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_timeout" and "JARVIS_STREAM_INACTIVITY_SECONDS" in error["message"]
+    assert took < 10  # 1 s measured; the drip alone would take 15 s (and 30 min before: the stream's maximum)
+    assert requests.get(jarvis.url + "/healthz", timeout=5).ok
+
+
 def test_a_huge_models_answer_is_refused_without_filling_memory(jarvis, upstream):
     upstream.scenario.models = "huge"  # about 300 MB
     worker = jarvis.worker().pid

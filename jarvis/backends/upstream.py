@@ -37,6 +37,7 @@ class UpstreamBackend:
         self.model = settings.model
         self.models_seconds = settings.upstream_models_seconds
         self.body_limit = settings.upstream_body_max_bytes
+        self.body_seconds = settings.stream_inactivity_seconds
         # No read timeout on completions: the relay enforces inactivity and duration by cancelling
         # the read, and a timeout here would cost a timer on every socket read of every chunk.
         headers = {"User-Agent": "jarvis", "Accept": "*/*", "Accept-Encoding": "identity"}
@@ -76,7 +77,8 @@ class UpstreamBackend:
             _check_content(response, "text/event-stream", "an event stream")
         else:
             _check_content(response, "application/json", "a JSON answer")
-        return UpstreamGeneration(response, self.body_limit, whole_events=request.endpoint == "responses")
+        return UpstreamGeneration(response, self.body_limit, whole_events=request.endpoint == "responses",
+                                  body_seconds=self.body_seconds)
 
     def _send(self, method, path, body, request_id) -> http1.Response:
         headers = {"X-Request-Id": request_id}
@@ -181,9 +183,11 @@ def _valid_utf8(data: bytes) -> bytes:
 class UpstreamGeneration:
     """One open upstream response."""
 
-    def __init__(self, response: http1.Response, body_limit: int, *, whole_events: bool = False):
+    def __init__(self, response: http1.Response, body_limit: int, *, whole_events: bool = False,
+                 body_seconds: float = 120.0):
         self.response = response
         self.body_limit = body_limit
+        self.body_seconds = body_seconds  # a non-streamed body, from its head to its last byte
         self.whole_events = whole_events  # the Responses API: whole named events, ending with a terminal one
         self.finished = False
         self.malformed = 0
@@ -293,8 +297,14 @@ class UpstreamGeneration:
         return True
 
     def result(self) -> tuple[int, bytes]:
-        """The whole body of a non-streaming answer (at most JARVIS_UPSTREAM_BODY_MAX_BYTES)."""
-        body = read_capped(self.response, self.body_limit, "answer")
+        """The whole body of a non-streaming answer (at most JARVIS_UPSTREAM_BODY_MAX_BYTES), within
+        JARVIS_STREAM_INACTIVITY_SECONDS of its head: every real server sends a whole answer at once, so a
+        body that drips in a byte at a time is not progress (else it would end only at the stream's maximum)."""
+        too_slow = ApiError(504, f"The upstream's answer did not arrive whole within {self.body_seconds:g} s of its "
+                                 "head (JARVIS_STREAM_INACTIVITY_SECONDS)", type_="upstream_error",
+                            code="upstream_timeout")
+        with gevent.Timeout(self.body_seconds, too_slow):
+            body = read_capped(self.response, self.body_limit, "answer")
         if not body.isascii():
             body = _valid_utf8(body)
         self.finished = True
