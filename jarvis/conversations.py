@@ -164,13 +164,13 @@ def send_message(conversation_id):
     system, parameters = chat_settings.request_fields(
         chat_settings.effective(conversation.get("settings"), state.settings()))
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
-    runs, trace_id = state.runs(), trace_id_var.get()
-    runs.settle(conversation_id)
+    runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
+    runs.settle(conversation_id, client)
     try:
         message_id, history = state.store().start_answer(
             conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
             history_before=plan.replaces_from, title=plan.title, model=model, trace_id=trace_id,
-            client=client_address(request.environ), max_runs=state.settings().max_runs_per_client)
+            client=client, max_runs=state.settings().max_runs_per_client)
     except ConversationBusy:
         raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
     except TooManyRuns as error:
@@ -188,7 +188,7 @@ def send_message(conversation_id):
                  **({"model": model} if model else {})}
     chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
     try:
-        response = runs.start(conversation_id, message_id, chat, request.environ)
+        response = runs.start(conversation_id, message_id, chat, request.environ, client)
     except ApiError:
         if plan.replaces_from is not None:  # a regenerate the upstream refused: the previous answer stays
             state.store().delete_messages_from(conversation_id, message_id)

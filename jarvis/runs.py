@@ -113,10 +113,12 @@ class Watcher:
 class Run:
     """One answer being written by this worker, for any number of watchers."""
 
-    def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest):
+    def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
+                 client: str | None = None):
         self.runs = runs
         self.conversation_id = conversation_id
         self.message_id = message_id
+        self.client = client  # the address it counts against (JARVIS_MAX_RUNS_PER_CLIENT)
         self.answer = Answer()
         self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
         self.watchers: set[Watcher] = set()
@@ -396,10 +398,11 @@ class Runs:
         self.ending: dict[str, Run] = {}  # by conversation: runs that ended here, their last save still queued
         self.ticker: gevent.Greenlet | None = None
 
-    def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict) -> Response:
+    def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
+              client: str | None = None) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
         greenlet can run at all: an event published to nobody would be lost to the page that asked."""
-        run = Run(self, conversation_id, message_id, chat)
+        run = Run(self, conversation_id, message_id, chat, client)
         self.by_message[message_id] = run
         try:
             run.relay.open()
@@ -426,13 +429,15 @@ class Runs:
         if self.ticker is not None:
             self.ticker.kill()
 
-    def settle(self, conversation_id: str) -> None:
-        """Wait (at most JARVIS_STORE_BUSY_SECONDS) for the last save of an answer that just ended here: a
-        client that sends the next message the instant it reads [DONE] must not be told the conversation
-        is still answering."""
-        run = self.ending.get(conversation_id)
-        if run is not None:
-            run.final_saved.wait(self.settings.store_busy_seconds)
+    def settle(self, conversation_id: str, client: str | None = None) -> None:
+        """Wait (at most JARVIS_STORE_BUSY_SECONDS in all) for the last saves of the answers that just ended
+        here, in this conversation or started by this client: one that sends the next message the instant
+        it reads [DONE] must not be told the conversation is still answering, nor that it has too many
+        answers running (its ended ones count until their run rows are gone)."""
+        deadline = time.monotonic() + self.settings.store_busy_seconds
+        for run in list(self.ending.values()):
+            if run.conversation_id == conversation_id or (client is not None and run.client == client):
+                run.final_saved.wait(max(0.0, deadline - time.monotonic()))
 
     def for_conversation(self, conversation_id: str) -> Run | None:
         return next((run for run in self.by_message.values() if run.conversation_id == conversation_id), None)
@@ -446,8 +451,10 @@ class Runs:
         while self.by_message:
             gevent.sleep(TICK_SECONDS)
             renew = failing > 0 or time.monotonic() - renewed >= leases.RENEW_SECONDS
+            # Only the runs asked about: one that started while the store answered is not in its answer.
+            held = list(self.by_message.values())
             try:
-                states = self.store.tick_runs(self.owner, renew=renew, held=list(self.by_message))
+                states = self.store.tick_runs(self.owner, renew=renew, held=[run.message_id for run in held])
             except StoreUnavailable as error:
                 failing += 1
                 if failing == 1 or failing % 100 == 0:  # one line, then one every 10 s or so
@@ -461,7 +468,9 @@ class Runs:
                 log.info("the store answers again after %d failed checks of this worker's answers", failing)
                 failing = 0
             renewed = time.monotonic() if renew else renewed
-            for run in list(self.by_message.values()):
+            for run in held:
+                if run.finished:
+                    continue
                 state = states.get(run.message_id)
                 if state is None:
                     run.stop(Outcome.DELETED)

@@ -259,3 +259,37 @@ def test_a_node_refuses_to_start_on_a_store_it_cannot_use_without_a_traceback(da
     assert "JARVIS_DATABASE_URL" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert ("newer Jarvis" if problem == "newer schema" else "127.0.0.1") in result.stderr
     assert "pw-canary" not in result.stderr
+
+
+@pytest.mark.serial  # measures the hub
+def test_three_hundred_page_answers_on_postgresql_never_block_the_hub(nodes, upstream):
+    """gevent's monitor thread, told to report any hub block over 20 ms (GEVENT_MAX_BLOCKING_TIME; 100 ms
+    by default), reports none while one worker serves 300 page answers, ten at a time."""
+    node = nodes({"GEVENT_MAX_BLOCKING_TIME": "0.02", "JARVIS_MAX_RUNS_PER_CLIENT": "20"})
+    failures = []
+
+    def answers(count: int):
+        with requests.Session() as session:
+            for _ in range(count):
+                conversation_id = session.post(node.url + "/api/conversations", json={}).json()["id"]
+                answer = session.post(f"{node.url}/api/conversations/{conversation_id}/messages",
+                                      json={"content": "go"}, stream=True, timeout=30)
+                if answer.status_code != 200:
+                    failures.append(answer.text)
+                elif (text := content_of(sse_events(answer))) != "w0 w1 w2 w3 w4 ":
+                    failures.append(text)
+
+    upstream.scenario.tokens = 5
+    threads = [threading.Thread(target=answers, args=(30,)) for _ in range(10)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    took = time.monotonic() - started
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    log = node.log()
+    reports = log.count("appears to be blocked")
+    print(f"300 page answers on PostgreSQL in {took:.1f} s: {reports} blocked-hub reports over 20 ms")
+    assert reports == 0, log[log.index("appears to be blocked") - 2000:][:6000]
+    node.assert_log_clean()

@@ -293,3 +293,32 @@ def test_a_client_with_four_answers_running_gets_429_for_a_fifth_and_other_clien
     assert client.post(f"/api/conversations/{running[0][0]}/stop").status_code == 202
     running[0][1].get_data()
     settle(lambda: start_from(client, backend, "192.0.2.1")[1].status_code == 200)
+
+
+def test_an_answer_that_starts_while_the_tick_asks_the_store_is_not_taken_for_deleted(app, client, backend):
+    # The tick asks the store about the runs it holds; an answer started while the store answers is not
+    # in that answer, and must not be stopped as if its run were gone.
+    from jarvis import state
+
+    with app.app_context():
+        store = state.store()
+    tick_runs = store.tick_runs
+    answered = gevent.event.Event()
+
+    def slow_answer(*args, **kwargs):
+        states = tick_runs(*args, **kwargs)
+        answered.set()
+        gevent.sleep(0.3)  # the store's answer on its way back: meanwhile another answer starts
+        return states
+
+    store.tick_runs = slow_answer
+    first, _, first_response = start(client, backend, ["w0 ", STALL])
+    read_some(first_response, 2)
+    assert answered.wait(5)
+    answered.clear()
+    assert answered.wait(5)  # a tick is on its way back now
+    second, _, second_response = start(client, backend, ["v0 ", Pause(0.6), "v1 "])
+    events = sse(second_response.get_data())
+    assert content_of(events) == "v0 v1 " and events[-2][1]["status"] == "complete", events[-3:]
+    assert client.post(f"/api/conversations/{first}/stop").status_code == 202
+    first_response.close()
