@@ -198,6 +198,7 @@ export class MessageView {
    * @param {HTMLElement | null} [action]
    */
   setNote(text, action = null) {
+    if (!text && !action && this.errorNote.hidden && !this.errorNote.firstChild) return; // every delta clears it
     this.errorNote.hidden = !text;
     this.errorNote.replaceChildren(...(text ? [text] : []), ...(action ? [" ", action] : []));
   }
