@@ -22,18 +22,23 @@ from jarvis.reasoning import Split, ThinkingSplitter, reasoning_field
 
 
 class Answer:
-    def __init__(self, started: float | None = None):
+    def __init__(self, started: float | None = None, *, content: str = "", reasoning: str = ""):
+        """A new answer, or one continued from the `content` and `reasoning` it already has (its new text
+        is plain content: no <think> can open it any more)."""
         self.started = time.monotonic() if started is None else started
         self.splitter = ThinkingSplitter()
-        self.reasoning_parts: list[str] = []
-        self.content_parts: list[str] = []
+        if content:
+            self.splitter.state = ThinkingSplitter.ANSWER
+        self.reasoning_parts: list[str] = [reasoning] if reasoning else []
+        self.content_parts: list[str] = [content] if content else []
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.thinking_started_at: float | None = None
         self.answer_started_at: float | None = None
         self.chunks_with_text = 0
         self.reasoning_moved = False  # its first content turned out to be reasoning (a lone </think>)
-        self.length = 0  # characters of reasoning and content together
+        self.length = len(content) + len(reasoning)  # characters of reasoning and content together
+        self.finish_reason: str | None = None  # the upstream's: "stop", "length" (max_tokens), ...
         self.usage: dict | None = None
         self.timings: dict | None = None
         self.upstream: str | None = None  # which of several upstreams answered (None: the only one)
@@ -74,6 +79,8 @@ class Answer:
         page_delta = {"role": delta["role"]} if isinstance(delta.get("role"), str) else {}
         page_delta.update(self._apply(self.splitter.split(delta), now))
         finish_reason = choice.get("finish_reason")
+        if isinstance(finish_reason, str) and finish_reason:
+            self.finish_reason = finish_reason[:32]
         return {"index": 0, "delta": page_delta,
                 "finish_reason": finish_reason if isinstance(finish_reason, str) else None}
 
@@ -127,6 +134,7 @@ class Answer:
                 "completion_tokens": tokens, "tokens_source": source,
                 "prompt_tokens": _count(self.usage, "prompt_tokens") or _count(self.timings, "prompt_n"),
                 "tokens_per_second": self._tokens_per_second(tokens),
+                **({"finish_reason": self.finish_reason} if self.finish_reason else {}),
                 **({"upstream": self.upstream} if self.upstream else {})}
 
     def _tokens(self) -> tuple[int | None, str | None]:

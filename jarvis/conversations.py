@@ -73,7 +73,7 @@ def search():
 def export_all():
     """Every conversation, as one JSON file (the format is in jarvis/exchange.py and the README)."""
     store = state.store()
-    conversations = [store.get_conversation(item["id"]) for item in store.list_conversations()]
+    conversations = [store.get_conversation(item["id"], every_version=True) for item in store.list_conversations()]
     return _download(jsonify(exchange.export_document([c for c in conversations if c is not None])),
                      "jarvis-conversations.json")
 
@@ -99,8 +99,12 @@ def import_conversations():
 
 @bp.get("/<conversation_id>")
 def read_conversation(conversation_id):
-    """One conversation with its messages and their statuses, and the settings it uses."""
-    conversation = _conversation_or_404(conversation_id)
+    """One conversation with its current branch's messages (each with `parent_id` and `versions`, the ids
+    of it and its siblings), their statuses, and the settings it uses; ?all=1: every message of its tree."""
+    every_version = request.args.get("all") in ("1", "true")
+    conversation = state.store().get_conversation(conversation_id, every_version=every_version)
+    if conversation is None:
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
     conversation["settings"] = chat_settings.effective(conversation.get("settings"), state.settings())
     return jsonify(conversation)
 
@@ -117,18 +121,28 @@ def export_one(conversation_id):
                          f"{name}.md")
     if kind != "json":
         raise ApiError(400, "'format' must be json or markdown", param="format", code="invalid_value")
-    return _download(jsonify(exchange.export_document([conversation])), f"{name}.json")
+    tree = state.store().get_conversation(conversation_id, every_version=True) or conversation  # every version
+    tree["settings"] = conversation["settings"]
+    return _download(jsonify(exchange.export_document([tree])), f"{name}.json")
 
 
 @bp.put("/<conversation_id>")
 def update_conversation(conversation_id):
-    """Rename a conversation ({"title"}) and/or change its settings ({"settings"}: the next answer uses
-    them)."""
+    """Rename a conversation ({"title"}), change its settings ({"settings"}: the next answer uses them)
+    and/or switch its current branch ({"leaf": a message id}: the branch through that message, down to
+    its newest descendant)."""
     body = _json_body()
-    if "title" not in body and "settings" not in body:
-        raise ApiError(400, "Send 'title', 'settings' or both", code="invalid_value")
+    if "title" not in body and "settings" not in body and "leaf" not in body:
+        raise ApiError(400, "Send 'title', 'settings', 'leaf' or several", code="invalid_value")
     store = state.store()
     changed = True
+    if "leaf" in body:
+        leaf = body["leaf"]
+        if not isinstance(leaf, int) or isinstance(leaf, bool):
+            raise ApiError(400, "'leaf' must be a message id", param="leaf", code="invalid_type")
+        _conversation_or_404(conversation_id)
+        if store.set_leaf(conversation_id, leaf) is None:
+            raise ApiError(404, "No such message in this conversation", param="leaf", code="message_not_found")
     if "settings" in body:
         changed = store.update_conversation_settings(conversation_id,
                                                      chat_settings.checked(body["settings"], state.settings()))
@@ -157,48 +171,105 @@ def delete_conversation(conversation_id):
 
 @bp.post("/<conversation_id>/messages")
 def send_message(conversation_id):
-    """Add the user's message (or regenerate, or edit and resend), start the answer and stream it."""
+    """Add the user's message, answer again ({"regenerate": true}: a new version of the last answer), edit
+    and resend ({"content", "edit": a user message id}: a new version of that message, answered on its own
+    branch) or continue an answer cut short ({"continue": its id}); start the answer and stream it.
+    Nothing is deleted: a regenerate or an edit the backend refuses leaves the tree as it was."""
     body = _json_body()
     conversation = _conversation_or_404(conversation_id)
+    if "continue" in body:
+        return _continue(conversation_id, conversation, body)
     plan = _plan(conversation, body)
-    system, parameters = chat_settings.request_fields(
-        chat_settings.effective(conversation.get("settings"), state.settings()))
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
     runs.settle(conversation_id, client)
+    with _claim_errors():
+        message_id, history, previous_leaf = state.store().start_answer(
+            conversation_id, owner=runs.owner, parent_id=plan.parent_id, user_content=plan.content, title=plan.title,
+            model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client)
+    chat = _chat_request(conversation, history, model, trace_id)
     try:
-        message_id, history = state.store().start_answer(
-            conversation_id, owner=runs.owner, user_content=plan.content, delete_from=plan.delete_from,
-            history_before=plan.replaces_from, title=plan.title, model=model, trace_id=trace_id,
-            client=client, max_runs=state.settings().max_runs_per_client)
-    except ConversationBusy:
-        raise ApiError(409, "This conversation is already answering; stop it first", code="conversation_busy")
-    except TooManyRuns as error:
-        limit = state.settings().max_runs_per_client
-        raise ApiError(429, f"You already have {error.running} answers running, the most one client may have "
-                            f"(JARVIS_MAX_RUNS_PER_CLIENT={limit}): stop one, or wait for one to end",
-                       code="too_many_runs", headers={"Retry-After": "5"})
-    except NoSuchConversation:
-        raise ApiError(404, "No such conversation", code="conversation_not_found")
+        response = runs.start(conversation_id, message_id, chat, request.environ, client)
+    except ApiError:
+        if plan.versioned:  # a regenerate or an edit the backend refused: the tree stays as it was
+            user_message = history[-1]["id"] if plan.content is not None else None
+            state.store().abandon_answer(conversation_id, message_id, user_message, previous_leaf)
+        raise
+    response.headers["X-Message-Id"] = str(message_id)
+    if plan.content is not None:
+        response.headers["X-User-Message-Id"] = str(history[-1]["id"])  # the page keeps its views by id
+    return response
+
+
+def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
+    """Continue an answer cut short: the same message, the model asked to complete its text."""
+    message_id = body["continue"]
+    if not isinstance(message_id, int) or isinstance(message_id, bool):
+        raise ApiError(400, "'continue' must be the id of an answer", param="continue", code="invalid_type")
+    # What of it the page shows ({"after", "reasoning_after"}, characters; by default all of it): a page
+    # that stopped reading at Stop may lack the last tokens the server saved, and gets them first.
+    shown = tuple(_count_field(body, name) for name in ("after", "reasoning_after"))
+    model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
+    runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
+    runs.settle(conversation_id, client)
+    with _claim_errors():
+        branch = state.store().continue_answer(conversation_id, message_id, owner=runs.owner, trace_id=trace_id,
+                                               client=client, max_runs=state.settings().max_runs_per_client)
+    if branch is None:
+        raise ApiError(400, "Only an answer cut short can be continued — stopped, interrupted, failed after some "
+                            "text, or ended at max_tokens — and only while nothing follows it",
+                       param="continue", code="not_continuable")
+    answer = branch[-1]
+    chat = _chat_request(conversation, branch, model, trace_id)
+    response = runs.start(conversation_id, message_id, chat, request.environ, client,
+                          continued=(answer["content"], answer["reasoning"]), shown=shown)
+    response.headers["X-Message-Id"] = str(message_id)
+    return response
+
+
+def _count_field(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ApiError(400, f"'{name}' must be a whole number of characters, 0 or more", param=name,
+                       code="invalid_value")
+    return value
+
+
+def _chat_request(conversation: dict, history: list[dict], model: str | None, trace_id: str) -> ChatRequest:
+    """The upstream request for an answer to `history` (root first) with the conversation's settings. When
+    `history` ends with an answer, the model is asked to continue its text (llama.cpp's server continues
+    a final assistant message)."""
+    system, parameters = chat_settings.request_fields(
+        chat_settings.effective(conversation.get("settings"), state.settings()))
     # Usage lets the stats under the answer use the upstream's own token count; the page never
     # passes it on, and /v1 clients only get it when they ask.
     chat_body = {"messages": [*system, *[{"role": m["role"], "content": m["content"]} for m in history
                                          if m["role"] == "user" or m["content"]]],
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
                  **({"model": model} if model else {})}
-    chat = ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
-    try:
-        response = runs.start(conversation_id, message_id, chat, request.environ, client)
-    except ApiError:
-        if plan.replaces_from is not None:  # a regenerate the upstream refused: the previous answer stays
-            state.store().delete_messages_from(conversation_id, message_id)
-        raise
-    if plan.replaces_from is not None:  # the new answer has started: it replaces the previous one
-        state.store().delete_messages_between(conversation_id, plan.replaces_from, message_id)
-    response.headers["X-Message-Id"] = str(message_id)
-    if plan.content is not None and history and history[-1]["role"] == "user":
-        response.headers["X-User-Message-Id"] = str(history[-1]["id"])  # the page keeps its views by id
-    return response
+    return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
+
+
+class _claim_errors:
+    """The store's refusals to start an answer, as the API's errors."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, ConversationBusy):
+            raise ApiError(409, "This conversation is already answering; stop it first",
+                           code="conversation_busy") from None
+        if isinstance(error, TooManyRuns):
+            limit = state.settings().max_runs_per_client
+            raise ApiError(429, f"You already have {error.running} answers running, the most one client may have "
+                                f"(JARVIS_MAX_RUNS_PER_CLIENT={limit}): stop one, or wait for one to end",
+                           code="too_many_runs", headers={"Retry-After": "5"}) from None
+        if isinstance(error, NoSuchConversation):
+            raise ApiError(404, "No such conversation", code="conversation_not_found") from None
+        return False
 
 
 @bp.get("/<conversation_id>/messages/<int:message_id>/stream")
@@ -238,29 +309,36 @@ def _offset(name: str) -> int:
 
 class _Plan(NamedTuple):
     content: str | None  # the user's new message, if any
-    delete_from: int | None  # an edit: drop the messages from this id on
-    replaces_from: int | None  # a regenerate: the answer from this id on, replaced once the new one starts
+    parent_id: int | None  # what the new message goes under (with no new message: what the answer goes under)
+    versioned: bool  # a regenerate or an edit: a new version beside an old one, undone if refused
     title: str | None  # a first message names the conversation
 
 
 def _plan(conversation: dict, body: dict) -> _Plan:
-    """What a send asks for, checked against the conversation before anything changes."""
+    """What a send asks for, checked against the conversation's current branch before anything changes."""
     messages = conversation["messages"]
     if body.get("regenerate") is True:
-        last_user = max((m["id"] for m in messages if m["role"] == "user"), default=None)
+        last_user = next((m for m in reversed(messages) if m["role"] == "user"), None)
         if last_user is None:
             raise ApiError(400, "There is no message to answer again", code="nothing_to_regenerate")
-        kept = [m for m in messages if m["id"] <= last_user]
-        plan = _Plan(None, None, last_user + 1, None)
+        kept = messages[:messages.index(last_user) + 1]
+        plan = _Plan(None, last_user["id"], True, None)
     else:
         content = text_field(body, "content")
         edit = body.get("edit")
-        if edit is not None and not any(m["id"] == edit and m["role"] == "user" for m in messages):
-            raise ApiError(400, "'edit' must name one of this conversation's user messages", param="edit",
-                           code="invalid_value")
-        kept = [*[m for m in messages if edit is None or m["id"] < edit], {"role": "user", "content": content}]
+        if edit is not None:
+            edited = next((m for m in messages if m["id"] == edit and m["role"] == "user"), None)
+            if edited is None:
+                raise ApiError(400, "'edit' must name one of this conversation's user messages", param="edit",
+                               code="invalid_value")
+            kept = messages[:messages.index(edited)]
+            parent_id = edited["parent_id"]
+        else:
+            kept = messages
+            parent_id = messages[-1]["id"] if messages else None
+        kept = [*kept, {"role": "user", "content": content}]
         title = content.strip().splitlines()[0][:TITLE_LENGTH] \
             if not messages and conversation["title"] == "New chat" else None
-        plan = _Plan(content, edit, None, title)
+        plan = _Plan(content, parent_id, edit is not None, title)
     check_messages([{"role": m["role"], "content": m["content"]} for m in kept], state.settings())
     return plan

@@ -5,13 +5,18 @@ Jarvis's JSON export (documented in the README):
     {"format": "jarvis.conversations", "version": 1, "exported_at": 1764500000.0,
      "conversations": [{"title": "...", "created_at": ..., "updated_at": ...,
                         "settings": {"system_prompt": "...", "temperature": 0.7, "top_p": null, "max_tokens": null},
-                        "messages": [{"role": "user" | "assistant", "content": "...", "reasoning": "...",
-                                      "status": "complete" | "stopped" | "error" | "interrupted",
+                        "leaf_id": 12,
+                        "messages": [{"id": 11, "parent_id": null, "role": "user" | "assistant", "content": "...",
+                                      "reasoning": "...", "status": "complete" | "stopped" | "error" | "interrupted",
                                       "error": null, "model": null, "stats": {...} | null, "created_at": ...}]}]}
 
+A conversation is a tree: every version a regenerate or an edit made is a message, `parent_id` naming
+the one it follows (null: a first message), parents before their children; `leaf_id` ends the branch
+shown. Both are optional on import: without `parent_id` anywhere, the messages form one thread in order.
+
 Import also takes Open WebUI's export ("Export chat" / "Export all chats": a list of chat records whose
-`chat.history` holds the message tree, `chat.messages` the thread): the thread that ends at
-`history.currentId` is imported, or `chat.messages` in order when there is no tree.
+`chat.history` holds the message tree, `chat.messages` the thread): the whole tree is imported, its
+branch ending at `history.currentId` shown; or `chat.messages` in order when there is no tree.
 
 Everything in a file is untrusted: every field is type- and size-checked, ids in the file are never
 used (the store makes its own), and one bad field rejects the whole file naming where it is, before
@@ -45,7 +50,9 @@ def export_document(conversations: list[dict]) -> dict:
 def _exported(conversation: dict) -> dict:
     return {"title": conversation["title"], "created_at": conversation["created_at"],
             "updated_at": conversation["updated_at"], "settings": conversation.get("settings"),
-            "messages": [{"role": message["role"], "content": message["content"],
+            "leaf_id": conversation.get("leaf_id"),
+            "messages": [{"id": message["id"], "parent_id": message.get("parent_id"),
+                          "role": message["role"], "content": message["content"],
                           "reasoning": message.get("reasoning") or "",
                           # an answer still being written is exported as far as it went
                           "status": "interrupted" if message["status"] == "streaming" else message["status"],
@@ -113,12 +120,47 @@ def parse_import(document, settings: Settings) -> list[dict]:
 def _jarvis_conversation(item, where: str, settings: Settings) -> dict:
     item = _object(item, where)
     messages = _list(item.get("messages"), f"{where}.messages")
+    checked = _checked_messages([_jarvis_message(message, f"{where}.messages[{index}]", settings)
+                                 for index, message in enumerate(messages)], where, settings)
+    if any(isinstance(message, dict) and "parent_id" in message for message in messages):
+        _link(checked, [message.get("id") for message in messages], [message.get("parent_id") for message in messages],
+              item.get("leaf_id"), where)
+    else:
+        _thread(checked)
     return {"title": _title(item.get("title"), f"{where}.title"),
             "created_at": _time(item.get("created_at"), f"{where}.created_at"),
             "updated_at": _time(item.get("updated_at"), f"{where}.updated_at"),
             "settings": _conversation_settings(item.get("settings"), f"{where}.settings", settings),
-            "messages": _checked_messages([_jarvis_message(message, f"{where}.messages[{index}]", settings)
-                                           for index, message in enumerate(messages)], where, settings)}
+            "messages": checked, "leaf": _leaf_of(checked)}
+
+
+def _thread(messages: list[dict]) -> None:
+    """Messages in one thread: each follows the one before it, the last ends it."""
+    for index, message in enumerate(messages):
+        message["parent"] = index - 1 if index else None
+    if messages:
+        messages[-1]["leaf"] = True
+
+
+def _link(messages: list[dict], ids: list, parent_ids: list, leaf_id, where: str) -> None:
+    """A file's tree: `parent` set to the index of each message's parent, which must come before it."""
+    index_of: dict = {}
+    for index, (message, own, parent) in enumerate(zip(messages, ids, parent_ids, strict=True)):
+        if not isinstance(own, (int, str)) or isinstance(own, bool) or len(str(own)) > 100 or own in index_of:
+            raise _bad(f"{where}.messages[{index}].id", "must be a number or a string, unique in its conversation")
+        if parent is not None and parent not in index_of:
+            raise _bad(f"{where}.messages[{index}].parent_id", "must be null or the id of a message before it")
+        message["parent"] = None if parent is None else index_of[parent]
+        index_of[own] = index
+    if messages:
+        leaf = index_of.get(leaf_id, len(messages) - 1) if isinstance(leaf_id, (int, str)) else len(messages) - 1
+        messages[leaf]["leaf"] = True
+
+
+def _leaf_of(messages: list[dict]) -> int | None:
+    """The index of the message that ends the branch shown (the `leaf` flag is only a marker)."""
+    leaf = next((index for index, message in enumerate(messages) if message.pop("leaf", False)), None)
+    return leaf
 
 
 def _jarvis_message(item, where: str, settings: Settings) -> dict:
@@ -141,21 +183,28 @@ def _jarvis_message(item, where: str, settings: Settings) -> dict:
 
 def _open_webui_conversation(item: dict, where: str, settings: Settings) -> dict:
     chat = item["chat"]
-    thread = _open_webui_thread(chat, where)
+    thread, parents, current = _open_webui_tree(chat, where)
     messages = []
+    index_of: dict[int, int] = {}  # the tree's index -> the imported message's, system turns left out
     for index, message in enumerate(thread):
         place = f"{where}.chat.messages[{index}]"
         message = _object(message, place)
         role = message.get("role")
-        if role == "system":
-            continue  # Open WebUI keeps its system prompt in params; a stray system turn is dropped
+        parent = parents[index]
+        if role == "system":  # Open WebUI keeps its system prompt in params; a stray system turn is dropped
+            index_of[index] = index_of.get(parent, -1) if parent is not None else -1
+            continue
         if role not in _ROLES:
             raise _bad(f"{place}.role", f"must be user or assistant (got {str(role)[:40]!r})")
+        kept_parent = index_of.get(parent, -1) if parent is not None else -1
+        index_of[index] = len(messages)
         messages.append({"role": role, "content": _text(message.get("content"), f"{place}.content",
                                                         settings.max_message_chars),
                          "reasoning": "", "status": "complete", "error": None,
                          "model": _optional_text(message.get("model"), f"{place}.model", 200), "stats": None,
-                         "created_at": _time(message.get("timestamp"), f"{place}.timestamp")})
+                         "created_at": _time(message.get("timestamp"), f"{place}.timestamp"),
+                         "parent": None if kept_parent < 0 else kept_parent})
+    leaf = index_of.get(current, -1) if current is not None else len(messages) - 1
     params = chat.get("params") if isinstance(chat.get("params"), dict) else {}
     system = params.get("system") if isinstance(params.get("system"), str) else ""
     conversation_settings = _conversation_settings({"system_prompt": system} if system else None,
@@ -164,24 +213,48 @@ def _open_webui_conversation(item: dict, where: str, settings: Settings) -> dict
     return {"title": _title(title if title is not None else "Imported chat", f"{where}.title"),
             "created_at": _time(item.get("created_at"), f"{where}.created_at"),
             "updated_at": _time(item.get("updated_at"), f"{where}.updated_at"),
-            "settings": conversation_settings, "messages": _checked_messages(messages, where, settings)}
+            "settings": conversation_settings, "messages": _checked_messages(messages, where, settings),
+            "leaf": leaf if leaf >= 0 else (len(messages) - 1 if messages else None)}
 
 
-def _open_webui_thread(chat: dict, where: str) -> list:
-    """The messages of the thread that ends at history.currentId (root first), else chat.messages."""
+def _open_webui_tree(chat: dict, where: str) -> tuple[list, list[int | None], int | None]:
+    """Every message of history's tree, parents before children (siblings oldest first), each one's
+    parent's index and the index of history.currentId; with no tree, chat.messages as one thread."""
     history = chat.get("history")
-    if isinstance(history, dict) and isinstance(history.get("messages"), dict) and history.get("currentId"):
-        tree, thread, seen = history["messages"], [], set()
-        node = history["currentId"]
-        while node is not None:
-            if not isinstance(node, str) or node in seen or node not in tree or len(seen) > 100_000:
-                raise _bad(f"{where}.chat.history", "is not a tree of messages reaching currentId")
-            seen.add(node)
-            message = _object(tree[node], f"{where}.chat.history.messages[{node[:40]!r}]")
-            thread.append(message)
-            node = message.get("parentId")
-        return thread[::-1]
-    return _list(chat.get("messages"), f"{where}.chat.messages")
+    if not (isinstance(history, dict) and isinstance(history.get("messages"), dict) and history.get("currentId")):
+        thread = _list(chat.get("messages"), f"{where}.chat.messages")
+        return thread, [index - 1 if index else None for index in range(len(thread))], len(thread) - 1
+    tree = history["messages"]
+    if len(tree) > 100_000:
+        raise _bad(f"{where}.chat.history", "holds more than 100000 messages")
+    nodes = {}
+    for key, value in tree.items():
+        nodes[key] = _object(value, f"{where}.chat.history.messages[{str(key)[:40]!r}]")
+    children: dict = {}
+    for key, node in nodes.items():
+        parent = node.get("parentId")
+        if parent is not None and parent not in nodes:
+            raise _bad(f"{where}.chat.history.messages[{str(key)[:40]!r}].parentId", "names no message of the tree")
+        children.setdefault(parent, []).append(key)
+    order, parents, index_of = [], [], {}
+    pending = sorted(children.get(None, []), key=lambda key: _timestamp(nodes[key]), reverse=True)
+    parent_of = {key: None for key in pending}
+    while pending:
+        key = pending.pop()
+        index_of[key] = len(order)
+        order.append(nodes[key])
+        parents.append(parent_of[key])
+        for child in sorted(children.get(key, []), key=lambda child: _timestamp(nodes[child]), reverse=True):
+            parent_of[child] = index_of[key]
+            pending.append(child)
+    if len(order) != len(nodes) or history["currentId"] not in index_of:
+        raise _bad(f"{where}.chat.history", "is not a tree of messages reaching currentId")
+    return order, parents, index_of[history["currentId"]]
+
+
+def _timestamp(node: dict) -> float:
+    value = node.get("timestamp")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _checked_messages(messages: list[dict], where: str, settings: Settings) -> list[dict]:

@@ -114,12 +114,12 @@ class Run:
     """One answer being written by this worker, for any number of watchers."""
 
     def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
-                 client: str | None = None):
+                 client: str | None = None, continued: tuple[str, str] = ("", "")):
         self.runs = runs
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.client = client  # the address it counts against (JARVIS_MAX_RUNS_PER_CLIENT)
-        self.answer = Answer()
+        self.answer = Answer(content=continued[0], reasoning=continued[1])  # (a continued answer's text so far)
         self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
         self.watchers: set[Watcher] = set()
         self.finished = False
@@ -399,17 +399,21 @@ class Runs:
         self.ticker: gevent.Greenlet | None = None
 
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
-              client: str | None = None) -> Response:
+              client: str | None = None, continued: tuple[str, str] = ("", ""),
+              shown: tuple[int | None, int | None] = (None, None)) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
-        greenlet can run at all: an event published to nobody would be lost to the page that asked."""
-        run = Run(self, conversation_id, message_id, chat, client)
+        greenlet can run at all: an event published to nobody would be lost to the page that asked. A
+        continued answer (`continued`: its content and reasoning so far) streams only what the page
+        lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
+        run = Run(self, conversation_id, message_id, chat, client, continued)
         self.by_message[message_id] = run
         try:
             run.relay.open()
         except BaseException:
             self.forget(run)
             raise
-        response = run.attach(environ, 0, 0)
+        after = [len(text) if count is None else count for text, count in zip(continued, shown, strict=True)]
+        response = run.attach(environ, after[0], after[1])
         gevent.spawn(run._stream)
         if self.ticker is None or self.ticker.dead:
             self.ticker = gevent.spawn(self._tick)

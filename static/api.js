@@ -30,6 +30,9 @@ export const renameConversation = (id, title) =>
 /** @param {string} id @param {object} settings {system_prompt, temperature, top_p, max_tokens} */
 export const updateSettings = (id, settings) =>
   call(`/api/conversations/${encodeURIComponent(id)}`, { method: "PUT", body: JSON.stringify({ settings }) });
+/** @param {string} id @param {number} leaf a message: its branch becomes the conversation's current one */
+export const showVersion = (id, leaf) =>
+  call(`/api/conversations/${encodeURIComponent(id)}`, { method: "PUT", body: JSON.stringify({ leaf }) });
 /** @param {string} query */
 export const search = (query) => call(`/api/conversations/search?q=${encodeURIComponent(query)}`).then((b) => b.data);
 /** @param {string} text a file's contents, sent as it is: the server checks everything */
@@ -42,7 +45,7 @@ export const deleteConversation = (id) =>
 /**
  * Starts the assistant's reply; the caller reads the SSE body.
  * @param {string} id
- * @param {object} body {content, model, regenerate, edit}
+ * @param {object} body {content, model, regenerate, edit, continue}
  * @param {AbortSignal} signal
  */
 export function sendMessage(id, body, signal) {

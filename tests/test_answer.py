@@ -68,7 +68,8 @@ def test_stats_timings_from_the_request_start():
     answer.add({"choices": [{"delta": {"content": "."}, "finish_reason": "stop"}]}, now=13.0)
     stats = answer.stats(now=13.2)
     assert stats == {"ttft_ms": 500.0, "thinking_ms": 2000.0, "duration_ms": 3200.0, "completion_tokens": 4,
-                     "tokens_source": "stream", "prompt_tokens": None, "tokens_per_second": 1.2}
+                     "tokens_source": "stream", "prompt_tokens": None, "tokens_per_second": 1.2,
+                     "finish_reason": "stop"}
 
 
 def test_llamacpp_timings_give_the_servers_own_speed():

@@ -75,25 +75,57 @@ def test_upstream_error_is_saved_with_its_message(client, backend):
     assert (assistant["content"], assistant["status"], assistant["error"]) == ("w0 w1 ", "error", "the model crashed")
 
 
-def test_regenerate_replaces_the_last_answer(client, backend):
+def test_regenerate_twice_keeps_three_versions_and_any_can_be_shown_again(client, backend):
     conversation_id = create(client)
-    reply(client, conversation_id, content="first")
-    backend.enqueue(["w0 ", "w1 "])
+    reply(client, conversation_id, content="first")  # the fake's default answer: w0 w1 w2
+    backend.enqueue(["a0 ", "a1 "])
     reply(client, conversation_id, regenerate=True)
-    messages = read(client, conversation_id)["messages"]
-    assert [(m["role"], m["content"]) for m in messages] == [("user", "first"), ("assistant", "w0 w1 ")]
-    assert backend.requests[1].body["messages"] == [{"role": "user", "content": "first"}]
+    backend.enqueue(["b0 "])
+    reply(client, conversation_id, regenerate=True)
+    conversation = read(client, conversation_id)
+    user, answer = conversation["messages"]
+    assert (user["content"], answer["content"]) == ("first", "b0 ")  # the newest version is shown
+    assert len(answer["versions"]) == 3 and answer["id"] == answer["versions"][-1] == conversation["leaf_id"]
+    assert user["versions"] == [user["id"]] and answer["parent_id"] == user["id"]
+    # Each request asked for an answer to the same history; nothing of an earlier version reached it.
+    assert all(request.body["messages"] == [{"role": "user", "content": "first"}] for request in backend.requests)
+    texts = []
+    for version in answer["versions"]:  # show each version in turn
+        assert client.put(f"/api/conversations/{conversation_id}", json={"leaf": version}).status_code == 200
+        shown = read(client, conversation_id)["messages"]
+        assert shown[-1]["id"] == version and shown[-1]["versions"] == answer["versions"]
+        texts.append(shown[-1]["content"])
+    assert texts == ["w0 w1 w2 ", "a0 a1 ", "b0 "]
+    every = read_all(client, conversation_id)
+    assert [m["content"] for m in every] == ["first", "w0 w1 w2 ", "a0 a1 ", "b0 "]
 
 
-def test_edit_and_resend_drops_what_followed(client, backend):
+def read_all(client, conversation_id) -> list[dict]:
+    return client.get(f"/api/conversations/{conversation_id}?all=1").json["messages"]
+
+
+def test_an_edit_is_a_new_version_answered_on_its_own_branch_and_the_old_branch_stays(client, backend):
     conversation_id = create(client)
     reply(client, conversation_id, content="one")
     reply(client, conversation_id, content="two")
-    second_user = read(client, conversation_id)["messages"][2]["id"]
-    reply(client, conversation_id, content="TWO", edit=second_user)
+    old_branch = read(client, conversation_id)["messages"]
+    reply(client, conversation_id, content="TWO", edit=old_branch[2]["id"])
     messages = read(client, conversation_id)["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["one", "TWO"] and len(messages) == 4
+    assert messages[2]["versions"] == [old_branch[2]["id"], messages[2]["id"]]
     assert [m["content"] for m in backend.requests[2].body["messages"]] == ["one", "w0 w1 w2 ", "TWO"]
+    # Back to the first version of the second question: its answer comes with it, untouched.
+    assert client.put(f"/api/conversations/{conversation_id}", json={"leaf": old_branch[2]["id"]}).status_code == 200
+    assert [(m["id"], m["content"]) for m in read(client, conversation_id)["messages"]] == \
+        [(m["id"], m["content"]) for m in old_branch]
+    assert len(read_all(client, conversation_id)) == 6  # nothing was deleted
+    # A message from elsewhere, or none, cannot be made current.
+    other = create(client)
+    reply(client, other, content="elsewhere")
+    foreign = read(client, other)["messages"][0]["id"]
+    for leaf in (foreign, 10**9):
+        assert client.put(f"/api/conversations/{conversation_id}", json={"leaf": leaf}).status_code == 404
+    assert client.put(f"/api/conversations/{conversation_id}", json={"leaf": "1"}).status_code == 400
 
 
 def test_deleting_a_conversation_while_it_streams_stops_the_stream(client, backend):
@@ -181,17 +213,26 @@ def test_the_page_path_enforces_the_same_message_limits_as_v1(make_client, backe
     assert len(read(client, conversation_id)["messages"]) == 4  # nothing was added by the refused sends
 
 
-def test_a_regenerate_the_upstream_refuses_keeps_the_previous_answer(client, backend):
+@pytest.mark.parametrize("refusal", [
+    ApiError(502, "The upstream at http://gpu-box/v1 is unreachable", type_="upstream_error",
+             code="upstream_unreachable"),
+    ApiError(400, "This model's context is too small", type_="invalid_request_error", code="context_length_exceeded"),
+    ApiError(500, "The upstream failed", type_="upstream_error", code="upstream_error"),
+])
+@pytest.mark.parametrize("kind", ["regenerate", "edit"])
+def test_a_regenerate_or_an_edit_the_upstream_refuses_leaves_the_tree_as_it_was(client, backend, refusal, kind):
     conversation_id = create(client)
     reply(client, conversation_id, content="first")
-    before = read(client, conversation_id)["messages"]
-    backend.fail_next(ApiError(502, "The upstream at http://gpu-box/v1 is unreachable", type_="upstream_error",
-                               code="upstream_unreachable"))
-    refused = send(client, conversation_id, regenerate=True)
-    assert refused.status_code == 502
-    after = settle(lambda: len(m := read(client, conversation_id)["messages"]) == 2 and m)
-    assert [(m["id"], m["content"], m["status"]) for m in after] == \
-        [(m["id"], m["content"], m["status"]) for m in before]
+    reply(client, conversation_id, content="second")
+    before, tree_before = read(client, conversation_id), read_all(client, conversation_id)
+    backend.fail_next(refusal)
+    body = {"regenerate": True} if kind == "regenerate" else {"content": "SECOND", "edit": before["messages"][2]["id"]}
+    refused = send(client, conversation_id, **body)
+    assert refused.status_code == refusal.status
+    settle(lambda: not read(client, conversation_id)["running"])
+    after = read(client, conversation_id)
+    assert after["messages"] == before["messages"] and after["leaf_id"] == before["leaf_id"]
+    assert read_all(client, conversation_id) == tree_before
 
 
 def test_an_edit_and_a_regenerate_that_are_invalid_change_nothing(client, backend):
@@ -202,3 +243,48 @@ def test_an_edit_and_a_regenerate_that_are_invalid_change_nothing(client, backen
     assert send(client, conversation_id, content="", edit=before[2]["id"]).status_code == 400
     assert send(client, conversation_id, content="x", edit=before[1]["id"]).status_code == 400  # not a user message
     assert read(client, conversation_id)["messages"] == before
+
+
+def test_continue_after_stop_appends_to_the_same_answer_and_asks_with_its_text_as_the_prefix(client, backend):
+    conversation_id = create(client)
+    backend.enqueue(["w0 ", "w1 ", STALL])
+    response = send(client, conversation_id, content="tell me")
+    answer_id = int(response.headers["X-Message-Id"])
+    next(chunk for chunk in response.response if b"w1" in chunk)
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    response.get_data()
+    settle(lambda: read(client, conversation_id)["messages"][-1]["status"] == "stopped")
+    backend.enqueue(["w2 ", "w3"])
+    # The page stopped reading at Stop: it shows "w0 " and gets what it lacks of the saved text first.
+    continued = send(client, conversation_id, **{"continue": answer_id, "after": 3})
+    assert continued.status_code == 200 and int(continued.headers["X-Message-Id"]) == answer_id
+    events = sse(continued.get_data())
+    assert content_of(events) == "w1 w2 w3"
+    assert backend.requests[-1].body["messages"] == [{"role": "user", "content": "tell me"},
+                                                     {"role": "assistant", "content": "w0 w1 "}]
+    saved = settle(lambda: (m := read(client, conversation_id)["messages"])[-1]["status"] == "complete" and m)
+    assert [(m["id"], m["content"]) for m in saved] == [(saved[0]["id"], "tell me"), (answer_id, "w0 w1 w2 w3")]
+    # A complete answer cannot be continued, nor one that something follows, nor a question.
+    for target in (answer_id, saved[0]["id"], "x"):
+        refused = send(client, conversation_id, **{"continue": target})
+        assert refused.status_code == 400 and refused.json["error"]["param"] == "continue"
+
+
+def test_continue_after_max_tokens_and_after_an_error_with_text(client, backend):
+    conversation_id = create(client)
+    backend.enqueue([{"choices": [{"index": 0, "delta": {"content": "cut "}, "finish_reason": "length"}]}])
+    reply(client, conversation_id, content="long please")
+    answer = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] == "complete" and m)
+    assert answer["stats"]["finish_reason"] == "length"
+    backend.enqueue(["short"])
+    assert content_of(reply(client, conversation_id, **{"continue": answer["id"]})) == "short"
+    assert settle(lambda: read(client, conversation_id)["messages"][-1]["content"] == "cut short")
+    # An error after some text: continued, and the error is gone with the new end.
+    conversation_id = create(client)
+    backend.enqueue(["half", StreamError("model_crash", "the model crashed", "server_error")])
+    reply(client, conversation_id, content="go")
+    failed = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] == "error" and m)
+    backend.enqueue([" whole"])
+    reply(client, conversation_id, **{"continue": failed["id"]})
+    done = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] == "complete" and m)
+    assert (done["id"], done["content"], done["error"]) == (failed["id"], "half whole", None)

@@ -46,9 +46,11 @@ def page(request, make_app, tmp_path):
     store.close()
 
 
-def answer(client, conversation_id: str, content: str):
-    """Send, read the whole answer, and wait (gevent's hub runs the queued last save) until it is saved."""
-    response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": content})
+def answer(client, conversation_id: str, content: str | None):
+    """Send (None: regenerate), read the whole answer, and wait (gevent's hub runs the queued last save)
+    until it is saved."""
+    response = client.post(f"/api/conversations/{conversation_id}/messages",
+                           json={"content": content} if content is not None else {"regenerate": True})
     assert response.status_code == 200, response.get_data(as_text=True)
     events = sse(response.get_data())
     settle(lambda: not any(message["status"] == "streaming" for message in
@@ -116,6 +118,10 @@ def test_export_then_import_gives_the_same_conversation(page, backend):
                                                                             "temperature": 0.5}})
     backend.enqueue([{"choices": [{"index": 0, "delta": {"reasoning_content": "Let me think."}}]}, "Four."])
     answer(page, conversation["id"], "2+2?")
+    backend.enqueue(["Also four."])
+    answer(page, conversation["id"], None)  # a second version of the first answer
+    first = page.get(f"/api/conversations/{conversation['id']}?all=1").json["messages"]
+    page.put(f"/api/conversations/{conversation['id']}", json={"leaf": first[1]["id"]})  # back to the first
     backend.enqueue(["partial", StreamError("model_crash", "the model crashed")])
     answer(page, conversation["id"], "and then?")
     exported = page.get(f"/api/conversations/{conversation['id']}/export").get_json()
@@ -125,16 +131,27 @@ def test_export_then_import_gives_the_same_conversation(page, backend):
     new_id = imported.json["data"][0]
     assert new_id != conversation["id"]
     again = page.get(f"/api/conversations/{new_id}/export").get_json()
-    assert again["conversations"] == exported["conversations"]
+    assert tree_of(again["conversations"][0]) == tree_of(exported["conversations"][0])  # ids are the store's own
+    assert [m["content"] for m in page.get(f"/api/conversations/{new_id}").json["messages"]] == \
+        ["2+2?", "Four.", "and then?", "partial"]  # the branch that was shown
     statuses = [m["status"] for m in again["conversations"][0]["messages"]]
-    assert statuses == ["complete", "complete", "complete", "error"]
+    assert statuses == ["complete", "complete", "complete", "complete", "error"]
     assert again["conversations"][0]["messages"][1]["reasoning"] == "Let me think."
     markdown = page.get(f"/api/conversations/{new_id}/export?format=markdown").get_data(as_text=True)
     assert markdown.startswith("# Round trip\n") and "## Assistant" in markdown and "Let me think." in markdown
     assert "*(error — the model crashed)*" in markdown
 
 
-def test_an_open_webui_export_imports_the_current_thread(page):
+def tree_of(conversation: dict) -> tuple:
+    """A conversation with its store's ids replaced by positions: what an export and an import keep."""
+    position = {message["id"]: index for index, message in enumerate(conversation["messages"])}
+    messages = [{**message, "id": position[message["id"]],
+                 "parent_id": None if message["parent_id"] is None else position[message["parent_id"]]}
+                for message in conversation["messages"]]
+    return {**conversation, "leaf_id": position[conversation["leaf_id"]], "messages": messages}
+
+
+def test_an_open_webui_export_imports_its_whole_tree_showing_its_current_thread(page):
     response = page.post("/api/conversations/import", json=OPEN_WEBUI)
     assert response.status_code == 201, response.get_data(as_text=True)
     conversation = page.get(f"/api/conversations/{response.json['data'][0]}").json
@@ -142,6 +159,13 @@ def test_an_open_webui_export_imports_the_current_thread(page):
     assert [(m["role"], m["content"]) for m in conversation["messages"]] == [
         ("user", "What is a lifetime?"), ("assistant", "A scope for which a reference is valid."),
         ("user", "Thanks")]
+    assert len(conversation["messages"][1]["versions"]) == 2  # the other branch came too
+    every = page.get(f"/api/conversations/{response.json['data'][0]}?all=1").json["messages"]
+    assert sorted(m["content"] for m in every) == sorted(["What is a lifetime?", "An abandoned branch",
+                                                          "A scope for which a reference is valid.", "Thanks"])
+    page.put(f"/api/conversations/{conversation['id']}", json={"leaf": conversation["messages"][1]["versions"][0]})
+    shown = page.get(f"/api/conversations/{conversation['id']}").json["messages"]
+    assert [m["content"] for m in shown] == ["What is a lifetime?", "An abandoned branch"]
     assert conversation["settings"]["system_prompt"] == "Be brief."
     assert conversation["messages"][1]["model"] == "llama3"
 
@@ -262,3 +286,17 @@ def test_the_largest_imports_never_stall_the_worker(start_jarvis):
     # Limit far from both: a worker blocked by the parse answered after 1.5-5.6 s; one parsing in slices, in
     # tens of milliseconds.
     assert max(latencies) < 0.5
+
+
+@pytest.mark.parametrize("messages, place", [
+    ([{"id": 1, "parent_id": None}, {"id": 2, "parent_id": 3}], "conversations[0].messages[1].parent_id"),
+    ([{"id": 1, "parent_id": 2}, {"id": 2, "parent_id": None}], "conversations[0].messages[0].parent_id"),
+    ([{"id": 1, "parent_id": None}, {"id": 1, "parent_id": 1}], "conversations[0].messages[1].id"),
+    ([{"id": [1], "parent_id": None}], "conversations[0].messages[0].id"),
+])
+def test_a_tree_whose_parents_do_not_come_first_is_refused_naming_the_place(page, messages, place):
+    document = {"format": FORMAT, "version": 1, "conversations": [
+        {"title": "t", "messages": [{"role": "user", "content": "x", **message} for message in messages]}]}
+    response = page.post("/api/conversations/import", json=document)
+    assert response.status_code == 400 and place in response.json["error"]["message"], response.json
+    assert page.get("/api/conversations").json["data"] == []

@@ -11,7 +11,16 @@ import time
 import pytest
 import requests
 
-from tests.browser import ASSISTANT, PageProblems, last_answer, open_page, send, wait_status, wait_text_longer
+from tests.browser import (
+    ASSISTANT,
+    PageProblems,
+    answer_text,
+    last_answer,
+    open_page,
+    send,
+    wait_status,
+    wait_text_longer,
+)
 from tests.fake_upstream import Scenario
 from tests.live import wait_until
 
@@ -232,16 +241,29 @@ def test_keyboard_enter_sends_shift_enter_adds_a_line_escape_stops(jarvis, upstr
     problems.assert_clean()
 
 
-def test_regenerate_and_edit(jarvis, upstream, context):
+def answer_is(page, text: str):
+    page.wait_for_function(f"() => {{ const all = document.querySelectorAll('{ASSISTANT} .content');"
+                           f" return all.length && all[all.length - 1].textContent.trim() === {text!r}; }}")
+
+
+def test_regenerate_and_edit_keep_versions_the_page_can_switch_between_and_a_stopped_answer_continues(
+        jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=3)
     page, problems = open_page(context, jarvis.url)
     send(page, "first question")
     wait_status(page, "complete")
     upstream.scenario = Scenario(tokens=2)
     page.get_by_role("button", name="Regenerate").click()
-    page.wait_for_function(f"() => document.querySelector('{ASSISTANT} .content').textContent.trim() === 'w0 w1'")
+    answer_is(page, "w0 w1")
     wait_status(page, "complete")
     assert page.locator(ASSISTANT).count() == 1
+    versions = last_answer(page).locator(".versions")
+    versions.locator(".version", has_text="2/2").wait_for()
+    versions.get_by_role("button", name="Previous version").click()
+    answer_is(page, "w0 w1 w2")  # the first version, as the upstream sent it
+    assert versions.locator(".version").inner_text() == "1/2"
+    versions.get_by_role("button", name="Next version").click()
+    answer_is(page, "w0 w1")
     page.get_by_role("button", name="Edit").click()
     box = page.get_by_label("Message")
     assert box.input_value() == "first question"
@@ -251,6 +273,27 @@ def test_regenerate_and_edit(jarvis, upstream, context):
                            "document.querySelector('[data-role=user] .content').textContent === 'edited question'")
     wait_status(page, "complete")
     assert [m["content"] for m in upstream.chats[-1].body["messages"]] == ["edited question"]
+    question = page.locator("[data-role=user]")
+    question.locator(".version", has_text="2/2").wait_for()
+    question.get_by_role("button", name="Previous version").click()  # the first question, with its answers
+    page.wait_for_function("() => document.querySelector('[data-role=user] .content').textContent === "
+                           "'first question'")
+    answer_is(page, "w0 w1")
+    # A stopped answer continues: the same message grows, the upstream asked with its text as the prefix.
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    send(page, "a long one")
+    wait_text_longer(page, 10)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    wait_status(page, "stopped")
+    kept = answer_text(page)
+    upstream.scenario = Scenario(tokens=2)
+    last_answer(page).get_by_role("button", name="Continue").click()
+    wait_status(page, "complete")
+    prefix = upstream.chats[-1].body["messages"][-1]
+    assert prefix["role"] == "assistant" and prefix["content"].strip() == kept  # exactly what was saved, sent back
+    assert answer_text(page) == (prefix["content"] + "w0 w1 ").strip()
+    assert page.locator(ASSISTANT).count() == 2
+    assert last_answer(page).get_by_role("button", name="Continue").count() == 0
     problems.assert_clean()
 
 

@@ -309,7 +309,7 @@ OWNER = "elsewhere-host 1 - node"  # a run owned on another machine: only its le
 
 def test_one_answer_per_conversation_and_a_dead_run_is_interrupted_only_once_its_lease_expires(store):
     conversation = store.create_conversation("t")
-    answer, history = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
+    answer, history, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
     assert [message["content"] for message in history] == ["hi"]
     with pytest.raises(ConversationBusy):
         store.start_answer(conversation["id"], owner=OWNER, user_content="again")
@@ -332,7 +332,7 @@ def test_a_client_runs_at_most_max_runs_answers_and_only_live_runs_count(store, 
     from jarvis import leases
 
     conversations = [store.create_conversation(f"c{index}")["id"] for index in range(4)]
-    first, _ = store.start_answer(conversations[0], owner=OWNER, user_content="a", client="192.0.2.1", max_runs=2)
+    first, _, _ = store.start_answer(conversations[0], owner=OWNER, user_content="a", client="192.0.2.1", max_runs=2)
     store.start_answer(conversations[1], owner=OWNER, user_content="b", client="192.0.2.1", max_runs=2)
     with pytest.raises(TooManyRuns) as refused:
         store.start_answer(conversations[2], owner=OWNER, user_content="c", client="192.0.2.1", max_runs=2)
@@ -351,14 +351,14 @@ def test_an_expired_lease_marks_the_answer_interrupted(store, monkeypatch):
     from jarvis import leases
 
     conversation = store.create_conversation("t")
-    answer, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
+    answer, _, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="hi")
     store.update_message(answer, "half an ans", "streaming")
     assert store.follow(answer, touch=False)["status"] == "streaming"
     monkeypatch.setattr(leases, "LEASE_SECONDS", -1.0)
     store.tick_runs(OWNER, renew=True)  # the owner's last renewal, already past
     saved = store.follow(answer, touch=False)
     assert (saved["status"], saved["content"]) == ("interrupted", "half an ans")
-    second, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="next")  # free again
+    second, _, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="next")  # free again
     assert second > answer
 
 
@@ -435,3 +435,49 @@ def test_postgres_unreachable_is_a_clear_error():
     with pytest.raises(StoreError, match="cannot reach the PostgreSQL server") as raised:
         PostgresStore(f"postgresql://nobody:secret-pw@127.0.0.1:{free_port()}/none", timeout_seconds=1)
     assert "secret-pw" not in str(raised.value)
+
+
+def test_versions_switching_abandoning_and_continuing_on_either_store(store):
+    conversation_id = store.create_conversation("t")["id"]
+
+    def answer(parent_id="leaf", user_content=None, text="", status="complete"):
+        message_id, history, previous_leaf = store.start_answer(conversation_id, owner=OWNER, parent_id=parent_id,
+                                                                user_content=user_content)
+        store.finish_answer_later(message_id, text, status).get()
+        return message_id, history, previous_leaf
+
+    def shown():
+        return [(m["role"], m["content"]) for m in store.get_conversation(conversation_id)["messages"]]
+
+    first, history, leaf = answer(user_content="q", text="v1")
+    question = history[-1]["id"]
+    assert leaf is None and [m["content"] for m in history] == ["q"]
+    second, history, leaf = answer(parent_id=question, text="v2")  # a regenerate: beside the first
+    assert leaf == first and [m["content"] for m in history] == ["q"]
+    assert shown() == [("user", "q"), ("assistant", "v2")]
+    assert store.get_conversation(conversation_id)["messages"][-1]["versions"] == [first, second]
+    assert store.set_leaf(conversation_id, first) == first
+    assert shown() == [("user", "q"), ("assistant", "v1")]
+    assert store.set_leaf(conversation_id, question) == second  # down to its newest descendant
+    third, history, _ = answer(parent_id=None, user_content="Q", text="v3")  # an edit of the first question
+    assert shown() == [("user", "Q"), ("assistant", "v3")] and [m["content"] for m in history] == ["Q"]
+    assert len(store.get_conversation(conversation_id)["messages"][0]["versions"]) == 2
+    assert len(store.get_conversation(conversation_id, every_version=True)["messages"]) == 5
+
+    # A regenerate the backend refused is undone: the tree and its current branch as they were.
+    before = store.get_conversation(conversation_id, every_version=True)
+    refused, history, leaf = store.start_answer(conversation_id, owner=OWNER, parent_id=history[-1]["id"])
+    store.abandon_answer(conversation_id, refused, None, leaf)
+    after = store.get_conversation(conversation_id, every_version=True)
+    assert (after["messages"], after["leaf_id"]) == (before["messages"], before["leaf_id"])
+
+    # Continue: only an answer cut short, the same message, its branch made current.
+    assert store.continue_answer(conversation_id, third, owner=OWNER) is None  # complete: nothing to continue
+    store.update_message(first, "v1", "stopped")
+    branch = store.continue_answer(conversation_id, first, owner=OWNER)
+    assert [(m["role"], m["content"]) for m in branch] == [("user", "q"), ("assistant", "v1")]
+    assert store.follow(first, touch=False)["status"] == "streaming" and shown()[-1] == ("assistant", "v1")
+    with pytest.raises(ConversationBusy):
+        store.continue_answer(conversation_id, first, owner=OWNER)
+    store.finish_answer_later(first, "v1 and more", "complete", stats={"finish_reason": "length"}).get()
+    assert store.continue_answer(conversation_id, first, owner=OWNER) is not None  # it ended at max_tokens

@@ -49,7 +49,8 @@ def _marked(text: str, words: list[str]) -> str:
 def import_rows(conversation: dict) -> tuple[str, tuple, list[tuple]]:
     """An imported conversation's new id, its row and its messages' rows, in the column order the store
     inserts: conversations (id, title, created_at, updated_at, settings) and messages (conversation_id,
-    role, content, reasoning, status, error, model, stats, created_at, updated_at)."""
+    role, content, reasoning, status, error, model, stats, created_at, updated_at). Its tree is in the
+    messages' `parent` (an index in the list, before it) and the conversation's `leaf` (an index)."""
     conversation_id = secrets.token_urlsafe(16)
     row = (conversation_id, storable(conversation["title"]), conversation["created_at"],
            conversation["updated_at"], settings_json(conversation["settings"]))
@@ -66,6 +67,44 @@ def settings_json(settings: dict | None) -> str | None:
 
 def settings_of(stored: str | None) -> dict | None:
     return json.loads(stored) if stored else None
+
+
+def branch_of(messages: list[dict], leaf_id: int | None) -> list[dict]:
+    """A conversation's current branch: its messages (sorted by id) from the root down to `leaf_id` (the
+    newest message when the leaf is unknown), each given `versions`: its own id and its siblings', oldest
+    first (one id: no other version)."""
+    by_id = {message["id"]: message for message in messages}
+    children = children_of(messages)
+    leaf = leaf_id if leaf_id in by_id else (messages[-1]["id"] if messages else None)
+    branch: list[dict] = []
+    while leaf is not None and leaf in by_id and len(branch) < len(messages):  # (a cycle cannot hang it)
+        message = by_id[leaf]
+        branch.append(message)
+        leaf = message["parent_id"]
+    branch.reverse()
+    for message in branch:
+        message["versions"] = children.get(message["parent_id"], [message["id"]])
+    return branch
+
+
+def children_of(messages: list[dict]) -> dict[int | None, list[int]]:
+    """Each message's children's ids, oldest first (the roots under None)."""
+    children: dict[int | None, list[int]] = {}
+    for message in messages:
+        children.setdefault(message["parent_id"], []).append(message["id"])
+    return children
+
+
+def newest_descendant(messages: list[dict], message_id: int) -> int:
+    """Down from `message_id`, its newest child at each step: where the branch through it ends."""
+    children = children_of(messages)
+    seen = {message_id}
+    while children.get(message_id):
+        message_id = children[message_id][-1]
+        if message_id in seen:
+            break
+        seen.add(message_id)
+    return message_id
 
 
 def message_of(row) -> dict:

@@ -111,6 +111,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE runs ADD COLUMN client TEXT",
         "CREATE INDEX runs_by_client ON runs(client)",
     ),
+    (  # 7 -> 8: conversations are trees: a regenerate or an edit adds a version beside the old one. Until
+        # now each message followed the one before it; the conversation's current branch ends at leaf_id
+        "ALTER TABLE messages ADD COLUMN parent_id BIGINT",
+        "UPDATE messages SET parent_id = (SELECT max(earlier.id) FROM messages AS earlier WHERE "
+        "earlier.conversation_id = messages.conversation_id AND earlier.id < messages.id)",
+        "CREATE INDEX messages_by_parent ON messages(parent_id)",
+        "ALTER TABLE conversations ADD COLUMN leaf_id BIGINT",
+        "UPDATE conversations SET leaf_id = (SELECT max(id) FROM messages WHERE "
+        "messages.conversation_id = conversations.id)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

@@ -20,9 +20,11 @@ import time
 from jarvis import leases
 from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation, TooManyRuns
 from jarvis.stores.common import (
+    branch_of,
     import_rows,
     like_escaped,
     message_of,
+    newest_descendant,
     search_results,
     search_words,
     settings_json,
@@ -30,8 +32,9 @@ from jarvis.stores.common import (
     storable,
 )
 
-_MESSAGE_COLUMNS = ("id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, stats, "
-                    "created_at, updated_at")
+_MESSAGE_COLUMNS = ("id, parent_id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, "
+                    "stats, created_at, updated_at")
+CONTINUABLE = ("stopped", "interrupted", "error")  # and complete when it ended at max_tokens ("length")
 
 
 class Dialect:
@@ -165,8 +168,10 @@ class SQLStore:
             return []
         return self._call(_search, words, limit)
 
-    def get_conversation(self, conversation_id: str) -> dict | None:
-        return self._call(_get_conversation, conversation_id)
+    def get_conversation(self, conversation_id: str, *, every_version: bool = False) -> dict | None:
+        """The conversation with its current branch's messages (each with `parent_id` and `versions`), or
+        with every message of its tree when `every_version`; None when there is no such conversation."""
+        return self._call(_get_conversation, conversation_id, every_version)
 
     def rename_conversation(self, conversation_id: str, title: str) -> bool:
         return self._call(_count, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
@@ -191,28 +196,40 @@ class SQLStore:
         still existed."""
         return self._later(_save, message_id, content, status, error, reasoning, stats, reasoning_moved)
 
-    def delete_messages_from(self, conversation_id: str, message_id: int) -> None:
-        self._call(_count, "DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, message_id))
+    def set_leaf(self, conversation_id: str, message_id: int) -> int | None:
+        """Make the branch through `message_id` current (down to its newest descendant); the new leaf, or
+        None when the conversation has no such message."""
+        return self._call(_set_leaf, conversation_id, message_id)
+
+    def abandon_answer(self, conversation_id: str, message_id: int, user_message_id: int | None,
+                       leaf_id: int | None) -> None:
+        """Undo a regenerate or an edit the backend refused: drop the answer (and the edit's new user
+        message) and make `leaf_id` the current branch's end again, as it was before."""
+        self._call(_abandon_answer, conversation_id, message_id, user_message_id, leaf_id)
 
     # -- runs: answers in progress, at most one per conversation, whichever worker or node runs it ----------
 
-    def start_answer(self, conversation_id: str, *, owner: str, user_content: str | None = None,
-                     delete_from: int | None = None, history_before: int | None = None, title: str | None = None,
-                     model: str | None = None, trace_id: str | None = None, client: str | None = None,
-                     max_runs: int | None = None) -> tuple[int, list[dict]]:
-        """Claim the conversation for a new answer, in one transaction: drop the messages from
-        `delete_from` on (an edit), add the user's message, the answer (streaming) and its run. Returns
-        the answer's id and the history before it (only messages before `history_before`, when given: a
-        regenerate leaves the answer it replaces in place until the new one has started). Raises
-        NoSuchConversation, ConversationBusy (a live run exists, on any worker or node) or TooManyRuns
-        (`client` already runs `max_runs` answers, anywhere), changing nothing."""
-        return self._call(_start_answer, conversation_id, owner, user_content and storable(user_content),
-                          delete_from, history_before, title and storable(title), model, trace_id, client, max_runs)
+    def start_answer(self, conversation_id: str, *, owner: str, parent_id: int | None | str = "leaf",
+                     user_content: str | None = None, title: str | None = None, model: str | None = None,
+                     trace_id: str | None = None, client: str | None = None,
+                     max_runs: int | None = None) -> tuple[int, list[dict], int | None]:
+        """Claim the conversation for a new answer, in one transaction: add the user's message under
+        `parent_id` (a send: the current branch's last message, "leaf"; an edit: the edited message's
+        parent) and the answer (streaming) under it — or, with no user message (a regenerate), the answer
+        under `parent_id`, beside the earlier ones — and its run; the new answer ends the current branch.
+        Nothing is ever deleted. Returns the answer's id, the branch it answers (root first) and the leaf
+        before it. Raises NoSuchConversation, ConversationBusy (a live run exists, on any worker or node)
+        or TooManyRuns (`client` already runs `max_runs` answers, anywhere), changing nothing."""
+        return self._call(_start_answer, conversation_id, owner, parent_id, user_content and storable(user_content),
+                          title and storable(title), model, trace_id, client, max_runs)
 
-    def delete_messages_between(self, conversation_id: str, first: int, before: int) -> None:
-        """Drop the messages from `first` up to (not including) `before`: what a regenerate replaced."""
-        self._call(_count, "DELETE FROM messages WHERE conversation_id = ? AND id >= ? AND id < ?",
-                   (conversation_id, first, before))
+    def continue_answer(self, conversation_id: str, message_id: int, *, owner: str, trace_id: str | None = None,
+                        client: str | None = None, max_runs: int | None = None) -> list[dict] | None:
+        """Claim the conversation to continue an answer cut short (stopped, interrupted, an error after some
+        text, or complete at max_tokens): the same message streams again, its branch made current. Returns
+        the branch down to and including that answer, or None when it cannot be continued. Raises as
+        start_answer does."""
+        return self._call(_continue_answer, conversation_id, message_id, owner, trace_id, client, max_runs)
 
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
@@ -292,10 +309,41 @@ def _import_conversations(db: Db, conversations: list[dict]) -> list[str]:
             conversation_id, row, messages = import_rows(conversation)
             db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
                        "(?, ?, ?, ?, ?)", row)
-            db.executemany("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, "
-                           "stats, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", messages)
+            parents = [message.get("parent") for message in conversation["messages"]]
+            leaf = conversation.get("leaf")
+            if all(parent == index - 1 or (index == 0 and parent is None) for index, parent in enumerate(parents)) \
+                    and leaf in (None, len(parents) - 1):
+                db.executemany(_INSERT_IMPORTED, messages)  # one thread, in order: linked in two statements
+                _chain(db, conversation_id)
+            else:
+                _insert_tree(db, conversation_id, messages, parents, leaf)
             ids.append(conversation_id)
     return ids
+
+
+_INSERT_IMPORTED = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_IMPORTED_UNDER = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, "
+                          "stats, created_at, updated_at, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                          "RETURNING id")
+
+
+def _insert_tree(db: Db, conversation_id: str, messages: list[tuple], parents: list, leaf: int | None) -> None:
+    """A conversation with versions: each message under its parent's new id (parents come first)."""
+    new_ids: list[int] = []
+    for message, parent in zip(messages, parents, strict=True):
+        new_ids.append(db.one(_INSERT_IMPORTED_UNDER, (*message, None if parent is None else new_ids[parent]))["id"])
+    db.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?",
+               (new_ids[leaf] if leaf is not None and new_ids else None, conversation_id))
+
+
+def _chain(db: Db, conversation_id: str) -> None:
+    """A conversation whose messages came in one thread: each under the one before it, the last its leaf."""
+    db.execute("UPDATE messages SET parent_id = (SELECT max(earlier.id) FROM messages AS earlier WHERE "
+               "earlier.conversation_id = messages.conversation_id AND earlier.id < messages.id) "
+               "WHERE conversation_id = ?", (conversation_id,))
+    db.execute("UPDATE conversations SET leaf_id = (SELECT max(id) FROM messages WHERE conversation_id = ?) "
+               "WHERE id = ?", (conversation_id, conversation_id))
 
 
 def _search(db: Db, words: list[str], limit: int) -> list[dict]:
@@ -306,18 +354,44 @@ def _search(db: Db, words: list[str], limit: int) -> list[dict]:
     return search_results(titles, rows, words, limit)
 
 
-def _get_conversation(db: Db, conversation_id: str) -> dict | None:
+def _get_conversation(db: Db, conversation_id: str, every_version: bool = False) -> dict | None:
     with db.transaction():
         reap_dead_runs(db, conversation_id, time.time())
-    row = db.one("SELECT id, title, created_at, updated_at, settings, EXISTS (SELECT 1 FROM runs WHERE "
+    row = db.one("SELECT id, title, created_at, updated_at, settings, leaf_id, EXISTS (SELECT 1 FROM runs WHERE "
                  "runs.conversation_id = conversations.id) AS running FROM conversations WHERE id = ?",
                  (conversation_id,))
     if row is None:
         return None
-    messages = db.all(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
-                      (conversation_id,))
+    messages = [message_of(message) for message in
+                db.all(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+                       (conversation_id,))]
+    branch = branch_of(messages, row["leaf_id"])
     return {**row, "running": bool(row["running"]), "settings": settings_of(row["settings"]),
-            "messages": [message_of(message) for message in messages]}
+            "leaf_id": branch[-1]["id"] if branch else None, "messages": messages if every_version else branch}
+
+
+def _tree(db: Db, conversation_id: str) -> list[dict]:
+    return db.all("SELECT id, parent_id, role, content, reasoning, status, stats FROM messages "
+                  "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
+
+
+def _set_leaf(db: Db, conversation_id: str, message_id: int) -> int | None:
+    with db.transaction():
+        tree = _tree(db, conversation_id)
+        if not any(message["id"] == message_id for message in tree):
+            return None
+        leaf = newest_descendant(tree, message_id)
+        db.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf, conversation_id))
+    return leaf
+
+
+def _abandon_answer(db: Db, conversation_id: str, message_id: int, user_message_id: int | None,
+                    leaf_id: int | None) -> None:
+    with db.transaction():
+        db.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
+        db.execute("DELETE FROM messages WHERE conversation_id = ? AND id IN (?, ?)",
+                   (conversation_id, message_id, user_message_id if user_message_id is not None else message_id))
+        db.execute("UPDATE conversations SET leaf_id = ? WHERE id = ?", (leaf_id, conversation_id))
 
 
 def _delete_conversation(db: Db, conversation_id: str) -> bool:
@@ -328,45 +402,91 @@ def _delete_conversation(db: Db, conversation_id: str) -> bool:
 
 
 def _add_message(db: Db, conversation_id, role, content, status, model, trace_id) -> int:
+    """A message at the end of the current branch (tests and tools; the page's sends go through _start_answer)."""
     now = time.time()
     with db.transaction():
-        message_id = db.one("INSERT INTO messages (conversation_id, role, content, status, model, trace_id, "
-                            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                            (conversation_id, role, content, status, model, trace_id, now, now))["id"]
-        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+        parent = db.one("SELECT leaf_id FROM conversations WHERE id = ?", (conversation_id,))
+        message_id = db.one("INSERT INTO messages (conversation_id, parent_id, role, content, status, model, trace_id, "
+                            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                            (conversation_id, parent and parent["leaf_id"], role, content, status, model, trace_id,
+                             now, now))["id"]
+        db.execute("UPDATE conversations SET updated_at = ?, leaf_id = ? WHERE id = ?",
+                   (now, message_id, conversation_id))
     return message_id
 
 
-def _start_answer(db: Db, conversation_id, owner, user_content, delete_from, history_before, title, model, trace_id,
-                  client=None, max_runs=None):
+def _claim(db: Db, conversation_id: str, now: float, client: str | None, max_runs: int | None) -> None:
+    """Lock the conversation for a new run: it exists, runs nothing, and the client is under its limit."""
+    claimed = db.one("SELECT 1 AS found FROM conversations WHERE id = ?" + db.dialect.lock_row, (conversation_id,))
+    if claimed is None:
+        raise NoSuchConversation(conversation_id)
+    reap_dead_runs(db, conversation_id, now)
+    if db.one("SELECT 1 AS found FROM runs WHERE conversation_id = ?", (conversation_id,)):
+        raise ConversationBusy(conversation_id)
+    if client is not None and max_runs is not None:
+        reap_dead_runs(db, None, now)  # the client's answers elsewhere count only while they live
+        running = db.one("SELECT count(*) AS running FROM runs WHERE client = ?", (client,))["running"]
+        if running >= max_runs:
+            raise TooManyRuns(running)
+
+
+def _branch_to(db: Db, conversation_id: str, message_id: int | None) -> list[dict]:
+    """The messages from the root down to `message_id`, root first (none for None)."""
+    by_id = {message["id"]: message for message in _tree(db, conversation_id)}
+    branch = []
+    while message_id is not None and message_id in by_id and len(branch) < len(by_id):
+        branch.append(by_id[message_id])
+        message_id = by_id[message_id]["parent_id"]
+    branch.reverse()
+    return branch
+
+
+def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title, model, trace_id, client=None,
+                  max_runs=None):
     now = time.time()
     with db.transaction():
-        claimed = db.one("SELECT 1 AS found FROM conversations WHERE id = ?" + db.dialect.lock_row, (conversation_id,))
-        if claimed is None:
-            raise NoSuchConversation(conversation_id)
-        reap_dead_runs(db, conversation_id, now)
-        if db.one("SELECT 1 AS found FROM runs WHERE conversation_id = ?", (conversation_id,)):
-            raise ConversationBusy(conversation_id)
-        if client is not None and max_runs is not None:
-            reap_dead_runs(db, None, now)  # the client's answers elsewhere count only while they live
-            running = db.one("SELECT count(*) AS running FROM runs WHERE client = ?", (client,))["running"]
-            if running >= max_runs:
-                raise TooManyRuns(running)
-        if delete_from is not None:
-            db.execute("DELETE FROM messages WHERE conversation_id = ? AND id >= ?", (conversation_id, delete_from))
+        _claim(db, conversation_id, now, client, max_runs)
+        leaf = db.one("SELECT leaf_id FROM conversations WHERE id = ?", (conversation_id,))["leaf_id"]
+        if parent_id == "leaf":
+            parent_id = leaf
+        if parent_id is not None and not db.one("SELECT 1 AS found FROM messages WHERE id = ? AND conversation_id = ?",
+                                                 (parent_id, conversation_id)):
+            raise NoSuchConversation(conversation_id)  # the message it answers went with its conversation
         if user_content is not None:
-            db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, updated_at) "
-                       "VALUES (?, 'user', ?, 'complete', ?, ?)", (conversation_id, user_content, now, now))
-        message_id = db.one("INSERT INTO messages (conversation_id, role, content, status, model, trace_id, "
-                            "created_at, updated_at) VALUES (?, 'assistant', '', 'streaming', ?, ?, ?, ?) RETURNING id",
-                            (conversation_id, model, trace_id, now, now))["id"]
+            parent_id = db.one("INSERT INTO messages (conversation_id, parent_id, role, content, status, created_at, "
+                               "updated_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?) RETURNING id",
+                               (conversation_id, parent_id, user_content, now, now))["id"]
+        message_id = db.one("INSERT INTO messages (conversation_id, parent_id, role, content, status, model, trace_id, "
+                            "created_at, updated_at) VALUES (?, ?, 'assistant', '', 'streaming', ?, ?, ?, ?) "
+                            "RETURNING id", (conversation_id, parent_id, model, trace_id, now, now))["id"]
         db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at, client) "
                    "VALUES (?, ?, ?, ?, ?)", (message_id, conversation_id, owner, now + leases.LEASE_SECONDS, client))
-        db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ? WHERE id = ?",
-                   (title, now, conversation_id))
-        history = db.all("SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ? ORDER BY id",
-                         (conversation_id, history_before or message_id))
-    return message_id, history
+        db.execute("UPDATE conversations SET title = coalesce(?, title), updated_at = ?, leaf_id = ? WHERE id = ?",
+                   (title, now, message_id, conversation_id))
+        history = _branch_to(db, conversation_id, parent_id)
+    return message_id, history, leaf
+
+
+def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, client=None, max_runs=None):
+    now = time.time()
+    with db.transaction():
+        _claim(db, conversation_id, now, client, max_runs)
+        message = db.one("SELECT role, content, status, stats FROM messages WHERE id = ? AND conversation_id = ?",
+                         (message_id, conversation_id))
+        if message is None or message["role"] != "assistant" or not message["content"]:
+            return None
+        finish = (json.loads(message["stats"]) if message["stats"] else {}).get("finish_reason")
+        if message["status"] not in CONTINUABLE and not (message["status"] == "complete" and finish == "length"):
+            return None
+        if db.one("SELECT 1 AS found FROM messages WHERE parent_id = ?", (message_id,)):
+            return None  # something follows it: its end is no longer the end of the conversation
+        db.execute("UPDATE messages SET status = 'streaming', error = NULL, trace_id = coalesce(?, trace_id), "
+                   "updated_at = ? WHERE id = ?", (trace_id, now, message_id))
+        db.execute("INSERT INTO runs (message_id, conversation_id, owner, lease_expires_at, client) "
+                   "VALUES (?, ?, ?, ?, ?)", (message_id, conversation_id, owner, now + leases.LEASE_SECONDS, client))
+        db.execute("UPDATE conversations SET updated_at = ?, leaf_id = ? WHERE id = ?",
+                   (now, message_id, conversation_id))
+        return _branch_to(db, conversation_id, message_id)
 
 
 def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:

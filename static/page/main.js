@@ -48,6 +48,40 @@ function refreshActions() {
   }
   const lastAnswer = messages.last((view) => view.message.role === "assistant");
   if (lastAnswer && !state.following) lastAnswer.actions.append(button("Regenerate", () => regenerate().catch(report)));
+  const last = messages.last();
+  if (last && last === lastAnswer && last.id !== null && last.continuable && !state.following) {
+    const view = last;
+    last.actions.append(button("Continue", () => continueAnswer(view).catch(report)));
+  }
+  for (const view of messages) {
+    const versions = view.message.versions ?? [];
+    const at = view.id === null ? -1 : versions.indexOf(view.id);
+    if (versions.length < 2 || at < 0 || state.following) continue;
+    const previous = button("‹", () => showVersion(versions[at - 1]).catch(report));
+    previous.setAttribute("aria-label", "Previous version");
+    previous.disabled = at === 0;
+    const next = button("›", () => showVersion(versions[at + 1]).catch(report));
+    next.setAttribute("aria-label", "Next version");
+    next.disabled = at === versions.length - 1;
+    const place = document.createElement("span");
+    place.className = "version";
+    place.textContent = `${at + 1}/${versions.length}`;
+    const switcher = document.createElement("span");
+    switcher.className = "versions";
+    switcher.append(previous, place, next);
+    view.actions.prepend(switcher);
+  }
+}
+
+/**
+ * Shows another version of a message: the branch through it becomes the conversation's current one.
+ * @param {number} id
+ */
+async function showVersion(id) {
+  const conversationId = state.conversationId;
+  if (!conversationId || state.following) return;
+  await api.showVersion(conversationId, id);
+  await openConversation(conversationId);
 }
 
 /**
@@ -155,6 +189,10 @@ async function settleWithServer(conversationId) {
   if (state.conversationId !== conversationId || state.following) return;
   title.textContent = conversation.title;
   messages.reconcile(conversation.messages);
+  for (const message of conversation.messages) { // what the server knows now: versions, how each ended
+    const view = messages.find(message.id);
+    if (view) Object.assign(view.message, { versions: message.versions, status: message.status, stats: message.stats });
+  }
   refreshActions();
   await refreshConversationList();
 }
@@ -176,6 +214,21 @@ async function send(text) {
   }
   const question = messages.add({ role: "user", content: text });
   await startAnswer(body, question);
+}
+
+/**
+ * Continues an answer cut short: the same message grows from where it stopped.
+ * @param {MessageView} view
+ */
+async function continueAnswer(view) {
+  const conversationId = /** @type {string} */ (state.conversationId);
+  const id = /** @type {number} */ (view.id);
+  view.setStatus("streaming", null, null);
+  await followAnswer(conversationId, view, null,
+    (signal) => api.sendMessage(conversationId, {
+      continue: id, after: view.text.length, reasoning_after: view.reasoning.length, model: modelPicker.value || undefined,
+    }, signal));
+  await refreshConversationList().catch(report);
 }
 
 async function regenerate() {

@@ -16,9 +16,10 @@ const RENDER_EVERY_MS = 50;
 
 /**
  * @typedef {{ttft_ms?: number | null, thinking_ms?: number | null, completion_tokens?: number | null,
- *   tokens_per_second?: number | null, upstream?: string}} AnswerStats
+ *   tokens_per_second?: number | null, upstream?: string, finish_reason?: string}} AnswerStats
  * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
- *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null}} Message
+ *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null, parent_id?: number | null,
+ *   versions?: number[]}} Message
  */
 
 /**
@@ -66,6 +67,15 @@ export class MessageView {
     this.setStatus(message.status ?? "complete", message.error ?? null, message.trace_id ?? null);
     this.setStats(message.stats ?? null);
     this.render();
+  }
+
+  /** Whether the server can continue this answer: cut short (stopped, interrupted, an error after some
+   * text, or ended at max_tokens). The server checks again. */
+  get continuable() {
+    const status = this.message.status;
+    return this.message.role === "assistant" && this.text !== "" && (
+      status === "stopped" || status === "interrupted" || status === "error"
+      || (status === "complete" && this.message.stats?.finish_reason === "length"));
   }
 
   /** The message's id on the server; null until the server has said it. */
@@ -181,6 +191,7 @@ export class MessageView {
    * @param {string | null} traceId
    */
   setStatus(status, error, traceId) {
+    this.message.status = status;
     if (this.message.role === "assistant") this.element.dataset.status = status;
     const notes = {
       error: error ? `Error: ${error}` : "Error",
@@ -206,6 +217,7 @@ export class MessageView {
   /** @param {AnswerStats | null} stats numbers from the server; nothing else is trusted */
   setStats(stats) {
     if (!stats || typeof stats !== "object") return;
+    this.message.stats = stats;
     const number = (/** @type {unknown} */ value) => (typeof value === "number" && Number.isFinite(value) ? value : null);
     const ttft = number(stats.ttft_ms);
     const thinking = number(stats.thinking_ms);
