@@ -35,7 +35,7 @@ def run(store, answers: int, seconds: float, interval: float) -> dict:
     message_ids = []
     for number in range(answers):
         conversation = store.create_conversation(f"load {number}")
-        message_id, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="go")
+        message_id, _, _ = store.start_answer(conversation["id"], owner=OWNER, user_content="go")
         message_ids.append(message_id)
     latencies, lags, ticks = [], [], []
     issued = [0]
