@@ -44,7 +44,8 @@ def _json_body() -> dict:
 
 @bp.get("")
 def list_conversations():
-    """All conversations, most recently active first."""
+    """All conversations, most recently active first (`running`: an answer is being written)."""
+    state.runs().settle_all()
     return jsonify(data=state.store().list_conversations())
 
 

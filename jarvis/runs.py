@@ -443,6 +443,16 @@ class Runs:
             if run.conversation_id == conversation_id or (client is not None and run.client == client):
                 run.final_saved.wait(max(0.0, deadline - time.monotonic()))
 
+    def settle_all(self) -> None:
+        """Before a listing: wait (at most JARVIS_STORE_BUSY_SECONDS in all) for the last saves of the
+        answers that ended here or are being stopped, so that none is listed as running a moment after it
+        ended (a page refreshes its list as soon as it reads [DONE] or its Stop is answered)."""
+        deadline = time.monotonic() + self.settings.store_busy_seconds
+        closing = [*self.ending.values(),
+                   *(run for run in self.by_message.values() if run.relay.stopping is not None)]
+        for run in closing:
+            run.final_saved.wait(max(0.0, deadline - time.monotonic()))
+
     def for_conversation(self, conversation_id: str) -> Run | None:
         return next((run for run in self.by_message.values() if run.conversation_id == conversation_id), None)
 

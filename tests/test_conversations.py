@@ -30,6 +30,8 @@ def read(client, conversation_id) -> dict:
 
 def test_list_create_read_rename_delete(client):
     conversation_id = create(client)
+    assert client.get("/api/conversations").json["data"] == []  # listed once something is sent in it
+    reply(client, conversation_id, content="hi")
     assert [c["id"] for c in client.get("/api/conversations").json["data"]] == [conversation_id]
     assert client.put(f"/api/conversations/{conversation_id}", json={"title": "Plans"}).json["title"] == "Plans"
     assert client.delete(f"/api/conversations/{conversation_id}").status_code == 204

@@ -106,6 +106,12 @@ def test_search_finds_words_in_titles_and_ended_messages(page):
     assert page.get("/api/conversations/search?q=chat 2").json["data"][0] == {
         "conversation_id": ids[2], "title": "Chat 2", "message_id": None, "snippet": "\ue000Chat\ue001 \ue0002\ue001"}
     assert page.get('/api/conversations/search?q=" OR * NEAR(').json["data"] == []  # no query syntax gets in
+    # A conversation whose title and messages all match is one result: its best message.
+    titled = page.post("/api/conversations", json={"title": "Giraffes and more"}).json["id"]
+    answer(page, titled, "giraffes are tall")
+    answer(page, titled, "how tall are giraffes")
+    results = page.get("/api/conversations/search?q=giraffes").json["data"]
+    assert [r["conversation_id"] for r in results] == [titled] and results[0]["message_id"] is not None
     assert page.get("/api/conversations/search?q=").json["data"] == []
 
 

@@ -427,3 +427,25 @@ def test_a_stream_cut_without_done_is_shown_as_interrupted(jarvis, upstream, con
     page.wait_for_selector("#send:not([disabled])")
     assert requests.get(jarvis.url + "/healthz", timeout=10).ok  # the replacement worker is serving
     assert problems.page_errors == [] and problems.rejections() == []
+
+
+def test_new_chat_stores_nothing_until_a_message_is_sent_and_a_stop_from_the_list_clears_its_mark(
+        start_jarvis, upstream, context):
+    jarvis = start_jarvis(args=["-w", "2"])  # the Stop and the list may reach the worker not running it
+    page, problems = open_page(context, jarvis.url)
+    for _ in range(3):
+        page.get_by_role("button", name="+ New chat").click()
+    page.get_by_label("Message").wait_for()
+    assert requests.get(jarvis.url + "/api/conversations", timeout=5).json()["data"] == []
+    assert page.locator("#conversation-list li").count() == 0
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    send(page, "a long one")
+    page.locator("#conversation-list li.running").wait_for(timeout=5000)  # listed as soon as it started
+    wait_text_longer(page, 10)
+    page.get_by_role("button", name="+ New chat").click()  # it runs on, unwatched, marked in the list
+    page.locator("#conversation-list li.running").get_by_role("button", name="Stop the answer in a long one").click()
+    # The mark follows the run's end: gone with the list the Stop refreshes (it stayed until the next
+    # refresh when the list was read before the answer's last save).
+    page.wait_for_function("() => !document.querySelector('#conversation-list li.running')", timeout=3000)
+    assert [c["running"] for c in requests.get(jarvis.url + "/api/conversations", timeout=5).json()["data"]] == [False]
+    problems.assert_clean()

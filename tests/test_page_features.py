@@ -48,7 +48,7 @@ def test_export_import_round_trip_and_a_malformed_file_imports_nothing(jarvis, u
     send(page, "a long one")
     page.wait_for_function("() => document.querySelectorAll('[data-role=assistant] .content')[1]"
                            "?.textContent.length > 10")
-    page.get_by_role("button", name="Stop").click()
+    page.get_by_role("button", name="Stop", exact=True).click()
     wait_status(page, "stopped")
     upstream.scenario = Scenario(tokens=5, error_event_after=2)
     send(page, "and fail")

@@ -322,3 +322,29 @@ def test_an_answer_that_starts_while_the_tick_asks_the_store_is_not_taken_for_de
     assert content_of(events) == "v0 v1 " and events[-2][1]["status"] == "complete", events[-3:]
     assert client.post(f"/api/conversations/{first}/stop").status_code == 202
     first_response.close()
+
+
+def test_the_list_never_shows_an_answer_running_a_moment_after_it_ended_or_was_stopped(client, backend, monkeypatch):
+    # The run's row goes with its last save, queued to the store's thread: here a slow one.
+    from jarvis.stores import sql
+
+    finish = sql._finish_answer
+
+    def slowly(*args):
+        time.sleep(0.3)
+        return finish(*args)
+
+    monkeypatch.setattr(sql, "_finish_answer", slowly)
+
+    def running(conversation_id):
+        return next(c["running"] for c in client.get("/api/conversations").json["data"] if c["id"] == conversation_id)
+
+    conversation_id, _, response = start(client, backend, ["w0 ", "w1 "])
+    response.get_data()  # [DONE] read: the page refreshes its list at once
+    assert running(conversation_id) is False
+    conversation_id, _, response = start(client, backend, ["w0 ", STALL])
+    read_some(response, 2)
+    assert running(conversation_id) is True
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    assert running(conversation_id) is False  # the Stop answered, the list asked at once
+    response.close()

@@ -61,13 +61,15 @@ def test_with_postgresql_stopped_the_page_api_answers_503_in_time_v1_and_healthz
         assert answer.status_code == 200 and answer.content.endswith(b"data: [DONE]\n\n")
 
         cluster.resume()
-        listed = wait_until(lambda: (response := requests.get(jarvis.url + "/api/conversations", timeout=30))
-                            .status_code == 200 and response.json()["data"], 30,
-                            lambda: "the page API did not recover within 30 s of the database coming back")
-        assert [conversation["id"] for conversation in listed] == [conversation_id]
+        kept = wait_until(lambda: (response := requests.get(f"{jarvis.url}/api/conversations/{conversation_id}",
+                                                            timeout=30)).status_code == 200 and response.json(), 30,
+                          lambda: "the page API did not recover within 30 s of the database coming back")
+        assert kept["title"] == "kept"
         sent = requests.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages", json={"content": "again"},
                              stream=True, timeout=30)
         assert sent.status_code == 200 and b"data: [DONE]" in sent.content
+        listed = requests.get(jarvis.url + "/api/conversations", timeout=10).json()["data"]
+        assert [conversation["id"] for conversation in listed] == [conversation_id]
         saved = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=10).json()["messages"]
         assert [message["role"] for message in saved] == ["user", "assistant"]
         jarvis.assert_log_clean()

@@ -33,11 +33,17 @@ def like_escaped(word: str) -> str:
 
 
 def search_results(titles, rows, words: list[str], limit: int) -> list[dict]:
-    results = [{"conversation_id": row["conversation_id"], "title": row["title"], "message_id": None,
-                "snippet": _marked(row["title"], words)} for row in titles]
-    results += [{"conversation_id": row["conversation_id"], "title": row["title"], "message_id": row["message_id"],
-                 "snippet": row["snippet"]} for row in rows]
-    return results[:limit]
+    """One result per conversation: its best message match (rows come best first), else its title."""
+    results: dict[str, dict] = {}
+    for row in rows:
+        results.setdefault(row["conversation_id"], {
+            "conversation_id": row["conversation_id"], "title": row["title"], "message_id": row["message_id"],
+            "snippet": row["snippet"]})
+    for row in titles:
+        results.setdefault(row["conversation_id"], {
+            "conversation_id": row["conversation_id"], "title": row["title"], "message_id": None,
+            "snippet": _marked(row["title"], words)})
+    return list(results.values())[:limit]
 
 
 def _marked(text: str, words: list[str]) -> str:

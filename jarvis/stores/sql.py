@@ -141,6 +141,7 @@ class SQLStore:
     # -- conversations ---------------------------------------------------------
 
     def list_conversations(self) -> list[dict]:
+        """Every conversation something was sent in (an empty one is not listed), most recently active first."""
         return self._call(_list_conversations)
 
     def create_conversation(self, title: str, settings: dict | None = None) -> dict:
@@ -297,7 +298,8 @@ def _list_conversations(db: Db) -> list[dict]:
     with db.transaction():
         reap_dead_runs(db, None, time.time())
         rows = db.all("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
-                      "runs.conversation_id = conversations.id) AS running FROM conversations "
+                      "runs.conversation_id = conversations.id) AS running FROM conversations WHERE EXISTS "
+                      "(SELECT 1 FROM messages WHERE messages.conversation_id = conversations.id) "
                       "ORDER BY updated_at DESC")
     return [{**row, "running": bool(row["running"])} for row in rows]
 
@@ -347,7 +349,7 @@ def _chain(db: Db, conversation_id: str) -> None:
 
 
 def _search(db: Db, words: list[str], limit: int) -> list[dict]:
-    rows = db.dialect.search_messages(db, words, limit)
+    rows = db.dialect.search_messages(db, words, limit * 4)  # several may be one conversation's
     titles = db.all("SELECT id AS conversation_id, title FROM conversations WHERE "
                     + " AND ".join([f"title {db.dialect.like}"] * len(words)) + " ORDER BY updated_at DESC LIMIT ?",
                     (*[f"%{like_escaped(word)}%" for word in words], limit))

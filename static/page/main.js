@@ -134,9 +134,17 @@ async function openConversation(id) {
   }
 }
 
+/** A new conversation: stored only when its first message is sent (no empty rows in the list). */
 async function newConversation() {
-  const conversation = await api.createConversation();
-  await openConversation(conversation.id);
+  detach();
+  state.conversationId = null;
+  localStorage.removeItem(LAST_CONVERSATION);
+  cancelEdit();
+  messages.clear();
+  title.textContent = "New chat";
+  refreshActions();
+  document.body.classList.remove("sidebar-open");
+  await refreshConversationList();
   prompt.focus();
 }
 
@@ -176,7 +184,12 @@ async function stopElsewhere(conversationId) {
     return;
   }
   await api.stopAnswer(conversationId);
-  await refreshConversationList();
+  // The worker running it (perhaps another) stops it within a tick; its mark goes when its last save lands.
+  for (let tries = 0; tries < 25; tries += 1) {
+    const listed = await refreshConversationList();
+    if (!listed.some((conversation) => conversation.id === conversationId && conversation.running)) return;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
 }
 
 /**
@@ -201,11 +214,7 @@ async function settleWithServer(conversationId) {
 
 /** @param {string} text */
 async function send(text) {
-  if (!state.conversationId) {
-    const conversation = await api.createConversation();
-    state.conversationId = conversation.id;
-    localStorage.setItem(LAST_CONVERSATION, conversation.id);
-  }
+  if (!state.conversationId) await storeConversation();
   const body = { content: text, model: modelPicker.value || undefined, edit: state.editId ?? undefined };
   if (state.editId !== null) {
     const edited = messages.find(state.editId);
@@ -250,6 +259,7 @@ async function startAnswer(body, question) {
     (response) => {
       const questionId = Number(response.headers.get("X-User-Message-Id"));
       if (question && questionId) messages.name(question, questionId);
+      if (response.ok) refreshConversationList().catch(report); // a new conversation is listed at once
     });
   await refreshConversationList().catch(report);
 }
@@ -284,6 +294,10 @@ function cancelEdit() {
 async function openSearchResult(conversationId, messageId) {
   await openConversation(conversationId);
   if (messageId === null) return;
+  if (!messages.find(messageId) && !state.following) { // a version not shown: show its branch
+    await api.showVersion(conversationId, messageId);
+    await openConversation(conversationId);
+  }
   const found = messages.find(messageId)?.element;
   if (!found) return;
   found.classList.add("found");
@@ -349,8 +363,14 @@ async function signInIfNeeded() {
 }
 
 async function showSettings() {
-  if (!state.conversationId) await newConversation();
+  if (!state.conversationId) await storeConversation(); // listed once its first message is sent
   await openSettings(/** @type {string} */ (state.conversationId));
+}
+
+async function storeConversation() {
+  const conversation = await api.createConversation();
+  state.conversationId = conversation.id;
+  localStorage.setItem(LAST_CONVERSATION, conversation.id);
 }
 
 /** @param {KeyboardEvent} event */
