@@ -103,6 +103,7 @@ def read_conversation(conversation_id):
     """One conversation with its current branch's messages (each with `parent_id` and `versions`, the ids
     of it and its siblings), their statuses, and the settings it uses; ?all=1: every message of its tree."""
     every_version = request.args.get("all") in ("1", "true")
+    state.runs().settle(conversation_id)  # an answer that just ended here is read as it ended
     conversation = state.store().get_conversation(conversation_id, every_version=every_version)
     if conversation is None:
         raise ApiError(404, "No such conversation", code="conversation_not_found")

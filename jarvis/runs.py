@@ -435,11 +435,13 @@ class Runs:
 
     def settle(self, conversation_id: str, client: str | None = None) -> None:
         """Wait (at most JARVIS_STORE_BUSY_SECONDS in all) for the last saves of the answers that just ended
-        here, in this conversation or started by this client: one that sends the next message the instant
-        it reads [DONE] must not be told the conversation is still answering, nor that it has too many
-        answers running (its ended ones count until their run rows are gone)."""
+        here (or are being stopped), in this conversation or started by this client: one that sends the
+        next message the instant it reads [DONE] must not be told the conversation is still answering,
+        nor that it has too many answers running (its ended ones count until their run rows are gone); a
+        page reading the conversation after its Stop gets the answer as it ended."""
         deadline = time.monotonic() + self.settings.store_busy_seconds
-        for run in list(self.ending.values()):
+        stopping = [run for run in self.by_message.values() if run.relay.stopping is not None]
+        for run in [*self.ending.values(), *stopping]:
             if run.conversation_id == conversation_id or (client is not None and run.client == client):
                 run.final_saved.wait(max(0.0, deadline - time.monotonic()))
 

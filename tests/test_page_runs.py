@@ -186,6 +186,8 @@ def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works
     send(page, "long answer")
     wait_text_longer(page, 20)
     conversation_id = page.evaluate("localStorage.getItem('jarvis.conversation')")
+    wait_until(lambda: requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=2).json()[
+        "messages"][-1]["content"], 5, lambda: "nothing saved")  # (else there is nothing to continue)
     killed = time.monotonic()
     os.kill(jarvis.worker().pid, signal.SIGKILL)
 
@@ -200,7 +202,14 @@ def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works
     print(f"worker killed -> answer interrupted: {time.monotonic() - killed:.2f} s")
     wait_status(page, "interrupted", timeout=15)  # the page re-attached to the new worker and was told
     assert answer_text(page).strip()
+    saved = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
     upstream.scenario = Scenario(tokens=3)
+    last_answer(page).get_by_role("button", name="Continue").click()  # the interrupted answer goes on
+    wait_status(page, "complete")
+    assert upstream.chats[-1].body["messages"][-1] == {"role": "assistant", "content": saved["content"]}
+    assert answer_text(page) == (saved["content"] + "w0 w1 w2 ").strip()
+    again = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
+    assert again["id"] == saved["id"]  # the same message, grown
     send(page, "still there?")
     wait_status(page, "complete")
     assert answer_text(page).strip() == "w0 w1 w2"

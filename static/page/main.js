@@ -204,7 +204,10 @@ async function settleWithServer(conversationId) {
   messages.reconcile(conversation.messages);
   for (const message of conversation.messages) { // what the server knows now: versions, how each ended
     const view = messages.find(message.id);
-    if (view) Object.assign(view.message, { versions: message.versions, status: message.status, stats: message.stats });
+    if (!view) continue;
+    view.message.versions = message.versions;
+    if (message.status !== "streaming") Object.assign(view.message, { status: message.status, stats: message.stats });
+    view.showSaved(message);
   }
   refreshActions();
   await refreshConversationList();
@@ -232,6 +235,7 @@ async function send(text) {
 async function continueAnswer(view) {
   const conversationId = /** @type {string} */ (state.conversationId);
   const id = /** @type {number} */ (view.id);
+  if (view.saved) view.showSaved(view.saved, { always: true }); // it goes on from what the server has
   view.setStatus("streaming", null, null);
   await followAnswer(conversationId, view, null,
     (signal) => api.sendMessage(conversationId, {

@@ -64,6 +64,7 @@ export class MessageView {
     this.lastRenderAt = -Infinity;
     this.lastRenderMs = 0;
     this.renderedText = null;
+    /** @type {Message | null} */ this.saved = null; // as the server last had it, when it differs
     this.setStatus(message.status ?? "complete", message.error ?? null, message.trace_id ?? null);
     this.setStats(message.stats ?? null);
     this.render();
@@ -73,9 +74,26 @@ export class MessageView {
    * text, or ended at max_tokens). The server checks again. */
   get continuable() {
     const status = this.message.status;
-    return this.message.role === "assistant" && this.text !== "" && (
+    return this.message.role === "assistant" && (this.saved ? this.saved.content : this.text) !== "" && (
       status === "stopped" || status === "interrupted" || status === "error"
       || (status === "complete" && this.message.stats?.finish_reason === "length"));
+  }
+
+  /**
+   * An ended message as the server saved it: the server is the truth (a page stops reading at Stop, so it
+   * may show less than was saved; or a worker died before saving what this page had seen).
+   * @param {Message} saved
+   */
+  showSaved(saved, { always = false } = {}) {
+    if (saved.status === "streaming" || this.message.role !== "assistant") return;
+    if (saved.content === this.text && (saved.reasoning ?? "") === this.reasoning) return;
+    this.saved = saved;
+    // A worker that died before saving the last tokens this page showed: they stay on screen (to read or
+    // copy) until the answer is continued from what was saved.
+    if (!always && saved.status === "interrupted" && this.text.startsWith(saved.content)) return;
+    this.text = saved.content;
+    this.reasoning = saved.reasoning ?? "";
+    this.render();
   }
 
   /** The message's id on the server; null until the server has said it. */
