@@ -81,6 +81,9 @@ export const stopAnswer = (id) =>
  * The models on offer, each with who serves it (`owned_by`: with several upstreams, the upstream's name).
  * @returns {Promise<{id: string, owner: string}[]>}
  */
+/** This worker's /healthz: with several upstreams, each one's `state` ("up", "cooling_down", "unreachable"). */
+export const health = () => call("/healthz");
+
 export async function listModels() {
   const body = await call("/v1/models");
   const data = Array.isArray(body.data) ? body.data : [];

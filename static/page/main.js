@@ -6,6 +6,7 @@
  *   message-view.js       one message on screen          message-list.js   the messages, by id
  *   answer-stream.js      start, attach, re-attach, Stop  conversation-list.js  the sidebar's list
  *   search.js             search as you type             settings.js       settings, import/export, doctor
+ *   models.js             the model picker's first choice
  */
 import * as api from "../api.js";
 import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
@@ -13,6 +14,7 @@ import { showConversations } from "./conversation-list.js";
 import { $, button, report } from "./dom.js";
 import { MessageList } from "./message-list.js";
 import { MessageView } from "./message-view.js";
+import { preselectedModel } from "./models.js";
 import { searchAsTyped } from "./search.js";
 import { checkStreaming, importConversations, openSettings, saveSettings, settingsDialog } from "./settings.js";
 import { LAST_CONVERSATION, LAST_MODEL, state } from "./state.js";
@@ -333,8 +335,10 @@ async function loadModels() {
     } else {
       modelPicker.replaceChildren(...models.map((model) => option(model.id)));
     }
-    const remembered = localStorage.getItem(LAST_MODEL);
-    if (remembered && models.some((model) => model.id === remembered)) modelPicker.value = remembered;
+    const health = await api.health().catch(() => ({}));
+    const upstreams = Array.isArray(health.upstreams) ? health.upstreams : [];
+    const chosen = preselectedModel(models, upstreams, localStorage.getItem(LAST_MODEL));
+    if (chosen) modelPicker.value = chosen;
   } catch (error) {
     console.warn("could not load the model list", error);
   }
