@@ -224,7 +224,8 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
     answer = branch[-1]
     chat = _chat_request(conversation, branch, model, trace_id)
     response = runs.start(conversation_id, message_id, chat, request.environ, client,
-                          continued=(answer["content"], answer["reasoning"]), shown=shown)
+                          continued=(answer["content"], answer["reasoning"]), shown=shown,
+                          ended=(answer["status"], answer["error"]))
     response.headers["X-Message-Id"] = str(message_id)
     return response
 

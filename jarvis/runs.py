@@ -114,12 +114,18 @@ class Run:
     """One answer being written by this worker, for any number of watchers."""
 
     def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
-                 client: str | None = None, continued: tuple[str, str] = ("", "")):
+                 client: str | None = None, continued: tuple[str, str] = ("", ""),
+                 ended: tuple[str, str | None] | None = None):
         self.runs = runs
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.client = client  # the address it counts against (JARVIS_MAX_RUNS_PER_CLIENT)
         self.answer = Answer(content=continued[0], reasoning=continued[1])  # (a continued answer's text so far)
+        # A continued answer: its text and how it had ended, and its first new chunks, held back until they
+        # show whether the model continues it or answers afresh (a server that cannot continue does that).
+        self.continued, self.ended_before = continued, ended
+        self.held: list[bytes] | None = [] if continued[0] else None
+        self.answered_afresh = False
         self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
         self.watchers: set[Watcher] = set()
         self.finished = False
@@ -178,6 +184,8 @@ class Run:
             except (ValueError, RecursionError):
                 continue
             page_batch.append(json.dumps(self.answer.add(chunk)).encode())
+        if self.held is not None:
+            page_batch = self._judged(page_batch, final=False)
         if self.answer.length > self.runs.settings.max_answer_chars and self.relay.stopping is None:
             limit = self.runs.settings.max_answer_chars
             self.relay.interrupt(Outcome.TOO_LONG, StreamError(
@@ -202,12 +210,39 @@ class Run:
             time.time() - self.remote_watched_at < REMOTE_WATCH_SECONDS
         return WATCHED_FLUSH_SECONDS if followed else FLUSH_SECONDS
 
+    def _judged(self, page_batch: list[bytes], *, final: bool) -> list[bytes]:
+        """A continued answer's new chunks: held back until its new text shows it continues the old one
+        (then released), or shows a fresh answer starting as the old one did (then the answer is put back
+        as it was and the run ended with an error saying so: never a second answer glued on)."""
+        assert self.held is not None
+        self.held.extend(page_batch)
+        verdict = answered_afresh(self.continued[0], self.answer.content[len(self.continued[0]):], final=final)
+        if verdict is None:
+            return []
+        held, self.held = self.held, None
+        if not verdict:
+            return held
+        self.answered_afresh = True
+        self.answer.content_parts, self.answer.reasoning_parts = [self.continued[0]], [self.continued[1]]
+        self.answer.splitter.held = ""
+        self.answer.length = len(self.continued[0]) + len(self.continued[1])
+        log.info("the upstream answered afresh instead of continuing the answer %d: its new text was dropped",
+                 self.message_id)
+        if not final:
+            self.relay.interrupt(Outcome.UPSTREAM_ERROR, StreamError("cannot_continue", CANNOT_CONTINUE,
+                                                                     "upstream_error"))
+        return []
+
     def finish(self, status: str) -> list[bytes]:
+        held = self._judged([], final=True) if self.held is not None else []
+        if self.answered_afresh:  # it ended before the error could: say so in the last chunk
+            return [json.dumps(page_chunk(status=self.ended_before[0] if self.ended_before else "stopped",
+                                          note=CANNOT_CONTINUE)).encode()]
         chunks = self.answer.finish()
         chunks[-1]["status"] = status
         if self.relay.stopping is Outcome.DETACHED:
             chunks[-1]["note"] = self._detached_note()
-        return [json.dumps(chunk).encode() for chunk in chunks]
+        return [*held, *(json.dumps(chunk).encode() for chunk in chunks)]
 
     def _detached_note(self) -> str:
         return (f"Nobody was watching for {self.runs.settings.detached_seconds:g} s (JARVIS_DETACHED_SECONDS), "
@@ -231,6 +266,8 @@ class Run:
         status = ending.page_status
         if ending.outcome is Outcome.DETACHED:
             error_message = self._detached_note()
+        if self.answered_afresh and self.ended_before is not None:  # put back as it had ended, saying why
+            status, error_message = self.ended_before[0], CANNOT_CONTINUE
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
         self._save_final(status, error_message if status != "complete" else None, attempt=1)
 
@@ -400,12 +437,13 @@ class Runs:
 
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
               client: str | None = None, continued: tuple[str, str] = ("", ""),
-              shown: tuple[int | None, int | None] = (None, None)) -> Response:
+              shown: tuple[int | None, int | None] = (None, None),
+              ended: tuple[str, str | None] | None = None) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
         greenlet can run at all: an event published to nobody would be lost to the page that asked. A
         continued answer (`continued`: its content and reasoning so far) streams only what the page
         lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
-        run = Run(self, conversation_id, message_id, chat, client, continued)
+        run = Run(self, conversation_id, message_id, chat, client, continued, ended)
         self.by_message[message_id] = run
         try:
             run.relay.open()
@@ -495,6 +533,25 @@ class Runs:
                     run.stop(Outcome.STOPPED)
                 else:
                     run.watched_remotely(state[1])
+
+
+CANNOT_CONTINUE = ("This model's server answered afresh instead of continuing this answer, so it cannot continue "
+                   "answers: the answer is kept as it was")
+_JUDGED_CHARACTERS = 12  # of the new text (spaces left out), compared with the old text's start
+
+
+def answered_afresh(old: str, new: str, *, final: bool) -> bool | None:
+    """Whether a continuation's new text is a fresh answer: it starts as the old text started (a server that
+    cannot continue answers the question again, and at temperature 0 word for word). None: too little new
+    text yet to tell. An old text too short to compare is taken as continued."""
+    old_start, new_start = "".join(old.split())[:_JUDGED_CHARACTERS], "".join(new.split())[:_JUDGED_CHARACTERS]
+    if len(old_start) < 4:
+        return False
+    if len(new_start) < len(old_start) and not final:
+        return None
+    if len(new_start) < 4:
+        return False
+    return old_start.startswith(new_start) if len(new_start) < len(old_start) else new_start == old_start
 
 
 def follow(store: ConversationStore, settings: Settings, message_id: int, environ: dict, after: int,

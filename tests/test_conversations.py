@@ -1,6 +1,7 @@
 """The page API: conversations kept by the server, replies saved as they stream (in-process)."""
 
 import itertools
+import json
 
 import pytest
 
@@ -290,3 +291,29 @@ def test_continue_after_max_tokens_and_after_an_error_with_text(client, backend)
     reply(client, conversation_id, **{"continue": failed["id"]})
     done = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] == "complete" and m)
     assert (done["id"], done["content"], done["error"]) == (failed["id"], "half whole", None)
+
+
+@pytest.mark.parametrize("again, ends", [
+    (["w0 ", "w1 ", "w2 ", "w3 ", "w4 ", "w5 ", "w6 ", STALL], "mid-stream"),  # held back, then cancelled
+    (["w0 w1"], "at its end"),  # too short to hold back for long: judged at the end
+])
+def test_a_server_that_answers_afresh_instead_of_continuing_leaves_the_answer_as_it_was(client, backend, again,
+                                                                                        ends):
+    conversation_id = create(client)
+    backend.enqueue(["w0 ", "w1 ", "w2 ", "w3 ", "w4 ", "w5 ", STALL])
+    response = send(client, conversation_id, content="count")
+    answer_id = int(response.headers["X-Message-Id"])
+    next(chunk for chunk in response.response if b"w5" in chunk)
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    response.get_data()
+    before = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] == "stopped" and m)
+    backend.enqueue(again)
+    events = sse(send(client, conversation_id, **{"continue": answer_id}).get_data())
+    assert content_of(events) == ""  # nothing of the fresh answer reached the page
+    told = [e[1] for e in events if e[0] == "data" and ("error" in e[1] or e[1].get("note"))]
+    assert told and "cannot continue" in json.dumps(told[-1]), events
+    after = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] != "streaming" and m)
+    assert (after["id"], after["content"], after["status"]) == (answer_id, before["content"], "stopped")
+    assert "cannot continue" in after["error"]
+    if ends == "mid-stream":
+        assert backend.generations[-1].closed  # cancelled at its source

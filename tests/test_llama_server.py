@@ -130,3 +130,4 @@ def test_a_client_leaving_stops_the_real_server_generating(jarvis, llama_server)
         samples.append((round(time.monotonic() - left, 3), round(share, 2)))
         assert samples[-1][0] < 3.0, samples
     print(f"real server idle within {samples[-1][0]:.2f} s of the client leaving: {samples}")
+

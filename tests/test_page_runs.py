@@ -203,13 +203,14 @@ def test_a_worker_killed_mid_answer_leaves_it_interrupted_and_a_new_prompt_works
     wait_status(page, "interrupted", timeout=15)  # the page re-attached to the new worker and was told
     assert answer_text(page).strip()
     saved = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
-    upstream.scenario = Scenario(tokens=3)
+    upstream.scenario = Scenario(content="and the rest.")
     last_answer(page).get_by_role("button", name="Continue").click()  # the interrupted answer goes on
     wait_status(page, "complete")
     assert upstream.chats[-1].body["messages"][-1] == {"role": "assistant", "content": saved["content"]}
-    assert answer_text(page) == (saved["content"] + "w0 w1 w2 ").strip()
+    assert answer_text(page) == (saved["content"] + "and the rest.").strip()
     again = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
     assert again["id"] == saved["id"]  # the same message, grown
+    upstream.scenario = Scenario(tokens=3)
     send(page, "still there?")
     wait_status(page, "complete")
     assert answer_text(page).strip() == "w0 w1 w2"

@@ -228,8 +228,8 @@ class SQLStore:
                         client: str | None = None, max_runs: int | None = None) -> list[dict] | None:
         """Claim the conversation to continue an answer cut short (stopped, interrupted, an error after some
         text, or complete at max_tokens): the same message streams again, its branch made current. Returns
-        the branch down to and including that answer, or None when it cannot be continued. Raises as
-        start_answer does."""
+        the branch down to and including that answer (with the status and error it had ended with), or
+        None when it cannot be continued. Raises as start_answer does."""
         return self._call(_continue_answer, conversation_id, message_id, owner, trace_id, client, max_runs)
 
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
@@ -473,8 +473,8 @@ def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, clien
     now = time.time()
     with db.transaction():
         _claim(db, conversation_id, now, client, max_runs)
-        message = db.one("SELECT role, content, status, stats FROM messages WHERE id = ? AND conversation_id = ?",
-                         (message_id, conversation_id))
+        message = db.one("SELECT role, content, status, error, stats FROM messages WHERE id = ? AND "
+                         "conversation_id = ?", (message_id, conversation_id))
         if message is None or message["role"] != "assistant" or not message["content"]:
             return None
         finish = (json.loads(message["stats"]) if message["stats"] else {}).get("finish_reason")
@@ -488,7 +488,9 @@ def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, clien
                    "VALUES (?, ?, ?, ?, ?)", (message_id, conversation_id, owner, now + leases.LEASE_SECONDS, client))
         db.execute("UPDATE conversations SET updated_at = ?, leaf_id = ? WHERE id = ?",
                    (now, message_id, conversation_id))
-        return _branch_to(db, conversation_id, message_id)
+        branch = _branch_to(db, conversation_id, message_id)
+    branch[-1].update(status=message["status"], error=message["error"])  # how it had ended, until it goes on
+    return branch
 
 
 def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:
