@@ -191,7 +191,7 @@ def send_message(conversation_id):
             model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client)
     chat = _chat_request(conversation, history, model, trace_id)
     try:
-        response = runs.start(conversation_id, message_id, chat, request.environ, client)
+        response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title)
     except ApiError:
         if plan.versioned:  # a regenerate or an edit the backend refused: the tree stays as it was
             user_message = history[-1]["id"] if plan.content is not None else None

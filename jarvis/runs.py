@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import gevent
@@ -124,6 +125,9 @@ class Run:
         # A continued answer: its text and how it had ended, and its first new chunks, held back until they
         # show whether the model continues it or answers afresh (a server that cannot continue does that).
         self.continued, self.ended_before = continued, ended
+        self.chat = chat
+        self.title: str | None = None  # a first answer's conversation, titled from its first words: retitle it
+        self.status_saved: str | None = None  # the status of the last save asked for
         self.held: list[bytes] | None = [] if continued[0] else None
         self.answered_afresh = False
         self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
@@ -271,11 +275,34 @@ class Run:
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
         self._save_final(status, error_message if status != "complete" else None, attempt=1)
 
+    def _retitle(self, was: str) -> None:
+        """Ask the model for a title of a few words (not shown as an answer, not a run), within
+        JARVIS_STREAM_INACTIVITY_SECONDS; the first words stay when anything goes wrong."""
+        question = self.chat.body["messages"][-1].get("content") if self.chat.body.get("messages") else None
+        if not isinstance(question, str):
+            return
+        body = {"messages": [{"role": "system", "content": TITLE_PROMPT},
+                             {"role": "user", "content": f"{question[:2000]}\n\n---\n\n{self.answer.content[:2000]}"}],
+                "max_tokens": 16, "temperature": 0.2, "stream": False,
+                **({"model": self.chat.body["model"]} if self.chat.body.get("model") else {})}
+        request = ChatRequest(body=body, raw=json.dumps(body).encode(), stream=False, trace_id=self.chat.trace_id)
+        try:
+            relay = Relay(self.runs.backend, request, self.runs.settings, {})
+            relay.open()
+            response = relay.result_response()
+            title = clean_title(json.loads(response.get_data())["choices"][0]["message"]["content"])
+        except Exception as error:  # an upstream that refuses, fails or answers oddly: keep the first words
+            log.info("no title from the model (%s): the first words stay", type(error).__name__)
+            return
+        if title and self.runs.store.retitle(self.conversation_id, was, title):
+            log.info("titled the conversation from its first answer")
+
     def _save_final(self, status: str, error: str | None, attempt: int, first_failed: float | None = None) -> None:
         """The last save and the end of the run: retried with back-off until the store takes it (a full
         disk, a held lock, a database away), for at most JARVIS_STORE_RETRY_SECONDS; the text waits here
         meanwhile. It wins over an `interrupted` mark another process set while this one could not renew
         its lease. Past the limit the loss is logged at ERROR, naming the answer and what was lost."""
+        self.status_saved = status
         limit = self.runs.settings.max_answer_chars
         content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
@@ -308,6 +335,8 @@ class Run:
 
     def _finally_saved(self) -> None:
         self.final_saved.set()
+        if self.title is not None and self.status_saved == "complete" and self.runs.settings.titles:
+            gevent.spawn(self._retitle, self.title)
         if self.runs.ending.get(self.conversation_id) is self:
             del self.runs.ending[self.conversation_id]
 
@@ -438,12 +467,13 @@ class Runs:
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
               client: str | None = None, continued: tuple[str, str] = ("", ""),
               shown: tuple[int | None, int | None] = (None, None),
-              ended: tuple[str, str | None] | None = None) -> Response:
+              ended: tuple[str, str | None] | None = None, title: str | None = None) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
         greenlet can run at all: an event published to nobody would be lost to the page that asked. A
         continued answer (`continued`: its content and reasoning so far) streams only what the page
         lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
         run = Run(self, conversation_id, message_id, chat, client, continued, ended)
+        run.title = title  # the first words it was titled with: the model is asked for a title once it ends
         self.by_message[message_id] = run
         try:
             run.relay.open()
@@ -533,6 +563,22 @@ class Runs:
                     run.stop(Outcome.STOPPED)
                 else:
                     run.watched_remotely(state[1])
+
+
+TITLE_PROMPT = ("Write a title of at most six words for the conversation below: its topic, in its language. "
+                "Answer with the title alone, no quotes, no punctuation at the end.")
+
+
+def clean_title(text) -> str | None:
+    """A model's title, made safe to show: its first line, without quotes, markup or a full stop, at most 60
+    characters; None when nothing usable is left."""
+    if not isinstance(text, str):
+        return None
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    line = re.sub(r"^(title\s*:\s*)", "", line.strip(), flags=re.I).strip(" \t\"'`*#_.")
+    line = "".join(character for character in line if character.isprintable())[:60].strip()
+    return line or None
 
 
 CANNOT_CONTINUE = ("This model's server answered afresh instead of continuing this answer, so it cannot continue "

@@ -270,6 +270,10 @@ class Settings:
         "JARVIS_ALLOWED_HOSTS", None, host_list,
         "Host names clients may use to reach Jarvis (comma-separated; `*` for any); others get 421.",
         shown="loopback names and the address it listens on")
+    titles: bool = setting(
+        "JARVIS_TITLES", True, flag,
+        "After a conversation's first answer, ask the same model for a title of a few words; 0 keeps the first "
+        "words of the first message.")
     allow_no_auth: bool = setting(
         "JARVIS_ALLOW_NO_AUTH", False, flag, "1 lets Jarvis listen beyond loopback without a key.")
     max_streams: int = setting(

@@ -136,6 +136,7 @@ def make_app(tmp_path, backend):
     apps = []
 
     def make(**overrides):
+        overrides.setdefault("titles", False)  # (tests/test_titles.py turns it on: see tests/live.py)
         app = create_app(Settings(data_dir=str(tmp_path / "data"), **overrides), backend=backend)
         apps.append(app)
         return app

@@ -40,7 +40,7 @@ def page(request, make_app, tmp_path):
     from jarvis.stores.postgres import PostgresStore
 
     store = PostgresStore(request.getfixturevalue("database_url"))
-    app = create_app(Settings(data_dir=str(tmp_path / "pg")), backend=request.getfixturevalue("backend"),
+    app = create_app(Settings(data_dir=str(tmp_path / "pg"), titles=False), backend=request.getfixturevalue("backend"),
                      store=store)
     yield app.test_client()
     store.close()

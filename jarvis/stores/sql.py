@@ -178,6 +178,11 @@ class SQLStore:
         return self._call(_count, "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
                           (storable(title), time.time(), conversation_id)) > 0
 
+    def retitle(self, conversation_id: str, was: str, title: str) -> bool:
+        """A generated title, unless the conversation was renamed meanwhile (its title is no longer `was`)."""
+        return self._call(_count, "UPDATE conversations SET title = ? WHERE id = ? AND title = ?",
+                          (storable(title), conversation_id, was)) > 0
+
     def delete_conversation(self, conversation_id: str) -> bool:
         return self._call(_delete_conversation, conversation_id)
 

@@ -259,6 +259,7 @@ async function regenerate() {
  */
 async function startAnswer(body, question) {
   const conversationId = /** @type {string} */ (state.conversationId);
+  const first = !messages.last((view) => view.message.role === "assistant");
   const view = messages.add({ role: "assistant", content: "", status: "streaming" });
   scrollToEnd();
   await followAnswer(conversationId, view, null, (signal) => api.sendMessage(conversationId, body, signal),
@@ -268,6 +269,17 @@ async function startAnswer(body, question) {
       if (response.ok) refreshConversationList().catch(report); // a new conversation is listed at once
     });
   await refreshConversationList().catch(report);
+  if (first) setTimeout(() => showTitle(conversationId).catch(report), TITLE_AFTER_MS);
+}
+
+// After a conversation's first answer the server asks the model for a title (JARVIS_TITLES): show it.
+const TITLE_AFTER_MS = 3000;
+
+/** @param {string} conversationId */
+async function showTitle(conversationId) {
+  const listed = await refreshConversationList();
+  const current = listed.find((conversation) => conversation.id === conversationId);
+  if (current && state.conversationId === conversationId) title.textContent = current.title;
 }
 
 /** @param {boolean} streaming */
