@@ -10,6 +10,7 @@ from tests.live import ROOT
 pytestmark = pytest.mark.live
 
 
+@pytest.mark.long
 def test_bench_run_smoke():  # no timing asserted: it runs beside other tests
     result = subprocess.run(
         [sys.executable, "bench/run.py", "--smoke", "--floor", "--baseline", "HEAD"], cwd=ROOT, capture_output=True,
@@ -61,6 +62,7 @@ def test_local_model_benchmark_smoke():
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
 
 
+@pytest.mark.long
 @pytest.mark.model
 def test_prompt_abort_benchmark_smoke():  # no timing asserted
     result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
@@ -70,6 +72,7 @@ def test_prompt_abort_benchmark_smoke():  # no timing asserted
         assert row in result.stdout, result.stdout
 
 
+@pytest.mark.long
 def test_failover_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -79,6 +82,7 @@ def test_failover_benchmark_smoke():
         assert row in result.stdout, result.stdout
 
 
+@pytest.mark.long
 def test_store_load_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/store_load.py", "--answers", "20", "--seconds", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
@@ -86,6 +90,7 @@ def test_store_load_benchmark_smoke():
     assert "SQLite (WAL, its own thread)" in result.stdout and "PostgreSQL (pool, wait_poll)" in result.stdout
 
 
+@pytest.mark.long
 def test_search_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/search.py", "--conversations", "200", "--runs", "2"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -139,12 +139,14 @@ def test_the_doctor_tells_a_clean_path_from_a_buffering_and_a_gzipping_proxy(jar
         assert ("Content-Encoding: gzip" in sentence) is compress
 
 
+@pytest.mark.long
 @pytest.mark.browser
 def test_the_pages_check_streaming_gives_the_same_verdicts(jarvis, context):
-    proxies = [BufferingProxy(jarvis.port), BufferingProxy(jarvis.port, compress=True)]
+    # A gzipping proxy bunches events as a buffering one does: the page gives the same verdict for both
+    # (the doctor's test above tells them apart), so one proxy here.
+    proxies = [BufferingProxy(jarvis.port)]
     try:
-        for url, verdict in ((jarvis.url, "Events arrived as sent"), (proxies[0].url, "Events arrived bunched"),
-                             (proxies[1].url, "Events arrived bunched")):
+        for url, verdict in ((jarvis.url, "Events arrived as sent"), (proxies[0].url, "Events arrived bunched")):
             page, problems = open_page(context, url)
             page.get_by_role("button", name="Conversation settings").click()
             page.get_by_role("button", name="Check streaming").click()

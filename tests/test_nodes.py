@@ -150,6 +150,7 @@ def test_the_cookie_secret_is_shared_so_a_page_signed_in_on_a_is_signed_in_on_b(
         assert requests.get(b.url + "/api/conversations", timeout=5).status_code == 401
 
 
+@pytest.mark.long
 def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_the_lease(nodes, upstream):
     from jarvis import leases
 
@@ -185,6 +186,7 @@ def content_of_saved(node: LiveServer, conversation_id: str) -> str:
         "content"]
 
 
+@pytest.mark.long
 def test_a_node_starting_leaves_the_answers_of_a_running_node_alone(nodes, upstream):
     a = nodes()
     upstream.scenario = Scenario(tokens=200, interval=0.02)

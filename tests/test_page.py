@@ -42,6 +42,7 @@ def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
     problems.assert_clean()
 
 
+@pytest.mark.long
 @pytest.mark.timeout(240)
 def test_send_then_stop_twenty_times(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=400, interval=0.02)

@@ -41,6 +41,7 @@ def never_cancelled(upstream, exchange):
     assert exchange.closed_at is None and exchange.finished_at is not None, "the upstream was closed early"
 
 
+@pytest.mark.long
 @pytest.mark.browser
 def test_a_reload_mid_answer_finds_it_still_streaming_to_the_last_token(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=300, interval=0.02)
@@ -61,6 +62,7 @@ def test_a_reload_mid_answer_finds_it_still_streaming_to_the_last_token(jarvis, 
     problems.assert_clean()
 
 
+@pytest.mark.long
 @pytest.mark.browser
 def test_a_tab_closed_and_reopened_3_s_later_finds_the_answer_still_streaming(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=300, interval=0.02)

@@ -32,6 +32,7 @@ def timed(method, url: str, **kwargs) -> tuple[requests.Response, float]:
     return response, time.monotonic() - started
 
 
+@pytest.mark.long
 def test_with_postgresql_stopped_the_page_api_answers_503_in_time_v1_and_healthz_keep_serving_and_then_it_recovers(
         cluster, upstream, tmp_path):
     url = cluster.new_database()
@@ -91,6 +92,7 @@ def page_answer(jarvis, conversation_id: str):
     return int(response.headers["X-Message-Id"]), sse_events(response)
 
 
+@pytest.mark.long(40)
 def test_an_answer_outlives_a_30_s_database_outage_on_two_workers_and_two_nodes(cluster, upstream, tmp_path):
     """PostgreSQL away for 30 s (600 tokens at the upstream's pace; the lease is 6 s) in the middle of a page
     answer on node A (two workers), with node B on the same database: the client gets every token, and
@@ -131,6 +133,7 @@ def test_an_answer_outlives_a_30_s_database_outage_on_two_workers_and_two_nodes(
         b.stop()
 
 
+@pytest.mark.long
 def test_past_the_retry_limit_the_client_is_told_and_the_loss_is_logged_naming_the_answer(cluster, upstream,
                                                                                           tmp_path):
     upstream.scenario.tokens, upstream.scenario.interval = 400, 0.02
