@@ -220,9 +220,32 @@ class JarvisWorker(GeventWorker):
         return gevent.Timeout(jittered(self.cfg.keepalive), False)
 
     def handle(self, listener, client, addr):
+        address = addr[0] if isinstance(addr, tuple) else None
+        if address is None or self._exempt(address):
+            return self._held(listener, client, addr)
+        if self.open_by_address[address] >= self.max_per_client:
+            self.refused += 1
+            first = address not in self.refused_addresses and len(self.refused_addresses) < _NAMED_ADDRESSES
+            if first:
+                self.refused_addresses.add(address)
+            if first or self.refused % 1000 == 0:  # each offender named once, then a count now and then
+                log.warning("closed a connection from %s: it already has %d open (JARVIS_MAX_CLIENT_CONNECTIONS); "
+                            "%d refused so far", address, self.max_per_client, self.refused)
+            client.close()  # refused before it counts: it sheds nobody else's connection
+            return None
+        self.open_by_address[address] += 1
+        try:
+            return self._held(listener, client, addr)
+        finally:
+            self.open_by_address[address] -= 1
+            if not self.open_by_address[address]:
+                del self.open_by_address[address]
+
+    def _held(self, listener, client, addr):
+        """gunicorn's handling of a connection the worker keeps, counted by the shedder while it lasts."""
         self.shedder.opened(client)
         try:
-            return self._handle(listener, client, addr)
+            return super().handle(listener, client, addr)
         finally:
             self.shedder.closed(client)
 
@@ -232,28 +255,6 @@ class JarvisWorker(GeventWorker):
             return super().handle_request(listener_name, req, sock, addr)
         finally:
             self.shedder.idle(sock)
-
-    def _handle(self, listener, client, addr):
-        address = addr[0] if isinstance(addr, tuple) else None
-        if address is None or self._exempt(address):
-            return super().handle(listener, client, addr)
-        if self.open_by_address[address] >= self.max_per_client:
-            self.refused += 1
-            first = address not in self.refused_addresses and len(self.refused_addresses) < _NAMED_ADDRESSES
-            if first:
-                self.refused_addresses.add(address)
-            if first or self.refused % 1000 == 0:  # each offender named once, then a count now and then
-                log.warning("closed a connection from %s: it already has %d open (JARVIS_MAX_CLIENT_CONNECTIONS); "
-                            "%d refused so far", address, self.max_per_client, self.refused)
-            client.close()
-            return None
-        self.open_by_address[address] += 1
-        try:
-            return super().handle(listener, client, addr)
-        finally:
-            self.open_by_address[address] -= 1
-            if not self.open_by_address[address]:
-                del self.open_by_address[address]
 
     def _exempt(self, address: str) -> bool:
         exempt = self.exempt_by_address.get(address)
