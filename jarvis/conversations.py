@@ -45,7 +45,7 @@ def _json_body() -> dict:
 @bp.get("")
 def list_conversations():
     """All conversations, most recently active first (`running`: an answer is being written)."""
-    state.runs().settle_all()
+    state.runs().settle()  # every answer that just ended here, so that none is listed as running
     return jsonify(data=state.store().list_conversations())
 
 

@@ -116,7 +116,7 @@ class Run:
 
     def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
                  client: str | None = None, continued: tuple[str, str] = ("", ""),
-                 ended: tuple[str, str | None] | None = None):
+                 ended: tuple[str, str | None] | None = None, title: str | None = None):
         self.runs = runs
         self.conversation_id = conversation_id
         self.message_id = message_id
@@ -126,8 +126,7 @@ class Run:
         # show whether the model continues it or answers afresh (a server that cannot continue does that).
         self.continued, self.ended_before = continued, ended
         self.chat = chat
-        self.title: str | None = None  # a first answer's conversation, titled from its first words: retitle it
-        self.status_saved: str | None = None  # the status of the last save asked for
+        self.title = title  # a first answer's: the first words its conversation was named by, until the model's
         self.held: list[bytes] | None = [] if continued[0] else None
         self.answered_afresh = False
         self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
@@ -302,7 +301,6 @@ class Run:
         disk, a held lock, a database away), for at most JARVIS_STORE_RETRY_SECONDS; the text waits here
         meanwhile. It wins over an `interrupted` mark another process set while this one could not renew
         its lease. Past the limit the loss is logged at ERROR, naming the answer and what was lost."""
-        self.status_saved = status
         limit = self.runs.settings.max_answer_chars
         content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
@@ -313,7 +311,7 @@ class Run:
             if result.successful():
                 if attempt > 1:
                     log.info("the answer's last save went through at attempt %d", attempt)
-                self._finally_saved()
+                self._finally_saved(status)
                 return
             now = time.monotonic()
             began = first_failed if first_failed is not None else now
@@ -333,9 +331,10 @@ class Run:
 
         result.rawlink(saved)
 
-    def _finally_saved(self) -> None:
+    def _finally_saved(self, status: str | None = None) -> None:
+        """The run's end is in the store (`status`), or never will be (None)."""
         self.final_saved.set()
-        if self.title is not None and self.status_saved == "complete" and self.runs.settings.titles:
+        if self.title is not None and status == "complete" and self.runs.settings.titles:
             gevent.spawn(self._retitle, self.title)
         if self.runs.ending.get(self.conversation_id) is self:
             del self.runs.ending[self.conversation_id]
@@ -472,8 +471,7 @@ class Runs:
         greenlet can run at all: an event published to nobody would be lost to the page that asked. A
         continued answer (`continued`: its content and reasoning so far) streams only what the page
         lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
-        run = Run(self, conversation_id, message_id, chat, client, continued, ended)
-        run.title = title  # the first words it was titled with: the model is asked for a title once it ends
+        run = Run(self, conversation_id, message_id, chat, client, continued, ended, title)
         self.by_message[message_id] = run
         try:
             run.relay.open()
@@ -501,27 +499,18 @@ class Runs:
         if self.ticker is not None:
             self.ticker.kill()
 
-    def settle(self, conversation_id: str, client: str | None = None) -> None:
+    def settle(self, conversation_id: str | None = None, client: str | None = None) -> None:
         """Wait (at most JARVIS_STORE_BUSY_SECONDS in all) for the last saves of the answers that just ended
-        here (or are being stopped), in this conversation or started by this client: one that sends the
-        next message the instant it reads [DONE] must not be told the conversation is still answering,
-        nor that it has too many answers running (its ended ones count until their run rows are gone); a
-        page reading the conversation after its Stop gets the answer as it ended."""
+        here (or are being stopped), in this conversation or started by this client (neither: all of them).
+        One that sends the next message the instant it reads [DONE] must not be told the conversation is
+        still answering, nor that it has too many answers running (its ended ones count until their run
+        rows are gone); a page reading the conversation, or the list, after its Stop sees the answer ended."""
         deadline = time.monotonic() + self.settings.store_busy_seconds
         stopping = [run for run in self.by_message.values() if run.relay.stopping is not None]
         for run in [*self.ending.values(), *stopping]:
-            if run.conversation_id == conversation_id or (client is not None and run.client == client):
+            if (conversation_id is None and client is None) or run.conversation_id == conversation_id \
+                    or (client is not None and run.client == client):
                 run.final_saved.wait(max(0.0, deadline - time.monotonic()))
-
-    def settle_all(self) -> None:
-        """Before a listing: wait (at most JARVIS_STORE_BUSY_SECONDS in all) for the last saves of the
-        answers that ended here or are being stopped, so that none is listed as running a moment after it
-        ended (a page refreshes its list as soon as it reads [DONE] or its Stop is answered)."""
-        deadline = time.monotonic() + self.settings.store_busy_seconds
-        closing = [*self.ending.values(),
-                   *(run for run in self.by_message.values() if run.relay.stopping is not None)]
-        for run in closing:
-            run.final_saved.wait(max(0.0, deadline - time.monotonic()))
 
     def for_conversation(self, conversation_id: str) -> Run | None:
         return next((run for run in self.by_message.values() if run.conversation_id == conversation_id), None)
