@@ -214,6 +214,7 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
     runs.settle(conversation_id, client)
+    fields = runs.continuation.fields(model, trace_id)  # 400 when its server cannot continue
     with _claim_errors():
         branch = state.store().continue_answer(conversation_id, message_id, owner=runs.owner, trace_id=trace_id,
                                                client=client, max_runs=state.settings().max_runs_per_client)
@@ -222,10 +223,10 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
                             "text, or ended at max_tokens — and only while nothing follows it",
                        param="continue", code="not_continuable")
     answer = branch[-1]
-    chat = _chat_request(conversation, branch, model, trace_id)
+    chat = _chat_request(conversation, branch, model, trace_id, fields)
     response = runs.start(conversation_id, message_id, chat, request.environ, client,
                           continued=(answer["content"], answer["reasoning"]), shown=shown,
-                          ended=(answer["status"], answer["error"]))
+                          ended=(answer["status"], answer["error"], answer.get("stats")))
     response.headers["X-Message-Id"] = str(message_id)
     return response
 
@@ -240,10 +241,11 @@ def _count_field(body: dict, name: str) -> int | None:
     return value
 
 
-def _chat_request(conversation: dict, history: list[dict], model: str | None, trace_id: str) -> ChatRequest:
+def _chat_request(conversation: dict, history: list[dict], model: str | None, trace_id: str,
+                  fields: dict | None = None) -> ChatRequest:
     """The upstream request for an answer to `history` (root first) with the conversation's settings. When
-    `history` ends with an answer, the model is asked to continue its text (llama.cpp's server continues
-    a final assistant message)."""
+    `history` ends with an answer, the model is asked to continue its text, with the `fields` its server
+    needs for that (jarvis.continuation)."""
     system, parameters = chat_settings.request_fields(
         chat_settings.effective(conversation.get("settings"), state.settings()))
     # Usage lets the stats under the answer use the upstream's own token count; the page never
@@ -251,7 +253,7 @@ def _chat_request(conversation: dict, history: list[dict], model: str | None, tr
     chat_body = {"messages": [*system, *[{"role": m["role"], "content": m["content"]} for m in history
                                          if m["role"] == "user" or m["content"]]],
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
-                 **({"model": model} if model else {})}
+                 **({"model": model} if model else {}), **(fields or {})}
     return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
 
 

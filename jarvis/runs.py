@@ -38,6 +38,7 @@ from flask import Response
 from jarvis import leases
 from jarvis.answer import Answer
 from jarvis.backends import Backend, ChatRequest
+from jarvis.continuation import Continuation
 from jarvis.endings import Ending, Outcome
 from jarvis.errors import StreamError
 from jarvis.relay import Relay
@@ -116,15 +117,17 @@ class Run:
 
     def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
                  client: str | None = None, continued: tuple[str, str] = ("", ""),
-                 ended: tuple[str, str | None] | None = None, title: str | None = None):
+                 ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None):
         self.runs = runs
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.client = client  # the address it counts against (JARVIS_MAX_RUNS_PER_CLIENT)
         self.answer = Answer(content=continued[0], reasoning=continued[1])  # (a continued answer's text so far)
-        # A continued answer: its text and how it had ended, and its first new chunks, held back until they
-        # show whether the model continues it or answers afresh (a server that cannot continue does that).
+        # A continued answer: its text and how it had ended (status, error, stats), and its first new chunks,
+        # held back until they show whether the model continues it or answers afresh (as a server that cannot
+        # continue does). Put back as it had ended, stats and all, when nothing is added to it.
         self.continued, self.ended_before = continued, ended
+        self.kept_stats: dict | None = None
         self.chat = chat
         self.title = title  # a first answer's: the first words its conversation was named by, until the model's
         self.held: list[bytes] | None = [] if continued[0] else None
@@ -226,6 +229,7 @@ class Run:
         if not verdict:
             return held
         self.answered_afresh = True
+        self.runs.continuation.answered_afresh(self.chat.body.get("model"))
         self.answer.content_parts, self.answer.reasoning_parts = [self.continued[0]], [self.continued[1]]
         self.answer.splitter.held = ""
         self.answer.length = len(self.continued[0]) + len(self.continued[1])
@@ -270,7 +274,10 @@ class Run:
         if ending.outcome is Outcome.DETACHED:
             error_message = self._detached_note()
         if self.answered_afresh and self.ended_before is not None:  # put back as it had ended, saying why
-            status, error_message = self.ended_before[0], CANNOT_CONTINUE
+            status, error_message, self.kept_stats = self.ended_before[0], CANNOT_CONTINUE, self.ended_before[2]
+        elif self.ended_before is not None and status != "complete" and \
+                (self.answer.content, self.answer.reasoning) == self.continued:
+            status, error_message, self.kept_stats = self.ended_before  # added nothing: as it had ended
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
         self._save_final(status, error_message if status != "complete" else None, attempt=1)
 
@@ -305,7 +312,7 @@ class Run:
         content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
             self.message_id, content, status, error, reasoning=self.answer.reasoning[:limit],
-            stats=self.answer.stats(), reasoning_moved=self.answer.reasoning_moved)
+            stats=self.kept_stats or self.answer.stats(), reasoning_moved=self.answer.reasoning_moved)
 
         def saved(result):
             if result.successful():
@@ -462,11 +469,12 @@ class Runs:
         self.by_message: dict[int, Run] = {}
         self.ending: dict[str, Run] = {}  # by conversation: runs that ended here, their last save still queued
         self.ticker: gevent.Greenlet | None = None
+        self.continuation = Continuation(backend, settings)  # which servers can continue an answer
 
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
               client: str | None = None, continued: tuple[str, str] = ("", ""),
               shown: tuple[int | None, int | None] = (None, None),
-              ended: tuple[str, str | None] | None = None, title: str | None = None) -> Response:
+              ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
         greenlet can run at all: an event published to nobody would be lost to the page that asked. A
         continued answer (`continued`: its content and reasoning so far) streams only what the page

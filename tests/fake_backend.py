@@ -25,7 +25,7 @@ import gevent.event
 
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
-from tests.upstream_shapes import answer_chunks
+from tests.upstream_shapes import answer_chunks, repeated
 
 
 @dataclass
@@ -101,6 +101,10 @@ class FakeBackend:
 
     def __init__(self, default: list | None = None):
         self.default = list(DEFAULT_ANSWER if default is None else default)
+        # Whether its "server" continues a final assistant message: see tests/upstream_shapes.py, repeated().
+        # Asked to repeat a sentence (jarvis.continuation's probe), it answers that at once, from no queue.
+        self.continues = "yes"
+        self.probes: list[ChatRequest] = []
         self.queued: list[list] = []
         self.failures: list[ApiError] = []
         self.generations: list[FakeGeneration] = []
@@ -124,6 +128,13 @@ class FakeBackend:
         return None
 
     def open(self, request: ChatRequest) -> FakeGeneration:
+        reply = repeated(request.body, self.continues)
+        if reply is not None:
+            self.probes.append(request)
+            if self.continues == "refuses_fields" and "continue_final_message" in request.body:
+                raise ApiError(400, "Unrecognized request argument supplied: continue_final_message",
+                               code="invalid_request_error")
+            return FakeGeneration(request, [reply])
         if self.failures:
             raise self.failures.pop(0)
         generation = FakeGeneration(request, self.queued.pop(0) if self.queued else self.default)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from tests import hostile_upstream as hostile
 from tests.net import read_http_request
-from tests.upstream_shapes import answer_chunks
+from tests.upstream_shapes import answer_chunks, repeated
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Scenario:
     seconds: float = 5.0  # hostile huge_events: for how long
     drip_seconds: float = 0.2  # hostile drip: between bytes
     models: str = "normal"  # /models: normal, or a hostile mode (huge, drip, silent)
+    continues: str = "yes"  # whether it continues a final assistant message: upstream_shapes.repeated()
     models_bytes: int = 300_000_000  # /models huge: about this many bytes
 
     @classmethod
@@ -262,8 +263,15 @@ class FakeUpstream:
             return True
         endpoint = _endpoint_of(exchange.path)
         model = payload.get("model") if isinstance(payload.get("model"), str) else "fake-model"
+        echo = repeated(payload, scenario.continues) if endpoint == "chat" else None
+        if scenario.continues == "refuses_fields" and echo is not None and "continue_final_message" in payload:
+            _send_json(sock, 400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                        "continue_final_message", "type": "invalid_request_error",
+                                             "param": None, "code": None}})
+            self._record(exchange, finished_at=time.monotonic())
+            return True
         if not payload.get("stream"):
-            text = scenario.content if scenario.content is not None else \
+            text = echo if echo is not None else scenario.content if scenario.content is not None else \
                 "".join(f"w{i} " for i in range(scenario.tokens))
             _pause(sock, scenario.first_token_delay)
             _send_json(sock, 200, _WHOLE_ANSWERS[endpoint](text, model))

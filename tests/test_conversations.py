@@ -293,6 +293,79 @@ def test_continue_after_max_tokens_and_after_an_error_with_text(client, backend)
     assert (done["id"], done["content"], done["error"]) == (failed["id"], "half whole", None)
 
 
+def _stopped_answer(client, backend, content="tell me") -> tuple[str, dict]:
+    """A conversation whose answer ("w0 w1 ") was stopped: its id and the answer as saved."""
+    conversation_id = create(client)
+    backend.enqueue(["w0 ", "w1 ", STALL])
+    response = send(client, conversation_id, content=content)
+    next(chunk for chunk in response.response if b"w1" in chunk)
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    response.get_data()
+    return conversation_id, settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] ==
+                                   "stopped" and m)
+
+
+@pytest.mark.parametrize("server", ["no", "refuses_fields"])
+def test_a_server_that_cannot_continue_is_found_out_before_anything_changes_and_asked_once(client, backend,
+                                                                                         server):
+    # llama-cpp-python's server opens a new turn after a final assistant message (it answers afresh); so does
+    # OpenAI's API, which also refuses vLLM's continue_final_message with a 400.
+    backend.continues = server
+    conversation_id, before = _stopped_answer(client, backend)
+    answers = len(backend.generations)
+    refused = send(client, conversation_id, **{"continue": before["id"]})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "cannot_continue"
+    assert "cannot continue" in refused.json["error"]["message"]
+    assert len(backend.probes) == 2  # asked plainly, then with vLLM's fields
+    assert backend.probes[1].body["continue_final_message"] is True
+    assert backend.probes[1].body["add_generation_prompt"] is False
+    assert len(backend.generations) == answers  # the model was never asked to continue the answer itself
+    after = read(client, conversation_id)
+    assert (after["messages"][-1], after["running"]) == (before, False)
+    # Remembered: the next try is refused without asking again, and a new question still works.
+    assert send(client, conversation_id, **{"continue": before["id"]}).json["error"]["code"] == "cannot_continue"
+    assert len(backend.probes) == 2
+    assert content_of(reply(client, conversation_id, content="again")) == "w0 w1 w2 "
+
+
+@pytest.mark.parametrize("server, fields", [("yes", {}), ("with_fields", {"continue_final_message": True,
+                                                                           "add_generation_prompt": False})])
+def test_a_continuation_asks_the_way_its_server_continues(client, backend, server, fields):
+    backend.continues = server
+    conversation_id, before = _stopped_answer(client, backend)
+    backend.enqueue(["w2"])
+    assert content_of(reply(client, conversation_id, **{"continue": before["id"]})) == "w2"
+    request = backend.requests[-1].body
+    assert request["messages"][-1] == {"role": "assistant", "content": "w0 w1 "}
+    assert {name: request[name] for name in ("continue_final_message", "add_generation_prompt")
+            if name in request} == fields
+    assert settle(lambda: read(client, conversation_id)["messages"][-1]["content"] == "w0 w1 w2")
+    # The verdict is kept: the next continuation of this model asks no probe.
+    probes = len(backend.probes)
+    conversation_id, before = _stopped_answer(client, backend)
+    backend.enqueue(["w2"])
+    reply(client, conversation_id, **{"continue": before["id"]})
+    assert len(backend.probes) == probes
+
+
+@pytest.mark.parametrize("refusal", [
+    ApiError(502, "The upstream at http://gpu-box/v1 is unreachable", type_="upstream_error",
+             code="upstream_unreachable"),
+    ApiError(500, "The upstream failed", type_="upstream_error", code="upstream_error"),
+])
+def test_a_continuation_the_upstream_refuses_leaves_the_answer_as_it_had_ended(client, backend, refusal):
+    conversation_id, before = _stopped_answer(client, backend)
+    backend.fail_next(refusal)
+    refused = send(client, conversation_id, **{"continue": before["id"]})
+    assert refused.status_code == refusal.status
+    settle(lambda: not read(client, conversation_id)["running"])
+    after = read(client, conversation_id)["messages"][-1]  # stopped, its text, note and stats as they were
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed <= {"trace_id", "updated_at"}, (before, after)  # (the trace id names the refused attempt)
+    backend.enqueue(["w2"])  # and it can still be continued
+    assert content_of(reply(client, conversation_id, **{"continue": before["id"]})) == "w2"
+
+
 @pytest.mark.parametrize("again, ends", [
     (["w0 ", "w1 ", "w2 ", "w3 ", "w4 ", "w5 ", "w6 ", STALL], "mid-stream"),  # held back, then cancelled
     (["w0 w1"], "at its end"),  # too short to hold back for long: judged at the end

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.clients import RawClient, chat_request, content_of
-from tests.live import ROOT, LiveServer, sse_events
+from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.serial]
@@ -258,6 +258,30 @@ def test_the_page_gets_the_embedded_models_stats(jarvis):
     in_band = next(value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value)
     assert in_band["tokens_source"] == "stream" and in_band["completion_tokens"] >= 3
     assert in_band["ttft_ms"] > 0 and in_band["tokens_per_second"] > 0 and in_band["thinking_ms"] is None
+
+
+def test_the_embedded_model_continues_an_answer_cut_at_max_tokens_from_its_last_word(jarvis):
+    """The prompt ends inside the answer's text (no end of turn), so the model goes on with it."""
+    from jarvis.continuation import PROBE_PREFIX, PROBE_QUESTION, continued
+    probe = requests.post(jarvis.url + "/v1/chat/completions", timeout=60, json={
+        "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": PROBE_QUESTION},
+                                                         {"role": "assistant", "content": PROBE_PREFIX}]}).json()
+    assert continued(probe["choices"][0]["message"]["content"]), probe  # "ps over the lazy dog."
+    conversation = requests.post(jarvis.url + "/api/conversations",
+                                 json={"settings": {"max_tokens": 12, "temperature": 0}}).json()
+    messages = f"{jarvis.url}/api/conversations/{conversation['id']}/messages"
+    read = lambda: requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}").json()["messages"][-1]  # noqa: E731
+    list(sse_events(requests.post(messages, json={"content": "Count from 1 to 50, separated by commas."},
+                                  stream=True, timeout=60)))
+    cut = wait_until(lambda: (m := read())["status"] == "complete" and m, 5, lambda: "never saved")
+    assert cut["stats"]["finish_reason"] == "length"
+    events = list(sse_events(requests.post(messages, json={"continue": cut["id"]}, stream=True, timeout=60)))
+    new = content_of(events)
+    done = wait_until(lambda: (m := read())["status"] != "streaming" and m, 5, lambda: "never saved")
+    assert (done["id"], done["content"]) == (cut["id"], cut["content"] + new), (cut, new)
+    # It went on counting where it was cut, rather than starting again from 1.
+    numbers = [int(n) for n in re.findall(r"\d+", done["content"])]
+    assert len(numbers) > len(re.findall(r"\d+", cut["content"])) and numbers == sorted(numbers), done["content"]
 
 
 def test_the_embedded_model_can_sit_beside_an_upstream_in_the_upstreams_file(tmp_path):

@@ -108,6 +108,37 @@ def test_the_page_saves_a_real_answer_with_stats_counted_from_the_stream(jarvis)
     assert message["stats"]["completion_tokens"] >= 3 and message["stats"]["tokens_per_second"] > 0
 
 
+def test_this_server_answers_afresh_after_an_answer_begun_so_a_continue_is_refused_and_nothing_changes(
+        jarvis, llama_server):
+    """Measured: llama-cpp-python's server formats a final assistant message as a finished turn and opens a
+    new one, so asked to repeat a sentence with its first words already written, the model writes the
+    sentence again from the start instead of completing the word it stopped in (vLLM's
+    continue_final_message changes nothing here). Jarvis asks that once and refuses to continue on it."""
+    from jarvis.continuation import PROBE_PREFIX, PROBE_QUESTION, continued
+    probe = {"model": ALIAS, "temperature": 0, "max_tokens": 8, "messages": [
+        {"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_PREFIX}]}
+    reply = requests.post(llama_server[1] + "/chat/completions", json=probe, timeout=60).json()
+    text = reply["choices"][0]["message"]["content"]
+    assert not continued(text), text  # it began again; a continuing server would write "ps over the ..."
+    # An answer cut at max_tokens, then Continue: refused before anything is claimed, the answer as it was.
+    conversation = requests.post(jarvis.url + "/api/conversations",
+                                 json={"settings": {"max_tokens": 4}}).json()
+    messages = f"{jarvis.url}/api/conversations/{conversation['id']}/messages"
+    events = list(sse_events(requests.post(messages, json={"content": "Name three colours.", "model": ALIAS},
+                                           stream=True, timeout=60)))
+    assert events[-1][0] == "done"
+
+    def saved():
+        last = requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}").json()["messages"][-1]
+        return last if last["status"] == "complete" else None
+
+    before = wait_until(saved, 5, lambda: "the answer was never saved complete")
+    assert before["stats"]["finish_reason"] == "length" and before["content"]
+    refused = requests.post(messages, json={"continue": before["id"], "model": ALIAS}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "cannot_continue", refused.text
+    assert requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}").json()["messages"][-1] == before
+
+
 def cpu_share(process: psutil.Process, window: float = 0.25) -> float:
     """Cores' worth of CPU the process used over the next `window` seconds."""
     before = sum(process.cpu_times()[:2])

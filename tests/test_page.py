@@ -297,7 +297,24 @@ def test_regenerate_and_edit_keep_versions_the_page_can_switch_between_and_a_sto
     assert answer_text(page) == (prefix["content"] + "and so on.").strip()
     assert page.locator(ASSISTANT).count() == 2
     assert last_answer(page).get_by_role("button", name="Continue").count() == 0
-    problems.assert_clean()
+    # A server that answers afresh instead of continuing (as llama-cpp-python's does) although it passed
+    # Jarvis's probe: its fresh answer is dropped, the page says why, the answer stays as it was; Continue
+    # again is refused at once (the model's server is now known not to continue), and the page says that.
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    send(page, "one more")
+    wait_text_longer(page, 10)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    wait_status(page, "stopped")
+    upstream.scenario = Scenario(tokens=40, continues="no")  # "w0 w1 ...": the old answer's start again
+    for told in ("answered afresh instead of continuing", "cannot continue an answer"):
+        last_answer(page).get_by_role("button", name="Continue").click()
+        last_answer(page).locator(".error", has_text=told).wait_for()
+        newest = requests.get(jarvis.url + "/api/conversations", timeout=5).json()["data"][0]["id"]
+        saved = requests.get(f"{jarvis.url}/api/conversations/{newest}", timeout=5).json()["messages"][-1]
+        assert saved["status"] == "stopped" and answer_text(page) == saved["content"].strip()
+    assert problems.console_errors == ["Failed to load resource: the server responded with a status of 400 "
+                                       "(BAD REQUEST)"]  # the refused Continue, and nothing else
+    assert problems.page_errors == [] and problems.rejections() == []
 
 
 def test_model_picker_lists_the_backend_models(jarvis, upstream, context):

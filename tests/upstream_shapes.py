@@ -142,3 +142,27 @@ def _envelope(shape: str, model: str, choices: list, asked_usage: bool) -> dict:
         if asked_usage:
             chunk["usage"] = None
     return chunk
+
+
+_REPEAT = "Repeat this sentence exactly, and nothing else: "
+
+
+def repeated(body: dict, continues: str) -> str | None:
+    """What a server's model says when asked to repeat a sentence with the answer begun (a user message
+    "Repeat this sentence exactly, and nothing else: S", then an assistant message holding S's start P):
+    the rest of S when the server continues a final assistant message, all of S when it opens a new turn
+    (as a model at temperature 0 does). None for any other request. `continues`: "yes" (llama.cpp's
+    server), "no" (llama-cpp-python's server), "with_fields" (vLLM: only with continue_final_message and
+    add_generation_prompt false), "refuses_fields" (OpenAI: a new turn, and 400 for those fields — the
+    caller answers that)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list) or len(messages) < 2 or not all(isinstance(m, dict) for m in messages[-2:]):
+        return None
+    question, begun = messages[-2], messages[-1]
+    if question.get("role") != "user" or begun.get("role") != "assistant" or \
+            not str(question.get("content", "")).startswith(_REPEAT):
+        return None
+    sentence, prefix = question["content"][len(_REPEAT):], str(begun.get("content", ""))
+    continuing = continues == "yes" or (continues == "with_fields" and body.get("continue_final_message") is True
+                                        and body.get("add_generation_prompt") is False)
+    return sentence[len(prefix):] if continuing and sentence.startswith(prefix) else sentence

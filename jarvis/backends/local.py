@@ -6,6 +6,10 @@ worker. So generation runs in a native thread from a one-thread pool, and
 hands each chunk back through a deque plus a libev async watcher (the
 thread-safe way to wake the hub). A cancel flag is checked between tokens.
 
+An answer whose last message is the assistant's own is continued: the prompt is the model's chat template
+over the messages before it, with the generation prompt, followed by that text as it is (a "prefill"), so
+the model goes on with the text instead of closing its turn and answering afresh (`continuing_handler`).
+
 A cancel also stops llama.cpp inside a decode: reading a long prompt is one
 decode of many seconds, and llama.cpp checks an abort callback after every
 node of its compute graph (`PromptAbort`).
@@ -89,6 +93,30 @@ def load_llama(path: str, context: int, threads: int):
     return llama
 
 
+def continuing_handler(llama):
+    """A chat handler that formats with the model's own template (from its GGUF) and continues a final
+    assistant message; None when the model has no template (then llama-cpp-python's default, which
+    answers afresh, is left to jarvis.continuation to find out)."""
+    template = (getattr(llama, "metadata", None) or {}).get("tokenizer.chat_template")
+    if not template:
+        return None
+    from llama_cpp import llama_chat_format
+
+    eos, bos = llama.token_eos(), llama.token_bos()
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=template, eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+        bos_token=llama._model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+
+    def formatted(*, messages, **options):
+        if not messages or messages[-1]["role"] != "assistant":
+            return formatter(messages=messages, **options)
+        result = formatter(messages=messages[:-1], **options)
+        result.prompt += messages[-1]["content"]
+        return result
+
+    return llama_chat_format.chat_formatter_to_chat_completion_handler(formatted)
+
+
 class PromptAbort:
     """Stops llama.cpp within one compute-graph node, from any thread, without the GIL.
 
@@ -131,6 +159,7 @@ class LocalBackend:
         log.info("embedded model %s loaded in %.2f s (%d threads, context %d)", self.model_id,
                  time.monotonic() - started, settings.local_threads_or_cores, settings.local_context)
         self.prompt_abort = PromptAbort(self.llama) if hasattr(self.llama, "_ctx") else None
+        self.continuing = continuing_handler(self.llama) if hasattr(self.llama, "_model") else None
         self.slot = gevent.lock.Semaphore(1)
         self.queued = 0
         self.generations = 0
@@ -278,7 +307,11 @@ class LocalGeneration:
     def _generate(self, wakeup) -> None:
         model_id = self.backend.model_id
         try:
-            stream = self.backend.llama.create_chat_completion(stream=True, **self.arguments)
+            continuing = self.backend.continuing
+            if continuing is not None and self.arguments["messages"][-1]["role"] == "assistant":
+                stream = continuing(llama=self.backend.llama, stream=True, **self.arguments)
+            else:
+                stream = self.backend.llama.create_chat_completion(stream=True, **self.arguments)
             for chunk in stream:
                 if self.cancel.is_set():
                     self.reason = "cancelled"

@@ -494,7 +494,8 @@ def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, clien
         db.execute("UPDATE conversations SET updated_at = ?, leaf_id = ? WHERE id = ?",
                    (now, message_id, conversation_id))
         branch = _branch_to(db, conversation_id, message_id)
-    branch[-1].update(status=message["status"], error=message["error"])  # how it had ended, until it goes on
+    branch[-1].update(status=message["status"], error=message["error"],  # how it had ended, until it goes on
+                      stats=json.loads(message["stats"]) if message["stats"] else None)
     return branch
 
 
