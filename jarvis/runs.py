@@ -190,8 +190,8 @@ class Run:
             except (ValueError, RecursionError):
                 continue
             page_batch.append(json.dumps(self.answer.add(chunk)).encode())
-        if self.held is not None:
-            page_batch = self._judged(page_batch, final=False)
+        if self.held is not None:  # judged at the latest when the upstream says the answer is done
+            page_batch = self._judged(page_batch, final=self.answer.finish_reason is not None)
         if self.answer.length > self.runs.settings.max_answer_chars and self.relay.stopping is None:
             limit = self.runs.settings.max_answer_chars
             self.relay.interrupt(Outcome.TOO_LONG, StreamError(
@@ -216,10 +216,11 @@ class Run:
             time.time() - self.remote_watched_at < REMOTE_WATCH_SECONDS
         return WATCHED_FLUSH_SECONDS if followed else FLUSH_SECONDS
 
-    def _judged(self, page_batch: list[bytes], *, final: bool) -> list[bytes]:
+    def _judged(self, page_batch: list[bytes], *, final: bool, streaming: bool = True) -> list[bytes]:
         """A continued answer's new chunks: held back until its new text shows it continues the old one
         (then released), or shows a fresh answer starting as the old one did (then the answer is put back
-        as it was and the run ended with an error saying so: never a second answer glued on)."""
+        as it was and, while the upstream still streams, the run ended with an error saying so — one
+        ending, recorded by the relay: never a second answer glued on). `final`: no more text will come."""
         assert self.held is not None
         self.held.extend(page_batch)
         verdict = answered_afresh(self.continued[0], self.answer.content[len(self.continued[0]):], final=final)
@@ -235,13 +236,13 @@ class Run:
         self.answer.length = len(self.continued[0]) + len(self.continued[1])
         log.info("the upstream answered afresh instead of continuing the answer %d: its new text was dropped",
                  self.message_id)
-        if not final:
+        if streaming:
             self.relay.interrupt(Outcome.UPSTREAM_ERROR, StreamError("cannot_continue", CANNOT_CONTINUE,
                                                                      "upstream_error"))
         return []
 
     def finish(self, status: str) -> list[bytes]:
-        held = self._judged([], final=True) if self.held is not None else []
+        held = self._judged([], final=True, streaming=False) if self.held is not None else []
         if self.answered_afresh:  # it ended before the error could: say so in the last chunk
             return [json.dumps(page_chunk(status=self.ended_before[0] if self.ended_before else "stopped",
                                           note=CANNOT_CONTINUE)).encode()]

@@ -371,7 +371,7 @@ def test_a_continuation_the_upstream_refuses_leaves_the_answer_as_it_had_ended(c
     (["w0 w1"], "at its end"),  # too short to hold back for long: judged at the end
 ])
 def test_a_server_that_answers_afresh_instead_of_continuing_leaves_the_answer_as_it_was(client, backend, again,
-                                                                                        ends):
+                                                                                        ends, jarvis_log):
     conversation_id = create(client)
     backend.enqueue(["w0 ", "w1 ", "w2 ", "w3 ", "w4 ", "w5 ", STALL])
     response = send(client, conversation_id, content="count")
@@ -388,5 +388,8 @@ def test_a_server_that_answers_afresh_instead_of_continuing_leaves_the_answer_as
     after = settle(lambda: (m := read(client, conversation_id)["messages"][-1])["status"] != "streaming" and m)
     assert (after["id"], after["content"], after["status"]) == (answer_id, before["content"], "stopped")
     assert "cannot continue" in after["error"]
+    # One record of how it ended, the same in the log as in the store: an upstream error, not a completion.
+    endings = [m for m in jarvis_log.messages() if m.startswith("stream end outcome=")]
+    assert endings[-1].startswith("stream end outcome=upstream_error") and "error=cannot_continue" in endings[-1]
     if ends == "mid-stream":
         assert backend.generations[-1].closed  # cancelled at its source
