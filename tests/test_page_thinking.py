@@ -113,15 +113,17 @@ def test_a_page_reloaded_mid_thought_never_shows_its_own_short_thinking_time(jar
     send(page, "think about it")
     page.wait_for_function(f"() => {LAST} && {LAST}.querySelector('.thinking-content').textContent.split(' ')"
                            ".length >= 50", polling="raf")
-    page.reload()
-    page.wait_for_selector("body[data-ready=true]")
-    page.evaluate("""() => {
+    # Every label the reloaded page ever shows, from its first node on (installed before its scripts run:
+    # on a slow machine the answer may end before the page is ready).
+    page.add_init_script("""
       window.__labels = [];
       new MutationObserver(() => {
         const label = document.querySelector('[data-role=assistant]:last-of-type .thinking summary');
         if (label) window.__labels.push(label.textContent);
-      }).observe(document.querySelector('#messages'), {subtree: true, childList: true, characterData: true});
-    }""")
+      }).observe(document, {subtree: true, childList: true, characterData: true});
+    """)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
     wait_status(page, "complete")
     durations = [float(label.split()[2]) for label in page.evaluate("window.__labels")
                  if label.startswith("Thought for ")]
