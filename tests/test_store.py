@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from jarvis.stores import ConversationBusy, StoreError, TooManyRuns
+from jarvis.stores import ConversationBusy, StoreError, TooManyRuns, UserExists
 from jarvis.stores.sqlite import SCHEMA_VERSION, SQLiteStore, database_path, recover_interrupted
 from tests.clients import content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
@@ -481,3 +481,58 @@ def test_versions_switching_abandoning_and_continuing_on_either_store(store):
         store.continue_answer(conversation_id, first, owner=OWNER)
     store.finish_answer_later(first, "v1 and more", "complete", stats={"finish_reason": "length"}).get()
     assert store.continue_answer(conversation_id, first, owner=OWNER) is not None  # it ended at max_tokens
+
+
+def test_accounts_their_keys_and_their_removal_on_either_store(store):
+    from jarvis import passwords
+    from jarvis.stores import sql
+
+    def owner(conversation_id):
+        return store._call(sql._one, "SELECT user_id FROM conversations WHERE id = ?", (conversation_id,))["user_id"]
+
+    before = store.create_conversation("made before accounts")["id"]
+    alice = store.add_user("Alice", passwords.hash_password("alice's password"), admin=True)
+    assert (alice["name"], alice["admin"], alice["tokens_per_day"]) == ("Alice", True, None)
+    assert owner(before) == alice["id"]  # the first admin is given what existed before accounts
+    with pytest.raises(UserExists):
+        store.add_user("ALICE", passwords.hash_password("another password"))  # names are unique in any case
+    bob = store.add_user("bob", passwords.hash_password("bob's password"), admin=True)
+    assert owner(before) == alice["id"]  # only the first admin
+    assert store.count_users() == 2 and [user["name"] for user in store.users()] == ["Alice", "bob"]
+    assert passwords.verify(store.user("aLiCe")["password_hash"], "alice's password")
+    assert not passwords.verify(store.user("alice")["password_hash"], "bob's password")
+    assert store.user("carol") is None
+
+    key_id, key, kept = passwords.new_key()
+    assert store.add_key("Bob", key_id, kept, "laptop")
+    assert not store.add_key("carol", *passwords.new_key()[::2])  # no such account: nothing added
+    found = store.user_for_key(passwords.key_hash(key))
+    assert (found["id"], found["key_id"], found["admin"]) == (bob["id"], key_id, True)
+    assert set(store.keys("bob")[0]) == {"id", "label", "created_at", "last_used_at"}  # not the key, nor its hash
+    assert [(k["id"], k["label"]) for k in store.keys("bob")] == [(key_id, "laptop")] and store.keys("carol") is None
+    assert store.user_for_key(passwords.key_hash(key + "x")) is None
+    assert store.revoke_key(key_id) and store.user_for_key(passwords.key_hash(key)) is None
+    assert not store.revoke_key(key_id)
+
+    assert store.set_limits("bob", 10_000, 2) and not store.set_limits("carol", 1, 1)
+    assert (store.user("bob")["tokens_per_day"], store.user("bob")["max_streams"]) == (10_000, 2)
+    assert store.set_password("bob", passwords.hash_password("bob's new password"))
+    assert passwords.verify(store.user("bob")["password_hash"], "bob's new password")
+
+    # Removed: the account, its keys, at once.
+    key_id, key, kept = passwords.new_key()
+    store.add_key("bob", key_id, kept)
+    assert store.remove_user("BOB") and store.user("bob") is None and store.user_for_key(kept) is None
+    assert not store.remove_user("bob") and store.count_users() == 1
+
+
+def test_passwords_are_argon2id_with_owasps_cost_and_an_unknown_account_is_never_right():
+    from jarvis import passwords
+
+    kept = passwords.hash_password("the right password")
+    assert passwords.verify(kept, "the right password")
+    assert not passwords.verify(kept, "a wrong password") and not passwords.verify(None, "the right password")
+    assert not passwords.verify(kept, "x" * 2_000_000)  # far too long: refused at once, never hashed
+    with pytest.raises(passwords.BadPassword):
+        passwords.hash_password("short")
+    assert kept.startswith("$argon2id$v=19$m=19456,t=2,p=1$")  # OWASP's parameters

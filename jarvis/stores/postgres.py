@@ -121,6 +121,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE conversations SET leaf_id = (SELECT max(id) FROM messages WHERE "
         "messages.conversation_id = conversations.id)",
     ),
+    (  # 8 -> 9: accounts: people, their personal API keys (hashed), whose each session and conversation is
+        """CREATE TABLE users (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            admin BOOLEAN NOT NULL DEFAULT false,
+            tokens_per_day BIGINT,
+            max_streams INTEGER,
+            created_at DOUBLE PRECISION NOT NULL,
+            last_seen_at DOUBLE PRECISION
+        )""",
+        "CREATE UNIQUE INDEX users_by_name ON users(lower(name))",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            label TEXT NOT NULL DEFAULT '',
+            key_hash TEXT NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX api_keys_by_user ON api_keys(user_id)",
+        "ALTER TABLE sessions ADD COLUMN user_id BIGINT REFERENCES users(id) ON DELETE CASCADE",
+        "ALTER TABLE conversations ADD COLUMN user_id BIGINT",
+        "CREATE INDEX conversations_by_user ON conversations(user_id, updated_at)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

@@ -18,7 +18,7 @@ import secrets
 import time
 
 from jarvis import leases
-from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation, TooManyRuns
+from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation, TooManyRuns, UserExists
 from jarvis.stores.common import (
     branch_of,
     import_rows,
@@ -288,8 +288,112 @@ class SQLStore:
     def delete_session(self, session_id: str) -> None:
         self._call(_count, "DELETE FROM sessions WHERE id = ?", (session_id,))
 
+    # -- accounts (jarvis.passwords makes what is kept of a password or a key) --------------------------
+
+    def add_user(self, name: str, password_hash: str, *, admin: bool = False) -> dict:
+        """A new account; UserExists when the name (in any case) is taken. The first admin is given the
+        conversations made before accounts existed (their owner is NULL)."""
+        return self._call(_add_user, name, password_hash, admin)
+
+    def user(self, name: str) -> dict | None:
+        """The account of that name, in any case: {id, name, password_hash, admin, limits, times}."""
+        return _user_row(self._call(_one, f"SELECT {_USER_COLUMNS} FROM users WHERE lower(name) = lower(?)", (name,)))
+
+    def users(self) -> list[dict]:
+        rows = self._call(_all, f"SELECT {_USER_COLUMNS} FROM users ORDER BY lower(name)", ())
+        return [_user_row(row) for row in rows]
+
+    def count_users(self) -> int:
+        return self._call(_one, "SELECT count(*) AS n FROM users", ())["n"]
+
+    def remove_user(self, name: str) -> bool:
+        """Remove an account: its sessions and keys go with it, in the same transaction."""
+        return self._call(_count, "DELETE FROM users WHERE lower(name) = lower(?)", (name,)) > 0
+
+    def set_password(self, name: str, password_hash: str) -> bool:
+        """A new password; every session signed in with the old one ends."""
+        return self._call(_set_password, name, password_hash)
+
+    def set_limits(self, name: str, tokens_per_day: int | None, max_streams: int | None) -> bool:
+        return self._call(_count, "UPDATE users SET tokens_per_day = ?, max_streams = ? WHERE lower(name) = lower(?)",
+                          (tokens_per_day, max_streams, name)) > 0
+
+    def add_key(self, name: str, key_id: str, key_hash: str, label: str = "") -> bool:
+        """A personal API key for the account (False: no such account)."""
+        return self._call(_count, "INSERT INTO api_keys (id, user_id, label, key_hash, created_at) SELECT ?, id, ?, "
+                                  "?, ? FROM users WHERE lower(name) = lower(?)",
+                          (key_id, label, key_hash, time.time(), name)) > 0
+
+    def keys(self, name: str) -> list[dict] | None:
+        """The account's keys, oldest first ({id, label, created_at, last_used_at}); None: no such account."""
+        return self._call(_keys, name)
+
+    def revoke_key(self, key_id: str) -> bool:
+        return self._call(_count, "DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
+
+    def user_for_key(self, key_hash: str) -> dict | None:
+        """The account a key belongs to, with the key's id as `key_id` (its last use noted at most once a
+        minute); None: no such key (never made, revoked, or its account removed)."""
+        return self._call(_user_for_key, key_hash)
+
 
 # Each transaction: run where the store runs its SQL, with `db` its connection.
+
+_USER_COLUMNS = "id, name, password_hash, admin, tokens_per_day, max_streams, created_at, last_seen_at"
+
+
+def _user_row(row: dict | None) -> dict | None:
+    if row is not None:
+        row["admin"] = bool(row["admin"])
+    return row
+
+
+def _add_user(db: Db, name: str, password_hash: str, admin: bool) -> dict:
+    with db.transaction():
+        if db.one("SELECT 1 AS found FROM users WHERE lower(name) = lower(?)", (name,)):
+            raise UserExists(name)
+        first_admin = admin and not db.one("SELECT 1 AS found FROM users WHERE admin = ?", (True,))
+        user = _user_row(db.one(f"INSERT INTO users (name, password_hash, admin, created_at) VALUES (?, ?, ?, ?) "
+                                f"RETURNING {_USER_COLUMNS}", (name, password_hash, bool(admin), time.time())))
+        if first_admin:
+            db.execute("UPDATE conversations SET user_id = ? WHERE user_id IS NULL", (user["id"],))
+    return user
+
+
+def _set_password(db: Db, name: str, password_hash: str) -> bool:
+    with db.transaction():
+        user = db.one("SELECT id FROM users WHERE lower(name) = lower(?)", (name,))
+        if user is None:
+            return False
+        db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user["id"]))
+        db.execute("DELETE FROM sessions WHERE user_id = ?", (user["id"],))
+    return True
+
+
+def _keys(db: Db, name: str) -> list[dict] | None:
+    user = db.one("SELECT id FROM users WHERE lower(name) = lower(?)", (name,))
+    if user is None:
+        return None
+    return db.all("SELECT id, label, created_at, last_used_at FROM api_keys WHERE user_id = ? "
+                  "ORDER BY created_at, id", (user["id"],))
+
+
+def _user_for_key(db: Db, key_hash: str) -> dict | None:
+    row = db.one(f"SELECT api_keys.id AS key_id, api_keys.last_used_at AS key_used_at, "
+                 f"{', '.join('users.' + column for column in _USER_COLUMNS.split(', '))} "
+                 "FROM api_keys JOIN users ON users.id = api_keys.user_id WHERE api_keys.key_hash = ?", (key_hash,))
+    if row is None:
+        return None
+    now, used_at = time.time(), row.pop("key_used_at")
+    if used_at is None or now - used_at > 60:
+        db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, row["key_id"]))
+        db.execute("UPDATE users SET last_seen_at = ? WHERE id = ?", (now, row["id"]))
+    return _user_row(row)
+
+
+def _all(db: Db, sql: str, args) -> list[dict]:
+    return db.all(sql, args)
+
 
 def _count(db: Db, sql: str, args) -> int:
     return db.count(sql, args)

@@ -108,6 +108,33 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "UPDATE conversations SET leaf_id = (SELECT max(id) FROM messages WHERE "
         "messages.conversation_id = conversations.id)",
     ),
+    (  # 8 -> 9: accounts — people (names unique whatever their case; an Argon2id hash of the password),
+        # their personal API keys (a SHA-256 of the key; the key itself is shown once), and whose each
+        # sign-in session and conversation is (NULL: made without accounts)
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            admin INTEGER NOT NULL DEFAULT 0,
+            tokens_per_day INTEGER,
+            max_streams INTEGER,
+            created_at REAL NOT NULL,
+            last_seen_at REAL
+        )""",
+        "CREATE UNIQUE INDEX users_by_name ON users(lower(name))",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            label TEXT NOT NULL DEFAULT '',
+            key_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            last_used_at REAL
+        )""",
+        "CREATE INDEX api_keys_by_user ON api_keys(user_id)",
+        "ALTER TABLE sessions ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE CASCADE",
+        "ALTER TABLE conversations ADD COLUMN user_id INTEGER",
+        "CREATE INDEX conversations_by_user ON conversations(user_id, updated_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
