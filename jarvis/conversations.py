@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from flask import Blueprint, Response, jsonify, request
 
-from jarvis import chat_settings, cooperative, exchange, state
+from jarvis import accounts, chat_settings, cooperative, exchange, state
 from jarvis import runs as runs_module
 from jarvis.backends import ChatRequest
 from jarvis.endings import Outcome
@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 bp = Blueprint("conversations", __name__, url_prefix="/api/conversations")
 
 TITLE_LENGTH = 60
+
+
+@bp.before_request
+def _owner_only() -> None:
+    """With accounts, a conversation of someone else is one that does not exist — checked here, once, for
+    every route that names one (jarvis.accounts)."""
+    conversation_id = (request.view_args or {}).get("conversation_id")
+    if conversation_id is not None:
+        accounts.check_owner(conversation_id)
 
 
 def _conversation_or_404(conversation_id: str) -> dict:
@@ -46,7 +55,7 @@ def _json_body() -> dict:
 def list_conversations():
     """All conversations, most recently active first (`running`: an answer is being written)."""
     state.runs().settle()  # every answer that just ended here, so that none is listed as running
-    return jsonify(data=state.store().list_conversations())
+    return jsonify(data=state.store().list_conversations(accounts.user_id()))
 
 
 @bp.post("")
@@ -56,7 +65,7 @@ def create_conversation():
     title = text_field(body, "title", required=False) or "New chat"
     settings = chat_settings.checked(body["settings"], state.settings()) if "settings" in body else \
         chat_settings.defaults(state.settings())
-    return jsonify(state.store().create_conversation(title[:200], settings)), 201
+    return jsonify(state.store().create_conversation(title[:200], settings, accounts.user_id())), 201
 
 
 @bp.get("/search")
@@ -67,14 +76,15 @@ def search():
     query = request.args.get("q", "")
     if len(query) > 500:
         raise ApiError(400, "'q' may be at most 500 characters", param="q", code="invalid_value")
-    return jsonify(data=state.store().search(query))
+    return jsonify(data=state.store().search(query, user_id=accounts.user_id()))
 
 
 @bp.get("/export")
 def export_all():
     """Every conversation, as one JSON file (the format is in jarvis/exchange.py and the README)."""
     store = state.store()
-    conversations = [store.get_conversation(item["id"], every_version=True) for item in store.list_conversations()]
+    conversations = [store.get_conversation(item["id"], every_version=True)
+                     for item in store.list_conversations(accounts.user_id())]
     return _download(jsonify(exchange.export_document([c for c in conversations if c is not None])),
                      "jarvis-conversations.json")
 
@@ -93,7 +103,7 @@ def import_conversations():
         raise ApiError(400, f"The file holds more than {exchange.MAX_CONVERSATIONS} conversations; at most "
                             f"{exchange.MAX_CONVERSATIONS} at once", code="invalid_import") from None
     conversations = exchange.parse_import(document, settings)
-    ids = state.store().import_conversations(conversations)
+    ids = state.store().import_conversations(conversations, accounts.user_id())
     log.info("imported %d conversations", len(ids))
     return jsonify(data=ids), 201
 
@@ -191,7 +201,8 @@ def send_message(conversation_id):
             model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client)
     chat = _chat_request(conversation, history, model, trace_id)
     try:
-        response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title)
+        response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title,
+                              user_id=accounts.user_id())
     except ApiError:
         if plan.versioned:  # a regenerate or an edit the backend refused: the tree stays as it was
             user_message = history[-1]["id"] if plan.content is not None else None
@@ -226,7 +237,7 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
     chat = _chat_request(conversation, branch, model, trace_id, fields)
     response = runs.start(conversation_id, message_id, chat, request.environ, client,
                           continued=(answer["content"], answer["reasoning"]), shown=shown,
-                          ended=(answer["status"], answer["error"], answer.get("stats")))
+                          ended=(answer["status"], answer["error"], answer.get("stats")), user_id=accounts.user_id())
     response.headers["X-Message-Id"] = str(message_id)
     return response
 

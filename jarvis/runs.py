@@ -117,8 +117,10 @@ class Run:
 
     def __init__(self, runs: Runs, conversation_id: str, message_id: int, chat: ChatRequest,
                  client: str | None = None, continued: tuple[str, str] = ("", ""),
-                 ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None):
+                 ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None,
+                 user_id: int | None = None):
         self.runs = runs
+        self.user_id = user_id  # whose answer (accounts); None without accounts
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.client = client  # the address it counts against (JARVIS_MAX_RUNS_PER_CLIENT)
@@ -258,7 +260,8 @@ class Run:
 
     def waiting(self) -> list[bytes]:
         """The embedded model is busy with other answers: name them, so the page can offer to stop one."""
-        others = [run.conversation_id for run in self.runs.by_message.values() if run is not self]
+        others = [run.conversation_id for run in self.runs.by_message.values()
+                  if run is not self and run.user_id == self.user_id]  # (someone else's are not named)
         return [json.dumps(page_chunk(waiting={"for": others})).encode()]
 
     def watched(self) -> bool:
@@ -475,12 +478,13 @@ class Runs:
     def start(self, conversation_id: str, message_id: int, chat: ChatRequest, environ: dict,
               client: str | None = None, continued: tuple[str, str] = ("", ""),
               shown: tuple[int | None, int | None] = (None, None),
-              ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None) -> Response:
+              ended: tuple[str, str | None, dict | None] | None = None, title: str | None = None,
+              user_id: int | None = None) -> Response:
         """Start a run and return its first watcher's stream. The watcher is attached before the run's
         greenlet can run at all: an event published to nobody would be lost to the page that asked. A
         continued answer (`continued`: its content and reasoning so far) streams only what the page
         lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
-        run = Run(self, conversation_id, message_id, chat, client, continued, ended, title)
+        run = Run(self, conversation_id, message_id, chat, client, continued, ended, title, user_id)
         self.by_message[message_id] = run
         try:
             run.relay.open()

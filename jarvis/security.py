@@ -15,7 +15,13 @@
   requests still say its name. /healthz answers to any name, for load balancers.
 - Every response says nosniff, no-referrer and no framing.
 
-Keys never appear in a log line or an error message.
+With accounts (jarvis.accounts; as soon as one exists), a person signs in on the page with a name and
+password (POST /api/session {"username", "password"}), every /api/* request needs that session, and
+every /v1/* request one of their personal API keys (or the session). JARVIS_API_KEY is then an operator
+key for /metrics and /debug/* only, which an admin's session or key also opens. An unknown name and a
+wrong password get the same 401 in the same time (jarvis.passwords).
+
+Keys and passwords never appear in a log line or an error message.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ import hmac
 import ipaddress
 import urllib.parse
 
-from flask import Blueprint, Flask, Response, current_app, request, session
+from flask import Blueprint, Flask, Response, current_app, g, request, session
 from flask.sessions import SecureCookieSessionInterface
 
-from jarvis import state
+from jarvis import accounts, passwords, state
 from jarvis.errors import ApiError
 from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
@@ -85,12 +91,53 @@ def _check_request() -> None:
         _refuse_cross_site()
     if not path.startswith(_PROTECTED):
         return
+    if accounts.on():
+        _check_account(path)
+        return
     key = state.settings().api_key
     if key is None or path == "/api/session":
         return
     if not _authenticated(key):
         raise ApiError(401, "Send the API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>', "
                             "or sign in on the page", code="invalid_api_key")
+
+
+def _check_account(path: str) -> None:
+    """Accounts mode: who is asking (`g.user`), or 401. /api/session itself is open (sign in and out)."""
+    if path == "/api/session":
+        return
+    presented = _presented_keys()
+    if presented:  # every key presented must be the same person's: a second header is never a bypass
+        found = [state.store().user_for_key(passwords.key_hash(candidate)) for candidate in dict.fromkeys(presented)]
+        user = found[0] if all(one is not None and one["id"] == found[0]["id"] for one in found) else None
+        operator = state.settings().api_key
+        if user is None and operator is not None and path.startswith(("/metrics", "/debug/")) and \
+                all(hmac.compare_digest(candidate.encode(), operator.encode()) for candidate in presented):
+            return  # the operator's key: /metrics and /debug/* only
+        if user is None:
+            raise ApiError(401, "That API key is not valid (revoked, or its account removed); make one with "
+                                "'python -m jarvis.users key NAME'", code="invalid_api_key")
+    else:
+        session_id = session.get("sid")
+        max_age = current_app.permanent_session_lifetime.total_seconds()
+        user = state.store().session_user(session_id, max_age) if isinstance(session_id, str) else None
+        if user is None:
+            raise ApiError(401, "Sign in on the page, or send one of your API keys as 'Authorization: Bearer "
+                                "<key>'", code="sign_in_required")
+    if path.startswith(("/metrics", "/debug/")) and not user["admin"]:
+        raise ApiError(403, "Only an admin (or the operator's JARVIS_API_KEY) may read this", code="admin_only")
+    g.user = user
+
+
+def _presented_keys() -> list[str]:
+    presented = []
+    authorization = request.headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.partition(" ")
+        presented.append(token.strip() if scheme.lower() == "bearer" else "")
+    if "x-api-key" in request.headers:
+        presented.append(request.headers["x-api-key"].strip())
+    return presented
 
 
 def _authenticated(key: str) -> bool:
@@ -151,22 +198,46 @@ def _add_headers(response: Response) -> Response:
 
 @bp.get("")
 def session_state():
-    """Whether the page needs to ask for the key."""
+    """Whether the page needs to ask for the key, or (`accounts`) for a name and password; who is signed in."""
+    if accounts.on():
+        session_id = session.get("sid")
+        max_age = current_app.permanent_session_lifetime.total_seconds()
+        user = state.store().session_user(session_id, max_age) if isinstance(session_id, str) else None
+        return {"required": True, "accounts": True, "signed_in": user is not None,
+                "user": {"name": user["name"], "admin": user["admin"]} if user else None}
     key = state.settings().api_key
-    return {"required": key is not None, "signed_in": key is None or _authenticated(key)}
+    return {"required": key is not None, "accounts": False, "signed_in": key is None or _authenticated(key),
+            "user": None}
 
 
 @bp.post("")
 def sign_in():
-    """Exchange the API key for the page's session cookie."""
+    """Exchange the API key, or with accounts a name and password, for the page's session cookie (a new
+    session at each sign-in: a cookie set before it never becomes signed in)."""
+    body = read_json_object(limit=_SIGN_IN_BYTES)[1]
+    if accounts.on():
+        return _sign_in_as(body.get("username"), body.get("password"))
     key = state.settings().api_key
-    candidate = read_json_object(limit=_SIGN_IN_BYTES)[1].get("key")
+    candidate = body.get("key")
     if key is None:
         return "", 204
     if not isinstance(candidate, str) or not hmac.compare_digest(candidate.encode(), key.encode()):
         raise ApiError(401, "That is not the API key", code="invalid_api_key")
     session.clear()
     session["sid"] = state.store().create_session(_key_check(key))
+    session.permanent = True
+    return "", 204
+
+
+def _sign_in_as(name, password):
+    name = name if isinstance(name, str) and 0 < len(name) <= 64 else None
+    user = state.store().user(name) if name is not None else None
+    # The same work and the same answer whether the name exists or not (a dummy hash for an unknown one).
+    if not passwords.verify_off_hub(user["password_hash"] if user else None,
+                                    password if isinstance(password, str) else ""):
+        raise ApiError(401, "Wrong name or password", code="invalid_credentials")
+    session.clear()
+    session["sid"] = state.store().create_session("", user["id"])
     session.permanent = True
     return "", 204
 

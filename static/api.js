@@ -20,6 +20,10 @@ async function call(path, options = {}) {
 export const sessionState = () => call("/api/session");
 /** @param {string} key */
 export const signIn = (key) => call("/api/session", { method: "POST", body: JSON.stringify({ key }) });
+/** @param {string} username @param {string} password */
+export const signInAs = (username, password) =>
+  call("/api/session", { method: "POST", body: JSON.stringify({ username, password }) });
+export const signOut = () => call("/api/session", { method: "DELETE" });
 export const listConversations = () => call("/api/conversations").then((body) => body.data);
 export const createConversation = () => call("/api/conversations", { method: "POST", body: "{}" });
 /** @param {string} id */

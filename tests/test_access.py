@@ -53,7 +53,7 @@ def test_healthz_and_the_page_shell_stay_open(guarded):
     assert guarded.get("/").status_code == 200
     with guarded.get("/static/page/main.js") as script:
         assert script.status_code == 200
-    assert guarded.get("/api/session").json == {"required": True, "signed_in": False}
+    assert guarded.get("/api/session").json == {"required": True, "accounts": False, "signed_in": False, "user": None}
 
 
 def test_page_signs_in_once_with_a_strict_httponly_cookie(guarded):

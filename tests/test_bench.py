@@ -90,6 +90,14 @@ def test_store_load_benchmark_smoke():
     assert "SQLite (WAL, its own thread)" in result.stdout and "PostgreSQL (pool, wait_poll)" in result.stdout
 
 
+def test_accounts_benchmark_smoke():  # no timing asserted
+    result = subprocess.run([sys.executable, "bench/accounts.py", "--runs", "2"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("no accounts (baseline)", "with a personal key", "with a session cookie", "sign-in, unknown name"):
+        assert row in result.stdout, result.stdout
+
+
 @pytest.mark.long
 def test_search_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/search.py", "--conversations", "200", "--runs", "2"], cwd=ROOT,

@@ -171,7 +171,7 @@ class PostgresDialect(Dialect):
         # In the same statement: NOTIFY 'saved <id>' for pages that follow the answer from other nodes.
         return f"WITH saved AS ({update}) SELECT pg_notify('{CHANNEL}', 'saved ' || id) FROM saved"
 
-    def search_messages(self, db: Db, words: list[str], limit: int) -> list[dict]:
+    def search_messages(self, db: Db, words: list[str], limit: int, user_id: int | None = None) -> list[dict]:
         """PostgreSQL's text search ('simple': lower-cased words, no stemming): the best `limit` first (the
         stored words ranked), then snippets for those only."""
         expression = " & ".join(words) + ":*"
@@ -180,10 +180,12 @@ class PostgresDialect(Dialect):
             "SELECT best.id AS message_id, messages.conversation_id, conversations.title, "
             "ts_headline('simple', messages.content, to_tsquery('simple', ?), ?) AS snippet FROM "
             "(SELECT id, ts_rank(search, query) AS score FROM messages, to_tsquery('simple', ?) AS query "
-            " WHERE search @@ query ORDER BY score DESC LIMIT ?) AS best "
+            " WHERE search @@ query"
+            + (" AND conversation_id IN (SELECT id FROM conversations WHERE user_id = ?)" if user_id is not None
+               else "") + " ORDER BY score DESC LIMIT ?) AS best "
             "JOIN messages ON messages.id = best.id "
             "JOIN conversations ON conversations.id = messages.conversation_id ORDER BY best.score DESC",
-            (expression, headline, expression, limit))
+            (expression, headline, expression, *(() if user_id is None else (user_id,)), limit))
 
 
 @lru_cache(maxsize=512)

@@ -59,9 +59,10 @@ class Dialect:
         """The UPDATE of an answer (ending in RETURNING id), so that it also announces the save."""
         return update
 
-    def search_messages(self, db: Db, words: list[str], limit: int) -> list[dict]:
-        """The best `limit` ended messages holding every word (the last as a prefix): message_id,
-        conversation_id, title and a snippet with the matches between MATCH_START and MATCH_END."""
+    def search_messages(self, db: Db, words: list[str], limit: int, user_id: int | None = None) -> list[dict]:
+        """The best `limit` ended messages holding every word (the last as a prefix), of `user_id`'s
+        conversations (None: anyone's): message_id, conversation_id, title and a snippet with the matches
+        between MATCH_START and MATCH_END."""
         raise NotImplementedError
 
 
@@ -140,34 +141,41 @@ class SQLStore:
 
     # -- conversations ---------------------------------------------------------
 
-    def list_conversations(self) -> list[dict]:
-        """Every conversation something was sent in (an empty one is not listed), most recently active first."""
-        return self._call(_list_conversations)
+    def list_conversations(self, user_id: int | None = None) -> list[dict]:
+        """Every conversation something was sent in (an empty one is not listed), most recently active first;
+        with accounts, `user_id`'s only (None: everyone's, as without accounts)."""
+        return self._call(_list_conversations, user_id)
 
-    def create_conversation(self, title: str, settings: dict | None = None) -> dict:
+    def create_conversation(self, title: str, settings: dict | None = None, user_id: int | None = None) -> dict:
         now = time.time()
         conversation = {"id": secrets.token_urlsafe(16), "title": storable(title), "created_at": now,
                         "updated_at": now, "settings": settings_json(settings)}
-        self._call(_count, "INSERT INTO conversations (id, title, created_at, updated_at, settings) "
-                           "VALUES (?, ?, ?, ?, ?)", tuple(conversation.values()))
+        self._call(_count, "INSERT INTO conversations (id, title, created_at, updated_at, settings, user_id) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (*conversation.values(), user_id))
         return {**conversation, "settings": settings}
+
+    def conversation_owner(self, conversation_id: str) -> tuple[bool, int | None]:
+        """Whether the conversation exists, and whose it is (None: made without accounts)."""
+        row = self._call(_one, "SELECT user_id FROM conversations WHERE id = ?", (conversation_id,))
+        return (False, None) if row is None else (True, row["user_id"])
 
     def update_conversation_settings(self, conversation_id: str, settings: dict) -> bool:
         return self._call(_count, "UPDATE conversations SET settings = ? WHERE id = ?",
                           (settings_json(settings), conversation_id)) > 0
 
-    def import_conversations(self, conversations: list[dict]) -> list[str]:
-        """Add checked conversations (jarvis.exchange) with new ids, all in one transaction; their ids."""
-        return self._call(_import_conversations, conversations)
+    def import_conversations(self, conversations: list[dict], user_id: int | None = None) -> list[str]:
+        """Add checked conversations (jarvis.exchange) with new ids, `user_id`'s, all in one transaction;
+        their ids."""
+        return self._call(_import_conversations, conversations, user_id)
 
-    def search(self, query: str, limit: int = 50) -> list[dict]:
+    def search(self, query: str, limit: int = 50, user_id: int | None = None) -> list[dict]:
         """Conversations whose title or ended messages hold every word of `query` (the last one as a
         prefix), best first: {conversation_id, title, message_id (None: the title), snippet} with the
         matches between MATCH_START and MATCH_END."""
         words = search_words(query)
         if not words:
             return []
-        return self._call(_search, words, limit)
+        return self._call(_search, words, limit, user_id)
 
     def get_conversation(self, conversation_id: str, *, every_version: bool = False) -> dict | None:
         """The conversation with its current branch's messages (each with `parent_id` and `versions`), or
@@ -272,12 +280,18 @@ class SQLStore:
 
     # -- the page's sign-in sessions -------------------------------------------------------------
 
-    def create_session(self, key_check: str) -> str:
-        """A new session for a page that presented the key; its id is the cookie's only content."""
+    def create_session(self, key_check: str, user_id: int | None = None) -> str:
+        """A new session for a page that presented the key, or signed in as `user_id`; its id is the
+        cookie's only content."""
         session_id = secrets.token_urlsafe(32)
-        self._call(_count, "INSERT INTO sessions (id, key_check, created_at) VALUES (?, ?, ?)",
-                   (session_id, key_check, time.time()))
+        self._call(_count, "INSERT INTO sessions (id, key_check, created_at, user_id) VALUES (?, ?, ?, ?)",
+                   (session_id, key_check, time.time(), user_id))
         return session_id
+
+    def session_user(self, session_id: str, max_age: float) -> dict | None:
+        """The account a session younger than `max_age` seconds was signed in as (its last sight noted at
+        most once a minute); None: no such session, too old, or its account removed."""
+        return self._call(_session_user, session_id, max_age)
 
     def session_valid(self, session_id: str, key_check: str, max_age: float) -> bool:
         """Whether the session exists, is younger than `max_age` seconds, and was made with today's key."""
@@ -391,6 +405,18 @@ def _user_for_key(db: Db, key_hash: str) -> dict | None:
     return _user_row(row)
 
 
+def _session_user(db: Db, session_id: str, max_age: float) -> dict | None:
+    row = db.one(f"SELECT sessions.created_at AS signed_in_at, "
+                 f"{', '.join('users.' + column for column in _USER_COLUMNS.split(', '))} "
+                 "FROM sessions JOIN users ON users.id = sessions.user_id WHERE sessions.id = ?", (session_id,))
+    now = time.time()
+    if row is None or now - row.pop("signed_in_at") >= max_age:
+        return None
+    if row["last_seen_at"] is None or now - row["last_seen_at"] > 60:
+        db.execute("UPDATE users SET last_seen_at = ? WHERE id = ?", (now, row["id"]))
+    return _user_row(row)
+
+
 def _all(db: Db, sql: str, args) -> list[dict]:
     return db.all(sql, args)
 
@@ -403,23 +429,24 @@ def _one(db: Db, sql: str, args) -> dict | None:
     return db.one(sql, args)
 
 
-def _list_conversations(db: Db) -> list[dict]:
+def _list_conversations(db: Db, user_id: int | None = None) -> list[dict]:
     with db.transaction():
         reap_dead_runs(db, None, time.time())
         rows = db.all("SELECT id, title, created_at, updated_at, EXISTS (SELECT 1 FROM runs WHERE "
                       "runs.conversation_id = conversations.id) AS running FROM conversations WHERE EXISTS "
-                      "(SELECT 1 FROM messages WHERE messages.conversation_id = conversations.id) "
-                      "ORDER BY updated_at DESC")
+                      "(SELECT 1 FROM messages WHERE messages.conversation_id = conversations.id)"
+                      + (" AND user_id = ?" if user_id is not None else "") + " ORDER BY updated_at DESC",
+                      () if user_id is None else (user_id,))
     return [{**row, "running": bool(row["running"])} for row in rows]
 
 
-def _import_conversations(db: Db, conversations: list[dict]) -> list[str]:
+def _import_conversations(db: Db, conversations: list[dict], user_id: int | None = None) -> list[str]:
     ids = []
     with db.transaction():
         for conversation in conversations:
             conversation_id, row, messages = import_rows(conversation)
-            db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings) VALUES "
-                       "(?, ?, ?, ?, ?)", row)
+            db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings, user_id) VALUES "
+                       "(?, ?, ?, ?, ?, ?)", (*row, user_id))
             parents = [message.get("parent") for message in conversation["messages"]]
             leaf = conversation.get("leaf")
             if all(parent == index - 1 or (index == 0 and parent is None) for index, parent in enumerate(parents)) \
@@ -457,11 +484,12 @@ def _chain(db: Db, conversation_id: str) -> None:
                "WHERE id = ?", (conversation_id, conversation_id))
 
 
-def _search(db: Db, words: list[str], limit: int) -> list[dict]:
-    rows = db.dialect.search_messages(db, words, limit * 4)  # several may be one conversation's
-    titles = db.all("SELECT id AS conversation_id, title FROM conversations WHERE "
+def _search(db: Db, words: list[str], limit: int, user_id: int | None = None) -> list[dict]:
+    rows = db.dialect.search_messages(db, words, limit * 4, user_id)  # several may be one conversation's
+    mine = ("user_id = ? AND ", (user_id,)) if user_id is not None else ("", ())
+    titles = db.all("SELECT id AS conversation_id, title FROM conversations WHERE " + mine[0]
                     + " AND ".join([f"title {db.dialect.like}"] * len(words)) + " ORDER BY updated_at DESC LIMIT ?",
-                    (*[f"%{like_escaped(word)}%" for word in words], limit))
+                    (*mine[1], *[f"%{like_escaped(word)}%" for word in words], limit))
     return search_results(titles, rows, words, limit)
 
 

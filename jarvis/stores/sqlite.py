@@ -152,13 +152,14 @@ class SQLiteDialect(Dialect):
             raise
         connection.execute("COMMIT")
 
-    def search_messages(self, db: Db, words: list[str], limit: int) -> list[dict]:
+    def search_messages(self, db: Db, words: list[str], limit: int, user_id: int | None = None) -> list[dict]:
         expression = " ".join(f'"{word.replace(chr(34), chr(34) * 2)}"' for word in words) + "*"
+        mine = (" AND conversations.user_id = ?", (user_id,)) if user_id is not None else ("", ())
         return db.all("SELECT messages.id AS message_id, messages.conversation_id, conversations.title, "
                       f"snippet(messages_search, 0, '{MATCH_START}', '{MATCH_END}', '…', 16) AS snippet "
                       "FROM messages_search JOIN messages ON messages.id = messages_search.rowid "
                       "JOIN conversations ON conversations.id = messages.conversation_id "
-                      "WHERE messages_search MATCH ? ORDER BY rank LIMIT ?", (expression, limit))
+                      f"WHERE messages_search MATCH ?{mine[0]} ORDER BY rank LIMIT ?", (expression, *mine[1], limit))
 
 
 DIALECT = SQLiteDialect()

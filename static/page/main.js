@@ -356,20 +356,32 @@ async function loadModels() {
   }
 }
 
-/** When Jarvis has an API key, ask for it once; the server then keeps a session cookie. */
+/**
+ * When Jarvis has an API key, ask for it once; with accounts, ask for a name and password. The server
+ * then keeps a session cookie.
+ */
 async function signInIfNeeded() {
   const session = await api.sessionState();
+  $("sign-out").hidden = !session.required;
   if (!session.required || session.signed_in) return;
   const signIn = /** @type {HTMLFormElement} */ ($("sign-in"));
+  const nameInput = /** @type {HTMLInputElement} */ ($("username"));
   const keyInput = /** @type {HTMLInputElement} */ ($("api-key"));
   const failure = $("sign-in-error");
+  if (session.accounts) {
+    nameInput.hidden = false;
+    nameInput.required = true;
+    /** @type {HTMLElement} */ (document.querySelector("label[for=username]")).hidden = false;
+    /** @type {HTMLElement} */ (document.querySelector("label[for=api-key]")).textContent = "Password";
+  }
   $("app").hidden = true;
   signIn.hidden = false;
-  keyInput.focus();
+  (session.accounts ? nameInput : keyInput).focus();
   await new Promise((resolve) => {
     signIn.addEventListener("submit", (event) => {
       event.preventDefault();
-      api.signIn(keyInput.value).then(() => {
+      const signedIn = session.accounts ? api.signInAs(nameInput.value, keyInput.value) : api.signIn(keyInput.value);
+      signedIn.then(() => {
         signIn.hidden = true;
         $("app").hidden = false;
         keyInput.value = "";
@@ -380,6 +392,13 @@ async function signInIfNeeded() {
       });
     });
   });
+}
+
+/** Signs out on the server (the cookie stops working everywhere) and starts the page afresh. */
+async function signOut() {
+  await api.signOut();
+  localStorage.removeItem(LAST_CONVERSATION);
+  location.reload();
 }
 
 async function showSettings() {
@@ -457,6 +476,7 @@ $("settings-form").addEventListener("submit", (event) => {
   saveSettings().catch(report);
 });
 $("import-button").addEventListener("click", () => $("import-file").click());
+$("sign-out").addEventListener("click", () => signOut().catch(report));
 $("stream-check").addEventListener("click", () => checkStreaming().catch(report));
 $("import-file").addEventListener("change", () => {
   const input = /** @type {HTMLInputElement} */ ($("import-file"));

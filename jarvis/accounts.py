@@ -1,0 +1,85 @@
+"""Accounts on the request side: whether accounts are on, who is asking, and what is theirs.
+
+Accounts mode starts as soon as one account exists (`python -m jarvis.users add NAME`), without a
+restart: each worker asks the store whether any account exists once a second, in the background. Then every
+/api/* request needs a page session signed in as someone, and every /v1/* request one of their
+personal API keys (or that session); jarvis.security sets `g.user`. Without accounts, Jarvis behaves
+exactly as before: `user_id()` is None, which the store reads as "everyone's".
+
+Every conversation belongs to one account. A conversation of someone else is answered exactly as one
+that does not exist (404), on every route that names one: the check is made once, before any view of
+/api/conversations/<conversation_id>/... runs (jarvis.conversations), so a new route cannot forget it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+from flask import current_app, g
+
+from jarvis import state
+from jarvis.errors import ApiError
+from jarvis.stores import StoreUnavailable
+
+_CHECK_SECONDS = 1.0
+_WATCH = "jarvis.accounts"  # in the app's extensions
+
+
+class _Watch:
+    """Whether accounts exist, as last heard from the store, asked again in the background once a second:
+    a request never waits for it, and a database outage neither opens nor closes the door (the last
+    answer stands until the store answers again). The first ask is made by the first request that needs
+    it, which fails as the store does (503) rather than guess."""
+
+    def __init__(self, store):
+        self.store = store
+        self.exist = store.count_users() > 0
+        self.asked_at = time.monotonic()
+        self.asking: gevent.Greenlet | None = None
+
+    def current(self) -> bool:
+        if time.monotonic() - self.asked_at >= _CHECK_SECONDS and (self.asking is None or self.asking.dead):
+            self.asked_at = time.monotonic()
+            self.asking = gevent.spawn(self._ask)
+        return self.exist
+
+    def _ask(self) -> None:
+        try:
+            self.exist = self.store.count_users() > 0
+        except StoreUnavailable:
+            pass
+
+
+def on() -> bool:
+    """Whether any account exists (asked of the store once a second per worker, in the background)."""
+    watch = current_app.extensions.get(_WATCH)
+    if watch is None:
+        watch = current_app.extensions[_WATCH] = _Watch(state.store())
+    return watch.current()
+
+
+def forget() -> None:
+    """Ask the store again at the next request (an account was just added or removed in this process)."""
+    current_app.extensions.pop(_WATCH, None)
+
+
+def user() -> dict | None:
+    """The signed-in account of this request (accounts mode), else None."""
+    return g.get("user")
+
+
+def user_id() -> int | None:
+    """Whose the request's conversations are: the signed-in account's id; None without accounts."""
+    current = g.get("user")
+    return current["id"] if current is not None else None
+
+
+def check_owner(conversation_id: str) -> None:
+    """404 for a conversation that is not the signed-in account's, exactly as for one that does not exist."""
+    current = g.get("user")
+    if current is None:
+        return
+    exists, owner = state.store().conversation_owner(conversation_id)
+    if not exists or owner != current["id"]:
+        raise ApiError(404, "No such conversation", code="conversation_not_found")
