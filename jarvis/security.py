@@ -30,6 +30,8 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
+import time
 import urllib.parse
 
 from flask import Blueprint, Flask, Response, current_app, g, request, session
@@ -40,6 +42,8 @@ from jarvis.errors import ApiError
 from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
 from jarvis.stores import ConversationStore
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("session", __name__, url_prefix="/api/session")
 
@@ -229,13 +233,29 @@ def sign_in():
     return "", 204
 
 
+# Guessing: after this many failed sign-ins within the window, one name from one address (or any names
+# from one address) gets 429 until the oldest of them is older than the window. The right password still
+# works from any other address, so a guesser cannot lock the account's owner out.
+FAILURES_PER_NAME, FAILURES_PER_ADDRESS, FAILURE_WINDOW_SECONDS = 10, 30, 600.0
+
+
 def _sign_in_as(name, password):
     name = name if isinstance(name, str) and 0 < len(name) <= 64 else None
-    user = state.store().user(name) if name is not None else None
+    store, address, now = state.store(), client_address(request.environ), time.time()
+    by_name, by_address = store.sign_in_failures(name or "", address, now - FAILURE_WINDOW_SECONDS)
+    for failures, limit in ((by_name, FAILURES_PER_NAME), (by_address, FAILURES_PER_ADDRESS)):
+        if len(failures) >= limit:
+            wait = max(1, int(failures[-limit] + FAILURE_WINDOW_SECONDS - now) + 1)
+            raise ApiError(429, f"Too many failed sign-ins from here: try again in {wait} s",
+                           code="too_many_sign_ins", headers={"Retry-After": str(wait)})
+    user = store.user(name) if name is not None else None
     # The same work and the same answer whether the name exists or not (a dummy hash for an unknown one).
     if not passwords.verify_off_hub(user["password_hash"] if user else None,
                                     password if isinstance(password, str) else ""):
+        store.sign_in_failed(name or "", address, now - FAILURE_WINDOW_SECONDS)
+        log.info("a failed sign-in from %s", address)
         raise ApiError(401, "Wrong name or password", code="invalid_credentials")
+    store.sign_in_succeeded(name, address)
     session.clear()
     session["sid"] = state.store().create_session("", user["id"])
     session.permanent = True

@@ -177,3 +177,36 @@ def test_a_new_password_ends_the_accounts_sessions(app):
     with app.app_context():
         assert state.store().set_password("alice", passwords.hash_password("a brand new password"))
     assert session.get("/api/conversations").status_code == 401
+
+
+def test_ten_wrong_passwords_from_one_address_then_429_while_the_right_one_works_from_another(app):
+    add_user(app, "alice")
+    guesser = app.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = "192.0.2.66"
+    wrong = {"username": "alice", "password": "a wrong guess"}
+    assert [guesser.post("/api/session", json=wrong).status_code for _ in range(10)] == [401] * 10
+    for body in (wrong, {"username": "alice", "password": PASSWORDS["alice"]}):  # even the right one, from there
+        refused = guesser.post("/api/session", json=body)
+        assert refused.status_code == 429 and refused.json["error"]["code"] == "too_many_sign_ins"
+        assert 590 <= int(refused.headers["Retry-After"]) <= 601
+    owner = app.test_client()
+    owner.environ_base["REMOTE_ADDR"] = "198.51.100.7"
+    assert owner.post("/api/session", json={"username": "alice", "password": PASSWORDS["alice"]}).status_code == 204
+    # Many names from one address: limited too (an unknown name counts as a failure like any other).
+    for number in range(30):
+        assert guesser.post("/api/session", json={"username": f"n{number}", "password": "x" * 8}).status_code \
+            in (401, 429)
+    assert guesser.post("/api/session", json={"username": "someone", "password": "x" * 8}).status_code == 429
+
+
+def test_failures_older_than_the_window_no_longer_count(app, monkeypatch):
+    from jarvis import security
+
+    add_user(app, "alice")
+    client = app.test_client()
+    for _ in range(10):
+        client.post("/api/session", json={"username": "alice", "password": "a wrong guess"})
+    assert client.post("/api/session", json={"username": "alice", "password": PASSWORDS["alice"]}).status_code == 429
+    later = security.time.time() + security.FAILURE_WINDOW_SECONDS + 1
+    monkeypatch.setattr(security.time, "time", lambda: later)
+    assert client.post("/api/session", json={"username": "alice", "password": PASSWORDS["alice"]}).status_code == 204

@@ -145,6 +145,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN user_id BIGINT REFERENCES users(id) ON DELETE CASCADE",
         "ALTER TABLE conversations ADD COLUMN user_id BIGINT",
         "CREATE INDEX conversations_by_user ON conversations(user_id, updated_at)",
+        # failed sign-ins of the last minutes, by name (lower case) and client address: a limit on guessing
+        """CREATE TABLE sign_in_failures (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name TEXT NOT NULL,
+            address TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX sign_in_failures_by_address ON sign_in_failures(address, at)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"

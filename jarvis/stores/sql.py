@@ -345,6 +345,17 @@ class SQLStore:
     def revoke_key(self, key_id: str) -> bool:
         return self._call(_count, "DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
 
+    def sign_in_failures(self, name: str, address: str, since: float) -> tuple[list[float], list[float]]:
+        """When sign-ins failed since `since`: for this name from this address, and from this address."""
+        return self._call(_sign_in_failures, name.lower()[:64], address, since)
+
+    def sign_in_failed(self, name: str, address: str, forget_before: float) -> None:
+        """Note a failed sign-in (and forget those older than `forget_before`, everyone's)."""
+        self._call(_sign_in_failed, name.lower()[:64], address, forget_before)
+
+    def sign_in_succeeded(self, name: str, address: str) -> None:
+        self._call(_count, "DELETE FROM sign_in_failures WHERE name = ? AND address = ?", (name.lower()[:64], address))
+
     def user_for_key(self, key_hash: str) -> dict | None:
         """The account a key belongs to, with the key's id as `key_id` (its last use noted at most once a
         minute); None: no such key (never made, revoked, or its account removed)."""
@@ -415,6 +426,17 @@ def _session_user(db: Db, session_id: str, max_age: float) -> dict | None:
     if row["last_seen_at"] is None or now - row["last_seen_at"] > 60:
         db.execute("UPDATE users SET last_seen_at = ? WHERE id = ?", (now, row["id"]))
     return _user_row(row)
+
+
+def _sign_in_failures(db: Db, name: str, address: str, since: float) -> tuple[list[float], list[float]]:
+    rows = db.all("SELECT name, at FROM sign_in_failures WHERE address = ? AND at >= ? ORDER BY at", (address, since))
+    return [row["at"] for row in rows if row["name"] == name], [row["at"] for row in rows]
+
+
+def _sign_in_failed(db: Db, name: str, address: str, forget_before: float) -> None:
+    with db.transaction():
+        db.execute("DELETE FROM sign_in_failures WHERE at < ?", (forget_before,))
+        db.execute("INSERT INTO sign_in_failures (name, address, at) VALUES (?, ?, ?)", (name, address, time.time()))
 
 
 def _all(db: Db, sql: str, args) -> list[dict]:

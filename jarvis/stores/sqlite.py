@@ -134,6 +134,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN user_id INTEGER REFERENCES users(id) ON DELETE CASCADE",
         "ALTER TABLE conversations ADD COLUMN user_id INTEGER",
         "CREATE INDEX conversations_by_user ON conversations(user_id, updated_at)",
+        # failed sign-ins of the last minutes, by name (lower case) and client address: a limit on guessing
+        """CREATE TABLE sign_in_failures (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL,
+            address TEXT NOT NULL,
+            at REAL NOT NULL
+        )""",
+        "CREATE INDEX sign_in_failures_by_address ON sign_in_failures(address, at)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
