@@ -119,8 +119,10 @@ def when_ready(server):
 
 def post_worker_init(worker):
     """After gunicorn set its own signal handlers: add stack dumps and the shutdown watch."""
-    from jarvis import diagnostics, lifecycle
+    from jarvis import diagnostics, lifecycle, security
 
+    if hasattr(worker, "_trusted"):  # (jarvis.worker.JarvisWorker) the proxies gunicorn trusts, Jarvis trusts
+        security.trust_proxies(worker._trusted)
     diagnostics.install_stack_dump()
     diagnostics.rate_limit_blocking_reports()
     lifecycle.watch_worker(worker)

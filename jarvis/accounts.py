@@ -13,6 +13,7 @@ that does not exist (404), on every route that names one: the check is made once
 
 from __future__ import annotations
 
+import re
 import time
 
 import gevent
@@ -22,6 +23,8 @@ from jarvis import state
 from jarvis.errors import ApiError
 from jarvis.stores import StoreUnavailable
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # an account's name (an e-mail address fits)
+NO_PASSWORD = "!"  # what an account made by an identity proxy keeps as its password: no password matches it
 _CHECK_SECONDS = 1.0
 _WATCH = "jarvis.accounts"  # in the app's extensions
 
@@ -52,7 +55,10 @@ class _Watch:
 
 
 def on() -> bool:
-    """Whether any account exists (asked of the store once a second per worker, in the background)."""
+    """Whether accounts are on: an identity proxy names the users (JARVIS_TRUSTED_USER_HEADER), or any
+    account exists (asked of the store once a second per worker, in the background)."""
+    if state.settings().trusted_user_header:
+        return True
     watch = current_app.extensions.get(_WATCH)
     if watch is None:
         watch = current_app.extensions[_WATCH] = _Watch(state.store())

@@ -41,7 +41,7 @@ from jarvis import accounts, passwords, state
 from jarvis.errors import ApiError
 from jarvis.inputs import read_json_object
 from jarvis.settings import Settings
-from jarvis.stores import ConversationStore
+from jarvis.stores import ConversationStore, UserExists
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,12 @@ def _check_account(path: str) -> None:
     """Accounts mode: who is asking (`g.user`), or 401. /api/session itself is open (sign in and out)."""
     if path == "/api/session":
         return
+    named = _named_by_proxy()
+    if named is not None:
+        g.user = named
+        if path.startswith(("/metrics", "/debug/")) and not named["admin"]:
+            raise ApiError(403, "Only an admin (or the operator's JARVIS_API_KEY) may read this", code="admin_only")
+        return
     presented = _presented_keys()
     if presented:  # every key presented must be the same person's: a second header is never a bypass
         found = [state.store().user_for_key(passwords.key_hash(candidate)) for candidate in dict.fromkeys(presented)]
@@ -131,6 +137,34 @@ def _check_account(path: str) -> None:
     if path.startswith(("/metrics", "/debug/")) and not user["admin"]:
         raise ApiError(403, "Only an admin (or the operator's JARVIS_API_KEY) may read this", code="admin_only")
     g.user = user
+
+
+def _named_by_proxy() -> dict | None:
+    """JARVIS_TRUSTED_USER_HEADER from a proxy gunicorn trusts (`forwarded_allow_ips`): that account, made
+    on first sight (with no password: it signs in only through the proxy until one is set). From any
+    other address the header is ignored. None: no such header, or not from a trusted proxy."""
+    header = state.settings().trusted_user_header
+    name = request.headers.get(header) if header else None
+    if not name or not _trusted_proxy(request.environ.get("REMOTE_ADDR") or ""):
+        return None
+    name = name.strip()
+    if not accounts.NAME.fullmatch(name):
+        raise ApiError(401, f"The {header} header does not hold a valid account name", code="invalid_user_header")
+    store = state.store()
+    user = store.user(name)
+    if user is None:
+        try:
+            user = store.add_user(name, accounts.NO_PASSWORD)
+            log.info("made the account %s on its first sign-in through %s", name, header)
+        except UserExists:
+            user = store.user(name)
+    return user
+
+
+def trust_proxies(trusted) -> None:
+    """Take gunicorn's `forwarded_allow_ips` (the worker's check of an address) as the proxies to trust."""
+    global _trusted_proxy
+    _trusted_proxy = trusted
 
 
 def _presented_keys() -> list[str]:
@@ -206,7 +240,8 @@ def session_state():
     if accounts.on():
         session_id = session.get("sid")
         max_age = current_app.permanent_session_lifetime.total_seconds()
-        user = state.store().session_user(session_id, max_age) if isinstance(session_id, str) else None
+        user = _named_by_proxy() or \
+            (state.store().session_user(session_id, max_age) if isinstance(session_id, str) else None)
         return {"required": True, "accounts": True, "signed_in": user is not None,
                 "user": {"name": user["name"], "admin": user["admin"]} if user else None}
     key = state.settings().api_key
@@ -278,7 +313,7 @@ def client_address(environ: dict) -> str:
     the one that proxy saw (anything before it, the client could have written)."""
     peer = environ.get("REMOTE_ADDR") or "-"
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    if forwarded and _is_loopback(peer):
+    if forwarded and _trusted_proxy(peer):
         last = forwarded.split(",")[-1].strip()
         if last:
             return last[:64]
@@ -290,3 +325,6 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+_trusted_proxy = _is_loopback  # gunicorn's default forwarded_allow_ips; its own setting once a worker runs

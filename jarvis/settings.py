@@ -18,6 +18,7 @@ import dataclasses
 import importlib.metadata
 import ipaddress
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -131,6 +132,12 @@ def key(name: str, raw: str) -> str:
     if len(raw) < 16:
         raise SettingsError(f"{name} must be at least 16 characters long")
     return raw
+
+
+def header_name(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", raw.strip()):
+        raise SettingsError(f"{name} must be an HTTP header name (letters, digits and '-'), got {raw!r}")
+    return raw.strip()
 
 
 def path(name: str, raw: str) -> str:
@@ -263,6 +270,10 @@ class Settings:
         secret=True)
     api_key_file: str | None = setting(
         "JARVIS_API_KEY_FILE", None, path, "Read the key from this file instead (for secrets managers).")
+    trusted_user_header: str | None = setting(
+        "JARVIS_TRUSTED_USER_HEADER", None, header_name,
+        "Accounts signed in by an identity proxy: the header naming the user (`X-Forwarded-User`, `Remote-User`), "
+        "honoured only from gunicorn's `forwarded_allow_ips`; the account is made on first sight.")
     secret_key: str | None = setting(
         "JARVIS_SECRET_KEY", None, text, "Signs the page's session cookie.",
         shown="generated into `JARVIS_DATA_DIR/secret_key` (PostgreSQL: into the database, shared)", secret=True)

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
-import re
 import sys
 
 from jarvis import passwords
+from jarvis.accounts import NAME
 from jarvis.settings import Settings, SettingsError
 from jarvis.stores import StoreError, StoreUnavailable, UserExists, open_store
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 class Refused(Exception):

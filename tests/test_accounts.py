@@ -210,3 +210,24 @@ def test_failures_older_than_the_window_no_longer_count(app, monkeypatch):
     later = security.time.time() + security.FAILURE_WINDOW_SECONDS + 1
     monkeypatch.setattr(security.time, "time", lambda: later)
     assert client.post("/api/session", json={"username": "alice", "password": PASSWORDS["alice"]}).status_code == 204
+
+
+def test_a_trusted_proxys_user_header_signs_in_and_makes_the_account_and_anyone_elses_is_ignored(make_app):
+    app = make_app(trusted_user_header="X-Forwarded-User")
+    proxy = app.test_client()  # the test client's peer is 127.0.0.1: gunicorn's default forwarded_allow_ips
+    elsewhere = app.test_client()
+    elsewhere.environ_base["REMOTE_ADDR"] = "192.0.2.9"
+    assert proxy.get("/api/conversations").status_code == 401  # on at once: the proxy names the users
+    header = {"X-Forwarded-User": "carol@example.org"}
+    assert proxy.get("/api/session", headers=header).json["user"] == {"name": "carol@example.org", "admin": False}
+    conversation_id = proxy.post("/api/conversations", json={}, headers=header).json["id"]
+    proxy.post(f"/api/conversations/{conversation_id}/messages", json={"content": "hi"}, headers=header).get_data()
+    assert [c["id"] for c in proxy.get("/api/conversations", headers=header).json["data"]] == [conversation_id]
+    refused = elsewhere.get("/api/conversations", headers=header)  # the same header, not from the proxy
+    assert refused.status_code == 401 and refused.json["error"]["code"] == "sign_in_required"
+    assert proxy.get(f"/api/conversations/{conversation_id}",
+                     headers={"X-Forwarded-User": "mallory"}).status_code == 404
+    assert proxy.get("/api/conversations", headers={"X-Forwarded-User": "no spaces allowed"}).status_code == 401
+    with app.app_context():  # made on first sight, with no password that could ever match
+        assert not passwords.verify(state.store().user("carol@example.org")["password_hash"], "!")
+    assert proxy.post("/api/session", json={"username": "carol@example.org", "password": "!" * 8}).status_code == 401

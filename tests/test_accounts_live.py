@@ -3,6 +3,7 @@ every worker at once, and in Chromium one person's conversations nowhere in anot
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 
@@ -87,3 +88,45 @@ def sign_in(page, name: str) -> None:
     page.get_by_label("Password").fill(f"{name}'s password")
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_selector("body[data-ready=true]")
+
+
+@pytest.mark.serial  # it compares timings
+def test_an_unknown_name_and_a_wrong_password_take_the_same_time(start_jarvis, upstream):
+    server = start_jarvis()
+    assert users(server, "add", "alice", password="alice's password").returncode == 0
+    wait_until(lambda: requests.get(server.url + "/api/conversations", timeout=5).status_code == 401, 5,
+               lambda: "accounts mode never started")
+    http = requests.Session()
+
+    addresses = (f"10.0.{number // 250}.{number % 250}" for number in range(1000))
+
+    def median_ms(body) -> float:
+        times = []
+        for _ in range(50):  # each from an address of its own (behind a proxy on loopback: X-Forwarded-For),
+            # so that the guessing limit never answers instead of the password check
+            response = http.post(server.url + "/api/session", json=body,
+                                 headers={"X-Forwarded-For": next(addresses)}, timeout=10)
+            assert response.status_code == 401
+            times.append(response.elapsed.total_seconds() * 1000)
+        return statistics.median(times)
+
+    # Alternated, so that a slower moment of the machine falls on both.
+    unknown, wrong = [], []
+    for _ in range(2):
+        unknown.append(median_ms({"username": "nobody", "password": "not the password"}))
+        wrong.append(median_ms({"username": "alice", "password": "not the password"}))
+    unknown_ms, wrong_ms = statistics.median(unknown), statistics.median(wrong)
+    print(f"\nsign-in median: unknown name {unknown_ms:.1f} ms, wrong password {wrong_ms:.1f} ms")
+    assert abs(unknown_ms - wrong_ms) <= 0.2 * wrong_ms, (unknown_ms, wrong_ms)
+
+
+def test_the_trusted_user_header_follows_gunicorns_forwarded_allow_ips(start_jarvis, upstream):
+    header = {"Remote-User": "dave"}
+    trusting = start_jarvis({"JARVIS_TRUSTED_USER_HEADER": "Remote-User"})  # loopback trusted by default
+    assert requests.get(trusting.url + "/api/conversations", headers=header, timeout=5).status_code == 200
+    assert requests.get(trusting.url + "/api/conversations", timeout=5).status_code == 401  # no header
+    assert users(trusting, "list").stdout.startswith("dave\tuser")  # made on first sight
+    elsewhere = start_jarvis({"JARVIS_TRUSTED_USER_HEADER": "Remote-User"}, args=["--forwarded-allow-ips",
+                                                                                 "192.0.2.1"])
+    refused = requests.get(elsewhere.url + "/api/conversations", headers=header, timeout=5)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "sign_in_required"
