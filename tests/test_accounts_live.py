@@ -13,7 +13,7 @@ import requests
 from tests.browser import ASSISTANT, PageProblems, send, wait_status
 from tests.clients import content_of
 from tests.fake_upstream import Scenario
-from tests.live import ROOT, sse_events, wait_until
+from tests.live import ROOT, LiveServer, sse_events, wait_until
 
 pytestmark = [pytest.mark.live]
 
@@ -130,3 +130,53 @@ def test_the_trusted_user_header_follows_gunicorns_forwarded_allow_ips(start_jar
                                                                                  "192.0.2.1"])
     refused = requests.get(elsewhere.url + "/api/conversations", headers=header, timeout=5)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "sign_in_required"
+
+
+def test_on_two_nodes_with_postgresql_another_persons_ids_are_404_everywhere(tmp_path, upstream, database_url):
+    """Two nodes on one database (one of them on two workers): bob, signed in on either, gets 404 for every
+    route that names alice's conversation; a key revoked on one node fails on the other at once."""
+    from jarvis.factory import create_app
+    from jarvis.settings import Settings
+    from tests.fake_backend import FakeBackend
+    from tests.test_accounts import _BODIES, _conversation_routes
+
+    routes = _conversation_routes(create_app(Settings(data_dir=str(tmp_path / "map"), titles=False),
+                                             backend=FakeBackend()))
+    env = {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATABASE_URL": database_url}
+    nodes = [LiveServer(tmp_path, env, ["-w", "2"]).start(), LiveServer(tmp_path, env).start()]
+    try:
+        for name in ("alice", "bob"):
+            assert users(nodes[0], "add", name, password=f"{name}'s password").returncode == 0
+        key = users(nodes[1], "key", "alice").stdout.strip().splitlines()[-1]
+        sessions = {}
+        for name, node in (("alice", nodes[0]), ("bob", nodes[1])):
+            sessions[name] = requests.Session()
+            wait_until(lambda node=node, name=name: sessions[name].post(
+                node.url + "/api/session", json={"username": name, "password": f"{name}'s password"},
+                timeout=10).status_code == 204, 5, lambda: "could not sign in")
+        alice, bob = sessions["alice"], sessions["bob"]
+        conversation_id = alice.post(nodes[0].url + "/api/conversations", json={}, timeout=10).json()["id"]
+        with alice.post(f"{nodes[0].url}/api/conversations/{conversation_id}/messages", json={"content": "mine"},
+                        stream=True, timeout=30) as answer:
+            answer_id = int(answer.headers["X-Message-Id"])
+            list(sse_events(answer))
+        read = lambda: alice.get(f"{nodes[0].url}/api/conversations/{conversation_id}?all=1", timeout=10).json()  # noqa: E731
+        before = wait_until(lambda: (c := read())["messages"][-1]["status"] == "complete" and c, 5,
+                            lambda: "never saved")
+        for node in nodes:  # bob's session works on both nodes: it is in the database
+            for method, rule in routes:
+                path = rule.replace("<conversation_id>", conversation_id).replace("<int:message_id>", str(answer_id))
+                response = bob.request(method, node.url + path, json=_BODIES.get(method), timeout=10)
+                assert response.status_code == 404, (node.url, method, path, response.status_code)
+            assert bob.get(node.url + "/api/conversations", timeout=10).json()["data"] == []
+        assert read() == before
+        headers = {"Authorization": f"Bearer {key}"}
+        assert [requests.get(node.url + "/v1/models", headers=headers, timeout=10).status_code
+                for node in nodes] == [200, 200]
+        key_id = users(nodes[1], "keys", "alice").stdout.split()[0]
+        assert users(nodes[1], "revoke", key_id).returncode == 0
+        assert [requests.get(node.url + "/v1/models", headers=headers, timeout=10).status_code
+                for node in nodes * 3] == [401] * 6
+    finally:
+        for node in nodes:
+            node.stop()
