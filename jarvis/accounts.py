@@ -17,10 +17,11 @@ import re
 import time
 
 import gevent
-from flask import current_app, g
+from flask import Blueprint, current_app, g, jsonify
 
-from jarvis import state
+from jarvis import passwords, state
 from jarvis.errors import ApiError
+from jarvis.inputs import read_json_object, text_field
 from jarvis.stores import StoreUnavailable
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # an account's name (an e-mail address fits)
@@ -89,3 +90,46 @@ def check_owner(conversation_id: str) -> None:
     exists, owner = state.store().conversation_owner(conversation_id)
     if not exists or owner != current["id"]:
         raise ApiError(404, "No such conversation", code="conversation_not_found")
+
+
+# -- the signed-in person's own account: GET /api/account, their personal API keys ------------------------
+
+bp = Blueprint("account", __name__, url_prefix="/api/account")
+_KEYS_PER_ACCOUNT = 50
+
+
+def _signed_in() -> dict:
+    current = g.get("user")
+    if current is None:
+        raise ApiError(404, "Jarvis has no accounts: make one with 'python -m jarvis.users add NAME'",
+                       code="no_accounts")
+    return current
+
+
+@bp.get("")
+def account():
+    """Who is signed in, and their keys (ids and labels; never the keys)."""
+    current = _signed_in()
+    return {"name": current["name"], "admin": current["admin"], "keys": state.store().keys(current["name"]) or []}
+
+
+@bp.post("/keys")
+def make_key():
+    """A new personal API key ({"label"}): 201 with the key, shown this once."""
+    current = _signed_in()
+    label = text_field(read_json_object(limit=4096)[1], "label", required=False) or ""
+    if len(state.store().keys(current["name"]) or []) >= _KEYS_PER_ACCOUNT:
+        raise ApiError(400, f"An account may have at most {_KEYS_PER_ACCOUNT} keys: revoke one first",
+                       code="too_many_keys")
+    key_id, key, kept = passwords.new_key()
+    if not state.store().add_key(current["name"], key_id, kept, label[:100]):
+        raise ApiError(404, "No such account", code="no_accounts")
+    return jsonify(id=key_id, label=label[:100], key=key), 201
+
+
+@bp.delete("/keys/<key_id>")
+def revoke_key(key_id):
+    """Revoke one of your keys; anyone else's id is answered as one that does not exist."""
+    if not state.store().revoke_key(key_id, _signed_in()["id"]):
+        raise ApiError(404, "No such key", code="key_not_found")
+    return "", 204

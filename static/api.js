@@ -24,6 +24,11 @@ export const signIn = (key) => call("/api/session", { method: "POST", body: JSON
 export const signInAs = (username, password) =>
   call("/api/session", { method: "POST", body: JSON.stringify({ username, password }) });
 export const signOut = () => call("/api/session", { method: "DELETE" });
+export const account = () => call("/api/account");
+/** @param {string} label */
+export const makeKey = (label) => call("/api/account/keys", { method: "POST", body: JSON.stringify({ label }) });
+/** @param {string} id */
+export const revokeKey = (id) => call(`/api/account/keys/${encodeURIComponent(id)}`, { method: "DELETE" });
 export const listConversations = () => call("/api/conversations").then((body) => body.data);
 export const createConversation = () => call("/api/conversations", { method: "POST", body: "{}" });
 /** @param {string} id */

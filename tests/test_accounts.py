@@ -231,3 +231,28 @@ def test_a_trusted_proxys_user_header_signs_in_and_makes_the_account_and_anyone_
     with app.app_context():  # made on first sight, with no password that could ever match
         assert not passwords.verify(state.store().user("carol@example.org")["password_hash"], "!")
     assert proxy.post("/api/session", json={"username": "carol@example.org", "password": "!" * 8}).status_code == 401
+
+
+def test_personal_keys_are_made_listed_and_revoked_in_the_page_api_and_only_by_their_owner(app):
+    add_user(app, "alice")
+    add_user(app, "bob")
+    alice, bob = signed_in(app, "alice"), signed_in(app, "bob")
+    made = alice.post("/api/account/keys", json={"label": "laptop"})
+    assert made.status_code == 201 and made.json["key"].startswith("jv-") and made.json["label"] == "laptop"
+    key_id, key = made.json["id"], made.json["key"]
+    listed = alice.get("/api/account").json
+    assert (listed["name"], listed["admin"], [k["id"] for k in listed["keys"]]) == ("alice", False, [key_id])
+    assert key not in alice.get("/api/account").get_data(as_text=True)  # shown once, when made
+    assert app.test_client().get("/v1/models", headers={"x-api-key": key}).status_code == 200
+    assert bob.get("/api/account").json["keys"] == []
+    refused = bob.delete(f"/api/account/keys/{key_id}")  # hers: as if it did not exist
+    assert refused.status_code == 404 and refused.json["error"]["code"] == "key_not_found"
+    assert app.test_client().get("/v1/models", headers={"x-api-key": key}).status_code == 200
+    assert alice.delete(f"/api/account/keys/{key_id}").status_code == 204
+    assert app.test_client().get("/v1/models", headers={"x-api-key": key}).status_code == 401
+    assert alice.delete(f"/api/account/keys/{key_id}").status_code == 404
+
+
+def test_without_accounts_the_account_routes_say_so(client):
+    refused = client.get("/api/account")
+    assert refused.status_code == 404 and refused.json["error"]["code"] == "no_accounts"

@@ -63,6 +63,19 @@ def test_in_the_page_one_person_never_sees_anothers_conversations(start_jarvis, 
     send(page, "alice's secret plans")
     wait_status(page, "complete")
     page.locator("#conversation-list li", has_text="alice's secret plans").wait_for()
+    # Her own API key, made in the page, shown once, working from an OpenAI client, then revoked there.
+    assert page.locator("#account-name").inner_text() == "alice"
+    page.get_by_role("button", name="API keys…").click()
+    page.get_by_label("Label of a new key").fill("laptop")
+    page.get_by_role("button", name="Make a key").click()
+    page.locator("#new-key", has_text="not shown again").wait_for()
+    key = page.locator("#new-key").get_attribute("data-key")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert requests.get(server.url + "/v1/models", headers=headers, timeout=5).status_code == 200
+    page.locator("#keys-list li", has_text="laptop").get_by_role("button", name="Revoke").click()
+    page.locator("#keys-list li.none", has_text="No keys yet").wait_for()
+    assert requests.get(server.url + "/v1/models", headers=headers, timeout=5).status_code == 401
+    page.get_by_role("button", name="Close").click()
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("Name", exact=True).wait_for()
     sign_in(page, "bob")

@@ -342,8 +342,11 @@ class SQLStore:
         """The account's keys, oldest first ({id, label, created_at, last_used_at}); None: no such account."""
         return self._call(_keys, name)
 
-    def revoke_key(self, key_id: str) -> bool:
-        return self._call(_count, "DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
+    def revoke_key(self, key_id: str, user_id: int | None = None) -> bool:
+        """Revoke a key (only if it is `user_id`'s, when given); False: no such key (of theirs)."""
+        if user_id is None:
+            return self._call(_count, "DELETE FROM api_keys WHERE id = ?", (key_id,)) > 0
+        return self._call(_count, "DELETE FROM api_keys WHERE id = ? AND user_id = ?", (key_id, user_id)) > 0
 
     def sign_in_failures(self, name: str, address: str, since: float) -> tuple[list[float], list[float]]:
         """When sign-ins failed since `since`: for this name from this address, and from this address."""

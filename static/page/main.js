@@ -6,12 +6,13 @@
  *   message-view.js       one message on screen          message-list.js   the messages, by id
  *   answer-stream.js      start, attach, re-attach, Stop  conversation-list.js  the sidebar's list
  *   search.js             search as you type             settings.js       settings, import/export, doctor
- *   models.js             the model picker's first choice
+ *   models.js             the model picker's first choice   keys.js   your API keys (accounts)
  */
 import * as api from "../api.js";
 import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
 import { showConversations } from "./conversation-list.js";
 import { $, button, report } from "./dom.js";
+import { keysDialog, makeKey, openKeys, shown as shownKeyError } from "./keys.js";
 import { MessageList } from "./message-list.js";
 import { MessageView } from "./message-view.js";
 import { preselectedModel } from "./models.js";
@@ -363,7 +364,10 @@ async function loadModels() {
 async function signInIfNeeded() {
   const session = await api.sessionState();
   $("sign-out").hidden = !session.required;
-  if (!session.required || session.signed_in) return;
+  if (!session.required || session.signed_in) {
+    showAccount(session.user);
+    return;
+  }
   const signIn = /** @type {HTMLFormElement} */ ($("sign-in"));
   const nameInput = /** @type {HTMLInputElement} */ ($("username"));
   const keyInput = /** @type {HTMLInputElement} */ ($("api-key"));
@@ -385,6 +389,7 @@ async function signInIfNeeded() {
         signIn.hidden = true;
         $("app").hidden = false;
         keyInput.value = "";
+        if (session.accounts) showAccount({ name: nameInput.value.trim(), admin: false });
         resolve(undefined);
       }, (error) => {
         failure.textContent = error instanceof Error ? error.message : String(error);
@@ -392,6 +397,16 @@ async function signInIfNeeded() {
       });
     });
   });
+}
+
+/**
+ * Names the signed-in person in the sidebar, beside their keys (accounts mode only).
+ * @param {{name: string} | null} user
+ */
+function showAccount(user) {
+  $("account-name").textContent = user ? user.name : "";
+  $("account-name").hidden = !user;
+  $("keys-button").hidden = !user;
 }
 
 /** Signs out on the server (the cookie stops working everywhere) and starts the page afresh. */
@@ -477,6 +492,12 @@ $("settings-form").addEventListener("submit", (event) => {
 });
 $("import-button").addEventListener("click", () => $("import-file").click());
 $("sign-out").addEventListener("click", () => signOut().catch(report));
+$("keys-button").addEventListener("click", () => openKeys().catch(report));
+$("keys-close").addEventListener("click", () => keysDialog.close());
+$("keys-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  makeKey().catch(shownKeyError);
+});
 $("stream-check").addEventListener("click", () => checkStreaming().catch(report));
 $("import-file").addEventListener("change", () => {
   const input = /** @type {HTMLInputElement} */ ($("import-file"));
