@@ -128,6 +128,7 @@ def test_an_unknown_name_and_a_wrong_password_take_the_same_time(start_jarvis, u
     for _ in range(2):
         unknown.append(median_ms({"username": "nobody", "password": "not the password"}))
         wrong.append(median_ms({"username": "alice", "password": "not the password"}))
+    http.close()
     unknown_ms, wrong_ms = statistics.median(unknown), statistics.median(wrong)
     print(f"\nsign-in median: unknown name {unknown_ms:.1f} ms, wrong password {wrong_ms:.1f} ms")
     assert abs(unknown_ms - wrong_ms) <= 0.2 * wrong_ms, (unknown_ms, wrong_ms)
@@ -157,11 +158,11 @@ def test_on_two_nodes_with_postgresql_another_persons_ids_are_404_everywhere(tmp
                                              backend=FakeBackend()))
     env = {"JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_DATABASE_URL": database_url}
     nodes = [LiveServer(tmp_path, env, ["-w", "2"]).start(), LiveServer(tmp_path, env).start()]
+    sessions: dict[str, requests.Session] = {}
     try:
         for name in ("alice", "bob"):
             assert users(nodes[0], "add", name, password=f"{name}'s password").returncode == 0
         key = users(nodes[1], "key", "alice").stdout.strip().splitlines()[-1]
-        sessions = {}
         for name, node in (("alice", nodes[0]), ("bob", nodes[1])):
             sessions[name] = requests.Session()
             wait_until(lambda node=node, name=name: sessions[name].post(
@@ -191,5 +192,7 @@ def test_on_two_nodes_with_postgresql_another_persons_ids_are_404_everywhere(tmp
         assert [requests.get(node.url + "/v1/models", headers=headers, timeout=10).status_code
                 for node in nodes * 3] == [401] * 6
     finally:
+        for session in sessions.values():
+            session.close()
         for node in nodes:
             node.stop()
