@@ -91,18 +91,22 @@ def test_openai_sdk_streamed_and_whole_answers_with_a_client_request_id(jarvis):
     assert "[client-req-0002] stream end outcome=complete" in jarvis.wait_for_log("stream end", count=2)
 
 
-def test_the_page_saves_a_real_answer_with_stats_counted_from_the_stream(jarvis):
-    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()
-    events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation['id']}/messages",
-                                           json={"content": "Name three colours.", "model": ALIAS},
-                                           stream=True, timeout=60)))
+def answered(jarvis, conversation_id: str, question: str) -> dict:
+    """Ask in the page's way and wait for the answer to be saved complete; the saved answer."""
+    events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation_id}/messages",
+                                           json={"content": question, "model": ALIAS}, stream=True, timeout=60)))
     assert events[-1][0] == "done"
 
     def saved():
-        message = requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}").json()["messages"][-1]
-        return message if message["status"] == "complete" else None
+        last = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}").json()["messages"][-1]
+        return last if last["status"] == "complete" else None
 
-    message = wait_until(saved, 5, lambda: "the answer was never saved complete")
+    return wait_until(saved, 5, lambda: "the answer was never saved complete")
+
+
+def test_the_page_saves_a_real_answer_with_stats_counted_from_the_stream(jarvis):
+    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()
+    message = answered(jarvis, conversation["id"], "Name three colours.")
     assert message["content"].strip()
     assert message["stats"]["tokens_source"] == "stream"  # this server sends no usage, even when asked
     assert message["stats"]["completion_tokens"] >= 3 and message["stats"]["tokens_per_second"] > 0
@@ -124,15 +128,7 @@ def test_this_server_answers_afresh_after_an_answer_begun_so_a_continue_is_refus
     conversation = requests.post(jarvis.url + "/api/conversations",
                                  json={"settings": {"max_tokens": 4}}).json()
     messages = f"{jarvis.url}/api/conversations/{conversation['id']}/messages"
-    events = list(sse_events(requests.post(messages, json={"content": "Name three colours.", "model": ALIAS},
-                                           stream=True, timeout=60)))
-    assert events[-1][0] == "done"
-
-    def saved():
-        last = requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}").json()["messages"][-1]
-        return last if last["status"] == "complete" else None
-
-    before = wait_until(saved, 5, lambda: "the answer was never saved complete")
+    before = answered(jarvis, conversation["id"], "Name three colours.")
     assert before["stats"]["finish_reason"] == "length" and before["content"]
     refused = requests.post(messages, json={"continue": before["id"], "model": ALIAS}, timeout=60)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "cannot_continue", refused.text
