@@ -28,6 +28,7 @@ def close_if_body_unread(response):
     declared = request.content_length or request.headers.get("Transfer-Encoding")
     if response.status_code >= 400 and declared and not request.environ.get(BODY_READ):
         stop_reading(request.environ)
+        response.headers["Connection"] = "close"  # so the client opens a new one (jarvis.worker._Response)
     return response
 
 

@@ -153,6 +153,14 @@ class _Response(wsgi.Response):
 
     ended = False  # the chunked body's end went out with its last bytes
 
+    def process_headers(self, headers):
+        # gunicorn drops an app's hop-by-hop headers, Connection among them, and keeps the connection
+        # alive: an app's "Connection: close" (an error answered before its body was read, whose rest will
+        # never be read) closes it here, and says so to the client, which then never reuses it.
+        if any(name.lower() == "connection" and value.strip().lower() == "close" for name, value in headers):
+            self.force_close()
+        super().process_headers(headers)
+
     def write(self, arg):
         if (type(arg) not in (bytes, LastChunk) or not arg or self._omits_body
                 or self.response_length is not None and self.sent + len(arg) > self.response_length):

@@ -1,6 +1,7 @@
 """Streams arrive token by token, in OpenAI's exact format, whatever the upstream's framing."""
 
 import json
+import socket
 import time
 import uuid
 
@@ -200,3 +201,16 @@ def test_an_open_upstream_stream_holds_one_greenlet(jarvis):
         health.close()
         for response in responses:
             response.close()
+
+
+def test_an_error_answered_before_the_body_was_read_says_connection_close_and_closes_it(jarvis):
+    """The unread rest of the body is never read, so the connection cannot serve another request: the
+    client is told (Connection: close) rather than finding it closed when it reuses it."""
+    with socket.create_connection(("127.0.0.1", jarvis.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"x" * 10)
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes it
+            received += chunk
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 415") and b"\r\nconnection: close" in head, head
