@@ -38,7 +38,7 @@ class _Watch:
 
     def __init__(self, store):
         self.store = store
-        self.exist = store.count_users() > 0
+        self.exist = store.accounts_exist()
         self.asked_at = time.monotonic()
         self.asking: gevent.Greenlet | None = None
 
@@ -50,14 +50,15 @@ class _Watch:
 
     def _ask(self) -> None:
         try:
-            self.exist = self.store.count_users() > 0
+            self.exist = self.store.accounts_exist()
         except StoreUnavailable:
             pass
 
 
 def on() -> bool:
-    """Whether accounts are on: an identity proxy names the users (JARVIS_TRUSTED_USER_HEADER), or any
-    account exists (asked of the store once a second per worker, in the background)."""
+    """Whether accounts are on: an identity proxy names the users (JARVIS_TRUSTED_USER_HEADER), or an
+    account exists, or a conversation still belongs to one (removing the last account must not open
+    everyone's conversations to anyone); asked of the store once a second per worker, in the background."""
     if state.settings().trusted_user_header:
         return True
     watch = current_app.extensions.get(_WATCH)
@@ -69,11 +70,6 @@ def on() -> bool:
 def forget() -> None:
     """Ask the store again at the next request (an account was just added or removed in this process)."""
     current_app.extensions.pop(_WATCH, None)
-
-
-def user() -> dict | None:
-    """The signed-in account of this request (accounts mode), else None."""
-    return g.get("user")
 
 
 def user_id() -> int | None:

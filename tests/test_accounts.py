@@ -256,3 +256,16 @@ def test_personal_keys_are_made_listed_and_revoked_in_the_page_api_and_only_by_t
 def test_without_accounts_the_account_routes_say_so(client):
     refused = client.get("/api/account")
     assert refused.status_code == 404 and refused.json["error"]["code"] == "no_accounts"
+
+
+def test_removing_the_last_account_keeps_its_conversations_closed_to_anyone(app):
+    add_user(app, "alice")
+    alice = signed_in(app, "alice")
+    conversation_id, _, _ = a_conversation_with_an_answer(alice)
+    with app.app_context():
+        assert state.store().remove_user("alice")
+        accounts.forget()
+    anyone = app.test_client()
+    assert anyone.get("/api/conversations").status_code == 401  # still accounts mode: nothing opened
+    assert anyone.get(f"/api/conversations/{conversation_id}").status_code == 401
+    assert anyone.get("/v1/models").status_code == 401

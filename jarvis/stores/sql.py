@@ -320,6 +320,11 @@ class SQLStore:
     def count_users(self) -> int:
         return self._call(_one, "SELECT count(*) AS n FROM users", ())["n"]
 
+    def accounts_exist(self) -> bool:
+        """Whether any account exists, or any conversation belongs to one (its account since removed)."""
+        return bool(self._call(_one, "SELECT (EXISTS (SELECT 1 FROM users) OR EXISTS (SELECT 1 FROM conversations "
+                                     "WHERE user_id IS NOT NULL)) AS found", ())["found"])
+
     def remove_user(self, name: str) -> bool:
         """Remove an account: its sessions and keys go with it, in the same transaction."""
         return self._call(_count, "DELETE FROM users WHERE lower(name) = lower(?)", (name,)) > 0
