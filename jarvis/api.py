@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
-from jarvis import state
+from jarvis import limits, state
 from jarvis.backends import ChatRequest
 from jarvis.errors import ApiError
 from jarvis.inputs import check_messages, read_json_object
@@ -57,7 +57,11 @@ def models():
 
 
 def _relay(request_: ChatRequest):
-    relay = Relay(state.backend(), request_, state.settings(), request.environ)
+    user = g.get("user")
+    limits.check_daily_tokens(user)
+    settings = state.settings()
+    release = limits.claim_stream(user, settings.stream_max_seconds + 60)
+    relay = Relay(state.backend(), request_, settings, request.environ, meter=state.meter(), release=release)
     relay.open()
     return relay.sse_response() if request_.stream else relay.result_response()
 
@@ -73,7 +77,8 @@ def parse_request(endpoint: str, required: str) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", code="invalid_type", param="stream")
-    return ChatRequest(body=body, raw=raw, stream=stream, trace_id=trace_id_var.get(), endpoint=endpoint)
+    return ChatRequest(body=body, raw=raw, stream=stream, trace_id=trace_id_var.get(), endpoint=endpoint,
+                       account=limits.account_of_request())
 
 
 def _check_input(body: dict, name: str, max_chars: int) -> None:

@@ -12,9 +12,9 @@ import json
 import logging
 from typing import NamedTuple
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
-from jarvis import accounts, chat_settings, cooperative, exchange, state
+from jarvis import accounts, chat_settings, cooperative, exchange, limits, state
 from jarvis import runs as runs_module
 from jarvis.backends import ChatRequest
 from jarvis.endings import Outcome
@@ -22,7 +22,7 @@ from jarvis.errors import ApiError
 from jarvis.inputs import check_messages, read_json_object, text_field
 from jarvis.logs import trace_id_var
 from jarvis.security import client_address
-from jarvis.stores import ConversationBusy, NoSuchConversation, TooManyRuns
+from jarvis.stores import ConversationBusy, NoSuchConversation, TooManyRuns, TooManyStreams
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,12 @@ def send_message(conversation_id):
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
     runs.settle(conversation_id, client)
+    limits.check_daily_tokens(g.get("user"))
     with _claim_errors():
         message_id, history, previous_leaf = state.store().start_answer(
             conversation_id, owner=runs.owner, parent_id=plan.parent_id, user_content=plan.content, title=plan.title,
-            model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client)
+            model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client,
+            user_limit=limits.stream_limit(g.get("user")))
     chat = _chat_request(conversation, history, model, trace_id)
     try:
         response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title,
@@ -226,9 +228,11 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
     runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
     runs.settle(conversation_id, client)
     fields = runs.continuation.fields(model, trace_id)  # 400 when its server cannot continue
+    limits.check_daily_tokens(g.get("user"))
     with _claim_errors():
         branch = state.store().continue_answer(conversation_id, message_id, owner=runs.owner, trace_id=trace_id,
-                                               client=client, max_runs=state.settings().max_runs_per_client)
+                                               client=client, max_runs=state.settings().max_runs_per_client,
+                                               user_limit=limits.stream_limit(g.get("user")))
     if branch is None:
         raise ApiError(400, "Only an answer cut short can be continued — stopped, interrupted, failed after some "
                             "text, or ended at max_tokens — and only while nothing follows it",
@@ -265,7 +269,8 @@ def _chat_request(conversation: dict, history: list[dict], model: str | None, tr
                                          if m["role"] == "user" or m["content"]]],
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
                  **({"model": model} if model else {}), **(fields or {})}
-    return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id)
+    return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id,
+                       account=limits.account_of_request())
 
 
 class _claim_errors:
@@ -283,6 +288,8 @@ class _claim_errors:
             raise ApiError(429, f"You already have {error.running} answers running, the most one client may have "
                                 f"(JARVIS_MAX_RUNS_PER_CLIENT={limit}): stop one, or wait for one to end",
                            code="too_many_runs", headers={"Retry-After": "5"}) from None
+        if isinstance(error, TooManyStreams):
+            raise limits.too_many_streams(error) from None
         if isinstance(error, NoSuchConversation):
             raise ApiError(404, "No such conversation", code="conversation_not_found") from None
         return False

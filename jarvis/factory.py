@@ -32,9 +32,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.after_request(_return_trace)
     app.after_request(inputs.close_if_body_unread)
 
-    from jarvis import accounts, api, conversations, debug, health, metrics, page
+    from jarvis import accounts, admin, api, conversations, debug, health, limits, metrics, page
 
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(limits.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(debug.bp)

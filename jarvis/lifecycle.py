@@ -18,7 +18,7 @@ import weakref
 import gevent
 from flask import Flask, Response, request
 
-from jarvis import streams
+from jarvis import streams, usage
 from jarvis.endings import Outcome
 from jarvis.sockets import shutdown_quietly
 
@@ -86,6 +86,7 @@ def _watch(worker, delay: float) -> None:
     # Connections whose stream just ended are idle now; close them too.
     gevent.sleep(_POLL_SECONDS)
     _close_idle()
+    usage.flush_all()  # the last second's usage counts
 
 
 def _close_idle() -> None:

@@ -37,6 +37,8 @@ CANCEL_LATENCY = Histogram("jarvis_cancel_latency_seconds", "Client gone to back
                            buckets=_LATENCY_BUCKETS)
 UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (the error code) and upstream",
                           ["kind", "upstream"])
+TOKENS = Counter("jarvis_tokens", "Tokens used, by direction: prompt (read) or completion (written); the "
+                 "upstream's count when it sends one, else events with text", ["direction"])
 MODEL_QUEUE_DEPTH = Gauge("jarvis_model_queue_depth", "Requests waiting for the embedded model",
                           multiprocess_mode="livesum")
 MODEL_QUEUE_WAIT = Histogram("jarvis_model_queue_wait_seconds", "Time a request waited for the embedded model",

@@ -57,6 +57,13 @@ def verify_off_hub(password_hash: str | None, password: str) -> bool:
     return gevent.get_hub().threadpool.apply(verify, (password_hash, password))
 
 
+def hash_off_hub(password: str) -> str:
+    """`hash_password` on gevent's thread pool (BadPassword is raised here, before any work)."""
+    import gevent
+
+    return gevent.get_hub().threadpool.apply(HASHER.hash, (checked(password),))
+
+
 def new_key() -> tuple[str, str, str]:
     """A new personal API key: (its id, the key, what the store keeps of it)."""
     key = "jv-" + secrets.token_urlsafe(32)

@@ -37,6 +37,7 @@ from jarvis.pump import END, TICK, WAKE, Failure, Pump
 from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, LastChunk, data_event, error_event, responses_error_event
+from jarvis.usage import Meter, Tally
 from jarvis.worker import ClientWatcher
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,15 @@ class Relay:
     """One chat completion on its way from a backend to a client."""
 
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
-                 observer: StreamObserver | None = None):
+                 observer: StreamObserver | None = None, meter: Meter | None = None, release=None):
         self.backend = backend
         self.observer = observer
         self.request = request
+        # What it used (jarvis.usage), counted to request.account by `meter` when it ends; `release`: gives
+        # back the account's stream (max_streams) before the last bytes go out.
+        self.tally = Tally()
+        self.meter = meter
+        self.release = release
         # The Responses API streams named events, relayed whole, and ends without [DONE].
         self.whole_events = request.endpoint == "responses"
         self.done = b"" if self.whole_events else DONE_EVENT
@@ -363,8 +369,17 @@ class Relay:
 
     def _last(self, data: bytes) -> bytes:
         """The stream's last bytes: marked as such when they go straight to a client (jarvis.worker
-        then ends the chunked body in the same write)."""
+        then ends the chunked body in the same write). The account's stream is given back first."""
+        self._release()
         return LastChunk(data) if self.to_client else data
+
+    def _release(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            try:
+                release()
+            except Exception as error:  # its row dies with this process, or expires
+                log.warning("could not release the account's stream (%s)", type(error).__name__)
 
     def _tick(self) -> None:
         if self.direct:
@@ -380,6 +395,7 @@ class Relay:
         self.clock.last_event = now
         self.events += len(batch)
         self.bytes += sum(map(len, batch))
+        self.tally.feed(batch)
         if not self.answering:
             streams.note_phase(self, batch)
         if self.observer is not None:
@@ -441,6 +457,7 @@ class Relay:
                 raise error
             self.first_event_at = time.monotonic()
             self.events = 1
+            self.tally.whole(item.body)
             self.happened.completed = True
             return Response(item.body, status=item.status, content_type="application/json")
         finally:
@@ -464,12 +481,24 @@ class Relay:
             self._close_generation(self.generation)  # drains after [DONE] to reuse the connection
         if self.counted:
             metrics.ACTIVE_STREAMS.dec()
+        self._release()
         report(ending, self)
+        if self.generation is not None and self.meter is not None:
+            self._count_usage()
         if self.observer is not None:
             try:
                 self.observer.ended(ending, self.happened.error_message)
             except Exception:
                 log.exception("recording the end of the stream failed")
+
+    def _count_usage(self) -> None:
+        model = self.request.body.get("model")
+        prompt, completion = self.tally.tokens()
+        try:
+            self.meter.add(self.request.account, model if isinstance(model, str) and model else self.upstream,
+                           prompt, completion)
+        except Exception:
+            log.exception("counting the stream's usage failed")
 
     @property
     def upstream(self) -> str:

@@ -46,6 +46,7 @@ from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
 from jarvis.stores import ConversationStore, StoreUnavailable
+from jarvis.usage import Meter
 from jarvis.worker import ClientWatcher
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Run:
         self.title = title  # a first answer's: the first words its conversation was named by, until the model's
         self.held: list[bytes] | None = [] if continued[0] else None
         self.answered_afresh = False
-        self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self)
+        self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self, meter=runs.meter)
         self.watchers: set[Watcher] = set()
         self.finished = False
         self.remote_watched_at: float | None = None
@@ -295,9 +296,10 @@ class Run:
                              {"role": "user", "content": f"{question[:2000]}\n\n---\n\n{self.answer.content[:2000]}"}],
                 "max_tokens": 16, "temperature": 0.2, "stream": False,
                 **({"model": self.chat.body["model"]} if self.chat.body.get("model") else {})}
-        request = ChatRequest(body=body, raw=json.dumps(body).encode(), stream=False, trace_id=self.chat.trace_id)
+        request = ChatRequest(body=body, raw=json.dumps(body).encode(), stream=False, trace_id=self.chat.trace_id,
+                              account=self.chat.account)
         try:
-            relay = Relay(self.runs.backend, request, self.runs.settings, {})
+            relay = Relay(self.runs.backend, request, self.runs.settings, {}, meter=self.runs.meter)
             relay.open()
             response = relay.result_response()
             title = clean_title(json.loads(response.get_data())["choices"][0]["message"]["content"])
@@ -465,10 +467,11 @@ class Run:
 class Runs:
     """This worker's runs, and the tick that keeps their leases and hears Stops asked elsewhere."""
 
-    def __init__(self, store: ConversationStore, backend: Backend, settings: Settings):
+    def __init__(self, store: ConversationStore, backend: Backend, settings: Settings, meter: Meter | None = None):
         self.store = store
         self.backend = backend
         self.settings = settings
+        self.meter = meter  # what each answer used (jarvis.usage)
         self.owner = leases.this_process()
         self.by_message: dict[int, Run] = {}
         self.ending: dict[str, Run] = {}  # by conversation: runs that ended here, their last save still queued

@@ -1,4 +1,4 @@
-"""What an app holds — its settings, backend, conversation store and runs — and typed access to them.
+"""What an app holds — its settings, backend, conversation store, runs and usage meter — and typed access to them.
 
 The app factory installs them once; views and hooks read them through these
 functions instead of untyped `current_app.extensions` lookups. A leaf module.
@@ -15,15 +15,19 @@ if TYPE_CHECKING:
     from jarvis.runs import Runs
     from jarvis.settings import Settings
     from jarvis.stores import ConversationStore
+    from jarvis.usage import Meter
 
-_SETTINGS, _BACKEND, _STORE, _RUNS = "jarvis.settings", "jarvis.backend", "jarvis.store", "jarvis.runs"
+_SETTINGS, _BACKEND, _STORE, _RUNS, _METER = ("jarvis.settings", "jarvis.backend", "jarvis.store", "jarvis.runs",
+                                              "jarvis.meter")
 
 
 def install(app: Flask, settings: Settings, backend: Backend, store: ConversationStore) -> None:
     from jarvis.runs import Runs
+    from jarvis.usage import Meter
 
-    app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store,
-                           _RUNS: Runs(store, backend, settings)})
+    meter = Meter(store)
+    app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store, _METER: meter,
+                           _RUNS: Runs(store, backend, settings, meter)})
 
 
 def settings() -> Settings:
@@ -40,3 +44,7 @@ def store() -> ConversationStore:
 
 def runs() -> Runs:
     return current_app.extensions[_RUNS]
+
+
+def meter() -> Meter:
+    return current_app.extensions[_METER]

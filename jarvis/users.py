@@ -9,6 +9,10 @@ migrates the database). The first account turns accounts mode on, on every worke
     python -m jarvis.users key NAME [--label TEXT]  a new personal API key: the last line of stdout, shown once
     python -m jarvis.users keys NAME              the account's keys (ids and labels, never the keys)
     python -m jarvis.users revoke KEY_ID          a key stops working at its next request
+    python -m jarvis.users limit NAME [--tokens-per-day N] [--max-streams N]
+                                                  limits, from the next request on ('none' lifts one)
+    python -m jarvis.users usage [NAME] [--since YYYY-MM-DD]
+                                                  requests and tokens by day (this month by default)
 
 Exit status 0 when done, 1 with a message on stderr when it could not be (no such account, a name
 taken, a password too short), 2 for a command line that is not one of the above.
@@ -25,6 +29,8 @@ from jarvis import passwords
 from jarvis.accounts import NAME
 from jarvis.settings import Settings, SettingsError
 from jarvis.stores import StoreError, StoreUnavailable, UserExists, open_store
+
+_UNCHANGED = object()  # a limit the command line leaves as it is
 
 
 class Refused(Exception):
@@ -69,7 +75,24 @@ def _parser() -> argparse.ArgumentParser:
             (("--label",), {"default": "", "help": "what the key is for (shown in listings)"}))
     command("keys", _keys, "list an account's keys", name)
     command("revoke", _revoke, "revoke a key by its id", (("key_id",), {"metavar": "KEY_ID"}))
+    limit = {"type": _limit_value, "default": _UNCHANGED, "metavar": "N"}
+    command("limit", _limit, "set an account's limits ('none' lifts one; an option left out stays)", name,
+            (("--tokens-per-day",), {**limit, "help": "prompt + completion tokens a day (UTC)"}),
+            (("--max-streams",), {**limit, "help": "answers and API streams at once"}))
+    command("usage", _usage, "requests and tokens by day", (("name",), {"metavar": "NAME", "nargs": "?"}),
+            (("--since",), {"type": datetime.date.fromisoformat, "metavar": "YYYY-MM-DD",
+                            "help": "from this day on (UTC; default: the first of this month)"}))
     return parser
+
+
+
+def _limit_value(text: str):
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if not 1 <= value <= 10**12:
+        raise ValueError(text)
+    return value
 
 
 def _password(prompt: str) -> str:
@@ -149,6 +172,31 @@ def _keys(store, arguments) -> None:
     for key in keys:
         print(f"{key['id']}\t{key['label'] or '-'}\tcreated {_when(key['created_at'])}"
               f"\tlast used {_when(key['last_used_at'])}")
+
+
+def _limit(store, arguments) -> None:
+    user = _existing(store, arguments.name)
+    tokens = user["tokens_per_day"] if arguments.tokens_per_day is _UNCHANGED else arguments.tokens_per_day
+    streams = user["max_streams"] if arguments.max_streams is _UNCHANGED else arguments.max_streams
+    store.set_limits(user["name"], tokens, streams)
+    print(f"{user['name']}: {tokens if tokens is not None else 'no limit of'} tokens a day, "
+          f"{streams if streams is not None else 'no limit of'} streams at once")
+
+
+def _usage(store, arguments) -> None:
+    from jarvis.usage import summary, today
+
+    since = arguments.since.isoformat() if arguments.since else today()[:8] + "01"
+    users = [_existing(store, arguments.name)] if arguments.name else store.users()
+    rows = store.usage(None, since)
+    print("account\tday\trequests\tprompt_tokens\tcompletion_tokens")
+    for user in users:
+        result = summary([row for row in rows if row["user_id"] == user["id"]])
+        for day in result["days"]:
+            print(f"{user['name']}\t{day['day']}\t{day['requests']}\t{day['prompt_tokens']}\t"
+                  f"{day['completion_tokens']}")
+        total = result["total"]
+        print(f"{user['name']}\ttotal\t{total['requests']}\t{total['prompt_tokens']}\t{total['completion_tokens']}")
 
 
 def _revoke(store, arguments) -> None:

@@ -25,6 +25,17 @@ export const signInAs = (username, password) =>
   call("/api/session", { method: "POST", body: JSON.stringify({ username, password }) });
 export const signOut = () => call("/api/session", { method: "DELETE" });
 export const account = () => call("/api/account");
+/** Your own usage this month: {total: {requests, prompt_tokens, completion_tokens}, days, limits}. */
+export const usage = () => call("/api/usage");
+export const adminUsers = () => call("/api/admin/users").then((body) => body.data);
+/** @param {string} username @param {string} password @param {boolean} admin */
+export const adminAddUser = (username, password, admin) =>
+  call("/api/admin/users", { method: "POST", body: JSON.stringify({ username, password, admin }) });
+/** @param {string} name @param {object} change {tokens_per_day, max_streams, password}: what to change */
+export const adminChangeUser = (name, change) =>
+  call(`/api/admin/users/${encodeURIComponent(name)}`, { method: "PATCH", body: JSON.stringify(change) });
+/** @param {string} name */
+export const adminRemoveUser = (name) => call(`/api/admin/users/${encodeURIComponent(name)}`, { method: "DELETE" });
 /** @param {string} label */
 export const makeKey = (label) => call("/api/account/keys", { method: "POST", body: JSON.stringify({ label }) });
 /** @param {string} id */

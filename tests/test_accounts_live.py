@@ -57,15 +57,21 @@ def test_in_the_page_one_person_never_sees_anothers_conversations(start_jarvis, 
     server = start_jarvis()
     for name in ("alice", "bob"):
         assert users(server, "add", name, password=f"{name}'s password").returncode == 0
+    assert users(server, "add", "root", "--admin", password="root's password").returncode == 0
     upstream.scenario = Scenario(tokens=3)
     page, problems = open_page_at_the_sign_in_form(context, server.url)
     sign_in(page, "alice")
     send(page, "alice's secret plans")
     wait_status(page, "complete")
     page.locator("#conversation-list li", has_text="alice's secret plans").wait_for()
-    # Her own API key, made in the page, shown once, working from an OpenAI client, then revoked there.
+    # Her account: this month's usage (written by the worker that ran the answer within a second)...
     assert page.locator("#account-name").inner_text() == "alice"
-    page.get_by_role("button", name="API keys…").click()
+    assert page.locator("#admin-button").is_hidden()
+    wait_until(lambda: page.request.get(server.url + "/api/usage").json()["total"]["requests"] == 1, 5,
+               lambda: "her answer was never counted")
+    page.get_by_role("button", name="Account…").click()
+    page.locator("#account-usage", has_text="This month: 1 request, 3 prompt + 3 completion tokens.").wait_for()
+    # ...and her own API key, made in the page, shown once, working from an OpenAI client, then revoked there.
     page.get_by_label("Label of a new key").fill("laptop")
     page.get_by_role("button", name="Make a key").click()
     page.locator("#new-key", has_text="not shown again").wait_for()
@@ -85,6 +91,24 @@ def test_in_the_page_one_person_never_sees_anothers_conversations(start_jarvis, 
     page.get_by_label("Search conversations").fill("secret")
     page.locator("#search-results li.none", has_text="Nothing found").wait_for()
     assert page.locator("#search-results li").count() == 1
+    # An admin: everyone's usage this month, a limit set in place, an account added — and no conversation.
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("Name", exact=True).wait_for()
+    sign_in(page, "root")
+    page.get_by_role("button", name="Accounts…").click()
+    alice = page.locator("#admin-users tr[data-name=alice]")
+    assert [alice.locator("td").nth(column).inner_text() for column in (1, 2)] == ["1", "6"]
+    alice.get_by_label("Tokens a day for alice").fill("100000")
+    alice.get_by_role("button", name="Save limits").click()
+    page.locator("#admin-status", has_text="Saved the limits of alice").wait_for()
+    assert "alice\tuser\t100000 tokens/day" in users(server, "list").stdout
+    page.get_by_label("Name of the new account").fill("carol")
+    page.get_by_label("Its password").fill("carol's password")
+    page.get_by_role("button", name="Add the account").click()
+    page.locator("#admin-users tr[data-name=carol]").wait_for()
+    assert requests.post(server.url + "/api/session", json={"username": "carol", "password": "carol's password"},
+                         timeout=10).status_code == 204
+    assert "secret plans" not in page.locator("body").inner_text()
     problems.assert_clean()
 
 
@@ -98,7 +122,7 @@ def open_page_at_the_sign_in_form(context, url: str):
 
 def sign_in(page, name: str) -> None:
     page.get_by_label("Name", exact=True).fill(name)
-    page.get_by_label("Password").fill(f"{name}'s password")
+    page.get_by_label("Password", exact=True).fill(f"{name}'s password")
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_selector("body[data-ready=true]")
 
@@ -187,7 +211,32 @@ def test_on_two_nodes_with_postgresql_another_persons_ids_are_404_everywhere(tmp
         headers = {"Authorization": f"Bearer {key}"}
         assert [requests.get(node.url + "/v1/models", headers=headers, timeout=10).status_code
                 for node in nodes] == [200, 200]
-        key_id = users(nodes[1], "keys", "alice").stdout.split()[0]
+        # Limits and usage hold across nodes: alice at one stream, held open on node 0, is refused on node 1.
+        assert users(nodes[1], "limit", "alice", "--max-streams", "1").returncode == 0
+        upstream.scenario = Scenario(tokens=4, stall_after=2)
+        hello = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        held = requests.post(nodes[0].url + "/v1/chat/completions", json=hello, headers=headers, stream=True,
+                             timeout=30)
+        events = sse_events(held)
+        next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
+        refused = requests.post(nodes[1].url + "/v1/chat/completions", json=hello, headers=headers, timeout=10)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+        with bob.post(nodes[1].url + "/v1/chat/completions", json=hello, stream=True, timeout=30) as his:
+            assert his.status_code == 200  # (bob's session: his own streams, no limit)
+        events.close()  # alice's stream ends: its place is given back as its node sees her leave
+        upstream.scenario = Scenario(tokens=4)
+        wait_until(lambda: requests.post(nodes[1].url + "/v1/chat/completions", json={**hello, "stream": False},
+                                         headers=headers, timeout=10).status_code == 200, 5,
+                   lambda: "her stream's place was never given back")
+        # Her usage, from either node: the page's answer as its upstream reported it (3 prompt tokens, as the
+        # fake counts them), the stopped stream as counted (2 events with text), the whole answer as reported
+        # (3 and 3).
+        usage = lambda: alice.get(nodes[1].url + "/api/usage", timeout=10).json()  # noqa: E731
+        totals = wait_until(lambda: (u := usage())["total"]["requests"] == 3 and u, 5, lambda: usage())
+        [today] = totals["days"]
+        assert today["keys"]["page"]["requests"] == 1 and today["keys"]["page"]["prompt_tokens"] == 3
+        assert today["keys"][key_id := users(nodes[1], "keys", "alice").stdout.split()[0]] == \
+            {"requests": 2, "prompt_tokens": 3, "completion_tokens": 2 + 3}
         assert users(nodes[1], "revoke", key_id).returncode == 0
         assert [requests.get(node.url + "/v1/models", headers=headers, timeout=10).status_code
                 for node in nodes * 3] == [401] * 6

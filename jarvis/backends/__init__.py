@@ -54,6 +54,7 @@ class ChatRequest:
     stream: bool
     trace_id: str
     endpoint: str = "chat/completions"  # or completions, embeddings, responses (below /v1)
+    account: tuple[int, str] | None = None  # whose usage it is: (account id, key id); None: Jarvis's own
     # What the upstream gets as X-Request-Id: a UUID, which validating servers accept.
     upstream_request_id: str = field(init=False)
 

@@ -154,6 +154,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sign_in_failures_by_address ON sign_in_failures(address, at)",
     ),
+    (  # 9 -> 10: usage by account, day (UTC), key and model; the /v1 streams each account has open now
+        """CREATE TABLE usage_days (
+            user_id BIGINT NOT NULL,
+            day TEXT NOT NULL,
+            key_id TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL DEFAULT '',
+            requests BIGINT NOT NULL DEFAULT 0,
+            prompt_tokens BIGINT NOT NULL DEFAULT 0,
+            completion_tokens BIGINT NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, day, key_id, model)
+        )""",
+        """CREATE TABLE api_streams (
+            id TEXT PRIMARY KEY,
+            user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX api_streams_by_user ON api_streams(user_id)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

@@ -18,7 +18,14 @@ import secrets
 import time
 
 from jarvis import leases
-from jarvis.stores import INTERRUPTED_NOTE, ConversationBusy, NoSuchConversation, TooManyRuns, UserExists
+from jarvis.stores import (
+    INTERRUPTED_NOTE,
+    ConversationBusy,
+    NoSuchConversation,
+    TooManyRuns,
+    TooManyStreams,
+    UserExists,
+)
 from jarvis.stores.common import (
     branch_of,
     import_rows,
@@ -226,24 +233,28 @@ class SQLStore:
     def start_answer(self, conversation_id: str, *, owner: str, parent_id: int | None | str = "leaf",
                      user_content: str | None = None, title: str | None = None, model: str | None = None,
                      trace_id: str | None = None, client: str | None = None,
-                     max_runs: int | None = None) -> tuple[int, list[dict], int | None]:
+                     max_runs: int | None = None,
+                     user_limit: tuple[int, int] | None = None) -> tuple[int, list[dict], int | None]:
         """Claim the conversation for a new answer, in one transaction: add the user's message under
         `parent_id` (a send: the current branch's last message, "leaf"; an edit: the edited message's
         parent) and the answer (streaming) under it — or, with no user message (a regenerate), the answer
         under `parent_id`, beside the earlier ones — and its run; the new answer ends the current branch.
         Nothing is ever deleted. Returns the answer's id, the branch it answers (root first) and the leaf
         before it. Raises NoSuchConversation, ConversationBusy (a live run exists, on any worker or node)
-        or TooManyRuns (`client` already runs `max_runs` answers, anywhere), changing nothing."""
+        or TooManyRuns (`client` already runs `max_runs` answers, anywhere) or TooManyStreams (`user_limit`:
+        (account id, max_streams), and the account has that many streams open), changing nothing."""
         return self._call(_start_answer, conversation_id, owner, parent_id, user_content and storable(user_content),
-                          title and storable(title), model, trace_id, client, max_runs)
+                          title and storable(title), model, trace_id, client, max_runs, user_limit)
 
     def continue_answer(self, conversation_id: str, message_id: int, *, owner: str, trace_id: str | None = None,
-                        client: str | None = None, max_runs: int | None = None) -> list[dict] | None:
+                        client: str | None = None, max_runs: int | None = None,
+                        user_limit: tuple[int, int] | None = None) -> list[dict] | None:
         """Claim the conversation to continue an answer cut short (stopped, interrupted, an error after some
         text, or complete at max_tokens): the same message streams again, its branch made current. Returns
         the branch down to and including that answer (with the status and error it had ended with), or
         None when it cannot be continued. Raises as start_answer does."""
-        return self._call(_continue_answer, conversation_id, message_id, owner, trace_id, client, max_runs)
+        return self._call(_continue_answer, conversation_id, message_id, owner, trace_id, client, max_runs,
+                          user_limit)
 
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
@@ -326,8 +337,8 @@ class SQLStore:
                                      "WHERE user_id IS NOT NULL)) AS found", ())["found"])
 
     def remove_user(self, name: str) -> bool:
-        """Remove an account: its sessions and keys go with it, in the same transaction."""
-        return self._call(_count, "DELETE FROM users WHERE lower(name) = lower(?)", (name,)) > 0
+        """Remove an account: its sessions, keys, open streams and usage go with it, in the same transaction."""
+        return self._call(_remove_user, name)
 
     def set_password(self, name: str, password_hash: str) -> bool:
         """A new password; every session signed in with the old one ends."""
@@ -364,6 +375,37 @@ class SQLStore:
     def sign_in_succeeded(self, name: str, address: str) -> None:
         self._call(_count, "DELETE FROM sign_in_failures WHERE name = ? AND address = ?", (name.lower()[:64], address))
 
+    # -- usage and limits -------------------------------------------------------------------------------
+
+    def claim_stream(self, user_id: int, owner: str, limit: int, expires_at: float) -> str:
+        """Note a /v1 stream the account opens (its id, to release it), unless the account already has
+        `limit` streams open — /v1 streams and page answers, on any worker or node, while their owner
+        lives (a stream's row dies with its process, or at `expires_at` on another machine): then
+        TooManyStreams, noting nothing."""
+        return self._call(_claim_stream, user_id, owner, limit, expires_at)
+
+    def release_stream(self, stream_id: str) -> None:
+        self._call(_count, "DELETE FROM api_streams WHERE id = ?", (stream_id,))
+
+    def add_usage(self, rows: list[tuple]) -> None:
+        """Add to the usage counts: rows of (user_id, day, key_id, model, requests, prompt, completion)."""
+        self._call(_add_usage, rows)
+
+    def tokens_used(self, user_id: int, day: str) -> int:
+        """The account's prompt and completion tokens on `day` (YYYY-MM-DD, UTC), every key and model."""
+        return self._call(_one, "SELECT CAST(coalesce(sum(prompt_tokens + completion_tokens), 0) AS BIGINT) AS n "
+                                "FROM usage_days WHERE user_id = ? AND day = ?", (user_id, day))["n"]
+
+    def usage(self, user_id: int | None, since: str) -> list[dict]:
+        """Usage rows from `since` (a day) on, oldest first: one account's (0: everyone's without accounts),
+        or every account's with its name (None)."""
+        if user_id is None:
+            return self._call(_all, "SELECT users.name, usage_days.* FROM usage_days JOIN users ON users.id = "
+                                    "usage_days.user_id WHERE day >= ? ORDER BY day, lower(users.name), key_id, "
+                                    "model", (since,))
+        return self._call(_all, "SELECT * FROM usage_days WHERE user_id = ? AND day >= ? ORDER BY day, key_id, "
+                                "model", (user_id, since))
+
     def user_for_key(self, key_hash: str) -> dict | None:
         """The account a key belongs to, with the key's id as `key_id` (its last use noted at most once a
         minute); None: no such key (never made, revoked, or its account removed)."""
@@ -391,6 +433,59 @@ def _add_user(db: Db, name: str, password_hash: str, admin: bool) -> dict:
         if first_admin:
             db.execute("UPDATE conversations SET user_id = ? WHERE user_id IS NULL", (user["id"],))
     return user
+
+
+def _remove_user(db: Db, name: str) -> bool:
+    with db.transaction():
+        user = db.one("SELECT id FROM users WHERE lower(name) = lower(?)", (name,))
+        if user is None:
+            return False
+        db.execute("DELETE FROM usage_days WHERE user_id = ?", (user["id"],))
+        db.execute("DELETE FROM users WHERE id = ?", (user["id"],))
+    return True
+
+
+def _open_streams(db: Db, user_id: int, now: float) -> int:
+    """The streams the account has open now: its /v1 streams and its page answers, whose owners live (the
+    rest are forgotten here)."""
+    reap_dead_runs(db, None, now)
+    rows = db.all("SELECT id, owner, expires_at FROM api_streams WHERE user_id = ?", (user_id,))
+    dead = [row["id"] for row in rows if not leases.alive(row["owner"], row["expires_at"], now)]
+    for stream_id in dead:
+        db.execute("DELETE FROM api_streams WHERE id = ?", (stream_id,))
+    answers = db.one("SELECT count(*) AS n FROM runs JOIN conversations ON conversations.id = runs.conversation_id "
+                     "WHERE conversations.user_id = ?", (user_id,))["n"]
+    return len(rows) - len(dead) + answers
+
+
+def _check_streams(db: Db, user_limit: tuple[int, int] | None, now: float) -> None:
+    """TooManyStreams when the account is at its limit; its row locked until the transaction ends (two
+    workers or nodes claiming at once take turns)."""
+    if user_limit is None:
+        return
+    user_id, limit = user_limit
+    db.one("SELECT id FROM users WHERE id = ?" + db.dialect.lock_row, (user_id,))
+    running = _open_streams(db, user_id, now)
+    if running >= limit:
+        raise TooManyStreams(running, limit)
+
+
+def _claim_stream(db: Db, user_id: int, owner: str, limit: int, expires_at: float) -> str:
+    stream_id = secrets.token_hex(8)
+    with db.transaction():
+        _check_streams(db, (user_id, limit), time.time())
+        db.execute("INSERT INTO api_streams (id, user_id, owner, expires_at) VALUES (?, ?, ?, ?)",
+                   (stream_id, user_id, owner, expires_at))
+    return stream_id
+
+
+def _add_usage(db: Db, rows: list[tuple]) -> None:
+    with db.transaction():
+        db.executemany("INSERT INTO usage_days (user_id, day, key_id, model, requests, prompt_tokens, "
+                       "completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, day, key_id, model) "
+                       "DO UPDATE SET requests = usage_days.requests + excluded.requests, "
+                       "prompt_tokens = usage_days.prompt_tokens + excluded.prompt_tokens, "
+                       "completion_tokens = usage_days.completion_tokens + excluded.completion_tokens", rows)
 
 
 def _set_password(db: Db, name: str, password_hash: str) -> bool:
@@ -584,8 +679,10 @@ def _add_message(db: Db, conversation_id, role, content, status, model, trace_id
     return message_id
 
 
-def _claim(db: Db, conversation_id: str, now: float, client: str | None, max_runs: int | None) -> None:
-    """Lock the conversation for a new run: it exists, runs nothing, and the client is under its limit."""
+def _claim(db: Db, conversation_id: str, now: float, client: str | None, max_runs: int | None,
+           user_limit: tuple[int, int] | None = None) -> None:
+    """Lock the conversation for a new run: it exists, runs nothing, and the client and the account are
+    under their limits."""
     claimed = db.one("SELECT 1 AS found FROM conversations WHERE id = ?" + db.dialect.lock_row, (conversation_id,))
     if claimed is None:
         raise NoSuchConversation(conversation_id)
@@ -597,6 +694,7 @@ def _claim(db: Db, conversation_id: str, now: float, client: str | None, max_run
         running = db.one("SELECT count(*) AS running FROM runs WHERE client = ?", (client,))["running"]
         if running >= max_runs:
             raise TooManyRuns(running)
+    _check_streams(db, user_limit, now)
 
 
 def _branch_to(db: Db, conversation_id: str, message_id: int | None) -> list[dict]:
@@ -611,10 +709,10 @@ def _branch_to(db: Db, conversation_id: str, message_id: int | None) -> list[dic
 
 
 def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title, model, trace_id, client=None,
-                  max_runs=None):
+                  max_runs=None, user_limit=None):
     now = time.time()
     with db.transaction():
-        _claim(db, conversation_id, now, client, max_runs)
+        _claim(db, conversation_id, now, client, max_runs, user_limit)
         leaf = db.one("SELECT leaf_id FROM conversations WHERE id = ?", (conversation_id,))["leaf_id"]
         if parent_id == "leaf":
             parent_id = leaf
@@ -636,10 +734,11 @@ def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title
     return message_id, history, leaf
 
 
-def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, client=None, max_runs=None):
+def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, client=None, max_runs=None,
+                     user_limit=None):
     now = time.time()
     with db.transaction():
-        _claim(db, conversation_id, now, client, max_runs)
+        _claim(db, conversation_id, now, client, max_runs, user_limit)
         message = db.one("SELECT role, content, status, error, stats FROM messages WHERE id = ? AND "
                          "conversation_id = ?", (message_id, conversation_id))
         if message is None or message["role"] != "assistant" or not message["content"]:

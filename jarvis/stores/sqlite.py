@@ -143,6 +143,27 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX sign_in_failures_by_address ON sign_in_failures(address, at)",
     ),
+    (  # 9 -> 10: usage and limits — what each account used, by day (UTC), key ('': the page) and model
+        # (user 0: everyone, without accounts); and the /v1 streams each account has open now (a page's
+        # answers are its runs), counted against its max_streams while their owner lives
+        """CREATE TABLE usage_days (
+            user_id INTEGER NOT NULL,
+            day TEXT NOT NULL,
+            key_id TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL DEFAULT '',
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (user_id, day, key_id, model)
+        )""",
+        """CREATE TABLE api_streams (
+            id TEXT PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            owner TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX api_streams_by_user ON api_streams(user_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,5 +1,8 @@
 // @ts-check
-/** The signed-in person's personal API keys (accounts mode): listed, made (shown once) and revoked. */
+/**
+ * The signed-in person's account (accounts mode): their usage this month and limits, and their personal
+ * API keys — listed, made (shown once) and revoked.
+ */
 import * as api from "../api.js";
 import { $, button, report } from "./dom.js";
 
@@ -8,14 +11,34 @@ const list = $("keys-list");
 const label = /** @type {HTMLInputElement} */ ($("key-label"));
 const made = $("new-key");
 const failure = $("keys-error");
+const usageLine = $("account-usage");
 
 /** Opens the dialog with the account's keys as the server lists them. */
 export async function openKeys() {
   made.hidden = true;
   made.textContent = "";
   failure.hidden = true;
-  await showKeys();
+  await Promise.all([showKeys(), showUsage()]);
   keysDialog.showModal();
+}
+
+const number = new Intl.NumberFormat();
+
+/**
+ * Requests and tokens, as one line.
+ * @param {{requests: number, prompt_tokens: number, completion_tokens: number}} counts
+ */
+export function usageText(counts) {
+  return `${number.format(counts.requests)} request${counts.requests === 1 ? "" : "s"}, ` +
+    `${number.format(counts.prompt_tokens)} prompt + ${number.format(counts.completion_tokens)} completion tokens`;
+}
+
+async function showUsage() {
+  const used = await api.usage();
+  const limits = [];
+  if (used.limits.tokens_per_day != null) limits.push(`${number.format(used.limits.tokens_per_day)} tokens a day`);
+  if (used.limits.max_streams != null) limits.push(`${used.limits.max_streams} answers at once`);
+  usageLine.textContent = `This month: ${usageText(used.total)}.` + (limits.length ? ` Your limits: ${limits.join(", ")}.` : "");
 }
 
 async function showKeys() {

@@ -6,12 +6,14 @@
  *   message-view.js       one message on screen          message-list.js   the messages, by id
  *   answer-stream.js      start, attach, re-attach, Stop  conversation-list.js  the sidebar's list
  *   search.js             search as you type             settings.js       settings, import/export, doctor
- *   models.js             the model picker's first choice   keys.js   your API keys (accounts)
+ *   models.js             the model picker's first choice   keys.js   your account: usage, API keys
+ *   admin.js              everyone's accounts (admins)
  */
 import * as api from "../api.js";
 import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
 import { showConversations } from "./conversation-list.js";
 import { $, button, report } from "./dom.js";
+import { adminDialog, addUser, openAdmin, shown as shownAdminError } from "./admin.js";
 import { keysDialog, makeKey, openKeys, shown as shownKeyError } from "./keys.js";
 import { MessageList } from "./message-list.js";
 import { MessageView } from "./message-view.js";
@@ -389,7 +391,10 @@ async function signInIfNeeded() {
         signIn.hidden = true;
         $("app").hidden = false;
         keyInput.value = "";
-        if (session.accounts) showAccount({ name: nameInput.value.trim(), admin: false });
+        if (session.accounts) {
+          showAccount({ name: nameInput.value.trim(), admin: false });
+          api.sessionState().then((now) => showAccount(now.user), report); // (an admin: the Accounts button)
+        }
         resolve(undefined);
       }, (error) => {
         failure.textContent = error instanceof Error ? error.message : String(error);
@@ -400,13 +405,15 @@ async function signInIfNeeded() {
 }
 
 /**
- * Names the signed-in person in the sidebar, beside their keys (accounts mode only).
- * @param {{name: string} | null} user
+ * Names the signed-in person in the sidebar, beside their account (usage and keys) and, for an admin,
+ * everyone's accounts (accounts mode only).
+ * @param {{name: string, admin: boolean} | null} user
  */
 function showAccount(user) {
   $("account-name").textContent = user ? user.name : "";
   $("account-name").hidden = !user;
   $("keys-button").hidden = !user;
+  $("admin-button").hidden = !user?.admin;
 }
 
 /** Signs out on the server (the cookie stops working everywhere) and starts the page afresh. */
@@ -494,6 +501,12 @@ $("import-button").addEventListener("click", () => $("import-file").click());
 $("sign-out").addEventListener("click", () => signOut().catch(report));
 $("keys-button").addEventListener("click", () => openKeys().catch(report));
 $("keys-close").addEventListener("click", () => keysDialog.close());
+$("admin-button").addEventListener("click", () => openAdmin().catch(report));
+$("admin-close").addEventListener("click", () => adminDialog.close());
+$("admin-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  addUser().catch(shownAdminError);
+});
 $("keys-form").addEventListener("submit", (event) => {
   event.preventDefault();
   makeKey().catch(shownKeyError);
