@@ -69,6 +69,9 @@ class StreamObserver(Protocol):
     def ended(self, ending: Ending, error_message: str | None) -> None:
         """The stream has ended, as `ending` says; called once, after the end line."""
 
+    def tokens(self) -> tuple[int, int]:
+        """(prompt, completion) tokens the answer used, as its stats count them."""
+
 
 class Relay:
     """One chat completion on its way from a backend to a client."""
@@ -80,12 +83,12 @@ class Relay:
         self.request = request
         # What it used (jarvis.usage), counted to request.account by `meter` when it ends; `release`: gives
         # back the account's stream (max_streams) before the last bytes go out.
-        self.tally = Tally()
         self.meter = meter
         self.release = release
         # The Responses API streams named events, relayed whole, and ends without [DONE].
         self.whole_events = request.endpoint == "responses"
         self.done = b"" if self.whole_events else DONE_EVENT
+        self.tally = Tally(each_event=self.whole_events)
         self.max_streams = settings.max_streams
         self.clock = Clock(settings)
         self.client = ClientWatcher(environ, self._client_gone)
@@ -493,7 +496,7 @@ class Relay:
 
     def _count_usage(self) -> None:
         model = self.request.body.get("model")
-        prompt, completion = self.tally.tokens()
+        prompt, completion = self.observer.tokens() if self.observer is not None else self.tally.tokens()
         try:
             self.meter.add(self.request.account, model if isinstance(model, str) and model else self.upstream,
                            prompt, completion)

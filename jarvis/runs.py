@@ -268,6 +268,10 @@ class Run:
     def watched(self) -> bool:
         return bool(self.watchers)
 
+    def tokens(self) -> tuple[int, int]:
+        stats = self.answer.stats()
+        return stats["prompt_tokens"] or 0, stats["completion_tokens"] or 0
+
     def ended(self, ending: Ending, error_message: str | None) -> None:
         if self.flush_timer is not None:
             self.flush_timer.kill(block=False)

@@ -1,11 +1,15 @@
 """Usage: what each request used, counted per account, key, model and day (the limits read from it
 are jarvis.limits).
 
-Counting. Every relay keeps a `Tally` of its stream as its events pass (jarvis.relay): the upstream's
-own `usage` (or llama.cpp's `timings`) when it sends it, else one token per event with text, as the
-stats under a page's answer count (jarvis.answer). A chunk is parsed only when it carries such an
-object: a regular expression over its bytes decides, so an ordinary token costs two searches of a
-short string (bench/run.py measures the relay with it). A whole answer's body is read once.
+Counting. The upstream's own `usage` (or llama.cpp's `timings`) when it sends it, else one token per
+event with text, as the stats under a page's answer count. A page's answer parses every chunk anyway
+(jarvis.answer), and its counts are used as they are (the page always asks for usage). A /v1 stream is
+relayed without parsing, and a scan of every chunk for text cost 1–2.6 µs a chunk (against 6–12 µs
+for relaying it, bench/run.py), so its `Tally` only counts events and keeps the first and last few:
+a usage object comes at the end, and the events without text (the role chunk, the finish chunk, a
+usage chunk) at the edges. An event without text in the middle of a chat stream counts as a token
+(a tool call's argument chunk is one). A Responses stream, whose events without text are many and
+in the middle, is scanned event by event. A whole answer's body is read once.
 
 Recording. When a request ends, its relay adds it to its worker's `Meter`: prometheus's
 jarvis_tokens_total{direction} at once (no account label: bounded cardinality), and the account's
@@ -34,60 +38,95 @@ _RETRY_SECONDS = 5.0
 _MAX_REPORTED = 100_000_000  # an upstream's token count beyond this is not believed
 _MODEL_CHARS = 200
 
-# An event with text (a chat delta's content or reasoning, a completion's text, a Responses delta),
-# and one that carries a usage or timings object (not `"usage": null`, which OpenAI sends on every chunk).
-_TEXT = re.compile(rb'"(?:content|reasoning_content|reasoning|text|delta)":\s*"(?!")')
+# An event with text: a chat delta's content (found with bytes.find, the common case) or else its
+# reasoning, a completion's text, a Responses delta; and one that carries a usage or timings object
+# (not `"usage": null`, which OpenAI sends on every chunk once usage is asked for).
+_CONTENT = b'content":'
+_OTHER_TEXT = re.compile(rb'"(?:reasoning|text|delta)":\s*"(?!")')
+_DELTA = re.compile(rb'"delta":\s*"(?!")')  # a Responses event with text (its .done events repeat it whole)
 _REPORTED = re.compile(rb'"(?:usage|timings)":\s*\{')
 
 
 class Tally:
-    """What one request used, read from its events as they pass."""
+    """What one request used, from its events as they pass: counted, and the first and last few kept."""
 
-    __slots__ = ("chunks", "prompt", "completion")
+    __slots__ = ("events", "first", "previous", "last", "each", "texts", "body")
+    EDGE = 4  # events looked at, at each end
 
-    def __init__(self):
-        self.chunks = 0  # events with text
-        self.prompt: int | None = None  # as the upstream reported them
-        self.completion: int | None = None
+    def __init__(self, each_event: bool = False):
+        self.events = 0
+        self.first: list[bytes] | None = None
+        self.previous: list[bytes] = []
+        self.last: list[bytes] = []
+        self.each = each_event  # look at every event for text (a Responses stream)
+        self.texts = 0  # events with text, when looking at each
+        self.body: bytes | None = None  # a whole answer
 
     def feed(self, batch: list[bytes]) -> None:
-        for payload in batch:
-            if _TEXT.search(payload):
-                self.chunks += 1
-            if _REPORTED.search(payload):
-                self._read(payload)
+        self.events += len(batch)
+        if self.first is None:
+            self.first = batch
+        self.previous, self.last = self.last, batch
+        if self.each:
+            self.texts += sum(1 for payload in batch if _DELTA.search(payload))
 
     def whole(self, body: bytes) -> None:
         """A whole (non-streamed) answer's body."""
-        if _REPORTED.search(body):
-            self._read(body)
-
-    def _read(self, payload: bytes) -> None:
-        if payload.startswith(b"event:") or b"\ndata:" in payload:  # a Responses event, relayed whole
-            payload = payload.partition(b"data:")[2]
-        try:
-            data = json.loads(payload)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(data, dict):
-            return
-        usage = data.get("usage")
-        if not isinstance(usage, dict) and isinstance(data.get("response"), dict):
-            usage = data["response"].get("usage")  # response.completed
-        if isinstance(usage, dict):
-            prompt = _count(usage, "prompt_tokens", "input_tokens")
-            completion = _count(usage, "completion_tokens", "output_tokens")
-        elif isinstance(data.get("timings"), dict):
-            prompt = _count(data["timings"], "prompt_n")
-            completion = _count(data["timings"], "predicted_n")
-        else:
-            return
-        self.prompt = prompt if prompt is not None else self.prompt
-        self.completion = completion if completion is not None else self.completion
+        self.body = body
 
     def tokens(self) -> tuple[int, int]:
-        """(prompt, completion): as reported, else the events with text (and no prompt count)."""
-        return (self.prompt or 0), (self.completion if self.completion is not None else self.chunks)
+        """(prompt, completion): as the upstream reported them, else the events with text (no prompt count)."""
+        if self.body is not None:
+            reported = _reported(self.body) if _REPORTED.search(self.body) else None
+            return reported if reported is not None else (0, 0)
+        tail = (self.previous + self.last)[-self.EDGE:]
+        prompt = completion = None
+        for payload in tail:
+            if (b'"usage"' in payload or b'"timings"' in payload) and _REPORTED.search(payload):
+                found = _reported(payload)
+                if found is not None:
+                    prompt, completion = found
+        if completion is not None:
+            return prompt or 0, completion
+        if self.each:
+            return prompt or 0, self.texts
+        edges = {id(payload): payload for payload in [*(self.first or [])[:self.EDGE], *tail]}
+        without_text = sum(1 for payload in edges.values() if not _has_text(payload))
+        return prompt or 0, max(0, self.events - without_text)
+
+
+def _reported(payload: bytes) -> tuple[int | None, int | None] | None:
+    """(prompt, completion) from an event's or a body's usage or timings object; None: none in it."""
+    if payload.startswith(b"event:") or b"\ndata:" in payload:  # a Responses event, relayed whole
+        payload = payload.partition(b"data:")[2]
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict) and isinstance(data.get("response"), dict):
+        usage = data["response"].get("usage")  # response.completed
+    if isinstance(usage, dict):
+        return _count(usage, "prompt_tokens", "input_tokens"), _count(usage, "completion_tokens", "output_tokens")
+    if isinstance(data.get("timings"), dict):
+        return _count(data["timings"], "prompt_n"), _count(data["timings"], "predicted_n")
+    return None
+
+
+def _has_text(payload: bytes) -> bool:
+    """Whether an event carries text: `"content": "` followed by anything but its closing quote, else
+    one of the rarer fields."""
+    at = payload.find(_CONTENT)
+    while at != -1:
+        at += 9
+        if payload[at:at + 1] == b" ":
+            at += 1
+        if payload[at:at + 1] == b'"' and payload[at + 1:at + 2] != b'"':
+            return True
+        at = payload.find(_CONTENT, at)
+    return _OTHER_TEXT.search(payload) is not None
 
 
 def _count(source: dict, *names: str) -> int | None:

@@ -45,9 +45,18 @@ def test_the_tally_takes_the_upstreams_usage_when_it_sends_one_and_counts_events
     llama.feed(payloads(content_chunk("a"), {**content_chunk(None, finish_reason="stop"),
                                               "timings": {"prompt_n": 12, "predicted_n": 40}}))
     assert llama.tokens() == (12, 40)
-    responses = Tally()  # the Responses API, relayed as whole events
-    responses.feed([b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}',
-                    b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+    long = Tally()  # OpenAI's chunks once usage is asked for, when it never comes: every one says null
+    long.feed(payloads({**content_chunk(None, role=True), "usage": None}))
+    for number in range(50):
+        long.feed(payloads({**content_chunk(f"t{number}"), "usage": None}))
+    long.feed(payloads({**content_chunk(None, finish_reason="stop"), "usage": None}))
+    assert long.tokens() == (0, 50)
+    responses = Tally(each_event=True)  # the Responses API, relayed as whole events, looked at one by one
+    responses.feed([b'event: response.created\ndata: {"type":"response.created"}',
+                    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"x"}',
+                    b'event: response.output_text.done\ndata: {"type":"response.output_text.done","text":"x"}'])
+    assert responses.tokens() == (0, 1)
+    responses.feed([b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
                     b'{"input_tokens":5,"output_tokens":9}}}'])
     assert responses.tokens() == (5, 9)
     whole = Tally()
