@@ -4,7 +4,13 @@ One gunicorn (one gevent worker) in front of the fake upstream, on SQLite. Measu
 one request at a time on a kept-alive connection:
 
 - sign-in with the right password, a wrong one, and an unknown name (the same work: a dummy hash);
-- `GET /v1/models` with no accounts (baseline), with a personal key, and with a session cookie.
+- `GET /v1/models` with no accounts (baseline), with a personal key, and with a session cookie;
+- a streamed chat completion (3 tokens, read to [DONE]) with no accounts (its baseline), with a key, and
+  with a key whose account has limits (tokens a day: the day's count read from the store; streams at
+  once: a row claimed and given back in the store).
+
+Each sign-in comes from its own address (X-Forwarded-For, which Jarvis reads from a proxy on loopback):
+from one address, the 11th wrong password in 10 minutes is answered 429 without any hashing.
 
     python bench/accounts.py [--runs 50]
 """
@@ -44,7 +50,7 @@ def timed(call, runs: int) -> list[float]:
 def row(name: str, times: list[float], baseline: float | None = None) -> str:
     median = statistics.median(times)
     added = f"{median - baseline:+8.2f}" if baseline is not None else "       -"
-    return f"| {name:<38} | {median:8.2f} | {max(times):8.2f} | {added} |"
+    return f"| {name:<40} | {median:8.2f} | {max(times):8.2f} | {added} |"
 
 
 def main() -> int:
@@ -68,6 +74,17 @@ def main() -> int:
         open_times = timed(lambda: http.get(url + "/v1/models", timeout=10), arguments.runs)
         baseline = statistics.median(open_times)
         rows.append(row("GET /v1/models, no accounts (baseline)", open_times))
+        chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        upstream.scenario.tokens = 3
+
+        def streamed(headers=None):
+            response = http.post(url + "/v1/chat/completions", json=chat, headers=headers or {}, timeout=10)
+            assert response.status_code == 200 and response.content.rstrip().endswith(b"[DONE]"), response.text
+            return response
+
+        streamed_times = timed(streamed, arguments.runs)
+        stream_baseline = statistics.median(streamed_times)
+        rows.append(row("chat stream, no accounts (its baseline)", streamed_times))
 
         def users(*command, password=None):
             return subprocess.run([sys.executable, "-m", "jarvis.users", *command], cwd=ROOT, env=env, check=True,
@@ -81,6 +98,11 @@ def main() -> int:
         keyed = timed(lambda: http.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10),
                       arguments.runs)
         rows.append(row("GET /v1/models with a personal key", keyed, baseline))
+        rows.append(row("chat stream with a personal key", timed(lambda: streamed({"x-api-key": key}),
+                                                                   arguments.runs), stream_baseline))
+        users("limit", "alice", "--tokens-per-day", str(10**9), "--max-streams", "4")
+        rows.append(row("chat stream, key, account with limits", timed(lambda: streamed({"x-api-key": key}),
+                                                                         arguments.runs), stream_baseline))
         signed = requests.Session()
         assert signed.post(url + "/api/session", json={"username": "alice", "password": PASSWORD}).status_code == 204
         rows.append(row("GET /v1/models with a session cookie", timed(lambda: signed.get(url + "/v1/models"),
@@ -88,10 +110,12 @@ def main() -> int:
         for name, body in (("sign-in, right password", {"username": "alice", "password": PASSWORD}),
                            ("sign-in, wrong password", {"username": "alice", "password": "not the password"}),
                            ("sign-in, unknown name", {"username": "nobody", "password": "not the password"})):
-            rows.append(row(name, timed(lambda body=body: requests.post(url + "/api/session", json=body, timeout=10),
-                                        arguments.runs), baseline))
+            addresses = iter(f"198.51.100.{number % 250 + 1}" for number in range(arguments.runs))
+            rows.append(row(name, timed(lambda body=body: requests.post(
+                url + "/api/session", json=body, headers={"X-Forwarded-For": next(addresses)}, timeout=10),
+                arguments.runs), baseline))
         print(f"Accounts: one worker, SQLite, {arguments.runs} requests each, one at a time (ms)\n")
-        print("| request                                |   median |    worst | added vs baseline |")
+        print("| request                                  |   median |    worst | added vs baseline |")
         print("|---|---:|---:|---:|")
         print("\n".join(rows))
         return 0

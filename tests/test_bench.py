@@ -94,7 +94,8 @@ def test_accounts_benchmark_smoke():  # no timing asserted
     result = subprocess.run([sys.executable, "bench/accounts.py", "--runs", "2"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    for row in ("no accounts (baseline)", "with a personal key", "with a session cookie", "sign-in, unknown name"):
+    for row in ("no accounts (baseline)", "with a personal key", "with a session cookie", "sign-in, unknown name",
+                "account with limits"):
         assert row in result.stdout, result.stdout
 
 
