@@ -111,7 +111,7 @@ def main() -> int:
                            ("sign-in, wrong password", {"username": "alice", "password": "not the password"}),
                            ("sign-in, unknown name", {"username": "nobody", "password": "not the password"})):
             addresses = iter(f"198.51.100.{number % 250 + 1}" for number in range(arguments.runs))
-            rows.append(row(name, timed(lambda body=body: requests.post(
+            rows.append(row(name, timed(lambda body=body, addresses=addresses: requests.post(
                 url + "/api/session", json=body, headers={"X-Forwarded-For": next(addresses)}, timeout=10),
                 arguments.runs), baseline))
         print(f"Accounts: one worker, SQLite, {arguments.runs} requests each, one at a time (ms)\n")

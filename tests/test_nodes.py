@@ -291,7 +291,9 @@ def test_three_hundred_page_answers_on_postgresql_never_block_the_hub(nodes, ups
     took = time.monotonic() - started
     assert not failures and not any(thread.is_alive() for thread in threads)
     log = node.log()
-    reports = log.count("appears to be blocked")
-    print(f"300 page answers on PostgreSQL in {took:.1f} s: {reports} blocked-hub reports over 20 ms")
-    assert reports == 0, log[log.index("appears to be blocked") - 2000:][:6000]
+    # A worker building the app (gunicorn's load_wsgi, before it accepts any connection) may take over
+    # 20 ms on a slow machine (Werkzeug compiling the routes): nobody waits on that hub yet.
+    reports = [report for report in log.split("appears to be blocked")[1:] if "in load_wsgi" not in report]
+    print(f"300 page answers on PostgreSQL in {took:.1f} s: {len(reports)} blocked-hub reports over 20 ms")
+    assert reports == [], reports[0][:6000]
     node.assert_log_clean()
