@@ -37,10 +37,11 @@ class Refused(Exception):
     """What the operator asked for cannot be done; the message says why."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """The command; `environ`: the settings' environment (by default this process's)."""
     arguments = _parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(environ)
         store = open_store(settings)
     except (SettingsError, StoreError, StoreUnavailable) as error:
         print(f"jarvis.users: {error}", file=sys.stderr)

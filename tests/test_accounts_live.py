@@ -3,13 +3,17 @@ every worker at once, and in Chromium one person's conversations nowhere in anot
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import requests
 
+import jarvis.users
 from tests.browser import ASSISTANT, PageProblems, send, wait_status
 from tests.clients import content_of
 from tests.fake_upstream import Scenario
@@ -18,22 +22,35 @@ from tests.live import ROOT, LiveServer, sse_events, wait_until
 pytestmark = [pytest.mark.live]
 
 
-def users(server, *arguments: str, password: str | None = None) -> subprocess.CompletedProcess:
+def users_command(server, *arguments: str, password: str | None = None) -> subprocess.CompletedProcess:
     """python -m jarvis.users with the server's own settings, as an operator runs it beside the server."""
     return subprocess.run([sys.executable, "-m", "jarvis.users", *arguments], cwd=ROOT, env=server.env,
                           input=None if password is None else password + "\n", capture_output=True, text=True,
                           timeout=60)
 
 
+def users(server, *arguments: str, password: str | None = None) -> subprocess.CompletedProcess:
+    """The same command's code with the server's settings, run in this process: a Python start costs 1–2 s
+    of CPU on these machines, and the tests call it often (the first test runs it as the operator does)."""
+    out, err = io.StringIO(), io.StringIO()
+    stdin = io.StringIO("" if password is None else password + "\n")
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), mock.patch.object(sys, "stdin", stdin):
+        try:
+            code = jarvis.users.main(list(arguments), environ=server.env)
+        except SystemExit as exit_:  # argparse refusing the command line
+            code = exit_.code
+    return subprocess.CompletedProcess(arguments, code, out.getvalue(), err.getvalue())
+
+
 def test_the_first_account_turns_accounts_on_and_a_revoked_key_fails_on_every_worker(start_jarvis, upstream):
     server = start_jarvis(args=["-w", "2"])
     assert requests.get(server.url + "/api/conversations", timeout=5).status_code == 200  # no accounts: open
-    added = users(server, "add", "alice", password="alice's password")
+    added = users_command(server, "add", "alice", password="alice's password")  # as the operator runs it
     assert added.returncode == 0, added.stderr
     # No restart: each worker asks once a second. Each request on a new connection, so both workers answer.
     wait_until(lambda: {requests.get(server.url + "/api/conversations", timeout=5).status_code
                         for _ in range(8)} == {401}, 5, lambda: "accounts mode never started on both workers")
-    made = users(server, "key", "alice", "--label", "laptop")
+    made = users_command(server, "key", "alice", "--label", "laptop")
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
     key_id = users(server, "keys", "alice").stdout.split()[0]
