@@ -41,6 +41,10 @@ preload_app = False  # the gevent worker must patch before the app is imported
 timeout = 30  # fires only when the hub is blocked: streams themselves never time out here
 graceful_timeout = 30  # open streams end with server_shutdown a few seconds before this
 keepalive = 15  # above the 5 s that httpx-based clients (openai SDK) reuse idle connections for
+# Each worker's heartbeat is an os.utime of a temp file, every second, on the hub: on a disk-backed /tmp it
+# blocked a worker for over 20 ms while PostgreSQL wrote its WAL to the same disk (gevent's monitor showed
+# the stack). Where /dev/shm exists it stays in memory.
+worker_tmp_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 # gunicorn's control socket lives at one path per user: two Jarvis instances would fight over it.
 control_socket_disable = True

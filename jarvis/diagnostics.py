@@ -18,10 +18,10 @@ import faulthandler
 import os
 import signal
 import sys
-import threading
 import time
 
 import gevent.util
+from gevent import monkey
 
 REPORT_EVERY_SECONDS = 10.0
 
@@ -72,7 +72,9 @@ def rate_limit_blocking_reports() -> None:
     if getattr(monitor_class, "_jarvis_rate_limited", False):
         return
     show = monitor_class._show_blocking_report
-    lock = threading.Lock()
+    # The OS's own lock: the monitor is a native thread, and waiting on gevent's patched Lock there would
+    # give that thread a hub of its own, which gevent then monitors too.
+    lock = monkey.get_original("_thread", "allocate_lock")()
     last, left_out = [float("-inf")], [0]
 
     def show_rate_limited(self, hub, report, active_greenlet):
