@@ -25,6 +25,7 @@ import pytest
 
 from jarvis import create_app, state
 from jarvis.settings import Settings
+from tests import live
 from tests.browser import browser, context  # noqa: F401 (fixtures for the browser tests)
 from tests.fake_backend import FakeBackend
 from tests.fake_upstream import FakeUpstream
@@ -115,7 +116,7 @@ def _tree_cpu() -> float:
     me = psutil.Process()
     times = me.cpu_times()
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = times.user + times.system + reaped.ru_utime + reaped.ru_stime
+    total = times.user + times.system + reaped.ru_utime + reaped.ru_stime + live.KILLED_CPU[0]
     for process in me.children(recursive=True):
         try:
             child = process.cpu_times()

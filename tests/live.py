@@ -29,6 +29,9 @@ def wait_until(predicate, timeout: float, describe, interval: float = 0.02):
         time.sleep(interval)
 
 
+
+KILLED_CPU = [0.0]  # CPU seconds of the workers LiveServer.stop() killed (see there)
+
 class LiveServer:
     """One gunicorn master (gevent workers) serving app:app; its error log is a file the test can read."""
 
@@ -156,9 +159,13 @@ class LiveServer:
             workers = []
         for process in workers:
             try:
+                times = process.cpu_times()
                 process.kill()
             except psutil.NoSuchProcess:
-                pass
+                continue
+            # Killed with their master, the workers are reaped by init: their CPU is counted here instead
+            # (tests/conftest.py's CPU per test).
+            KILLED_CPU[0] += times.user + times.system + times.children_user + times.children_system
         self.process.kill()
         return self.process.wait()
 
