@@ -134,12 +134,16 @@ def set_limits(app, name: str, tokens_per_day=None, max_streams=None) -> None:
         assert state.store().set_limits(name, tokens_per_day, max_streams)
 
 
-def test_over_its_tokens_of_the_day_an_account_gets_429_on_v1_and_in_the_page_and_others_do_not(app, backend):
+def alice_limited_and_bob(app, **limits) -> tuple[str, str]:
+    """alice held to `limits`, bob to none; a key of each."""
     add_user(app, "alice")
     add_user(app, "bob")
-    set_limits(app, "alice", tokens_per_day=40)
-    _, key = add_key(app, "alice")
-    _, bobs = add_key(app, "bob")
+    set_limits(app, "alice", **limits)
+    return add_key(app, "alice")[1], add_key(app, "bob")[1]
+
+
+def test_over_its_tokens_of_the_day_an_account_gets_429_on_v1_and_in_the_page_and_others_do_not(app, backend):
+    key, bobs = alice_limited_and_bob(app, tokens_per_day=40)
     client = app.test_client()
     backend.enqueue(["x ", USAGE_CHUNK])  # 48 tokens: over 40, which the next request sees
     first = client.post("/v1/chat/completions", json=HELLO, headers={"x-api-key": key})
@@ -159,11 +163,7 @@ def test_over_its_tokens_of_the_day_an_account_gets_429_on_v1_and_in_the_page_an
 
 
 def test_at_its_stream_limit_an_account_gets_429_on_v1_and_in_the_page_until_one_ends(app, backend):
-    add_user(app, "alice")
-    add_user(app, "bob")
-    set_limits(app, "alice", max_streams=1)
-    _, key = add_key(app, "alice")
-    _, bobs = add_key(app, "bob")
+    key, bobs = alice_limited_and_bob(app, max_streams=1)
     alice = signed_in(app, "alice")
     conversation_id = alice.post("/api/conversations", json={}).json["id"]
     backend.enqueue(["thinking hard ", STALL])
