@@ -84,8 +84,9 @@ class Tally:
         for payload in tail:
             if (b'"usage"' in payload or b'"timings"' in payload) and _REPORTED.search(payload):
                 found = _reported(payload)
-                if found is not None:
-                    prompt, completion = found
+                if found is not None:  # (a later report fills in what an earlier one lacked)
+                    prompt = found[0] if found[0] is not None else prompt
+                    completion = found[1] if found[1] is not None else completion
         if completion is not None:
             return prompt or 0, completion
         if self.each:

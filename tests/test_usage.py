@@ -45,6 +45,8 @@ def test_the_tally_takes_the_upstreams_usage_when_it_sends_one_and_counts_events
     llama.feed(payloads(content_chunk("a"), {**content_chunk(None, finish_reason="stop"),
                                               "timings": {"prompt_n": 12, "predicted_n": 40}}))
     assert llama.tokens() == (12, 40)
+    llama.feed(payloads({"choices": [], "timings": {"prompt_n": 12}}))  # a later report lacking a count
+    assert llama.tokens() == (12, 40)
     long = Tally()  # OpenAI's chunks once usage is asked for, when it never comes: every one says null
     long.feed(payloads({**content_chunk(None, role=True), "usage": None}))
     for number in range(50):
