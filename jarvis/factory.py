@@ -23,7 +23,9 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app = Flask(__name__, template_folder="../templates", static_folder="../static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     store = store or open_store(settings)
-    state.install(app, settings, backend or create_backend(settings), store)
+    from jarvis.mcp_client import ToolServers
+
+    state.install(app, settings, backend or create_backend(settings), store, ToolServers(settings.tool_servers))
 
     errors.init_app(app)
     lifecycle.track_connections(app)
@@ -32,11 +34,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.after_request(_return_trace)
     app.after_request(inputs.close_if_body_unread)
 
-    from jarvis import accounts, admin, api, conversations, debug, health, limits, metrics, page
+    from jarvis import accounts, admin, api, conversations, debug, health, limits, mcp_client, metrics, page
 
     app.register_blueprint(accounts.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(limits.bp)
+    app.register_blueprint(mcp_client.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(debug.bp)

@@ -23,7 +23,9 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
+from jarvis import tools_config
 from jarvis import upstreams as upstreams_module
+from jarvis.tools_config import ToolServer
 from jarvis.upstreams import UpstreamConfig
 
 LOCAL_MODEL_ID = "smollm2-135m-instruct"
@@ -186,6 +188,9 @@ class Settings:
         "JARVIS_UPSTREAM_API_KEY", None, text, "Sent as `Authorization: Bearer` to that upstream only. Never logged.",
         secret=True)
     model: str | None = setting("JARVIS_MODEL", None, text, "Model used when a request names none.")
+    tools_file: str | None = setting(
+        "JARVIS_TOOLS_FILE", None, path,
+        "A TOML file naming MCP tool servers (stdio or Streamable HTTP): see Tools below. Unset: no tools.")
     heartbeat_seconds: float = setting(
         "JARVIS_HEARTBEAT_SECONDS", 5.0, seconds, "A `: ping` comment after this long without output.")
     stream_inactivity_seconds: float = setting(
@@ -309,6 +314,8 @@ class Settings:
                            "gunicorn worker processes; `-w` on the command line wins.")
     # Derived in resolved(), not a variable: every upstream, from the file, the one URL, or the embedded model.
     upstreams: tuple[UpstreamConfig, ...] = ()
+    # Derived in resolved(): the MCP servers of JARVIS_TOOLS_FILE (none without it).
+    tool_servers: tuple[ToolServer, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -330,6 +337,11 @@ class Settings:
                 raise SettingsError("set JARVIS_API_KEY or JARVIS_API_KEY_FILE, not both")
             changes["api_key"] = _key_from_file(self.api_key_file)
         changes["upstreams"] = self._upstreams(os.environ if environ is None else environ)
+        if self.tools_file is not None:
+            try:
+                changes["tool_servers"] = tools_config.load(self.tools_file, os.environ if environ is None else environ)
+            except tools_config.ToolsError as error:
+                raise SettingsError(str(error)) from None
         if any(upstream.embedded for upstream in changes["upstreams"]):
             changes["local_model"] = resolve_local_model(self.local_model)
         return dataclasses.replace(self, **changes)

@@ -12,22 +12,23 @@ from flask import Flask, current_app
 
 if TYPE_CHECKING:
     from jarvis.backends import Backend
+    from jarvis.mcp_client import ToolServers
     from jarvis.runs import Runs
     from jarvis.settings import Settings
     from jarvis.stores import ConversationStore
     from jarvis.usage import Meter
 
-_SETTINGS, _BACKEND, _STORE, _RUNS, _METER = ("jarvis.settings", "jarvis.backend", "jarvis.store", "jarvis.runs",
-                                              "jarvis.meter")
+_SETTINGS, _BACKEND, _STORE, _RUNS, _METER, _TOOLS = ("jarvis.settings", "jarvis.backend", "jarvis.store",
+                                                      "jarvis.runs", "jarvis.meter", "jarvis.tools")
 
 
-def install(app: Flask, settings: Settings, backend: Backend, store: ConversationStore) -> None:
+def install(app: Flask, settings: Settings, backend: Backend, store: ConversationStore, tools: ToolServers) -> None:
     from jarvis.runs import Runs
     from jarvis.usage import Meter
 
     meter = Meter(store)
     app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store, _METER: meter,
-                           _RUNS: Runs(store, backend, settings, meter)})
+                           _RUNS: Runs(store, backend, settings, meter), _TOOLS: tools})
 
 
 def settings() -> Settings:
@@ -48,3 +49,7 @@ def runs() -> Runs:
 
 def meter() -> Meter:
     return current_app.extensions[_METER]
+
+
+def tool_servers() -> ToolServers:
+    return current_app.extensions[_TOOLS]

@@ -1,0 +1,308 @@
+"""MCP tool servers as this worker reaches them: the official `mcp` SDK on one native thread with its own
+asyncio loop, handed work from the gevent hub and waited for without ever blocking it.
+
+The SDK is asyncio; the worker is gevent, monkey-patched. Measured: the SDK's own `stdio_client` fails
+on a native thread of a patched process (`TypeError: child watchers are only available on the default
+loop`: asyncio's subprocess goes through gevent's patched spawn, which registers a libev child watcher
+from that thread). So the stdio transport here is Jarvis's own, about forty lines: the server is
+spawned with the original `os.posix_spawnp`, its pipes are read and written by asyncio on a
+`SelectorEventLoop` over the original epoll selector, each line parsed as the SDK's does, the child
+reaped with the original `waitpid`; the SDK's `ClientSession` runs on top. Against mcp-server-time,
+with both cores loaded: 13.2 ms a call, and a greenlet ticking every 5 ms on the hub never waited over
+16.3 ms. A server started here gets EOF on its stdin when the worker dies, even by `kill -9`.
+
+The hub hands a coroutine to the loop (`asyncio.run_coroutine_threadsafe`) and waits on a gevent Event
+that a libev async watcher sets when the future is done, as the embedded model hands back its tokens.
+A greenlet killed while it waits (a Stop) cancels the call: the SDK then sends the server
+`notifications/cancelled`.
+
+Servers are started lazily, at the first request that needs their tools, and again after they died.
+Streamable HTTP servers are configured (jarvis.tools_config) but not reached yet: they show as
+unavailable, saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from contextlib import asynccontextmanager
+
+import anyio
+import gevent
+import gevent.event
+from flask import Blueprint, jsonify
+from gevent import monkey
+from gevent.threadpool import ThreadPool
+
+from jarvis import state
+from jarvis.tools_config import ToolServer
+
+log = logging.getLogger(__name__)
+
+_START_SECONDS = 30.0  # a server that has not listed its tools by then is unavailable
+_LINE_BYTES = 16 * 1024 * 1024  # one JSON-RPC message from a server, at most
+
+
+class ToolError(RuntimeError):
+    """A tool could not be called: its server is unavailable, or the call failed or timed out."""
+
+
+class ToolServers:
+    """The configured servers, reached from this worker."""
+
+    def __init__(self, servers: tuple[ToolServer, ...]):
+        self.servers = {server.name: _Server(server) for server in servers}
+        if servers:
+            # Imported here, on the hub, when the app is built: imported on the loop's thread at the first
+            # start, the SDK's modules (pydantic models) paused the hub for 59 ms; imported first, the
+            # longest pause while a server started and was called was 11 ms (a 5 ms ticker's view).
+            import mcp.client.session  # noqa: F401
+            import mcp.client.stdio  # noqa: F401
+            import mcp.shared.message  # noqa: F401
+            import mcp.types  # noqa: F401
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool: ThreadPool | None = None
+
+    def _start_loop(self) -> asyncio.AbstractEventLoop:
+        if self.loop is None:
+            epoll_selector, = monkey.get_original("selectors", ["EpollSelector"])
+            self.loop = asyncio.SelectorEventLoop(epoll_selector())
+            self.pool = ThreadPool(1)
+            self.pool.spawn(self.loop.run_forever)
+        return self.loop
+
+    def run(self, coroutine, timeout: float):
+        """Run `coroutine` on the loop's thread; its result here, the hub serving meanwhile. TimeoutError
+        after `timeout` seconds; the coroutine is cancelled when that happens or when this greenlet is killed."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._start_loop())
+        done = gevent.event.Event()
+        watcher = gevent.get_hub().loop.async_()
+        watcher.start(done.set)
+        future.add_done_callback(lambda _: watcher.send())
+        try:
+            if not done.wait(timeout):
+                raise TimeoutError
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            watcher.stop()
+            watcher.close()
+
+    def status(self, timeout: float = _START_SECONDS) -> list[dict]:
+        """Each server, started if it is not (all at once): {name, transport, enabled, available, error,
+        tools: [{name, description, parameters}]}."""
+        async def ready_all():
+            await asyncio.gather(*(server.ready() for server in self.servers.values()))
+
+        if self.servers:
+            try:
+                self.run(ready_all(), timeout + 1)
+            except TimeoutError:
+                pass
+        return [server.describe() for server in self.servers.values()]
+
+    def call(self, server_name: str, tool: str, arguments: dict, timeout: float | None = None) -> dict:
+        """Call a tool: {"text": its content as text, "is_error": bool}. ToolError when it cannot be called."""
+        server = self.servers.get(server_name)
+        if server is None:
+            raise ToolError(f"No tool server named {server_name!r}")
+        limit = server.config.timeout_seconds if timeout is None else timeout
+        try:
+            return self.run(server.call(tool, arguments), limit)
+        except TimeoutError:
+            raise ToolError(f"The tool {tool!r} did not answer within {limit:g} s") from None
+
+    def close(self) -> None:
+        """Stop every server and the loop's thread (an app thrown away, as in tests)."""
+        if self.loop is None:
+            return
+        try:
+            self.run(_stop_all(list(self.servers.values())), 10)
+        except Exception:
+            log.warning("stopping the tool servers failed", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.pool.join()
+        self.pool.kill()
+        self.loop.close()
+        self.loop = None
+
+
+async def _stop_all(servers: list[_Server]) -> None:
+    await asyncio.gather(*(server.stop() for server in servers), return_exceptions=True)
+
+
+class _Server:
+    """One server, on the loop's thread: its session while it runs, what it lists, why it is unavailable."""
+
+    def __init__(self, config: ToolServer):
+        self.config = config
+        self.session = None
+        self.tools: list = []
+        self.error: str | None = None
+        self.task: asyncio.Task | None = None
+        self.stopping: asyncio.Event | None = None
+        self.connected: asyncio.Event | None = None
+
+    def describe(self) -> dict:
+        return {"name": self.config.name, "transport": self.config.transport, "enabled": self.config.enabled,
+                "available": self.session is not None, "error": None if self.session is not None else self.error,
+                "tools": [{"name": tool.name, "description": tool.description or "",
+                           "parameters": tool.input_schema} for tool in self.tools] if self.session else []}
+
+    async def ready(self) -> None:
+        """Started and listing its tools, or unavailable with a reason."""
+        if self.task is None or self.task.done():
+            if self.config.transport != "stdio":
+                self.error = "Streamable HTTP tool servers are not supported yet"
+                return
+            self.connected, self.stopping = asyncio.Event(), asyncio.Event()
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await asyncio.wait_for(self.connected.wait(), _START_SECONDS)
+        except TimeoutError:
+            self.error = f"did not list its tools within {_START_SECONDS:g} s"
+
+    async def _run(self) -> None:
+        from mcp import ClientSession
+
+        try:
+            async with _stdio(self.config) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                listed = (await session.list_tools()).tools
+                allowed = self.config.tools
+                self.tools = [tool for tool in listed if allowed is None or tool.name in allowed]
+                self.session, self.error = session, None
+                log.info("tool server %s: %d tools", self.config.name, len(self.tools))
+                self.connected.set()
+                await self.stopping.wait()
+        except Exception as error:  # a server that cannot start, or that died: unavailable, saying why
+            self.error = _reason(error)
+            log.warning("tool server %s is unavailable: %s", self.config.name, self.error)
+        finally:
+            self.session = None
+            self.connected.set()
+
+    async def call(self, tool: str, arguments: dict) -> dict:
+        await self.ready()
+        if self.session is None:
+            raise ToolError(f"The tool server {self.config.name!r} is unavailable: {self.error}")
+        if not any(known.name == tool for known in self.tools):
+            raise ToolError(f"The tool server {self.config.name!r} has no tool {tool!r}")
+        try:
+            result = await self.session.call_tool(tool, arguments)
+        except Exception as error:
+            if self.stopping is not None:
+                self.stopping.set()  # (a server whose connection failed is started again next time)
+            raise ToolError(f"The tool {tool!r} failed: {_reason(error)}") from None
+        text = "\n".join(block.text if getattr(block, "type", None) == "text" else f"[{block.type} content]"
+                         for block in result.content)
+        return {"text": text, "is_error": bool(result.is_error)}
+
+    async def stop(self) -> None:
+        if self.stopping is not None:
+            self.stopping.set()
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=5)
+
+
+def _reason(error: BaseException) -> str:
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+@asynccontextmanager
+async def _stdio(config: ToolServer):
+    """The SDK's stdio transport, without gevent's patched spawn: (read stream, write stream) of the
+    server's JSON-RPC messages, one per line."""
+    from mcp import types
+    from mcp.client.stdio import get_default_environment
+    from mcp.shared.message import SessionMessage
+
+    spawn, = monkey.get_original("os", ["posix_spawnp"])
+    waitpid, = monkey.get_original("os", ["waitpid"])
+    argv = list(config.command)
+    if config.cwd:
+        argv = ["env", "-C", os.path.expanduser(config.cwd), "--", *argv]
+    child_in, to_child = os.pipe()
+    from_child, child_out = os.pipe()
+    try:
+        pid = spawn(argv[0], argv, {**get_default_environment(), **config.env}, file_actions=[
+            (os.POSIX_SPAWN_DUP2, child_in, 0), (os.POSIX_SPAWN_DUP2, child_out, 1)])
+    except OSError:
+        for fd in (child_in, to_child, from_child, child_out):
+            os.close(fd)
+        raise
+    os.close(child_in)
+    os.close(child_out)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_LINE_BYTES)
+    read_transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                     os.fdopen(from_child, "rb", 0))
+    write_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(to_child, "wb", 0))
+    incoming_writer, incoming = anyio.create_memory_object_stream(0)
+    outgoing, outgoing_reader = anyio.create_memory_object_stream(0)
+
+    async def read() -> None:
+        async with incoming_writer:
+            while line := await reader.readline():
+                try:
+                    message = SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+                except ValueError as error:
+                    await incoming_writer.send(error)
+                    continue
+                await incoming_writer.send(message)
+
+    async def write() -> None:
+        async with outgoing_reader:
+            async for message in outgoing_reader:
+                write_transport.write(message.message.model_dump_json(by_alias=True, exclude_unset=True).encode()
+                                      + b"\n")
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            tasks.start_soon(write)
+            try:
+                yield incoming, outgoing
+            finally:
+                tasks.cancel_scope.cancel()
+    finally:
+        write_transport.close()  # the server reads EOF and exits
+        read_transport.close()
+        await loop.run_in_executor(None, _reap, pid, waitpid)
+
+
+def _reap(pid: int, waitpid) -> None:
+    """Wait up to 5 s for the server to exit after its stdin closed, then kill it; reap it."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            done, _ = waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped elsewhere
+        if done:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+# -- GET /api/tools: the servers and their tools, as the page's settings will list them --------------------
+
+bp = Blueprint("tools", __name__, url_prefix="/api/tools")
+
+
+@bp.get("")
+def list_tools():
+    """Every configured tool server (started now if it is not), whether it is available, and its tools."""
+    return jsonify(data=state.tool_servers().status())
