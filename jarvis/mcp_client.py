@@ -274,22 +274,23 @@ async def _stdio(config: ToolServer):
     finally:
         write_transport.close()  # the server reads EOF and exits
         read_transport.close()
-        await loop.run_in_executor(None, _reap, pid, waitpid)
+        await _reap(pid, waitpid)
 
 
-def _reap(pid: int, waitpid) -> None:
-    """Wait up to 5 s for the server to exit after its stdin closed, then kill it; reap it."""
-    import time
-
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+async def _reap(pid: int, waitpid) -> None:
+    """Wait up to 5 s for the server to exit after its stdin closed, then kill it; reap it. (Polled on the
+    loop: an executor's threads are gevent's greenlets in a patched worker, and would never run here.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while loop.time() < deadline:
         try:
             done, _ = waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return  # reaped elsewhere
+            return  # reaped elsewhere (libev's SIGCHLD handler reaps any child once it watches one)
         if done:
             return
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
+    log.warning("a tool server (pid %d) did not exit within 5 s of its stdin closing: killed", pid)
     try:
         os.kill(pid, signal.SIGKILL)
         waitpid(pid, 0)

@@ -73,7 +73,7 @@ def test_a_bad_tools_file_stops_start_up_naming_the_file_the_table_and_the_key(t
     with pytest.raises(ToolsError, match="tools.toml") as refused:
         load(path, {})
     assert named in str(refused.value)
-    with pytest.raises(SettingsError, match=named.replace("'", "'")):  # and through the settings
+    with pytest.raises(SettingsError, match=named):  # and through the settings
         Settings.from_env({"JARVIS_TOOLS_FILE": path, "JARVIS_DATA_DIR": str(tmp_path / "data")})
 
 
