@@ -31,6 +31,8 @@ import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
 
+from jarvis.upstreams import names_in, read_secret
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")  # a prefix of tool names: OpenAI allows [A-Za-z0-9_-]
 _KEYS = {"name", "command", "env", "cwd", "url", "headers", "headers_env", "headers_file", "enabled", "tools",
          "timeout_seconds"}
@@ -124,12 +126,10 @@ def _boolean(where: str, table: dict) -> bool:
 
 
 def _tools(where: str, table: dict) -> tuple[str, ...] | None:
-    tools = table.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not tools or not all(isinstance(tool, str) and tool for tool in tools):
-        raise ToolsError(f"{where}: 'tools' must be a list of tool names, like [\"get_current_time\"]")
-    return tuple(tools)
+    try:
+        return names_in(table, "tools")
+    except ValueError:
+        raise ToolsError(f"{where}: 'tools' must be a list of tool names, like [\"get_current_time\"]") from None
 
 
 def _timeout(where: str, table: dict) -> float:
@@ -157,12 +157,10 @@ def _headers(where: str, table: dict, environ) -> dict[str, str]:
         headers[name] = environ[variable].strip()
     for name, secret_file in _strings(where, table, "headers_file").items():
         try:
-            with open(os.path.expanduser(secret_file)) as file:
-                value = file.read().strip()
+            headers[name] = read_secret(secret_file)
         except OSError as error:
             raise ToolsError(f"{where}: 'headers_file' takes {name!r} from {secret_file!r}, which cannot be read "
                              f"({error.strerror})") from None
-        if not value:
-            raise ToolsError(f"{where}: the file for {name!r} in 'headers_file' is empty")
-        headers[name] = value
+        except ValueError:
+            raise ToolsError(f"{where}: the file for {name!r} in 'headers_file' is empty") from None
     return headers

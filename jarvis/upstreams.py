@@ -118,12 +118,20 @@ def _upstream(path: str, number: int, table: dict, environ) -> UpstreamConfig:
 
 
 def _models(where: str, table: dict) -> tuple[str, ...] | None:
-    models = table.get("models")
-    if models is None:
+    try:
+        return names_in(table, "models")
+    except ValueError:
+        raise UpstreamsError(f"{where}: 'models' must be a list of model names, like [\"gpt-4.1-mini\"]") from None
+
+
+def names_in(table: dict, key: str) -> tuple[str, ...] | None:
+    """A TOML table's non-empty list of non-empty strings under `key` (None when absent); ValueError else."""
+    names = table.get(key)
+    if names is None:
         return None
-    if not isinstance(models, list) or not models or not all(isinstance(model, str) and model for model in models):
-        raise UpstreamsError(f"{where}: 'models' must be a list of model names, like [\"gpt-4.1-mini\"]")
-    return tuple(models)
+    if not isinstance(names, list) or not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(key)
+    return tuple(names)
 
 
 def _api_key(where: str, table: dict, environ) -> str | None:
@@ -136,12 +144,19 @@ def _api_key(where: str, table: dict, environ) -> str | None:
         return environ[variable].strip()
     if key_file is not None:
         try:
-            with open(os.path.expanduser(str(key_file))) as file:
-                key = file.read().strip()
+            return read_secret(key_file)
         except OSError as error:
             raise UpstreamsError(f"{where}: 'api_key_file' names {key_file!r}, which cannot be read "
                                  f"({error.strerror})") from None
-        if not key:
-            raise UpstreamsError(f"{where}: the file in 'api_key_file' is empty")
-        return key
+        except ValueError:
+            raise UpstreamsError(f"{where}: the file in 'api_key_file' is empty") from None
     return None
+
+
+def read_secret(path) -> str:
+    """A secret kept in a file: its content, stripped. OSError when it cannot be read, ValueError when empty."""
+    with open(os.path.expanduser(str(path))) as file:
+        secret = file.read().strip()
+    if not secret:
+        raise ValueError(path)
+    return secret

@@ -104,11 +104,13 @@ def test_a_real_stdio_server_lists_and_answers_its_tools_and_the_hub_keeps_runni
             last = now
 
     watching = gevent.spawn(ticker)
+    started = time.monotonic()
     try:
         listed = {server["name"]: server for server in tools.status()}
         answer = tools.call("time", "get_current_time", {"timezone": "UTC"})
         bad = tools.call("time", "get_current_time", {"timezone": "Nowhere/At_All"})
     finally:
+        took = time.monotonic() - started
         watching.kill()
     assert listed["time"]["available"] and listed["time"]["transport"] == "stdio"
     assert {tool["name"] for tool in listed["time"]["tools"]} == {"get_current_time", "convert_time"}
@@ -118,9 +120,10 @@ def test_a_real_stdio_server_lists_and_answers_its_tools_and_the_hub_keeps_runni
     assert bad["is_error"] is True and "Nowhere/At_All" in bad["text"]  # the tool's own error, for the model
     with pytest.raises(ToolError, match="no tool 'get_current_time'"):
         tools.call("clock", "get_current_time", {"timezone": "UTC"})  # not on its allow-list
-    # A blocked hub would stop the ticker for the whole start of a Python server (about a second here);
-    # the longest gap measured on a busy 2-core machine was 11 ms.
-    assert len(gaps) > 10 and max(gaps) < 0.5, max(gaps)
+    # A hub blocked by the client would stop the ticker for the whole start of the two Python servers,
+    # most of `took` (1-3 s here); the longest gap measured on a busy 2-core machine was 11 ms. Judged
+    # against the same run's time, so that a machine slow enough to delay a ticking process passes too.
+    assert len(gaps) > 10 and max(gaps) < took / 3, (max(gaps), took)
 
 
 def test_a_server_that_cannot_start_is_unavailable_saying_why_and_the_others_work(servers):
