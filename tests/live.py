@@ -192,3 +192,19 @@ def _read1_chunks(response: requests.Response):
         if not chunk:
             return
         yield chunk
+
+
+def blocked_hub_reports(log: str) -> list[str]:
+    """gevent's blocked-hub reports in a server's log, each from its header on, leaving out those that are
+    not a serving worker's hub: one still starting (gunicorn's load_wsgi and post_worker_init, before it
+    accepts any connection), which may take over 20 ms on a slow machine (Werkzeug compiling routes, a
+    first import reading its file); and a hub that gevent's own monitor thread came to have, reported
+    "blocked" while that thread sleeps between its checks."""
+    reports = []
+    for report in log.split("appears to be blocked")[1:]:
+        blocked = report.split("Info:", 1)[0]
+        starting = "in load_wsgi" in blocked or "in post_worker_init" in blocked
+        monitor = "gevent/_monitor.py" in blocked and "thread_sleep" in blocked and "/jarvis/" not in blocked
+        if not starting and not monitor:
+            reports.append(report)
+    return reports

@@ -16,7 +16,7 @@ import requests
 from jarvis.runs import FOLLOW_SECONDS, WATCHED_FLUSH_SECONDS
 from tests.clients import content_of
 from tests.fake_upstream import Scenario
-from tests.live import LiveServer, sse_events, wait_until
+from tests.live import LiveServer, blocked_hub_reports, sse_events, wait_until
 from tests.test_page_runs import STOP_ELSEWHERE_LIMIT, follow_lags
 
 pytestmark = pytest.mark.live
@@ -291,17 +291,7 @@ def test_three_hundred_page_answers_on_postgresql_never_block_the_hub(nodes, ups
     took = time.monotonic() - started
     assert not failures and not any(thread.is_alive() for thread in threads)
     log = node.log()
-    # Not the worker's hub: one building the app (gunicorn's load_wsgi, before it accepts any connection),
-    # which may take over 20 ms on a slow machine (Werkzeug compiling the routes); and a hub that gevent's
-    # own monitor thread came to have, reported "blocked" while that thread sleeps between its checks.
-    reports = [report for report in log.split("appears to be blocked")[1:] if "in load_wsgi" not in report
-               and not _blocked_in_the_monitor(report)]
+    reports = blocked_hub_reports(log)
     print(f"300 page answers on PostgreSQL in {took:.1f} s: {len(reports)} blocked-hub reports over 20 ms")
     assert reports == [], reports[0][:6000]
     node.assert_log_clean()
-
-
-def _blocked_in_the_monitor(report: str) -> bool:
-    """A gevent report whose blocked stack is gevent's monitor thread itself, sleeping between checks."""
-    blocked = report.split("Blocked Stack", 1)[-1].split("Info:", 1)[0]
-    return "gevent/_monitor.py" in blocked and "thread_sleep" in blocked and "/jarvis/" not in blocked

@@ -15,7 +15,7 @@ import requests
 from jarvis.mcp_client import ToolError, ToolServers
 from jarvis.settings import Settings, SettingsError
 from jarvis.tools_config import ToolsError, ToolServer, load
-from tests.live import wait_until
+from tests.live import blocked_hub_reports, wait_until
 
 TIME_SERVER = (sys.executable, "-m", "mcp_server_time")
 
@@ -158,7 +158,7 @@ command = ["/nonexistent/mcp-server"]
     assert not listed["broken"]["available"] and "No such file" in listed["broken"]["error"]
     assert requests.get(jarvis.url + "/healthz", timeout=5).ok
     [child] = worker.children()  # the time server, a child of the worker (a gevent-patched process)
-    reports = [report for report in jarvis.log().split("appears to be blocked")[1:] if "in load_wsgi" not in report]
+    reports = blocked_hub_reports(jarvis.log())
     assert reports == [], reports[0][:3000]
     jarvis.stop()  # SIGKILL to the worker: the server reads EOF on its stdin and exits
     wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 10,
