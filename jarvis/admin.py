@@ -51,7 +51,7 @@ def users():
     """Every account, with its usage this month."""
     state.meter().flush()
     store = state.store()
-    rows = store.usage(None, usage.today()[:8] + "01")
+    rows = store.usage(None, usage.month_start())
     return jsonify(data=[{**_public(user), "usage": usage.summary([row for row in rows
                                                                   if row["user_id"] == user["id"]])["total"]}
                          for user in store.users()])

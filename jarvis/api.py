@@ -60,8 +60,8 @@ def _relay(request_: ChatRequest):
     user = g.get("user")
     limits.check_daily_tokens(user)
     settings = state.settings()
-    release = limits.claim_stream(user, settings.stream_max_seconds + 60)
-    relay = Relay(state.backend(), request_, settings, request.environ, meter=state.meter(), release=release)
+    relay = Relay(state.backend(), request_, settings, request.environ, meter=state.meter())
+    relay.release = limits.claim_stream(user, settings.stream_max_seconds + 60)  # given back as it closes
     relay.open()
     return relay.sse_response() if request_.stream else relay.result_response()
 

@@ -20,7 +20,7 @@ from flask import Blueprint, g, jsonify, request
 from jarvis import state
 from jarvis.errors import ApiError
 from jarvis.stores import TooManyStreams
-from jarvis.usage import seconds_to_midnight, summary, today
+from jarvis.usage import month_start, seconds_to_midnight, summary, today
 
 
 def account_of_request() -> tuple[int, str]:
@@ -80,7 +80,7 @@ def since_param() -> str:
     """?since=YYYY-MM-DD (UTC); by default the first day of this month."""
     since = request.args.get("since")
     if since is None:
-        return today()[:8] + "01"
+        return month_start()
     try:
         return datetime.date.fromisoformat(since).isoformat()
     except ValueError:

@@ -77,14 +77,14 @@ class Relay:
     """One chat completion on its way from a backend to a client."""
 
     def __init__(self, backend: Backend, request: ChatRequest, settings: Settings, environ: dict,
-                 observer: StreamObserver | None = None, meter: Meter | None = None, release=None):
+                 observer: StreamObserver | None = None, meter: Meter | None = None):
         self.backend = backend
         self.observer = observer
         self.request = request
-        # What it used (jarvis.usage), counted to request.account by `meter` when it ends; `release`: gives
-        # back the account's stream (max_streams) before the last bytes go out.
+        # What it used (jarvis.usage), counted to request.account by `meter` when it ends; `release` (set by
+        # the caller, jarvis.limits): gives back the account's stream (max_streams) before the last bytes go out.
         self.meter = meter
-        self.release = release
+        self.release = None
         # The Responses API streams named events, relayed whole, and ends without [DONE].
         self.whole_events = request.endpoint == "responses"
         self.done = b"" if self.whole_events else DONE_EVENT

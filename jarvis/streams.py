@@ -29,6 +29,12 @@ _writer: gevent.Greenlet | None = None
 # (a reasoning field) or answering (content, or a Responses text delta).
 _ANSWERING = re.compile(rb'"content":\s*"[^"]|output_text\.delta')
 _THINKING = re.compile(rb'"reasoning(?:_content)?":\s*"[^"]|reasoning_summary_text\.delta|reasoning_text\.delta')
+_COMPLETION_TEXT = re.compile(rb'"text":\s*"[^"]')  # /v1/completions
+
+
+def has_text(payload: bytes) -> bool:
+    """Whether an event carries text: of the answer, of its thinking, or of a text completion."""
+    return bool(_ANSWERING.search(payload) or _THINKING.search(payload) or _COMPLETION_TEXT.search(payload))
 
 
 OPEN: set = set()  # this worker's open relays (jarvis.relay.Relay)

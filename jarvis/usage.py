@@ -30,6 +30,7 @@ import gevent
 
 from jarvis import metrics
 from jarvis.stores import StoreUnavailable
+from jarvis.streams import has_text
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,9 @@ _RETRY_SECONDS = 5.0
 _MAX_REPORTED = 100_000_000  # an upstream's token count beyond this is not believed
 _MODEL_CHARS = 200
 
-# An event with text: a chat delta's content (found with bytes.find, the common case) or else its
-# reasoning, a completion's text, a Responses delta; and one that carries a usage or timings object
-# (not `"usage": null`, which OpenAI sends on every chunk once usage is asked for).
-_CONTENT = b'content":'
-_OTHER_TEXT = re.compile(rb'"(?:reasoning|text|delta)":\s*"(?!")')
+# A Responses event with text, and an event that carries a usage or timings object (not `"usage": null`,
+# which OpenAI sends on every chunk once usage is asked for). Whether a chat event has text:
+# jarvis.streams.has_text, which also tells a stream's phase.
 _DELTA = re.compile(rb'"delta":\s*"(?!")')  # a Responses event with text (its .done events repeat it whole)
 _REPORTED = re.compile(rb'"(?:usage|timings)":\s*\{')
 
@@ -92,7 +91,7 @@ class Tally:
         if self.each:
             return prompt or 0, self.texts
         edges = {id(payload): payload for payload in [*(self.first or [])[:self.EDGE], *tail]}
-        without_text = sum(1 for payload in edges.values() if not _has_text(payload))
+        without_text = sum(1 for payload in edges.values() if not has_text(payload))
         return prompt or 0, max(0, self.events - without_text)
 
 
@@ -116,20 +115,6 @@ def _reported(payload: bytes) -> tuple[int | None, int | None] | None:
     return None
 
 
-def _has_text(payload: bytes) -> bool:
-    """Whether an event carries text: `"content": "` followed by anything but its closing quote, else
-    one of the rarer fields."""
-    at = payload.find(_CONTENT)
-    while at != -1:
-        at += 9
-        if payload[at:at + 1] == b" ":
-            at += 1
-        if payload[at:at + 1] == b'"' and payload[at + 1:at + 2] != b'"':
-            return True
-        at = payload.find(_CONTENT, at)
-    return _OTHER_TEXT.search(payload) is not None
-
-
 def _count(source: dict, *names: str) -> int | None:
     for name in names:
         value = source.get(name)
@@ -140,6 +125,11 @@ def _count(source: dict, *names: str) -> int | None:
 
 def today() -> str:
     return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def month_start() -> str:
+    """The first day of this month (UTC), as usage is read by default."""
+    return today()[:8] + "01"
 
 
 def seconds_to_midnight() -> int:

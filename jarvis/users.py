@@ -185,9 +185,9 @@ def _limit(store, arguments) -> None:
 
 
 def _usage(store, arguments) -> None:
-    from jarvis.usage import summary, today
+    from jarvis.usage import month_start, summary
 
-    since = arguments.since.isoformat() if arguments.since else today()[:8] + "01"
+    since = arguments.since.isoformat() if arguments.since else month_start()
     users = [_existing(store, arguments.name)] if arguments.name else store.users()
     rows = store.usage(None, since)
     print("account\tday\trequests\tprompt_tokens\tcompletion_tokens")
