@@ -8,6 +8,10 @@ When a lone `</think>` shows that the content so far was thinking, the delta
 says so with `content_was_reasoning: true`. `Answer.finish()` returns the last
 page chunks: text held back while a tag could still arrive, and the stats.
 
+An answer that used tools (jarvis.tool_loop) also keeps its steps, `tools`: per step the calls the model
+asked for, where in its content and reasoning they came (UTF-16 offsets, as the page counts), and each
+call's result as it arrived. The model's `delta.tool_calls` go on to the page as they stream.
+
 Stats use Jarvis's own clock from the moment the request arrived. Token counts
 come from the upstream's `usage` (or llama.cpp's `timings`) when it sends
 them, else from the stream: one chunk with text is one token, which is how
@@ -42,6 +46,8 @@ class Answer:
         self.usage: dict | None = None
         self.timings: dict | None = None
         self.upstream: str | None = None  # which of several upstreams answered (None: the only one)
+        self.tools: list[dict] = []  # the tool loop's steps: {"at", "reasoning_at", "calls": [...]}
+        self.earlier_tokens = [0, 0]  # prompt and completion tokens of the tool loop's earlier steps
 
     @property
     def reasoning(self) -> str:
@@ -67,7 +73,56 @@ class Answer:
                 page[name] = chunk[name]
         choices = chunk.get("choices") if isinstance(chunk.get("choices"), list) else []
         page["choices"] = [self._choice(choice, now) for choice in choices[:1] if isinstance(choice, dict)]
+        for name in TOOL_EVENTS:
+            if isinstance(chunk.get(name), dict):
+                page.update(TOOL_EVENTS[name](self, chunk[name], now, page))
         return page
+
+    # -- the tool loop's events (jarvis.tool_loop): they come from Jarvis, their texts from tools and models --
+
+    def _tool_step(self, step: dict, now: float, page: dict) -> dict:
+        """A step's calls are about to run: the text held back goes out first, the next step's stream is a new
+        answer to the splitter, and its usage is counted on top of this one's."""
+        held = self.end(now)
+        if held:
+            page["choices"] = [{"index": 0, "delta": held, "finish_reason": None}]
+        self.splitter = ThinkingSplitter()
+        for index, (name, fallback) in enumerate((("prompt_tokens", "prompt_n"), ("completion_tokens", "predicted_n"))):
+            self.earlier_tokens[index] += _count(self.usage, name) or _count(self.timings, fallback) or 0
+        self.usage = self.timings = None
+        calls = [{"id": _text(call.get("id"), 100), "name": _text(call.get("name"), 200),
+                  "server": _text(call.get("server"), 200) or None, "arguments": _text(call.get("arguments"), 65536),
+                  "result": None, "is_error": False}
+                 for call in step.get("calls", ()) if isinstance(call, dict)]
+        saved = {"at": utf16_length(self.content), "reasoning_at": utf16_length(self.reasoning), "calls": calls}
+        self.tools.append(saved)
+        return {"tool_step": saved}
+
+    def _tool_result(self, result: dict, now: float, page: dict) -> dict:
+        call = self._call(result.get("id"))
+        if call is None:
+            return {}
+        call["result"] = _text(result.get("content"), 16 * 1024 * 1024)
+        call["is_error"] = result.get("is_error") is True
+        if isinstance(result.get("duration_ms"), (int, float)):
+            call["duration_ms"] = result["duration_ms"]
+        call.pop("progress", None)
+        return {"tool_result": {"id": call["id"], "content": call["result"], "is_error": call["is_error"],
+                                "duration_ms": call.get("duration_ms")}}
+
+    def _tool_progress(self, progress: dict, now: float, page: dict) -> dict:
+        call = self._call(progress.get("id"))
+        if call is None:
+            return {}
+        value = {name: progress[name] for name in ("progress", "total")
+                 if isinstance(progress.get(name), (int, float)) and not isinstance(progress.get(name), bool)}
+        value["message"] = _text(progress.get("message"), 300) or None
+        call["progress"] = value
+        return {"tool_progress": {"id": call["id"], **value}}
+
+    def _call(self, call_id) -> dict | None:
+        calls = self.tools[-1]["calls"] if self.tools else []
+        return next((call for call in calls if call["id"] == call_id), None)
 
     def _choice(self, choice: dict, now: float) -> dict:
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
@@ -78,6 +133,9 @@ class Answer:
             self.last_token_at = now
         page_delta = {"role": delta["role"]} if isinstance(delta.get("role"), str) else {}
         page_delta.update(self._apply(self.splitter.split(delta), now))
+        if isinstance(delta.get("tool_calls"), list):
+            page_delta["tool_calls"] = [_tool_call_delta(piece) for piece in delta["tool_calls"][:16]
+                                        if isinstance(piece, dict)]
         finish_reason = choice.get("finish_reason")
         if isinstance(finish_reason, str) and finish_reason:
             self.finish_reason = finish_reason[:32]
@@ -87,6 +145,8 @@ class Answer:
     def _apply(self, split: Split, now: float) -> dict:
         """Add a split to the answer; return the page's delta fields for it."""
         fields = {}
+        if split.content_was_reasoning and self.tools:
+            split = split._replace(content_was_reasoning=False)  # (only a first step's text may turn out so)
         if split.content_was_reasoning:
             self.reasoning_moved = True
             self.reasoning_parts = [*self.reasoning_parts, *self.content_parts]
@@ -132,7 +192,7 @@ class Answer:
                 "thinking_ms": thinking_ms,
                 "duration_ms": _ms(now - self.started),
                 "completion_tokens": tokens, "tokens_source": source,
-                "prompt_tokens": _count(self.usage, "prompt_tokens") or _count(self.timings, "prompt_n"),
+                "prompt_tokens": self._prompt_tokens(),
                 "tokens_per_second": self._tokens_per_second(tokens),
                 **({"finish_reason": self.finish_reason} if self.finish_reason else {}),
                 **({"upstream": self.upstream} if self.upstream else {})}
@@ -141,8 +201,12 @@ class Answer:
         for source, value in (("usage", _count(self.usage, "completion_tokens")),
                               ("timings", _count(self.timings, "predicted_n"))):
             if value is not None:
-                return value, source
+                return value + self.earlier_tokens[1], source
         return (self.chunks_with_text, "stream") if self.chunks_with_text else (None, None)
+
+    def _prompt_tokens(self) -> int | None:
+        last = _count(self.usage, "prompt_tokens") or _count(self.timings, "prompt_n")
+        return last + self.earlier_tokens[0] if last is not None else self.earlier_tokens[0] or None
 
     def _tokens_per_second(self, tokens: int | None) -> float | None:
         reported = self.timings.get("predicted_per_second") if self.timings else None
@@ -153,6 +217,32 @@ class Answer:
         generating = self.last_token_at - self.first_token_at
         # A burst that arrived within a millisecond says nothing about the model's speed.
         return round((tokens - 1) / generating, 1) if generating >= 0.001 else None
+
+
+TOOL_EVENTS = {"tool_step": Answer._tool_step, "tool_result": Answer._tool_result,
+               "tool_progress": Answer._tool_progress}
+
+
+def _text(value, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _tool_call_delta(piece: dict) -> dict:
+    """A model's tool-call delta as the page gets it: OpenAI's fields, each of its type."""
+    out = {"index": piece["index"]} if isinstance(piece.get("index"), int) else {}
+    if isinstance(piece.get("id"), str):
+        out["id"] = piece["id"][:100]
+    function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+    fields = {name: function[name][:65536] for name in ("name", "arguments") if isinstance(function.get(name), str)}
+    if fields:
+        out["type"] = "function"
+        out["function"] = fields
+    return out
+
+
+def utf16_length(text: str) -> int:
+    """Length as the page counts it: JavaScript strings count UTF-16 units (an emoji is 2)."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _count(source: dict | None, name: str) -> int | None:

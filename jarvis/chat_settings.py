@@ -3,6 +3,8 @@
 Stored with the conversation (JSON), edited from the page, sent with every request of that conversation;
 a new conversation starts from the server's defaults (JARVIS_SYSTEM_PROMPT, JARVIS_TEMPERATURE,
 JARVIS_TOP_P, JARVIS_MAX_TOKENS). A parameter left unset (None) is not sent: the upstream's own default.
+Its `tools` are switches over the tool servers' defaults, {"server/tool": true | false}: a tool not named
+is on when its server is `enabled` (jarvis.tool_loop).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from jarvis.settings import Settings
 
 _NUMBERS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
 MAX_TOKENS_LIMIT = 1_000_000
+MAX_TOOL_SWITCHES = 1000
 
 
 def defaults(settings: Settings) -> dict:
@@ -28,7 +31,7 @@ def checked(value, settings: Settings) -> dict:
     """A page's settings object, validated (400 naming the field otherwise); missing fields are unset."""
     if not isinstance(value, dict):
         raise ApiError(400, "'settings' must be an object", param="settings", code="invalid_type")
-    unknown = sorted(set(value) - {"system_prompt", "temperature", "top_p", "max_tokens"})
+    unknown = sorted(set(value) - {"system_prompt", "temperature", "top_p", "max_tokens", "tools"})
     if unknown:
         raise ApiError(400, f"'settings' has an unknown field {unknown[0]!r}", param="settings", code="invalid_value")
     prompt = value.get("system_prompt", "")
@@ -49,6 +52,14 @@ def checked(value, settings: Settings) -> dict:
         raise ApiError(400, f"'max_tokens' must be a whole number from 1 to {MAX_TOKENS_LIMIT}, or null",
                        param="max_tokens", code="invalid_value")
     result["max_tokens"] = tokens
+    switches = value.get("tools", {})
+    if not isinstance(switches, dict) or len(switches) > MAX_TOOL_SWITCHES or not all(
+            isinstance(key, str) and "/" in key and len(key) <= 400 and isinstance(on, bool)
+            for key, on in switches.items()):
+        raise ApiError(400, f"'tools' must be an object of at most {MAX_TOOL_SWITCHES} switches, "
+                            '{"server/tool": true or false}', param="tools", code="invalid_value")
+    if switches:
+        result["tools"] = switches
     return result
 
 

@@ -23,6 +23,7 @@ from jarvis.inputs import check_messages, read_json_object, text_field
 from jarvis.logs import trace_id_var
 from jarvis.security import client_address
 from jarvis.stores import ConversationBusy, NoSuchConversation, TooManyRuns, TooManyStreams
+from jarvis.tool_loop import history_messages
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
                                                user_limit=limits.stream_limit(g.get("user")))
     if branch is None:
         raise ApiError(400, "Only an answer cut short can be continued — stopped, interrupted, failed after some "
-                            "text, or ended at max_tokens — and only while nothing follows it",
+                            "text, or ended at max_tokens — and only while nothing follows it; an answer that called "
+                            "tools is answered again instead",
                        param="continue", code="not_continuable")
     answer = branch[-1]
     chat = _chat_request(conversation, branch, model, trace_id, fields)
@@ -261,16 +263,15 @@ def _chat_request(conversation: dict, history: list[dict], model: str | None, tr
     """The upstream request for an answer to `history` (root first) with the conversation's settings. When
     `history` ends with an answer, the model is asked to continue its text, with the `fields` its server
     needs for that (jarvis.continuation)."""
-    system, parameters = chat_settings.request_fields(
-        chat_settings.effective(conversation.get("settings"), state.settings()))
     # Usage lets the stats under the answer use the upstream's own token count; the page never
     # passes it on, and /v1 clients only get it when they ask.
-    chat_body = {"messages": [*system, *[{"role": m["role"], "content": m["content"]} for m in history
-                                         if m["role"] == "user" or m["content"]]],
+    conversation_settings = chat_settings.effective(conversation.get("settings"), state.settings())
+    system, parameters = chat_settings.request_fields(conversation_settings)
+    chat_body = {"messages": [*system, *[sent for message in history for sent in history_messages(message)]],
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
                  **({"model": model} if model else {}), **(fields or {})}
     return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id,
-                       account=limits.account_of_request())
+                       account=limits.account_of_request(), tools=conversation_settings.get("tools") or {})
 
 
 class _claim_errors:

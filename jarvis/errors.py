@@ -72,6 +72,11 @@ class StreamError(Exception):
         self.error = error_object(message, type_, code)
 
 
+class ToolError(RuntimeError):
+    """A tool could not be called: its server is unavailable, or the call failed or timed out. Its message is
+    what the model (and the page) are told."""
+
+
 class UpstreamErrorEvent(StreamError):
     """The upstream sent `data: {"error": ...}`; relay its error object unchanged."""
 

@@ -8,7 +8,13 @@ Jarvis's JSON export (documented in the README):
                         "leaf_id": 12,
                         "messages": [{"id": 11, "parent_id": null, "role": "user" | "assistant", "content": "...",
                                       "reasoning": "...", "status": "complete" | "stopped" | "error" | "interrupted",
-                                      "error": null, "model": null, "stats": {...} | null, "created_at": ...}]}]}
+                                      "error": null, "model": null, "stats": {...} | null, "created_at": ...,
+                                      "tools": null | [{"at": 12, "reasoning_at": 0, "calls": [{"id": "call_1",
+                                          "name": "get_current_time", "server": "time", "arguments": "{...}",
+                                          "result": "..." | null, "is_error": false}]}]}]}]}
+
+An answer's `tools` are its tool steps (jarvis.tool_loop): the calls the model made after the first `at`
+characters (UTF-16 units) of its content, and what each returned.
 
 A conversation is a tree: every version a regenerate or an edit made is a message, `parent_id` naming
 the one it follows (null: a first message), parents before their children; `leaf_id` ends the branch
@@ -57,7 +63,8 @@ def _exported(conversation: dict) -> dict:
                           # an answer still being written is exported as far as it went
                           "status": "interrupted" if message["status"] == "streaming" else message["status"],
                           "error": message.get("error"), "model": message.get("model"),
-                          "stats": message.get("stats"), "created_at": message["created_at"]}
+                          "stats": message.get("stats"), "created_at": message["created_at"],
+                          "tools": message.get("tools")}
                          for message in conversation["messages"]]}
 
 
@@ -72,11 +79,28 @@ def markdown(conversation: dict) -> str:
         lines += [f"## {'You' if message['role'] == 'user' else 'Assistant'}", ""]
         if message.get("reasoning"):
             lines += ["<details><summary>Thinking</summary>", "", message["reasoning"], "", "</details>", ""]
-        lines += [message["content"], ""]
+        lines += [*_with_tools(message), ""]
         if message.get("status") not in (None, "complete"):
             note = f" — {_one_line(message['error'])}" if message.get("error") else ""
             lines += [f"*({message['status']}{note})*", ""]
     return "\n".join(lines)
+
+
+def _with_tools(message: dict) -> list[str]:
+    """The content, with each tool step's calls and results where they came, as fenced blocks."""
+    from jarvis.tool_loop import utf16_slice
+
+    lines, before, content = [], 0, message["content"]
+    for step in message.get("tools") or []:
+        lines.append(utf16_slice(content, before, step["at"]))
+        for call in step["calls"]:
+            result = call.get("result") if isinstance(call.get("result"), str) else "(no result)"
+            lines += ["", f"**Tool `{_one_line(call['name'])}`** {'(error)' if call.get('is_error') else ''}",
+                      "", "```json", call.get("arguments", ""), "```", "", "```text", result.replace("```", "` ` `"),
+                      "```", ""]
+        before = step["at"]
+    lines.append(utf16_slice(content, before, None))
+    return lines
 
 
 def _one_line(text: str) -> str:
@@ -174,7 +198,9 @@ def _jarvis_message(item, where: str, settings: Settings) -> dict:
     stats = item.get("stats")
     if stats is not None and not (isinstance(stats, dict) and len(str(stats)) <= 4096):
         raise _bad(f"{where}.stats", "must be an object (of at most 4 KB) or null")
+    tools = _tool_steps(item.get("tools"), f"{where}.tools", settings) if role == "assistant" else None
     return {"role": role, "content": _text(item.get("content"), f"{where}.content", settings.max_message_chars),
+            "tools": tools,
             "reasoning": _text(item.get("reasoning", ""), f"{where}.reasoning", settings.max_answer_chars),
             "status": status, "error": _optional_text(item.get("error"), f"{where}.error", 2000),
             "model": _optional_text(item.get("model"), f"{where}.model", 200), "stats": stats,
@@ -287,6 +313,45 @@ def _text(value, where: str, limit: int) -> str:
     if len(value) > limit:
         raise _bad(where, f"holds {len(value)} characters; at most {limit}")
     return value
+
+
+def _tool_steps(value, where: str, settings: Settings) -> list | None:
+    """An answer's tool steps, each field checked (at most JARVIS_MAX_TOOL_STEPS + 1 steps, 16 calls each)."""
+    if value is None:
+        return None
+    steps = _list(value, where)
+    if len(steps) > settings.max_tool_steps + 1:
+        raise _bad(where, f"holds {len(steps)} steps; at most {settings.max_tool_steps + 1} (JARVIS_MAX_TOOL_STEPS)")
+    checked = []
+    for number, step in enumerate(steps):
+        place = f"{where}[{number}]"
+        step = _object(step, place)
+        offsets = [step.get(name, 0) for name in ("at", "reasoning_at")]
+        if not all(isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0 for offset in offsets):
+            raise _bad(place, "must have whole numbers 'at' and 'reasoning_at', 0 or more")
+        calls = _list(step.get("calls"), f"{place}.calls")
+        if len(calls) > 16:
+            raise _bad(f"{place}.calls", "holds more than 16 calls")
+        checked.append({"at": offsets[0], "reasoning_at": offsets[1], "calls": [
+            _tool_call(call, f"{place}.calls[{index}]", settings) for index, call in enumerate(calls)]})
+    return checked or None
+
+
+def _tool_call(call, where: str, settings: Settings) -> dict:
+    call = _object(call, where)
+    checked = {"id": _text(call.get("id"), f"{where}.id", 100), "name": _text(call.get("name"), f"{where}.name", 200),
+               "server": _optional_text(call.get("server"), f"{where}.server", 200),
+               "arguments": _text(call.get("arguments", ""), f"{where}.arguments", 65536),
+               "result": _optional_text(call.get("result"), f"{where}.result", settings.tool_result_max_bytes + 200),
+               "is_error": call.get("is_error", False)}
+    if not isinstance(checked["is_error"], bool):
+        raise _bad(f"{where}.is_error", "must be true or false")
+    duration = call.get("duration_ms")
+    if duration is not None:
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 <= duration < 1e9:
+            raise _bad(f"{where}.duration_ms", "must be a number of milliseconds or null")
+        checked["duration_ms"] = duration
+    return checked
 
 
 def _optional_text(value, where: str, limit: int) -> str | None:

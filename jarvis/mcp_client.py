@@ -14,7 +14,9 @@ with both cores loaded: 13.2 ms a call, and a greenlet ticking every 5 ms on the
 The hub hands a coroutine to the loop (`asyncio.run_coroutine_threadsafe`) and waits on a gevent Event
 that a libev async watcher sets when the future is done, as the embedded model hands back its tokens.
 A greenlet killed while it waits (a Stop) cancels the call: the SDK then sends the server
-`notifications/cancelled`.
+`notifications/cancelled`, and a server that does not answer a ping within CANCEL_GRACE_SECONDS after
+it (stuck in the tool it was asked to drop) is stopped and started afresh at the next call. Progress
+notifications come back to the hub through the same async watcher.
 
 Servers are started lazily, at the first request that needs their tools, and again after they died.
 Streamable HTTP servers are configured (jarvis.tools_config) but not reached yet: they show as
@@ -24,6 +26,7 @@ unavailable, saying so.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -37,16 +40,14 @@ from gevent import monkey
 from gevent.threadpool import ThreadPool
 
 from jarvis import state
+from jarvis.errors import ToolError
 from jarvis.tools_config import ToolServer
 
 log = logging.getLogger(__name__)
 
 _START_SECONDS = 30.0  # a server that has not listed its tools by then is unavailable
 _LINE_BYTES = 16 * 1024 * 1024  # one JSON-RPC message from a server, at most
-
-
-class ToolError(RuntimeError):
-    """A tool could not be called: its server is unavailable, or the call failed or timed out."""
+CANCEL_GRACE_SECONDS = 5.0
 
 
 class ToolServers:
@@ -73,46 +74,74 @@ class ToolServers:
             self.pool.spawn(self.loop.run_forever)
         return self.loop
 
-    def run(self, coroutine, timeout: float):
+    def run(self, coroutine, timeout: float, on_wake=None):
         """Run `coroutine` on the loop's thread; its result here, the hub serving meanwhile. TimeoutError
-        after `timeout` seconds; the coroutine is cancelled when that happens or when this greenlet is killed."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._start_loop())
+        after `timeout` seconds; the coroutine is cancelled when that happens or when this greenlet is killed.
+        `coroutine` may be a function of `wake` (thread-safe: the hub then calls `on_wake`), which it uses to
+        hand on news before its end (a tool's progress)."""
         done = gevent.event.Event()
         watcher = gevent.get_hub().loop.async_()
-        watcher.start(done.set)
-        future.add_done_callback(lambda _: watcher.send())
+
+        def woken():
+            if on_wake is not None:
+                on_wake()
+            if future.done():
+                done.set()
+
+        watcher.start(woken)
         try:
+            if callable(coroutine):
+                coroutine = coroutine(watcher.send)
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._start_loop())
+            future.add_done_callback(lambda _: watcher.send())
             if not done.wait(timeout):
                 raise TimeoutError
             return future.result()
         except BaseException:
-            future.cancel()
+            if "future" in locals():
+                future.cancel()
             raise
         finally:
             watcher.stop()
             watcher.close()
 
-    def status(self, timeout: float = _START_SECONDS) -> list[dict]:
-        """Each server, started if it is not (all at once): {name, transport, enabled, available, error,
-        tools: [{name, description, parameters}]}."""
-        async def ready_all():
-            await asyncio.gather(*(server.ready() for server in self.servers.values()))
+    def status(self, names: list[str] | None = None, timeout: float = _START_SECONDS) -> list[dict]:
+        """Each server (or those `names`d), started if it is not (all at once): {name, transport, enabled,
+        available, error, tools: [{name, description, parameters}]}."""
+        servers = [server for name, server in self.servers.items() if names is None or name in names]
 
-        if self.servers:
+        async def ready_all():
+            await asyncio.gather(*(server.ready() for server in servers))
+
+        if servers:
             try:
                 self.run(ready_all(), timeout + 1)
             except TimeoutError:
                 pass
-        return [server.describe() for server in self.servers.values()]
+        return [server.describe() for server in servers]
 
-    def call(self, server_name: str, tool: str, arguments: dict, timeout: float | None = None) -> dict:
-        """Call a tool: {"text": its content as text, "is_error": bool}. ToolError when it cannot be called."""
+    def call(self, server_name: str, tool: str, arguments: dict, timeout: float | None = None,
+             on_progress=None) -> dict:
+        """Call a tool: {"text": its content as text, "is_error": bool}. ToolError when it cannot be called.
+        `on_progress(progress, total, message)` is called here (on the hub) for each progress notification."""
         server = self.servers.get(server_name)
         if server is None:
             raise ToolError(f"No tool server named {server_name!r}")
         limit = server.config.timeout_seconds if timeout is None else timeout
+        news: collections.deque = collections.deque(maxlen=100)  # appended on the loop's thread
+
+        def handed_on():
+            while news:
+                on_progress(*news.popleft())
+
+        def calling(wake):
+            async def progress(value, total, message):
+                news.append((value, total, message))
+                wake()
+            return server.call(tool, arguments, progress if on_progress is not None else None)
+
         try:
-            return self.run(server.call(tool, arguments), limit)
+            return self.run(calling, limit, handed_on if on_progress is not None else None)
         except TimeoutError:
             raise ToolError(f"The tool {tool!r} did not answer within {limit:g} s") from None
 
@@ -155,6 +184,8 @@ class _Server:
 
     async def ready(self) -> None:
         """Started and listing its tools, or unavailable with a reason."""
+        if self.task is not None and not self.task.done() and self.stopping.is_set():
+            await asyncio.wait([self.task], timeout=10)  # it is going away (it died, or ignored a cancel)
         if self.task is None or self.task.done():
             if self.config.transport != "stdio":
                 self.error = "Streamable HTTP tool servers are not supported yet"
@@ -170,7 +201,7 @@ class _Server:
         from mcp import ClientSession
 
         try:
-            async with _stdio(self.config) as (read, write), ClientSession(read, write) as session:
+            async with _stdio(self.config, self.stopping.set) as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
                 listed = (await session.list_tools()).tools
                 allowed = self.config.tools
@@ -186,14 +217,18 @@ class _Server:
             self.session = None
             self.connected.set()
 
-    async def call(self, tool: str, arguments: dict) -> dict:
+    async def call(self, tool: str, arguments: dict, progress=None) -> dict:
         await self.ready()
-        if self.session is None:
+        session = self.session
+        if session is None:
             raise ToolError(f"The tool server {self.config.name!r} is unavailable: {self.error}")
         if not any(known.name == tool for known in self.tools):
             raise ToolError(f"The tool server {self.config.name!r} has no tool {tool!r}")
         try:
-            result = await self.session.call_tool(tool, arguments)
+            result = await session.call_tool(tool, arguments, progress_callback=progress)
+        except asyncio.CancelledError:  # a Stop: the SDK has sent notifications/cancelled
+            asyncio.get_running_loop().create_task(self._check_after_cancel(session))
+            raise
         except Exception as error:
             if self.stopping is not None:
                 self.stopping.set()  # (a server whose connection failed is started again next time)
@@ -201,6 +236,17 @@ class _Server:
         text = "\n".join(block.text if getattr(block, "type", None) == "text" else f"[{block.type} content]"
                          for block in result.content)
         return {"text": text, "is_error": bool(result.is_error)}
+
+    async def _check_after_cancel(self, session) -> None:
+        """A server that does not answer a ping within CANCEL_GRACE_SECONDS of a cancelled call (one that ignores
+        the cancellation and is stuck in the tool) is stopped, and started afresh at the next call."""
+        try:
+            await asyncio.wait_for(session.send_ping(), CANCEL_GRACE_SECONDS)
+        except Exception as error:
+            if self.session is session and self.stopping is not None:
+                log.warning("tool server %s did not answer within %g s of a cancelled call (%s): restarting it",
+                            self.config.name, CANCEL_GRACE_SECONDS, _reason(error))
+                self.stopping.set()
 
     async def stop(self) -> None:
         if self.stopping is not None:
@@ -216,9 +262,10 @@ def _reason(error: BaseException) -> str:
 
 
 @asynccontextmanager
-async def _stdio(config: ToolServer):
+async def _stdio(config: ToolServer, ended):
     """The SDK's stdio transport, without gevent's patched spawn: (read stream, write stream) of the
-    server's JSON-RPC messages, one per line."""
+    server's JSON-RPC messages, one per line. `ended()` is called when the server closes its output (it
+    exited, or crashed): the session ends then, not at the next call."""
     from mcp import types
     from mcp.client.stdio import get_default_environment
     from mcp.shared.message import SessionMessage
@@ -256,6 +303,7 @@ async def _stdio(config: ToolServer):
                     await incoming_writer.send(error)
                     continue
                 await incoming_writer.send(message)
+        ended()
 
     async def write() -> None:
         async with outgoing_reader:

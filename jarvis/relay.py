@@ -341,6 +341,8 @@ class Relay:
     def _ticked(self):
         """On a tick: the end when a time limit is reached, else a heartbeat if one is due."""
         now = time.monotonic()
+        if getattr(self.generation, "tools_running", False):
+            self.clock.last_event = now  # not silent: waiting for tools (jarvis.tool_loop), each with its timeout
         limit = self.clock.limit_reached(now)
         if limit is not None:
             yield self._fail(limit)

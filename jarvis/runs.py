@@ -36,7 +36,7 @@ import gevent.queue
 from flask import Response
 
 from jarvis import leases
-from jarvis.answer import Answer
+from jarvis.answer import Answer, utf16_length
 from jarvis.backends import Backend, ChatRequest
 from jarvis.continuation import Continuation
 from jarvis.endings import Ending, Outcome
@@ -46,6 +46,7 @@ from jarvis.responses import sse_response
 from jarvis.settings import Settings
 from jarvis.sse import DONE_EVENT, OPENING, PING, data_event, error_event
 from jarvis.stores import ConversationStore, StoreUnavailable
+from jarvis.tool_loop import ToolLoop
 from jarvis.usage import Meter
 from jarvis.worker import ClientWatcher
 
@@ -68,11 +69,6 @@ def page_chunk(*, delta: dict | None = None, **fields) -> dict:
     """A chunk of the page's stream; with `delta`, one choice carrying it."""
     choices = [{"index": 0, "delta": delta, "finish_reason": None}] if delta else []
     return {"object": "chat.completion.chunk", "choices": choices, **fields}
-
-
-def utf16_length(text: str) -> int:
-    """Length as the page counts it: JavaScript strings count UTF-16 units (an emoji is 2)."""
-    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def utf16_tail(text: str, start: int) -> str:
@@ -135,7 +131,10 @@ class Run:
         self.title = title  # a first answer's: the first words its conversation was named by, until the model's
         self.held: list[bytes] | None = [] if continued[0] else None
         self.answered_afresh = False
-        self.relay = Relay(runs.backend, chat, runs.settings, {}, observer=self, meter=runs.meter)
+        backend = runs.backend
+        if chat.tools is not None and runs.tools is not None and runs.tools.servers:
+            backend = ToolLoop(backend, runs.tools, runs.settings)  # model and tools, as one generation
+        self.relay = Relay(backend, chat, runs.settings, {}, observer=self, meter=runs.meter)
         self.watchers: set[Watcher] = set()
         self.finished = False
         self.remote_watched_at: float | None = None
@@ -322,7 +321,8 @@ class Run:
         content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
             self.message_id, content, status, error, reasoning=self.answer.reasoning[:limit],
-            stats=self.kept_stats or self.answer.stats(), reasoning_moved=self.answer.reasoning_moved)
+            stats=self.kept_stats or self.answer.stats(), reasoning_moved=self.answer.reasoning_moved,
+            tools=self.answer.tools)
 
         def saved(result):
             if result.successful():
@@ -367,7 +367,8 @@ class Run:
         content = self.answer.content[:limit]
         result = self.runs.store.update_message_later(self.message_id, content, "streaming",
                                                       reasoning=self.answer.reasoning[:limit],
-                                                      reasoning_moved=self.answer.reasoning_moved)
+                                                      reasoning_moved=self.answer.reasoning_moved,
+                                                      tools=self.answer.tools)
         result.rawlink(lambda result: self._saved(result, len(content)))
 
     def _saved(self, result, chars: int) -> None:
@@ -407,7 +408,8 @@ class Run:
                                    reasoning_after)
         self.watchers.add(watcher)
         self._cancel_detach_timer()
-        return sse_response(self._watch(watcher, environ, page_chunk(delta=delta) if delta else None))
+        catch_up = page_chunk(delta=delta or None, **({"tools": self.answer.tools} if self.answer.tools else {}))
+        return sse_response(self._watch(watcher, environ, catch_up if delta or self.answer.tools else None))
 
     def _watch(self, watcher: Watcher, environ: dict, catch_up: dict | None):
         client = ClientWatcher(environ, lambda how: self._left(watcher))
@@ -471,9 +473,11 @@ class Run:
 class Runs:
     """This worker's runs, and the tick that keeps their leases and hears Stops asked elsewhere."""
 
-    def __init__(self, store: ConversationStore, backend: Backend, settings: Settings, meter: Meter | None = None):
+    def __init__(self, store: ConversationStore, backend: Backend, settings: Settings, meter: Meter | None = None,
+                 tools=None):
         self.store = store
         self.backend = backend
+        self.tools = tools  # jarvis.mcp_client.ToolServers: a conversation's tools run in its answers (tool_loop)
         self.settings = settings
         self.meter = meter  # what each answer used (jarvis.usage)
         self.owner = leases.this_process()
@@ -622,7 +626,7 @@ def _follow(store, settings, message_id, environ, after, reasoning_after):
     saved = store.subscribe(message_id)  # PostgreSQL: set at each save, from any node; SQLite: None, poll
     try:
         yield OPENING
-        last_write, last_touch = time.monotonic(), 0.0
+        last_write, last_touch, tools = time.monotonic(), 0.0, None
         while not gone.is_set():
             now = time.monotonic()
             touch = now - last_touch >= 0.5  # tells the owner someone watches, and to save more often
@@ -634,8 +638,11 @@ def _follow(store, settings, message_id, environ, after, reasoning_after):
                 return
             delta, after, reasoning_after = missing_text(message["content"], message["reasoning"],
                                                          message["reasoning_moved"], after, reasoning_after)
-            if delta:
-                yield data_event(json.dumps(page_chunk(delta=delta)).encode())
+            changed = message.get("tools") is not None and message["tools"] != tools
+            if delta or changed:
+                tools = message.get("tools")
+                yield data_event(json.dumps(page_chunk(delta=delta or None, **({"tools": tools} if changed else {})))
+                                 .encode())
                 last_write = now
             if message["status"] != "streaming":
                 yield _final_events(message)

@@ -191,6 +191,13 @@ class Settings:
     tools_file: str | None = setting(
         "JARVIS_TOOLS_FILE", None, path,
         "A TOML file naming MCP tool servers (stdio or Streamable HTTP): see Tools below. Unset: no tools.")
+    max_tool_steps: int = setting(
+        "JARVIS_MAX_TOOL_STEPS", 8, integer(1),
+        "Rounds of tool calls one page answer may make; a model still calling tools after them is stopped, "
+        "with an error that says so.")
+    tool_result_max_bytes: int = setting(
+        "JARVIS_TOOL_RESULT_MAX_BYTES", 256 * 1024, integer(1024),
+        "A tool result's size, at most; a longer one is cut there, with a note the model and the page see.")
     heartbeat_seconds: float = setting(
         "JARVIS_HEARTBEAT_SECONDS", 5.0, seconds, "A `: ping` comment after this long without output.")
     stream_inactivity_seconds: float = setting(

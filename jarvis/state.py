@@ -28,7 +28,7 @@ def install(app: Flask, settings: Settings, backend: Backend, store: Conversatio
 
     meter = Meter(store)
     app.extensions.update({_SETTINGS: settings, _BACKEND: backend, _STORE: store, _METER: meter,
-                           _RUNS: Runs(store, backend, settings, meter), _TOOLS: tools})
+                           _RUNS: Runs(store, backend, settings, meter, tools), _TOOLS: tools})
 
 
 def settings() -> Settings:

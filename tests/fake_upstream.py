@@ -50,6 +50,11 @@ class Scenario:
     shape: str = "plain"  # which real server's chunks to replay: see tests/upstream_shapes.py
     reasoning_tokens: int = 0  # thinking tokens ("r0 r1 ...") before the answer's tokens
     tool_call: dict | None = None  # {"name", "arguments"}: stream an OpenAI tool call after the tokens
+    # A model that uses tools: the calls ([{"name", "arguments"}], all in one step) asked for while the request
+    # has fewer than `tool_steps` rounds of tool results after its last user message; then it answers with
+    # "Tool said: " and the last tool result's text (an answer that shows what the tools returned).
+    tool_calls: list | None = None
+    tool_steps: int = 1
     ignores_usage: bool = False  # never send usage, even when asked (llama-cpp-python's server)
     hostile: str | None = None  # a named attack instead of an answer: see tests/hostile_upstream.py
     event_bytes: int = 4 * 1024 * 1024 - 64  # hostile huge_events: the size of each event
@@ -283,9 +288,17 @@ class FakeUpstream:
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage")) and not scenario.ignores_usage
         answer_tokens = 1 if scenario.content is not None else scenario.tokens
         text_of = lambda index, thinking, number: _token_text(scenario, thinking, number)  # noqa: E731
+        tool_calls = [scenario.tool_call] if scenario.tool_call else None
+        if endpoint == "chat" and scenario.tool_calls:
+            rounds, last_result = _tool_rounds(payload)
+            if rounds < scenario.tool_steps:
+                tool_calls = scenario.tool_calls
+            else:
+                answer_tokens = 1
+                text_of = lambda index, thinking, number: f"Tool said: {last_result}"  # noqa: E731
         if endpoint == "chat":
             chunks = answer_chunks(scenario.shape, reasoning_tokens=scenario.reasoning_tokens, tokens=answer_tokens,
-                                   asked_usage=include_usage, model=model, tool_call=scenario.tool_call,
+                                   asked_usage=include_usage, model=model, tool_calls=tool_calls,
                                    text_of=text_of)
         elif endpoint == "completions":
             chunks = _text_completion_chunks(answer_tokens, model, text_of)
@@ -334,6 +347,22 @@ class FakeUpstream:
 
 
 _ENDPOINTS = ("/chat/completions", "/completions", "/responses")
+
+
+def _tool_rounds(payload: dict) -> tuple[int, str]:
+    """How many rounds of tool results follow the request's last user message, and the last result's text."""
+    messages = payload.get("messages") if isinstance(payload.get("messages"), list) else []
+    rounds, last, previous = 0, "", None
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "user":
+            rounds, last = 0, ""
+        elif role == "tool":
+            if previous != "tool":
+                rounds += 1
+            last = str(message.get("content"))
+        previous = role
+    return rounds, last
 
 
 def _endpoint_of(path: str) -> str:

@@ -59,7 +59,7 @@ def test_every_upstream_shape_is_relayed_byte_for_byte(jarvis, shape):
              **({"tool_call": {"name": "f", "arguments": '{"a": 1}'}} if shape == "openai" else {})}
     body = jarvis.chat(fault=fault).raw.read()
     sent = [json.dumps(chunk).encode() for _, chunk in answer_chunks(
-        shape, reasoning_tokens=3, tokens=2, tool_call=fault.get("tool_call"))]
+        shape, reasoning_tokens=3, tokens=2, tool_calls=[fault["tool_call"]] if fault.get("tool_call") else None)]
     relayed = [line[6:] for line in body.split(b"\n") if line.startswith(b"data: {")]
     assert relayed == sent
     assert b'"usage"' not in body  # the client did not ask for usage, and Jarvis did not ask for it

@@ -1,6 +1,6 @@
-"""Tools over MCP, the part that has landed: JARVIS_TOOLS_FILE (jarvis.tools_config) and the client that
-starts and calls the servers (jarvis.mcp_client), against a real MCP server from PyPI (mcp-server-time,
-stdio). The tool loop in a page's answer is not built yet (issue 26)."""
+"""Tools over MCP: JARVIS_TOOLS_FILE (jarvis.tools_config) and the client that starts and calls the servers
+(jarvis.mcp_client), against a real MCP server from PyPI (mcp-server-time, stdio). The tool loop in a page's
+answer: tests/test_tool_loop.py."""
 
 from __future__ import annotations
 

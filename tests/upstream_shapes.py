@@ -23,7 +23,7 @@ CREATED = 1700000000
 
 
 def answer_chunks(shape: str, *, reasoning_tokens: int = 0, tokens: int = 3, asked_usage: bool = False,
-                  model: str = "fake-model", tool_call: dict | None = None, text_of=None):
+                  model: str = "fake-model", tool_calls: list | None = None, text_of=None):
     """A whole streamed answer in `shape`, as (token index or None, chunk) pairs: index None for the
     chunks around the tokens. `text_of(index, thinking, number)` may choose each token's text."""
     opening = role_chunk(shape, model, asked_usage)
@@ -36,10 +36,10 @@ def answer_chunks(shape: str, *, reasoning_tokens: int = 0, tokens: int = 3, ask
         yield index, token_chunk(shape, model, text, reasoning=thinking, first=index == 0,
                                  first_content=not thinking and number == 0 and reasoning_tokens > 0,
                                  asked_usage=asked_usage)
-    if tool_call:
-        for chunk in tool_call_chunks(model, tool_call["name"], tool_call["arguments"], asked_usage):
+    for number, call in enumerate(tool_calls or ()):
+        for chunk in tool_call_chunks(model, call["name"], call["arguments"], asked_usage, number):
             yield None, chunk
-    for chunk in final_chunks(shape, model, "tool_calls" if tool_call else "stop", asked_usage,
+    for chunk in final_chunks(shape, model, "tool_calls" if tool_calls else "stop", asked_usage,
                               reasoning_tokens, tokens):
         yield None, chunk
 
@@ -85,15 +85,16 @@ def role_chunk(shape: str, model: str, asked_usage: bool) -> dict | None:
     return None
 
 
-def tool_call_chunks(model: str, name: str, arguments: str, asked_usage: bool) -> list[dict]:
-    """OpenAI's tool-call stream: id, type and name first, then the arguments in fragments."""
-    opening = {"tool_calls": [{"index": 0, "id": "call_fake_0001", "type": "function",
+def tool_call_chunks(model: str, name: str, arguments: str, asked_usage: bool, number: int = 0) -> list[dict]:
+    """OpenAI's tool-call stream: id, type and name first, then the arguments in fragments (the `number`th call
+    of its step: its index)."""
+    opening = {"tool_calls": [{"index": number, "id": f"call_fake_{number + 1:04d}", "type": "function",
                                "function": {"name": name, "arguments": ""}}]}
     chunks = [_envelope("openai", model, [{"index": 0, "delta": opening, "logprobs": None,
                                            "finish_reason": None}], asked_usage)]
     size = max(1, len(arguments) // 4)
     for start in range(0, len(arguments), size):
-        fragment = {"tool_calls": [{"index": 0, "function": {"arguments": arguments[start:start + size]}}]}
+        fragment = {"tool_calls": [{"index": number, "function": {"arguments": arguments[start:start + size]}}]}
         chunks.append(_envelope("openai", model, [{"index": 0, "delta": fragment, "logprobs": None,
                                                    "finish_reason": None}], asked_usage))
     return chunks

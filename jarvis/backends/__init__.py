@@ -55,6 +55,9 @@ class ChatRequest:
     trace_id: str
     endpoint: str = "chat/completions"  # or completions, embeddings, responses (below /v1)
     account: tuple[int, str] | None = None  # whose usage it is: (account id, key id); None: Jarvis's own
+    # A page conversation's tool switches ({"server/tool": on}; {}: the servers' defaults): the tools it
+    # offers the model (jarvis.tool_loop). None: no tools (every /v1 request; a client sends its own).
+    tools: dict | None = None
     # What the upstream gets as X-Request-Id: a UUID, which validating servers accept.
     upstream_request_id: str = field(init=False)
 

@@ -55,16 +55,25 @@ def _marked(text: str, words: list[str]) -> str:
 def import_rows(conversation: dict) -> tuple[str, tuple, list[tuple]]:
     """An imported conversation's new id, its row and its messages' rows, in the column order the store
     inserts: conversations (id, title, created_at, updated_at, settings) and messages (conversation_id,
-    role, content, reasoning, status, error, model, stats, created_at, updated_at). Its tree is in the
+    role, content, reasoning, status, error, model, stats, tools, created_at, updated_at). Its tree is in the
     messages' `parent` (an index in the list, before it) and the conversation's `leaf` (an index)."""
     conversation_id = secrets.token_urlsafe(16)
     row = (conversation_id, storable(conversation["title"]), conversation["created_at"],
            conversation["updated_at"], settings_json(conversation["settings"]))
     messages = [(conversation_id, message["role"], storable(message["content"]), storable(message["reasoning"]),
                  message["status"], message["error"] and storable(message["error"]), message["model"],
-                 None if message["stats"] is None else json.dumps(message["stats"]), message["created_at"],
-                 message["created_at"]) for message in conversation["messages"]]
+                 None if message["stats"] is None else json.dumps(message["stats"]), tools_json(message.get("tools")),
+                 message["created_at"], message["created_at"]) for message in conversation["messages"]]
     return conversation_id, row, messages
+
+
+def tools_json(tools: list | None) -> str | None:
+    """An answer's tool steps as stored (none: NULL)."""
+    return json.dumps(tools) if tools else None
+
+
+def tools_of(stored: str | None) -> list | None:
+    return json.loads(stored) if stored else None
 
 
 def settings_json(settings: dict | None) -> str | None:
@@ -118,6 +127,8 @@ def message_of(row) -> dict:
     message = dict(row)
     message["stats"] = json.loads(message["stats"]) if message["stats"] else None
     message["reasoning_moved"] = bool(message["reasoning_moved"])
+    if "tools" in message:
+        message["tools"] = tools_of(message["tools"])
     return message
 
 

@@ -173,6 +173,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX api_streams_by_user ON api_streams(user_id)",
     ),
+    (  # 10 -> 11: an answer's tool steps, JSON
+        "ALTER TABLE messages ADD COLUMN tools TEXT",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

@@ -37,10 +37,12 @@ from jarvis.stores.common import (
     settings_json,
     settings_of,
     storable,
+    tools_json,
+    tools_of,
 )
 
 _MESSAGE_COLUMNS = ("id, parent_id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, "
-                    "stats, created_at, updated_at")
+                    "stats, tools, created_at, updated_at")
 CONTINUABLE = ("stopped", "interrupted", "error")  # and complete when it ended at max_tokens ("length")
 
 
@@ -118,17 +120,17 @@ def reap_dead_runs(db: Db, conversation_id: str | None, now: float) -> int:
 
 
 def _save(db: Db, message_id: int, content: str, status: str, error: str | None, reasoning: str = "",
-          stats: dict | None = None, reasoning_moved: bool = False) -> bool:
+          stats: dict | None = None, reasoning_moved: bool = False, tools: list | None = None) -> bool:
     """Save an answer (announced to pages following it from other nodes); whether it still existed. A
     save while streaming never brings back an answer that ended; one marked interrupted while its writer
     could not reach the database (its lease expired meanwhile) is streaming again."""
     only_while_streaming = " AND status IN ('streaming', 'interrupted')" if status == "streaming" else ""
     update = db.dialect.announcing_save(
         "UPDATE messages SET content = ?, reasoning = ?, reasoning_moved = ?, status = ?, error = ?, stats = ?, "
-        f"updated_at = ? WHERE id = ?{only_while_streaming} RETURNING id")
+        f"tools = ?, updated_at = ? WHERE id = ?{only_while_streaming} RETURNING id")
     return bool(db.all(update, (storable(content), storable(reasoning), bool(reasoning_moved), status,
                                 error and storable(error), None if stats is None else json.dumps(stats),
-                                time.time(), message_id)))
+                                tools_json(tools), time.time(), message_id)))
 
 
 class SQLStore:
@@ -208,14 +210,16 @@ class SQLStore:
         return self._call(_add_message, conversation_id, role, storable(content), status, model, trace_id)
 
     def update_message(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                       reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False) -> bool:
-        return self._call(_save, message_id, content, status, error, reasoning, stats, reasoning_moved)
+                       reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False,
+                       tools: list | None = None) -> bool:
+        return self._call(_save, message_id, content, status, error, reasoning, stats, reasoning_moved, tools)
 
     def update_message_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
+                             reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False,
+                             tools: list | None = None):
         """Queue the update without waiting; writes run in order. An AsyncResult of whether the message
         still existed."""
-        return self._later(_save, message_id, content, status, error, reasoning, stats, reasoning_moved)
+        return self._later(_save, message_id, content, status, error, reasoning, stats, reasoning_moved, tools)
 
     def set_leaf(self, conversation_id: str, message_id: int) -> int | None:
         """Make the branch through `message_id` current (down to its newest descendant); the new leaf, or
@@ -257,10 +261,12 @@ class SQLStore:
                           user_limit)
 
     def finish_answer_later(self, message_id: int, content: str, status: str, error: str | None = None, *,
-                            reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False):
+                            reasoning: str = "", stats: dict | None = None, reasoning_moved: bool = False,
+                            tools: list | None = None):
         """The answer's last save and the end of its run, in one transaction, queued (an AsyncResult of
         whether the answer still existed)."""
-        return self._later(_finish_answer, message_id, content, status, error, reasoning, stats, reasoning_moved)
+        return self._later(_finish_answer, message_id, content, status, error, reasoning, stats, reasoning_moved,
+                           tools)
 
     def tick_runs(self, owner: str, *, renew: bool, held=()) -> dict[int, tuple[bool, float | None]]:
         """For the runs `owner` holds: renew their leases (when `renew`) and report, per answer id,
@@ -585,10 +591,10 @@ def _import_conversations(db: Db, conversations: list[dict], user_id: int | None
 
 
 _INSERT_IMPORTED = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                    "tools, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_IMPORTED_UNDER = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, "
-                          "stats, created_at, updated_at, parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                          "RETURNING id")
+                          "stats, tools, created_at, updated_at, parent_id) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
 
 
 def _insert_tree(db: Db, conversation_id: str, messages: list[tuple], parents: list, leaf: int | None) -> None:
@@ -635,7 +641,7 @@ def _get_conversation(db: Db, conversation_id: str, every_version: bool = False)
 
 
 def _tree(db: Db, conversation_id: str) -> list[dict]:
-    return db.all("SELECT id, parent_id, role, content, reasoning, status, stats FROM messages "
+    return db.all("SELECT id, parent_id, role, content, reasoning, status, stats, tools FROM messages "
                   "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
 
 
@@ -705,6 +711,8 @@ def _branch_to(db: Db, conversation_id: str, message_id: int | None) -> list[dic
         branch.append(by_id[message_id])
         message_id = by_id[message_id]["parent_id"]
     branch.reverse()
+    for message in branch:
+        message["tools"] = tools_of(message["tools"])
     return branch
 
 
@@ -739,10 +747,10 @@ def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, clien
     now = time.time()
     with db.transaction():
         _claim(db, conversation_id, now, client, max_runs, user_limit)
-        message = db.one("SELECT role, content, status, error, stats FROM messages WHERE id = ? AND "
+        message = db.one("SELECT role, content, status, error, stats, tools FROM messages WHERE id = ? AND "
                          "conversation_id = ?", (message_id, conversation_id))
-        if message is None or message["role"] != "assistant" or not message["content"]:
-            return None
+        if message is None or message["role"] != "assistant" or not message["content"] or message["tools"]:
+            return None  # (an answer that called tools: its steps are not continued, it is answered again)
         finish = (json.loads(message["stats"]) if message["stats"] else {}).get("finish_reason")
         if message["status"] not in CONTINUABLE and not (message["status"] == "complete" and finish == "length"):
             return None
@@ -760,10 +768,10 @@ def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, clien
     return branch
 
 
-def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats, reasoning_moved) -> bool:
+def _finish_answer(db: Db, message_id, content, status, error, reasoning, stats, reasoning_moved, tools) -> bool:
     with db.transaction():
         db.execute("DELETE FROM runs WHERE message_id = ?", (message_id,))
-        return _save(db, message_id, content, status, error, reasoning, stats, reasoning_moved)
+        return _save(db, message_id, content, status, error, reasoning, stats, reasoning_moved, tools)
 
 
 def _tick_runs(db: Db, owner: str, renew: bool, held: tuple[int, ...] = ()) -> dict[int, tuple[bool, float | None]]:
@@ -813,5 +821,5 @@ def _follow(db: Db, message_id: int, touch: bool) -> dict | None:
         if touch:
             db.execute("UPDATE runs SET watched_at = ? WHERE message_id = ?", (now, message_id))
         message = db.one("SELECT id, conversation_id, role, content, reasoning, reasoning_moved, status, error, "
-                         "stats, trace_id FROM messages WHERE id = ?", (message_id,))
+                         "stats, tools, trace_id FROM messages WHERE id = ?", (message_id,))
     return message_of(message)

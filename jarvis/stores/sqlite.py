@@ -164,6 +164,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX api_streams_by_user ON api_streams(user_id)",
     ),
+    (  # 10 -> 11: an answer's tool steps (jarvis.tool_loop), JSON: the calls, where they came, their results
+        "ALTER TABLE messages ADD COLUMN tools TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

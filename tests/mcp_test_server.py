@@ -1,0 +1,69 @@
+"""A real MCP server (the official SDK's MCPServer, stdio) with the tools the tool-loop tests need that
+mcp-server-time lacks: a slow tool that reports progress and notes its own cancellation, one that ignores
+cancellation, one that kills its server mid-call, and a big result.
+
+    python -m tests.mcp_test_server NOTES_FILE
+
+Each line of NOTES_FILE is something the server saw: "started <tool> <seconds>", "cancelled <tool>",
+"finished <tool>" — how a test learns that a cancellation reached the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from mcp.server.mcpserver import Context, MCPServer
+
+server = MCPServer("jarvis-test")
+NOTES = sys.argv[1] if len(sys.argv) > 1 else os.devnull
+
+
+def note(line: str) -> None:
+    with open(NOTES, "a") as file:
+        file.write(line + "\n")
+
+
+@server.tool()
+async def wait(seconds: float, ctx: Context) -> str:
+    """Wait this many seconds, reporting progress every 0.1 s; then say how long it waited."""
+    note(f"started wait {seconds}")
+    started = time.monotonic()
+    try:
+        steps = max(1, int(seconds / 0.1))
+        for step in range(steps):
+            await asyncio.sleep(seconds / steps)
+            await ctx.report_progress(step + 1, steps, f"waited {step + 1} of {steps}")
+    except asyncio.CancelledError:
+        note("cancelled wait")
+        raise
+    note("finished wait")
+    return f"waited {time.monotonic() - started:.2f} s"
+
+
+@server.tool()
+def stuck(seconds: float) -> str:
+    """Block the whole server for this many seconds (a tool that cannot be cancelled)."""
+    note(f"started stuck {seconds}")
+    time.sleep(seconds)
+    note("finished stuck")
+    return "unstuck"
+
+
+@server.tool()
+def crash() -> str:
+    """Kill this server in the middle of the call."""
+    note("started crash")
+    os._exit(3)
+
+
+@server.tool()
+def big(size: int) -> str:
+    """A result of `size` characters."""
+    return "x" * size
+
+
+if __name__ == "__main__":
+    server.run("stdio")
