@@ -40,6 +40,8 @@ export const adminRemoveUser = (name) => call(`/api/admin/users/${encodeURICompo
 export const makeKey = (label) => call("/api/account/keys", { method: "POST", body: JSON.stringify({ label }) });
 /** @param {string} id */
 export const revokeKey = (id) => call(`/api/account/keys/${encodeURIComponent(id)}`, { method: "DELETE" });
+/** The tool servers (started if they are not) and their tools: [{name, enabled, available, error, tools}]. */
+export const listTools = () => call("/api/tools").then((body) => body.data);
 export const listConversations = () => call("/api/conversations").then((body) => body.data);
 export const createConversation = () => call("/api/conversations", { method: "POST", body: "{}" });
 /** @param {string} id */

@@ -123,6 +123,11 @@ async function readAnswer(response, view, progressed) {
       const delta = chunk.choices?.[0]?.delta;
       if (delta && (delta.content || delta.reasoning_content)) view.setNote(null);
       view.applyDelta(delta);
+      // The tool loop (jarvis.tool_loop): all the steps (a re-attach's catch-up), a step's calls, their news.
+      if (chunk.tools) view.setTools(chunk.tools);
+      if (chunk.tool_step) view.toolStep(chunk.tool_step);
+      if (chunk.tool_progress) view.toolNews(chunk.tool_progress, "progress");
+      if (chunk.tool_result) view.toolNews(chunk.tool_result, "result");
     } else if (event.type === "error") {
       return { status: "error", error: String(event.error?.message ?? "the answer failed") };
     } else {

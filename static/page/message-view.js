@@ -4,10 +4,12 @@
  * collapsible block above it) is rendered as sanitised Markdown, at most once per frame and, while it
  * streams, at most every RENDER_EVERY_MS (or four times as long as the last render took). A thinking
  * model's reasoning arrives as `delta.reasoning_content` (whatever shape the upstream used) and shows
- * live in a block above the answer that folds away when the answer starts.
+ * live in a block above the answer that folds away when the answer starts. An answer that called tools shows
+ * each step's calls where they came in its text (./tool-view.js).
  */
 import { renderMarkdown } from "../markdown.js";
 import { seconds } from "./dom.js";
+import { addToolDeltas, checkedSteps, pendingView, stepView } from "./tool-view.js";
 
 // Each render re-lays out and repaints the message. At one per token, a 400-token answer at 50 tokens a
 // second cost headless Chromium 3.0 CPU-seconds in 8 s (37% of a core, under 10% of it in the render
@@ -19,7 +21,7 @@ const RENDER_EVERY_MS = 50;
  *   tokens_per_second?: number | null, upstream?: string, finish_reason?: string}} AnswerStats
  * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
  *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null, parent_id?: number | null,
- *   versions?: number[]}} Message
+ *   versions?: number[], tools?: import("./tool-view.js").ToolStep[] | null}} Message
  */
 
 /**
@@ -53,6 +55,11 @@ export class MessageView {
     this.element.append(this.thinking, this.body, this.errorNote, this.statsLine, this.actions);
     this.text = message.content;
     this.reasoning = message.reasoning ?? "";
+    this.tools = checkedSteps(message.tools); // the tool steps: their calls, where they came, their results
+    /** @type {import("./tool-view.js").PendingCall[]} */ this.pending = []; // calls the model is writing
+    /** @type {Set<string>} */ this.openedCalls = new Set();
+    /** @type {{text: string, element: HTMLElement}[]} */ this.segments = []; // the text between the steps
+    this.toolsChanged = true;
     this.renderedReasoning = null;
     /** @type {number | null} */ this.thinkingStartedAt = null; // this page's clock, while it watches
     // Whether this page watches the answer from its start: only then does its clock time the thinking
@@ -74,7 +81,8 @@ export class MessageView {
    * text, or ended at max_tokens). The server checks again. */
   get continuable() {
     const status = this.message.status;
-    return this.message.role === "assistant" && (this.saved ? this.saved.content : this.text) !== "" && (
+    return this.message.role === "assistant" && (this.saved ? this.saved.content : this.text) !== ""
+      && this.tools.length === 0 && (
       status === "stopped" || status === "interrupted" || status === "error"
       || (status === "complete" && this.message.stats?.finish_reason === "length"));
   }
@@ -86,14 +94,58 @@ export class MessageView {
    */
   showSaved(saved, { always = false } = {}) {
     if (saved.status === "streaming" || this.message.role !== "assistant") return;
-    if (saved.content === this.text && (saved.reasoning ?? "") === this.reasoning) return;
+    const tools = checkedSteps(saved.tools);
+    if (saved.content === this.text && (saved.reasoning ?? "") === this.reasoning
+        && JSON.stringify(tools) === JSON.stringify(this.tools)) return;
     this.saved = saved;
     // A worker that died before saving the last tokens this page showed: they stay on screen (to read or
     // copy) until the answer is continued from what was saved.
     if (!always && saved.status === "interrupted" && this.text.startsWith(saved.content)) return;
     this.text = saved.content;
     this.reasoning = saved.reasoning ?? "";
+    this.setTools(tools);
     this.render();
+  }
+
+  /**
+   * The answer's tool steps as the server has them (a re-attach's catch-up, a saved answer).
+   * @param {unknown} steps
+   */
+  setTools(steps) {
+    this.tools = checkedSteps(steps);
+    this.pending = [];
+    this.toolsChanged = true;
+    this.scheduleRender();
+  }
+
+  /**
+   * A step's calls are about to run: they replace the calls the model was writing.
+   * @param {any} step
+   */
+  toolStep(step) {
+    const [checked] = checkedSteps([step]);
+    if (!checked) return;
+    this.tools.push(checked);
+    this.pending = [];
+    this.toolsChanged = true;
+    this.scheduleRender();
+  }
+
+  /**
+   * A call's result, or its progress while it runs.
+   * @param {any} news {id, content, is_error, duration_ms} or {id, progress, total, message}
+   * @param {"result" | "progress"} kind
+   */
+  toolNews(news, kind) {
+    const call = this.tools.at(-1)?.calls.find((known) => known.id === news?.id);
+    if (!call) return;
+    if (kind === "result" && typeof news.content === "string") {
+      Object.assign(call, { result: news.content, is_error: news.is_error === true, duration_ms: news.duration_ms });
+    } else if (kind === "progress") {
+      call.progress = { progress: news.progress, total: news.total, message: news.message };
+    }
+    this.toolsChanged = true;
+    this.scheduleRender();
   }
 
   /** The message's id on the server; null until the server has said it. */
@@ -124,6 +176,10 @@ export class MessageView {
     if (typeof delta.content === "string" && delta.content) {
       this.text += delta.content;
       if (this.thinkingStartedAt !== null) this.stopThinking();
+    }
+    if (delta.tool_calls) {
+      addToolDeltas(this.pending, delta.tool_calls);
+      this.toolsChanged = true;
     }
     this.scheduleRender();
   }
@@ -185,10 +241,43 @@ export class MessageView {
       if (this.thinkingStartedAt !== null) this.thinkingBody.scrollTop = this.thinkingBody.scrollHeight;
     }
     this.labelThinking();
-    if (this.text !== this.renderedText) {
+    if (this.tools.length || this.pending.length) {
+      this.showWithTools();
+    } else if (this.text !== this.renderedText) {
       this.renderedText = this.text;
       showMarkdown(this.body, this.text);
     }
+  }
+
+  /** The text cut where each tool step came, the step's calls between; a segment is rendered again only when
+   * its text changed. */
+  showWithTools() {
+    if (this.text === this.renderedText && !this.toolsChanged) return;
+    this.renderedText = this.text;
+    this.toolsChanged = false;
+    const running = this.message.status === "streaming";
+    /** @type {HTMLElement[]} */ const children = [];
+    /** @type {string[]} */ const texts = [];
+    let before = 0;
+    for (const step of this.tools) {
+      const at = Math.min(Math.max(step.at, before), this.text.length);
+      texts.push(this.text.slice(before, at));
+      before = at;
+    }
+    texts.push(this.text.slice(before));
+    texts.forEach((text, index) => {
+      let segment = this.segments[index];
+      if (!segment || segment.text !== text) {
+        const element = document.createElement("div");
+        element.className = "segment";
+        showMarkdown(element, text);
+        segment = this.segments[index] = { text, element };
+      }
+      children.push(segment.element);
+      if (index < this.tools.length) children.push(stepView(this.tools[index], running, this.openedCalls));
+    });
+    if (this.pending.length) children.push(pendingView(this.pending));
+    this.body.replaceChildren(...children);
   }
 
   /**
@@ -199,8 +288,10 @@ export class MessageView {
    */
   finish(status, error, traceId) {
     this.stopThinking();
-    this.render();
     this.setStatus(status, error, traceId);
+    this.pending = [];
+    this.toolsChanged = true; // a call still without a result was cancelled
+    this.render();
   }
 
   /**

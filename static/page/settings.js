@@ -1,11 +1,18 @@
 // @ts-check
-/** A conversation's settings (system prompt, sampling), its export, importing files, and the streaming doctor. */
+/**
+ * A conversation's settings (system prompt, sampling, the tools it may call), its export, importing files, and
+ * the streaming doctor. A tool's switch is saved only where it differs from its server's default (`enabled`).
+ */
 import * as api from "../api.js";
 import { readEvents } from "../sse.js";
 import { $ } from "./dom.js";
 
 /** @type {string | null} the conversation whose settings the dialog shows */
 let conversationId = null;
+/** @type {Record<string, boolean>} the conversation's tool switches, as saved ({"server/tool": on}) */
+let toolSwitches = {};
+/** @type {{key: string, box: HTMLInputElement, standard: boolean}[]} the switches shown */
+let toolBoxes = [];
 
 export const settingsDialog = /** @type {HTMLDialogElement} */ ($("settings-dialog"));
 const settingFields = {
@@ -26,11 +33,45 @@ export async function openSettings(id) {
   settingFields.temperature.value = settings?.temperature ?? "";
   settingFields.topP.value = settings?.top_p ?? "";
   settingFields.maxTokens.value = settings?.max_tokens ?? "";
+  toolSwitches = settings?.tools ?? {};
+  toolBoxes = [];
+  $("setting-tools").hidden = true;
+  showTools(id).catch((error) => console.warn("the tool list could not be read", error));
   const base = `/api/conversations/${encodeURIComponent(id)}/export`;
   $("export-json").setAttribute("href", `${base}?format=json`);
   $("export-markdown").setAttribute("href", `${base}?format=markdown`);
   $("settings-error").hidden = true;
   settingsDialog.showModal();
+}
+
+/**
+ * The tool servers' tools, each with its switch for this conversation (none configured: nothing shown).
+ * @param {string} id
+ */
+async function showTools(id) {
+  const servers = await api.listTools();
+  if (conversationId !== id || !Array.isArray(servers) || servers.length === 0) return;
+  const list = $("setting-tools-list");
+  list.replaceChildren();
+  for (const server of servers) {
+    const heading = document.createElement("p");
+    heading.className = "tool-server";
+    heading.textContent = server.available ? server.name : `${server.name} — unavailable: ${server.error ?? "unknown"}`;
+    list.append(heading);
+    for (const tool of server.tools ?? []) {
+      const key = `${server.name}/${tool.name}`;
+      const standard = server.enabled !== false;
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.checked = toolSwitches[key] ?? standard;
+      const label = document.createElement("label");
+      label.title = String(tool.description ?? "");
+      label.append(box, " ", String(tool.name));
+      list.append(label);
+      toolBoxes.push({ key, box, standard });
+    }
+  }
+  $("setting-tools").hidden = false;
 }
 
 export async function saveSettings() {
@@ -40,7 +81,12 @@ export async function saveSettings() {
     temperature: number(settingFields.temperature),
     top_p: number(settingFields.topP),
     max_tokens: number(settingFields.maxTokens),
+    tools: { ...toolSwitches },
   };
+  for (const { key, box, standard } of toolBoxes) {
+    if (box.checked === standard) delete settings.tools[key];
+    else settings.tools[key] = box.checked;
+  }
   try {
     await api.updateSettings(/** @type {string} */ (conversationId), settings);
     settingsDialog.close();
