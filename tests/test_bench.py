@@ -143,3 +143,13 @@ def test_the_bench_client_counts_a_token_split_across_http_chunks():
     result = subprocess.run([sys.executable, "-c", SPLIT_TOKENS], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "True"]
+
+
+def test_tools_benchmark_smoke():  # no timing asserted
+    result = subprocess.run([sys.executable, "bench/tools.py", "--runs", "3"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("the SDK alone, asyncio (baseline)", "Jarvis's client, from the gevent hub",
+                "in a page answer: tool_step → tool_result", "Stop while a tool runs → the server notes"):
+        assert row in result.stdout, result.stdout
+    assert "nan" not in result.stdout, result.stdout  # every Stop reached its source

@@ -78,7 +78,8 @@ def test_the_page_shows_the_loop_live_through_a_reload_and_every_step_is_saved(s
     assistant, tool = second.body["messages"][-2:]
     assert assistant["tool_calls"][0]["id"] == "call_fake_0001"
     assert assistant["tool_calls"][0]["function"]["name"] == "wait"
-    assert tool["role"] == "tool" and tool["tool_call_id"] == "call_fake_0001" and tool["content"].startswith("waited 2")
+    assert (tool["role"], tool["tool_call_id"]) == ("tool", "call_fake_0001")
+    assert tool["content"].startswith("waited 2")
     # Saved: a reload of the ended conversation shows the same block and answer.
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
