@@ -19,8 +19,9 @@ it (stuck in the tool it was asked to drop) is stopped and started afresh at the
 notifications come back to the hub through the same async watcher.
 
 Servers are started lazily, at the first request that needs their tools, and again after they died.
-Streamable HTTP servers are configured (jarvis.tools_config) but not reached yet: they show as
-unavailable, saying so.
+Streamable HTTP servers are reached with the SDK's own transport (httpx on this loop, through the
+patched process's sockets in non-blocking mode, which asyncio drives itself), their configured headers
+on every request.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class ToolServers:
     def _start_loop(self) -> asyncio.AbstractEventLoop:
         if self.loop is None:
             epoll_selector, = monkey.get_original("selectors", ["EpollSelector"])
-            self.loop = asyncio.SelectorEventLoop(epoll_selector())
+            self.loop = _Loop(epoll_selector())
             self.pool = ThreadPool(1)
             self.pool.spawn(self.loop.run_forever)
         return self.loop
@@ -160,6 +161,19 @@ class ToolServers:
         self.loop = None
 
 
+class _Loop(asyncio.SelectorEventLoop):
+    """The loop of the tool servers' thread. asyncio resolves names in its default executor, whose threads are
+    gevent's greenlets in a patched worker and never run on this thread (measured: a Streamable HTTP server
+    named `localhost` timed out connecting, `127.0.0.1` worked); here the original resolver answers on this
+    thread (a slow DNS delays the tool servers' traffic, never the hub)."""
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):  # noqa: A002 (asyncio's names)
+        return _RESOLVE(host, port, family, type, proto, flags)
+
+
+_RESOLVE, = monkey.get_original("socket", ["getaddrinfo"])
+
+
 async def _stop_all(servers: list[_Server]) -> None:
     await asyncio.gather(*(server.stop() for server in servers), return_exceptions=True)
 
@@ -187,9 +201,6 @@ class _Server:
         if self.task is not None and not self.task.done() and self.stopping.is_set():
             await asyncio.wait([self.task], timeout=10)  # it is going away (it died, or ignored a cancel)
         if self.task is None or self.task.done():
-            if self.config.transport != "stdio":
-                self.error = "Streamable HTTP tool servers are not supported yet"
-                return
             self.connected, self.stopping = asyncio.Event(), asyncio.Event()
             self.task = asyncio.get_running_loop().create_task(self._run())
         try:
@@ -201,7 +212,9 @@ class _Server:
         from mcp import ClientSession
 
         try:
-            async with _stdio(self.config, self.stopping.set) as (read, write), ClientSession(read, write) as session:
+            transport = _stdio(self.config, self.stopping.set) if self.config.transport == "stdio" else \
+                _http(self.config)
+            async with transport as (read, write), ClientSession(read, write) as session:
                 await session.initialize()
                 listed = (await session.list_tools()).tools
                 allowed = self.config.tools
@@ -323,6 +336,17 @@ async def _stdio(config: ToolServer, ended):
         write_transport.close()  # the server reads EOF and exits
         read_transport.close()
         await _reap(pid, waitpid)
+
+
+@asynccontextmanager
+async def _http(config: ToolServer):
+    """The SDK's Streamable HTTP transport, with the server's headers (its secrets) on every request."""
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with create_mcp_http_client(headers=config.headers) as client, \
+            streamable_http_client(config.url, http_client=client) as streams:
+        yield streams
 
 
 async def _reap(pid: int, waitpid) -> None:

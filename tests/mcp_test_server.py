@@ -2,7 +2,8 @@
 mcp-server-time lacks: a slow tool that reports progress and notes its own cancellation, one that ignores
 cancellation, one that kills its server mid-call, and a big result.
 
-    python -m tests.mcp_test_server NOTES_FILE
+    python -m tests.mcp_test_server NOTES_FILE            (stdio)
+    python -m tests.mcp_test_server NOTES_FILE PORT       (Streamable HTTP on 127.0.0.1:PORT/mcp)
 
 Each line of NOTES_FILE is something the server saw: "started <tool> <seconds>", "cancelled <tool>",
 "finished <tool>" — how a test learns that a cancellation reached the server.
@@ -66,4 +67,7 @@ def big(size: int) -> str:
 
 
 if __name__ == "__main__":
-    server.run("stdio")
+    if len(sys.argv) > 2:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")

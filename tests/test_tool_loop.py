@@ -5,16 +5,18 @@ official SDK), and the run goes on, saves every step and re-sends them as histor
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import sys
 import time
 
-import gevent
 import pytest
 
 from jarvis.tools_config import ToolServer
 from tests.clients import data_of, sse
-from tests.fake_backend import Pause, upstream_like_chunks
+from tests.fake_backend import STALL, Pause, upstream_like_chunks
 from tests.live import wait_until
+from tests.net import free_port
 from tests.test_conversations import settle
 
 TIME_SERVER = (sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC")
@@ -247,4 +249,46 @@ def test_progress_notifications_reach_the_page_while_the_tool_runs(tools_client,
     progress = [event["tool_progress"] for event in events if "tool_progress" in event]
     assert progress and progress[-1]["total"] == 5 and progress[-1]["message"] == "waited 5 of 5"
     assert all(p["id"] == "call_fake_0001" for p in progress)
-    assert gevent.getcurrent() is not None
+
+
+def test_stop_while_the_model_writes_after_a_tool_keeps_the_step_and_the_text(tools_client, backend):
+    client = tools_client()
+    backend.enqueue(calls(("big", {"size": 2})), ["After the tool ", STALL])
+    conversation_id, response = send(client)
+    body = iter(response.response)
+    for chunk in body:
+        if b"After the tool" in chunk:
+            break
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    assert b'"status": "stopped"' in b"".join(body)
+    assert backend.generations[1].aborted.is_set()  # the second step's stream was cancelled at its source
+    message = saved(client, conversation_id)
+    assert message["status"] == "stopped" and message["content"] == "w0 w1 After the tool "
+    assert message["tools"][0]["calls"][0]["result"] == "xx"
+
+
+def test_a_streamable_http_server_serves_the_loop_as_a_stdio_one_does(tools_client, backend, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([*test_server(tmp_path / "http-notes"), str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 30, lambda: "the HTTP tool server never listened")
+        client = tools_client(ToolServer("remote", url=f"http://localhost:{port}/mcp",
+                                         headers={"Authorization": "Bearer not-logged"}))
+        backend.enqueue(calls(("wait", {"seconds": 0.3})), ["ok"])
+        _, response = send(client)
+        events = page_events(response)
+        [result] = [event["tool_result"] for event in events if "tool_result" in event]
+        assert not result["is_error"] and result["content"].startswith("waited 0.3")
+        progress = [event["tool_progress"] for event in events if "tool_progress" in event]
+        assert progress and progress[-1]["progress"] == progress[-1]["total"]
+        listed = client.get("/api/tools").json["data"]
+        assert listed[0]["transport"] == "http" and listed[0]["available"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

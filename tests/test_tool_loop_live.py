@@ -90,6 +90,7 @@ def test_the_page_shows_the_loop_live_through_a_reload_and_every_step_is_saved(s
     page.locator("#setting-tools:not([hidden])").wait_for(timeout=30_000)
     page.get_by_label("wait", exact=True).uncheck()
     page.get_by_role("button", name="Save").click()
+    page.locator("#settings-dialog").wait_for(state="hidden")  # (closed once the server has the settings)
     upstream.scenario = Scenario(tokens=2)
     send(page, "Thanks")
     wait_status(page, "complete", 30)
