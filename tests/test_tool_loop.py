@@ -17,6 +17,7 @@ from tests.clients import data_of, sse
 from tests.fake_backend import STALL, Pause, upstream_like_chunks
 from tests.live import wait_until
 from tests.net import free_port
+from tests.npm_servers import everything_command
 from tests.test_conversations import settle
 
 TIME_SERVER = (sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC")
@@ -292,3 +293,30 @@ def test_a_streamable_http_server_serves_the_loop_as_a_stdio_one_does(tools_clie
 def port_open(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.long(15)
+def test_the_reference_server_from_npm_answers_in_the_loop_with_progress_and_stops(tools_client, backend):
+    client = tools_client(ToolServer("everything", command=everything_command()))
+    backend.enqueue(calls(("get-sum", {"a": 2, "b": 3}), ("trigger-long-running-operation", {"duration": 1,
+                                                                                           "steps": 4})),
+                    ["ok"])
+    conversation_id, response = send(client)
+    events = page_events(response)
+    results = {event["tool_result"]["id"]: event["tool_result"] for event in events if "tool_result" in event}
+    assert "5" in results["call_fake_0001"]["content"] and not results["call_fake_0001"]["is_error"]
+    assert "completed" in results["call_fake_0002"]["content"].lower()
+    progress = [event["tool_progress"] for event in events if "tool_progress" in event]
+    assert [p["progress"] for p in progress] == [1, 2, 3, 4] and progress[-1]["total"] == 4
+    # Stop in a long operation: the run ends stopped, and the server still answers the next call.
+    backend.enqueue(calls(("trigger-long-running-operation", {"duration": 60, "steps": 60})))
+    _, response = send(client, conversation_id, "Again, longer")
+    body = iter(response.response)
+    for chunk in body:
+        if b"tool_progress" in chunk:
+            break
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    assert b'"status": "stopped"' in b"".join(body)
+    backend.enqueue(calls(("echo", {"message": "still here"})), ["ok"])
+    events = page_events(send(client, conversation_id, "Echo")[1])
+    assert "still here" in [event["tool_result"] for event in events if "tool_result" in event][0]["content"]
