@@ -214,11 +214,9 @@ class _Server:
         try:
             transport = _stdio(self.config, self.stopping.set) if self.config.transport == "stdio" else \
                 _http(self.config)
-            async with transport as (read, write), ClientSession(read, write) as session:
+            async with transport as (read, write), ClientSession(read, write, message_handler=self._heard) as session:
                 await session.initialize()
-                listed = (await session.list_tools()).tools
-                allowed = self.config.tools
-                self.tools = [tool for tool in listed if allowed is None or tool.name in allowed]
+                await self._list(session)
                 self.session, self.error = session, None
                 log.info("tool server %s: %d tools", self.config.name, len(self.tools))
                 self.connected.set()
@@ -229,6 +227,26 @@ class _Server:
         finally:
             self.session = None
             self.connected.set()
+
+    async def _list(self, session) -> None:
+        listed = (await session.list_tools()).tools
+        allowed = self.config.tools
+        self.tools = [tool for tool in listed if allowed is None or tool.name in allowed]
+
+    async def _heard(self, message) -> None:
+        """A server's notification: its tool list changed (read it again, for the next answers' offers)."""
+        if getattr(message, "method", None) == "notifications/tools/list_changed" and self.session is not None:
+            session = self.session
+
+            async def relist():
+                try:
+                    await self._list(session)
+                    log.info("tool server %s: its tools changed, now %d", self.config.name, len(self.tools))
+                except Exception as error:
+                    log.warning("tool server %s: reading its changed tools failed (%s)", self.config.name,
+                                _reason(error))
+
+            asyncio.get_running_loop().create_task(relist())
 
     async def call(self, tool: str, arguments: dict, progress=None) -> dict:
         await self.ready()

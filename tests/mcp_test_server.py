@@ -61,6 +61,17 @@ def crash() -> str:
 
 
 @server.tool()
+async def learn(name: str, ctx: Context) -> str:
+    """Add a tool called `name` (it answers "I am <name>") and tell the client its tool list changed."""
+    def learned() -> str:
+        return f"I am {name}"
+
+    server.add_tool(learned, name=name, description=f"Says it is {name}")
+    await ctx.request_context.session.send_tool_list_changed()
+    return f"learned {name}"
+
+
+@server.tool()
 def big(size: int) -> str:
     """A result of `size` characters."""
     return "x" * size

@@ -320,3 +320,19 @@ def test_the_reference_server_from_npm_answers_in_the_loop_with_progress_and_sto
     backend.enqueue(calls(("echo", {"message": "still here"})), ["ok"])
     events = page_events(send(client, conversation_id, "Echo")[1])
     assert "still here" in [event["tool_result"] for event in events if "tool_result" in event][0]["content"]
+
+
+def test_a_servers_changed_tool_list_is_read_again_and_offered_in_the_next_answer(tools_client, backend):
+    client = tools_client()
+    backend.enqueue(calls(("learn", {"name": "fresh_tool"})), ["learned"], ["next"])
+    conversation_id, response = send(client)
+    assert "learned fresh_tool" in [e["tool_result"] for e in page_events(response) if "tool_result" in e][0]["content"]
+    assert "fresh_tool" not in {tool["function"]["name"] for tool in backend.requests[0].body["tools"]}
+
+    def listed():
+        test = next(server for server in client.get("/api/tools").json["data"] if server["name"] == "test")
+        return "fresh_tool" in {tool["name"] for tool in test["tools"]}
+
+    settle(listed, 10, lambda: "the changed tool list was never read")  # (on notifications/tools/list_changed)
+    send(client, conversation_id, "Again")[1].get_data()
+    assert "fresh_tool" in {tool["function"]["name"] for tool in backend.requests[-1].body["tools"]}
