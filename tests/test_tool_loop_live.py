@@ -73,7 +73,7 @@ def test_the_page_shows_the_loop_live_through_a_reload_and_every_step_is_saved(s
     assert done.locator(".tool-result").inner_text().startswith("waited 2")
     # The model's second request: its call, then the tool's output under the call's id.
     first, second = upstream.chats[-2:]
-    assert {"get_current_time", "convert_time", "wait", "stuck", "crash", "big"} == \
+    assert {"get_current_time", "convert_time", "wait", "stuck", "crash", "big", "learn"} == \
         {tool["function"]["name"] for tool in first.body["tools"]}
     assistant, tool = second.body["messages"][-2:]
     assert assistant["tool_calls"][0]["id"] == "call_fake_0001"
