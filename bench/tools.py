@@ -180,7 +180,7 @@ def main() -> int:
         rows.append(row("in a page answer: tool_step → tool_result", in_a_page_answer(url, upstream, runs), baseline))
         stops = []
         for phase, name in (("model", "while the model writes"), ("tool", "while a tool runs")):
-            to_done, at_source = stop_latency(url, upstream, notes, phase, max(3, runs // 3))
+            to_done, at_source = stop_latency(url, upstream, notes, phase, max(1, runs // 3))
             source = "the upstream's connection closed" if phase == "model" else "the server notes its cancellation"
             stops += [row(f"Stop {name} → [DONE] at the client", to_done),
                       row(f"Stop {name} → {source}", at_source)]

@@ -15,8 +15,9 @@ from jarvis.stores import ConversationStore, open_store
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None,
-               store: ConversationStore | None = None) -> Flask:
-    """Build the app; with no settings, read them from the environment (as app.py does)."""
+               store: ConversationStore | None = None, tool_servers=None) -> Flask:
+    """Build the app; with no settings, read them from the environment (as app.py does). Tests may hand it
+    running tool servers (jarvis.mcp_client.ToolServers) that several apps share."""
     settings = Settings.from_env() if settings is None else settings
     logs.configure(settings.log_level, settings.log_format)
 
@@ -25,7 +26,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     store = store or open_store(settings)
     from jarvis.mcp_client import ToolServers
 
-    state.install(app, settings, backend or create_backend(settings), store, ToolServers(settings.tool_servers))
+    state.install(app, settings, backend or create_backend(settings), store,
+                  tool_servers if tool_servers is not None else ToolServers(settings.tool_servers))
 
     errors.init_app(app)
     lifecycle.track_connections(app)

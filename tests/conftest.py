@@ -149,9 +149,10 @@ def make_app(tmp_path, backend):
     """Build Jarvis in this process from settings (defaults plus overrides), around `backend`."""
     apps = []
 
-    def make(**overrides):
+    def make(tool_servers=None, **overrides):
         overrides.setdefault("titles", False)  # (tests/test_titles.py turns it on: see tests/live.py)
-        app = create_app(Settings(data_dir=str(tmp_path / "data"), **overrides), backend=backend)
+        app = create_app(Settings(data_dir=str(tmp_path / "data"), **overrides), backend=backend,
+                         tool_servers=tool_servers)
         apps.append(app)
         return app
 

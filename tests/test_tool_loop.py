@@ -36,25 +36,46 @@ def calls(*pairs) -> list:
         {"name": name, "arguments": json.dumps(arguments)} for name, arguments in pairs])
 
 
-@pytest.fixture
-def tools_client(make_app, tmp_path):
-    """An app with tool servers: mcp-server-time as "time", the SDK-built test server as "test"."""
-    notes = tmp_path / "notes"
+@pytest.fixture(scope="module")
+def shared_servers(tmp_path_factory):
+    """mcp-server-time as "time" and the SDK-built test server as "test", running for the module's tests (each
+    start of a Python MCP server costs about a second of CPU); a test reads only the notes it caused."""
+    from jarvis.mcp_client import ToolServers
+
+    notes = tmp_path_factory.mktemp("tools") / "notes"
     notes.touch()
-    apps = []
+    servers = ToolServers((ToolServer("time", command=TIME_SERVER),
+                           ToolServer("test", command=test_server(notes), timeout_seconds=30)))
+    servers.notes = notes
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def tools_client(make_app, shared_servers):
+    """An app with tool servers: the module's two (no arguments), or its own (closed after the test)."""
+    own = []
 
     def make(*servers: ToolServer, **overrides):
-        servers = servers or (ToolServer("time", command=TIME_SERVER),
-                              ToolServer("test", command=test_server(notes), timeout_seconds=30))
-        app = make_app(tool_servers=servers, **overrides)
-        apps.append(app)
-        client = app.test_client()
-        client.notes = notes
+        from jarvis.mcp_client import ToolServers
+
+        tools = shared_servers
+        if servers:
+            tools = ToolServers(servers)
+            own.append(tools)
+        client = make_app(tool_servers=tools, **overrides).test_client()
+        client.notes = shared_servers.notes
+        client.notes_at = len(shared_servers.notes.read_text())
         return client
 
     yield make
-    for app in apps:
-        app.extensions["jarvis.tools"].close()
+    for tools in own:
+        tools.close()
+
+
+def new_notes(client) -> str:
+    """What the test server noted since this client was made."""
+    return client.notes.read_text()[client.notes_at:]
 
 
 def send(client, conversation_id=None, content="What time is it?", **settings):
@@ -140,14 +161,14 @@ def test_stop_while_a_tool_runs_cancels_it_on_the_server_and_the_next_message_wo
     for chunk in body:
         if b"tool_step" in chunk:
             break
-    wait_until(lambda: "started wait" in client.notes.read_text(), 30, "the tool never started")
+    wait_until(lambda: "started wait" in new_notes(client), 30, "the tool never started")
     stopped_at = time.monotonic()
     assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
     rest = b"".join(body)
     took = time.monotonic() - stopped_at
     assert b'"status": "stopped"' in rest and rest.endswith(b"data: [DONE]\n\n")
-    wait_until(lambda: "cancelled wait" in client.notes.read_text(), 10, "the server never heard of the Stop")
-    assert "finished wait" not in client.notes.read_text()
+    wait_until(lambda: "cancelled wait" in new_notes(client), 10, "the server never heard of the Stop")
+    assert "finished wait" not in new_notes(client)
     message = saved(client, conversation_id)
     assert message["status"] == "stopped" and message["tools"][0]["calls"][0]["result"] is None
     # A Stop takes ~10 ms here; 5 s is far from it, and far below the 30 s the tool would have run.
@@ -336,3 +357,16 @@ def test_a_servers_changed_tool_list_is_read_again_and_offered_in_the_next_answe
     settle(listed, 10, lambda: "the changed tool list was never read")  # (on notifications/tools/list_changed)
     send(client, conversation_id, "Again")[1].get_data()
     assert "fresh_tool" in {tool["function"]["name"] for tool in backend.requests[-1].body["tools"]}
+
+
+def test_nobody_watching_a_loop_for_detached_seconds_stops_it_inside_a_tool(tools_client, backend):
+    client = tools_client(detached_seconds=0.3)
+    backend.enqueue(calls(("wait", {"seconds": 30})))
+    conversation_id, response = send(client)
+    for chunk in response.response:
+        if b"tool_step" in chunk:
+            break
+    response.close()  # the page leaves while the tool runs
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m, 10)
+    assert "JARVIS_DETACHED_SECONDS" in message["error"] and message["tools"][0]["calls"][0]["result"] is None
+    wait_until(lambda: "cancelled wait" in new_notes(client), 10, "the tool was not cancelled")
