@@ -148,6 +148,7 @@ class Meter:
         self.pending: dict[tuple[int, str, str, str], list[int]] = {}
         self.flusher: gevent.Greenlet | None = None
         self.failing = 0
+        self.closed = False
         _METERS.add(self)
 
     def add(self, account: tuple[int, str] | None, model: str, prompt: int, completion: int) -> None:
@@ -162,7 +163,7 @@ class Meter:
         row[0] += 1
         row[1] += prompt
         row[2] += completion
-        if self.flusher is None:
+        if self.flusher is None and not self.closed:
             self.flusher = gevent.spawn_later(FLUSH_SECONDS, self._scheduled)
 
     def _scheduled(self) -> None:
@@ -185,13 +186,22 @@ class Meter:
             if self.failing == 1 or self.failing % 60 == 0:
                 log.warning("could not write the usage counts to the store (%s); they are kept and tried again",
                             error if isinstance(error, StoreUnavailable) else type(error).__name__)
-            if self.flusher is None:
+            if self.flusher is None and not self.closed:
                 self.flusher = gevent.spawn_later(_RETRY_SECONDS, self._scheduled)
             return False
         if self.failing:
             log.info("the usage counts were written after %d failed tries", self.failing)
             self.failing = 0
         return True
+
+    def close(self) -> None:
+        """Write what is pending, once, and schedule nothing more (an app thrown away, as in tests: a timer
+        left behind would write to a closed store during a later test)."""
+        self.closed = True
+        if self.flusher is not None:
+            self.flusher.kill(block=False)
+            self.flusher = None
+        self.flush()
 
     def pending_tokens(self, user_id: int, day: str) -> int:
         return sum(counts[1] + counts[2] for (user, when, _, _), counts in self.pending.items()

@@ -160,6 +160,7 @@ def make_app(tmp_path, backend):
     for app in apps:
         with app.app_context():
             state.runs().close()
+            state.meter().close()
             state.store().close()
 
 
