@@ -145,6 +145,7 @@ def test_the_bench_client_counts_a_token_split_across_http_chunks():
     assert result.stdout.split() == ["3", "True"]
 
 
+@pytest.mark.long(20)
 def test_tools_benchmark_smoke():  # no timing asserted
     result = subprocess.run([sys.executable, "bench/tools.py", "--runs", "3"], cwd=ROOT, capture_output=True,
                             text=True, timeout=180)

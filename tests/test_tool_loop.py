@@ -316,7 +316,7 @@ def port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.long(15)
+@pytest.mark.long(20)  # (its first run installs the server from npm: about 12 s)
 def test_the_reference_server_from_npm_answers_in_the_loop_with_progress_and_stops(tools_client, backend):
     client = tools_client(ToolServer("everything", command=everything_command()))
     backend.enqueue(calls(("get-sum", {"a": 2, "b": 3}), ("trigger-long-running-operation", {"duration": 1,
