@@ -102,20 +102,6 @@ def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
     problems.assert_clean()
 
 
-def test_with_detached_seconds_0_closing_the_tab_stops_the_answer_as_before(start_jarvis, upstream, context):
-    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "0"})
-    page, _ = start_a_long_answer(context, jarvis, upstream, "long answer please")
-    shown = last_answer(page).locator(".content").inner_text()
-    page.close()
-    exchange = upstream.wait_until_ended(upstream.chats[0])
-    assert exchange.closed_at is not None
-    jarvis.wait_for_log("outcome=client_stop")
-    reopened, problems = open_page(context, jarvis.url)
-    wait_status(reopened, "stopped")
-    assert last_answer(reopened).locator(".content").inner_text().startswith(shown.strip())
-    problems.assert_clean()
-
-
 def test_upstream_error_mid_stream_is_shown_inline_and_the_page_stays_usable(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=10, error_event_after=3)
     page, problems = open_page(context, jarvis.url)

@@ -158,6 +158,11 @@ def test_with_detached_seconds_0_closing_the_tab_cancels_within_100_ms(start_jar
     page.close()
     exchange = upstream.wait_until_ended(upstream.wait_for_exchange(), timeout=5)
     assert exchange.closed_at is not None and exchange.closed_at - closed < STOP_LIMIT
+    jarvis.wait_for_log("outcome=client_stop")
+    reopened, problems = open_page(context, jarvis.url)  # the answer kept as far as it went, stopped
+    wait_status(reopened, "stopped")
+    assert len(answer_text(reopened)) > 20
+    problems.assert_clean()
 
 
 @pytest.mark.browser
