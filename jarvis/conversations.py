@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from jarvis import accounts, chat_settings, cooperative, exchange, limits, state
+from jarvis import accounts, attachments, chat_settings, cooperative, exchange, limits, state
 from jarvis import runs as runs_module
 from jarvis.backends import ChatRequest
 from jarvis.endings import Outcome
@@ -188,11 +188,16 @@ def send_message(conversation_id):
     and resend ({"content", "edit": a user message id}: a new version of that message, answered on its own
     branch) or continue an answer cut short ({"continue": its id}); start the answer and stream it.
     Nothing is deleted: a regenerate or an edit the backend refuses leaves the tree as it was."""
-    body = _json_body()
+    settings = state.settings()
+    # Pictures and files ride in the body (base64): it may grow by JARVIS_MAX_ATTACHMENT_BYTES each.
+    limit = settings.max_body_bytes + settings.max_attachments * (settings.max_attachment_bytes * 4 // 3 + 1024)
+    request.max_content_length = limit
+    body = read_json_object(limit=limit, decode=cooperative.loads)[1]
     conversation = _conversation_or_404(conversation_id)
     if "continue" in body:
         return _continue(conversation_id, conversation, body)
     plan = _plan(conversation, body)
+    files = attachments.decoded(plan.files, settings) if plan.files else None
     model = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else None
     runs, trace_id, client = state.runs(), trace_id_var.get(), client_address(request.environ)
     runs.settle(conversation_id, client)
@@ -201,7 +206,7 @@ def send_message(conversation_id):
         message_id, history, previous_leaf = state.store().start_answer(
             conversation_id, owner=runs.owner, parent_id=plan.parent_id, user_content=plan.content, title=plan.title,
             model=model, trace_id=trace_id, client=client, max_runs=state.settings().max_runs_per_client,
-            user_limit=limits.stream_limit(g.get("user")))
+            user_limit=limits.stream_limit(g.get("user")), attachments=files)
     chat = _chat_request(conversation, history, model, trace_id)
     try:
         response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title,
@@ -267,7 +272,10 @@ def _chat_request(conversation: dict, history: list[dict], model: str | None, tr
     # passes it on, and /v1 clients only get it when they ask.
     conversation_settings = chat_settings.effective(conversation.get("settings"), state.settings())
     system, parameters = chat_settings.request_fields(conversation_settings)
-    chat_body = {"messages": [*system, *[sent for message in history for sent in history_messages(message)]],
+    files = state.store().files_for([attachment["id"] for message in history
+                                     for attachment in message.get("attachments") or ()])
+    chat_body = {"messages": [*system, *[sent for message in history for sent in (
+        [attachments.user_message(message, files)] if message.get("attachments") else history_messages(message))]],
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
                  **({"model": model} if model else {}), **(fields or {})}
     return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id,
@@ -332,10 +340,11 @@ def _offset(name: str) -> int:
 
 
 class _Plan(NamedTuple):
-    content: str | None  # the user's new message, if any
+    content: str | None  # the user's new message, if any (its text)
     parent_id: int | None  # what the new message goes under (with no new message: what the answer goes under)
     versioned: bool  # a regenerate or an edit: a new version beside an old one, undone if refused
     title: str | None  # a first message names the conversation
+    files: list = []  # its pictures and files as sent: (kind, name, bytes), checked but not decoded yet
 
 
 def _plan(conversation: dict, body: dict) -> _Plan:
@@ -348,7 +357,9 @@ def _plan(conversation: dict, body: dict) -> _Plan:
         kept = messages[:messages.index(last_user) + 1]
         plan = _Plan(None, last_user["id"], True, None)
     else:
-        content = text_field(body, "content")
+        content, files = attachments.parse_content(body.get("content"), state.settings())
+        if not content.strip() and not files:
+            raise ApiError(400, "'content' must be a non-empty string", param="content", code="invalid_value")
         edit = body.get("edit")
         if edit is not None:
             edited = next((m for m in messages if m["id"] == edit and m["role"] == "user"), None)
@@ -361,8 +372,8 @@ def _plan(conversation: dict, body: dict) -> _Plan:
             kept = messages
             parent_id = messages[-1]["id"] if messages else None
         kept = [*kept, {"role": "user", "content": content}]
-        title = content.strip().splitlines()[0][:TITLE_LENGTH] \
-            if not messages and conversation["title"] == "New chat" else None
-        plan = _Plan(content, parent_id, edit is not None, title)
+        first_line = (content.strip().splitlines() or [files[0][1] if files else ""])[0]
+        title = first_line[:TITLE_LENGTH] if not messages and conversation["title"] == "New chat" else None
+        plan = _Plan(content, parent_id, edit is not None, title, files)
     check_messages([{"role": m["role"], "content": m["content"]} for m in kept], state.settings())
     return plan

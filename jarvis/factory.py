@@ -36,9 +36,22 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.after_request(_return_trace)
     app.after_request(inputs.close_if_body_unread)
 
-    from jarvis import accounts, admin, api, conversations, debug, health, limits, mcp_client, metrics, page
+    from jarvis import (
+        accounts,
+        admin,
+        api,
+        attachments,
+        conversations,
+        debug,
+        health,
+        limits,
+        mcp_client,
+        metrics,
+        page,
+    )
 
     app.register_blueprint(accounts.bp)
+    app.register_blueprint(attachments.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(limits.bp)
     app.register_blueprint(mcp_client.bp)

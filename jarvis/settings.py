@@ -191,6 +191,15 @@ class Settings:
     tools_file: str | None = setting(
         "JARVIS_TOOLS_FILE", None, path,
         "A TOML file naming MCP tool servers (stdio or Streamable HTTP): see Tools below. Unset: no tools.")
+    max_attachment_bytes: int = setting(
+        "JARVIS_MAX_ATTACHMENT_BYTES", 10 * 1024 * 1024, integer(1024),
+        "A picture or file given with a page message, at most (413 above); the message's body may grow by this "
+        "much per attachment.")
+    max_attachments: int = setting(
+        "JARVIS_MAX_ATTACHMENTS", 10, integer(0), "Pictures and files one page message may carry (400 above).")
+    image_max_pixels: int = setting(
+        "JARVIS_IMAGE_MAX_PIXELS", 2048, integer(64),
+        "A picture larger than this on its long side is sent to the model downscaled (the original is kept).")
     max_tool_steps: int = setting(
         "JARVIS_MAX_TOOL_STEPS", 8, integer(1),
         "Rounds of tool calls one page answer may make; a model still calling tools after them is stopped, "

@@ -127,8 +127,9 @@ def message_of(row) -> dict:
     message = dict(row)
     message["stats"] = json.loads(message["stats"]) if message["stats"] else None
     message["reasoning_moved"] = bool(message["reasoning_moved"])
-    if "tools" in message:
-        message["tools"] = tools_of(message["tools"])
+    for name in ("tools", "attachments"):
+        if name in message:
+            message[name] = tools_of(message[name])
     return message
 
 

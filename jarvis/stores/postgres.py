@@ -176,6 +176,25 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 10 -> 11: an answer's tool steps, JSON
         "ALTER TABLE messages ADD COLUMN tools TEXT",
     ),
+    (  # 11 -> 12: pictures and files given with messages, one row per content hash in a conversation
+        """CREATE TABLE files (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL,
+            name TEXT NOT NULL,
+            type TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            data BYTEA NOT NULL,
+            text TEXT,
+            sent BYTEA,
+            sent_type TEXT,
+            note TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            UNIQUE (conversation_id, sha256)
+        )""",
+        "ALTER TABLE messages ADD COLUMN attachments TEXT",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION, "a schema step was added to one store and not the other"
 

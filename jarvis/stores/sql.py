@@ -42,7 +42,7 @@ from jarvis.stores.common import (
 )
 
 _MESSAGE_COLUMNS = ("id, parent_id, role, content, reasoning, reasoning_moved, status, error, model, trace_id, "
-                    "stats, tools, created_at, updated_at")
+                    "stats, tools, attachments, created_at, updated_at")
 CONTINUABLE = ("stopped", "interrupted", "error")  # and complete when it ended at max_tokens ("length")
 
 
@@ -237,8 +237,8 @@ class SQLStore:
     def start_answer(self, conversation_id: str, *, owner: str, parent_id: int | None | str = "leaf",
                      user_content: str | None = None, title: str | None = None, model: str | None = None,
                      trace_id: str | None = None, client: str | None = None,
-                     max_runs: int | None = None,
-                     user_limit: tuple[int, int] | None = None) -> tuple[int, list[dict], int | None]:
+                     max_runs: int | None = None, user_limit: tuple[int, int] | None = None,
+                     attachments: list | None = None) -> tuple[int, list[dict], int | None]:
         """Claim the conversation for a new answer, in one transaction: add the user's message under
         `parent_id` (a send: the current branch's last message, "leaf"; an edit: the edited message's
         parent) and the answer (streaming) under it — or, with no user message (a regenerate), the answer
@@ -246,9 +246,23 @@ class SQLStore:
         Nothing is ever deleted. Returns the answer's id, the branch it answers (root first) and the leaf
         before it. Raises NoSuchConversation, ConversationBusy (a live run exists, on any worker or node)
         or TooManyRuns (`client` already runs `max_runs` answers, anywhere) or TooManyStreams (`user_limit`:
-        (account id, max_streams), and the account has that many streams open), changing nothing."""
+        (account id, max_streams), and the account has that many streams open), changing nothing.
+        `attachments` (jarvis.attachments.Attachment) go with the user's message: each kept once per content
+        hash in the conversation."""
         return self._call(_start_answer, conversation_id, owner, parent_id, user_content and storable(user_content),
-                          title and storable(title), model, trace_id, client, max_runs, user_limit)
+                          title and storable(title), model, trace_id, client, max_runs, user_limit, attachments)
+
+    def file(self, file_id: str) -> dict | None:
+        """A kept picture or file, with its conversation's id; None when there is none by that id."""
+        return self._call(_one, "SELECT * FROM files WHERE id = ?", (file_id,))
+
+    def files_for(self, file_ids: list[str]) -> dict[str, dict]:
+        """Kept pictures and files by id, for a request's history."""
+        if not file_ids:
+            return {}
+        rows = self._call(_all, f"SELECT * FROM files WHERE id IN ({', '.join('?' * len(file_ids))})",
+                          tuple(file_ids))
+        return {row["id"]: row for row in rows}
 
     def continue_answer(self, conversation_id: str, message_id: int, *, owner: str, trace_id: str | None = None,
                         client: str | None = None, max_runs: int | None = None,
@@ -641,7 +655,7 @@ def _get_conversation(db: Db, conversation_id: str, every_version: bool = False)
 
 
 def _tree(db: Db, conversation_id: str) -> list[dict]:
-    return db.all("SELECT id, parent_id, role, content, reasoning, status, stats, tools FROM messages "
+    return db.all("SELECT id, parent_id, role, content, reasoning, status, stats, tools, attachments FROM messages "
                   "WHERE conversation_id = ? ORDER BY id", (conversation_id,))
 
 
@@ -713,11 +727,12 @@ def _branch_to(db: Db, conversation_id: str, message_id: int | None) -> list[dic
     branch.reverse()
     for message in branch:
         message["tools"] = tools_of(message["tools"])
+        message["attachments"] = tools_of(message["attachments"])  # (JSON, as the tool steps)
     return branch
 
 
 def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title, model, trace_id, client=None,
-                  max_runs=None, user_limit=None):
+                  max_runs=None, user_limit=None, attachments=None):
     now = time.time()
     with db.transaction():
         _claim(db, conversation_id, now, client, max_runs, user_limit)
@@ -728,9 +743,11 @@ def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title
                                                  (parent_id, conversation_id)):
             raise NoSuchConversation(conversation_id)  # the message it answers went with its conversation
         if user_content is not None:
+            listed = json.dumps([_kept_file(db, conversation_id, attachment, now) for attachment in attachments]) \
+                if attachments else None
             parent_id = db.one("INSERT INTO messages (conversation_id, parent_id, role, content, status, created_at, "
-                               "updated_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?) RETURNING id",
-                               (conversation_id, parent_id, user_content, now, now))["id"]
+                               "updated_at, attachments) VALUES (?, ?, 'user', ?, 'complete', ?, ?, ?) RETURNING id",
+                               (conversation_id, parent_id, user_content, now, now, listed))["id"]
         message_id = db.one("INSERT INTO messages (conversation_id, parent_id, role, content, status, model, trace_id, "
                             "created_at, updated_at) VALUES (?, ?, 'assistant', '', 'streaming', ?, ?, ?, ?) "
                             "RETURNING id", (conversation_id, parent_id, model, trace_id, now, now))["id"]
@@ -740,6 +757,25 @@ def _start_answer(db: Db, conversation_id, owner, parent_id, user_content, title
                    (title, now, message_id, conversation_id))
         history = _branch_to(db, conversation_id, parent_id)
     return message_id, history, leaf
+
+
+def _kept_file(db: Db, conversation_id: str, attachment, now: float) -> dict:
+    """A picture or file kept in the conversation (once per content hash): the message's link to it."""
+    found = db.one("SELECT id FROM files WHERE conversation_id = ? AND sha256 = ?",
+                   (conversation_id, attachment.sha256))
+    file_id = found["id"] if found else secrets.token_urlsafe(16)
+    if found is None:
+        db.execute("INSERT INTO files (id, conversation_id, sha256, name, type, kind, size, data, text, sent, "
+                   "sent_type, note, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (file_id, conversation_id, attachment.sha256, storable(attachment.name), attachment.type,
+                    attachment.kind, len(attachment.data), attachment.data,
+                    None if attachment.text is None else storable(attachment.text), attachment.sent,
+                    attachment.sent_type, attachment.note, now))
+    return attachment.public(file_id)
+
+
+def _one(db: Db, sql: str, args) -> dict | None:
+    return db.one(sql, args)
 
 
 def _continue_answer(db: Db, conversation_id, message_id, owner, trace_id, client=None, max_runs=None,

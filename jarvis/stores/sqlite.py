@@ -167,6 +167,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 10 -> 11: an answer's tool steps (jarvis.tool_loop), JSON: the calls, where they came, their results
         "ALTER TABLE messages ADD COLUMN tools TEXT",
     ),
+    (  # 11 -> 12: pictures and files given with messages (jarvis.attachments): the conversation's, one row per
+        # content hash; a user message lists its own (JSON: id, name, type, kind, size, note)
+        """CREATE TABLE files (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            sha256 TEXT NOT NULL,
+            name TEXT NOT NULL,
+            type TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            text TEXT,
+            sent BLOB,
+            sent_type TEXT,
+            note TEXT,
+            created_at REAL NOT NULL,
+            UNIQUE (conversation_id, sha256)
+        )""",
+        "ALTER TABLE messages ADD COLUMN attachments TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
