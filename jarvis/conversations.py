@@ -86,6 +86,9 @@ def export_all():
     store = state.store()
     conversations = [store.get_conversation(item["id"], every_version=True)
                      for item in store.list_conversations(accounts.user_id())]
+    for conversation in conversations:
+        if conversation is not None:
+            conversation["files"] = store.conversation_files(conversation["id"])
     return _download(jsonify(exchange.export_document([c for c in conversations if c is not None])),
                      "jarvis-conversations.json")
 
@@ -104,6 +107,11 @@ def import_conversations():
         raise ApiError(400, f"The file holds more than {exchange.MAX_CONVERSATIONS} conversations; at most "
                             f"{exchange.MAX_CONVERSATIONS} at once", code="invalid_import") from None
     conversations = exchange.parse_import(document, settings)
+    for conversation in conversations:  # each file checked again as if it had just been sent, off the hub
+        files = conversation.pop("files", {})
+        by_id = dict(zip(files, attachments.decoded(list(files.values()), settings), strict=True)) if files else {}
+        for message in conversation["messages"]:
+            message["attachments"] = [by_id[file_id] for file_id in message.get("attachments") or ()]
     ids = state.store().import_conversations(conversations, accounts.user_id())
     log.info("imported %d conversations", len(ids))
     return jsonify(data=ids), 201
@@ -136,6 +144,7 @@ def export_one(conversation_id):
         raise ApiError(400, "'format' must be json or markdown", param="format", code="invalid_value")
     tree = state.store().get_conversation(conversation_id, every_version=True) or conversation  # every version
     tree["settings"] = conversation["settings"]
+    tree["files"] = state.store().conversation_files(conversation_id)
     return _download(jsonify(exchange.export_document([tree])), f"{name}.json")
 
 

@@ -13,6 +13,10 @@ Jarvis's JSON export (documented in the README):
                                           "name": "get_current_time", "server": "time", "arguments": "{...}",
                                           "result": "..." | null, "is_error": false}]}]}]}]}
 
+A conversation's `files` are the pictures and files its messages carry ({"id", "name", "data": base64}); a
+user message lists its own in `attachments` ([{"id"}, ...], ids of that list). On import each is checked
+again as if it had just been sent (jarvis.attachments) and gets a new id.
+
 An answer's `tools` are its tool steps (jarvis.tool_loop): the calls the model made after the first `at`
 characters (UTF-16 units) of its content, and what each returned.
 
@@ -31,6 +35,7 @@ anything is written; the store then writes every conversation in one transaction
 
 from __future__ import annotations
 
+import base64
 import time
 
 from jarvis.cooperative import Slicer
@@ -64,8 +69,13 @@ def _exported(conversation: dict) -> dict:
                           "status": "interrupted" if message["status"] == "streaming" else message["status"],
                           "error": message.get("error"), "model": message.get("model"),
                           "stats": message.get("stats"), "created_at": message["created_at"],
-                          "tools": message.get("tools")}
-                         for message in conversation["messages"]]}
+                          "tools": message.get("tools"),
+                          **({"attachments": [{"id": attachment["id"]} for attachment in message["attachments"]]}
+                             if message.get("attachments") else {})}
+                         for message in conversation["messages"]],
+            **({"files": [{"id": stored["id"], "name": stored["name"], "type": stored["type"],
+                           "data": base64.b64encode(bytes(stored["data"])).decode()}
+                          for stored in conversation["files"]]} if conversation.get("files") else {})}
 
 
 def markdown(conversation: dict) -> str:
@@ -151,11 +161,44 @@ def _jarvis_conversation(item, where: str, settings: Settings) -> dict:
               item.get("leaf_id"), where)
     else:
         _thread(checked)
+    files = _files(item.get("files"), f"{where}.files", settings)
+    for index, (message, raw) in enumerate(zip(checked, messages, strict=True)):
+        message["attachments"] = _attachment_ids(raw.get("attachments") if isinstance(raw, dict) else None, files,
+                                                 f"{where}.messages[{index}].attachments", settings)
     return {"title": _title(item.get("title"), f"{where}.title"),
             "created_at": _time(item.get("created_at"), f"{where}.created_at"),
             "updated_at": _time(item.get("updated_at"), f"{where}.updated_at"),
             "settings": _conversation_settings(item.get("settings"), f"{where}.settings", settings),
-            "messages": checked, "leaf": _leaf_of(checked)}
+            "messages": checked, "leaf": _leaf_of(checked), "files": files}
+
+
+def _files(value, where: str, settings: Settings) -> dict[str, tuple[str, str, str]]:
+    """A conversation's files by the id the file gave them: (kind, name, base64), decoded and checked later
+    (jarvis.attachments.decoded, off the hub)."""
+    if value is None:
+        return {}
+    files = {}
+    for index, item in enumerate(_list(value, where)):
+        place = f"{where}[{index}]"
+        item = _object(item, place)
+        file_id = _text(item.get("id"), f"{place}.id", 100)
+        data = _text(item.get("data"), f"{place}.data", settings.max_attachment_bytes * 4 // 3 + 4)
+        kind = "image" if str(item.get("type", "")).startswith("image/") else "file"
+        files[file_id] = (kind, _text(item.get("name", "file"), f"{place}.name", 200), data)
+    return files
+
+
+def _attachment_ids(value, files: dict, where: str, settings: Settings) -> list[str]:
+    if value is None:
+        return []
+    ids = [_text(_object(item, f"{where}[{index}]").get("id"), f"{where}[{index}].id", 100)
+           for index, item in enumerate(_list(value, where))]
+    if len(ids) > settings.max_attachments:
+        raise _bad(where, f"lists more than {settings.max_attachments} files (JARVIS_MAX_ATTACHMENTS)")
+    missing = [file_id for file_id in ids if file_id not in files]
+    if missing:
+        raise _bad(where, f"names a file the conversation's 'files' does not hold ({missing[0][:40]!r})")
+    return ids
 
 
 def _thread(messages: list[dict]) -> None:

@@ -196,3 +196,31 @@ def test_reading_a_large_pdf_never_stops_the_hub(make_client, backend):
 def test_a_message_needs_some_text_or_an_attachment(client, backend, content):
     response = post(client, new(client), content)
     assert response.status_code == 400
+
+
+def test_export_and_import_carry_the_pictures_and_files_checked_again(client, backend):
+    picture = png(8, 8, (0, 200, 0))
+    conversation_id = new(client)
+    post(client, conversation_id, [{"type": "text", "text": "Look"}, image_part(picture),
+                                   file_part("a.txt", b"alpha")]).get_data()
+    exported = client.get(f"/api/conversations/{conversation_id}/export").json
+    [conversation] = exported["conversations"]
+    assert {stored["name"] for stored in conversation["files"]} == {"image-1", "a.txt"}
+    imported = client.post("/api/conversations/import", json=exported)
+    assert imported.status_code == 201, imported.json
+    [message] = [m for m in client.get(f"/api/conversations/{imported.json['data'][0]}").json["messages"]
+                 if m["role"] == "user"]
+    served = {attachment["name"]: client.get(f"/api/files/{attachment['id']}").data
+              for attachment in message["attachments"]}
+    assert served == {"image-1": picture, "a.txt": b"alpha"}
+    original = client.get(f"/api/conversations/{conversation_id}").json["messages"][0]["attachments"]
+    assert {a["id"] for a in original}.isdisjoint({a["id"] for a in message["attachments"]})  # its own copies
+    # A file in an import is checked as a sent one is: an SVG posing as a picture is refused, nothing written.
+    conversation["files"][0]["data"] = base64.b64encode(b'<svg xmlns="http://www.w3.org/2000/svg"/>').decode()
+    conversation["files"][0]["type"] = "image/svg+xml"
+    before = len(client.get("/api/conversations").json["data"])
+    refused = client.post("/api/conversations/import", json=exported)
+    assert refused.status_code == 400 and len(client.get("/api/conversations").json["data"]) == before
+    conversation["messages"][0]["attachments"] = [{"id": "not-in-files"}]
+    refused = client.post("/api/conversations/import", json=exported)
+    assert refused.status_code == 400 and "not-in-files" in refused.json["error"]["message"]

@@ -256,6 +256,11 @@ class SQLStore:
         """A kept picture or file, with its conversation's id; None when there is none by that id."""
         return self._call(_one, "SELECT * FROM files WHERE id = ?", (file_id,))
 
+    def conversation_files(self, conversation_id: str) -> list[dict]:
+        """A conversation's pictures and files, oldest first (its export)."""
+        return self._call(_all, "SELECT * FROM files WHERE conversation_id = ? ORDER BY created_at, id",
+                          (conversation_id,))
+
     def files_for(self, file_ids: list[str]) -> dict[str, dict]:
         """Kept pictures and files by id, for a request's history."""
         if not file_ids:
@@ -592,6 +597,11 @@ def _import_conversations(db: Db, conversations: list[dict], user_id: int | None
             conversation_id, row, messages = import_rows(conversation)
             db.execute("INSERT INTO conversations (id, title, created_at, updated_at, settings, user_id) VALUES "
                        "(?, ?, ?, ?, ?, ?)", (*row, user_id))
+            now = time.time()
+            messages = [(*columns, json.dumps([_kept_file(db, conversation_id, attachment, now)
+                                               for attachment in message["attachments"]])
+                         if message.get("attachments") else None)
+                        for columns, message in zip(messages, conversation["messages"], strict=True)]
             parents = [message.get("parent") for message in conversation["messages"]]
             leaf = conversation.get("leaf")
             if all(parent == index - 1 or (index == 0 and parent is None) for index, parent in enumerate(parents)) \
@@ -605,10 +615,10 @@ def _import_conversations(db: Db, conversations: list[dict], user_id: int | None
 
 
 _INSERT_IMPORTED = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, stats, "
-                    "tools, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                    "tools, created_at, updated_at, attachments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _INSERT_IMPORTED_UNDER = ("INSERT INTO messages (conversation_id, role, content, reasoning, status, error, model, "
-                          "stats, tools, created_at, updated_at, parent_id) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
+                          "stats, tools, created_at, updated_at, attachments, parent_id) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
 
 
 def _insert_tree(db: Db, conversation_id: str, messages: list[tuple], parents: list, leaf: int | None) -> None:
