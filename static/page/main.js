@@ -8,10 +8,12 @@
  *   search.js             search as you type             settings.js       settings, import/export, doctor
  *   models.js             the model picker's first choice   keys.js   your account: usage, API keys
  *   admin.js              everyone's accounts (admins)
+ *   tool-view.js          an answer's tool calls        attach.js         pictures and files with a message
  */
 import * as api from "../api.js";
 import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
 import { showConversations } from "./conversation-list.js";
+import * as attach from "./attach.js";
 import { $, button, report } from "./dom.js";
 import { adminDialog, addUser, openAdmin, shown as shownAdminError } from "./admin.js";
 import { keysDialog, makeKey, openKeys, shown as shownKeyError } from "./keys.js";
@@ -223,13 +225,14 @@ async function settleWithServer(conversationId) {
 /** @param {string} text */
 async function send(text) {
   if (!state.conversationId) await storeConversation();
-  const body = { content: text, model: modelPicker.value || undefined, edit: state.editId ?? undefined };
+  const content = attach.takeContent(text);
+  const body = { content, model: modelPicker.value || undefined, edit: state.editId ?? undefined };
   if (state.editId !== null) {
     const edited = messages.find(state.editId);
     if (edited) messages.removeFrom(edited);
     cancelEdit();
   }
-  const question = messages.add({ role: "user", content: text });
+  const question = messages.add({ role: "user", content: text, attachments: attach.pendingShown(content) });
   await startAnswer(body, question);
 }
 
@@ -461,10 +464,11 @@ Object.assign(hooks, {
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = prompt.value.trim();
-  if (!text || state.following) return;
+  if ((!text && !attach.waiting()) || state.following) return;
   prompt.value = "";
   send(text).catch(report);
 });
+attach.wire(form, prompt);
 prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();

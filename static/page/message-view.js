@@ -9,6 +9,7 @@
  */
 import { renderMarkdown } from "../markdown.js";
 import { seconds } from "./dom.js";
+import { attachedView } from "./attach.js";
 import { addToolDeltas, checkedSteps, pendingView, stepView } from "./tool-view.js";
 
 // Each render re-lays out and repaints the message. At one per token, a 400-token answer at 50 tokens a
@@ -21,7 +22,8 @@ const RENDER_EVERY_MS = 50;
  *   tokens_per_second?: number | null, upstream?: string, finish_reason?: string}} AnswerStats
  * @typedef {{id?: number, role: string, content: string, reasoning?: string, status?: string,
  *   error?: string | null, trace_id?: string | null, stats?: AnswerStats | null, parent_id?: number | null,
- *   versions?: number[], tools?: import("./tool-view.js").ToolStep[] | null}} Message
+ *   versions?: number[], tools?: import("./tool-view.js").ToolStep[] | null,
+ *   attachments?: import("./attach.js").Attached[] | null}} Message
  */
 
 /**
@@ -53,6 +55,7 @@ export class MessageView {
     this.actions = document.createElement("div");
     this.actions.className = "actions";
     this.element.append(this.thinking, this.body, this.errorNote, this.statsLine, this.actions);
+    if (message.attachments?.length) this.body.after(attachedView(message.attachments));
     this.text = message.content;
     this.reasoning = message.reasoning ?? "";
     this.tools = checkedSteps(message.tools); // the tool steps: their calls, where they came, their results
