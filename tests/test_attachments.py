@@ -224,3 +224,29 @@ def test_export_and_import_carry_the_pictures_and_files_checked_again(client, ba
     conversation["messages"][0]["attachments"] = [{"id": "not-in-files"}]
     refused = client.post("/api/conversations/import", json=exported)
     assert refused.status_code == 400 and "not-in-files" in refused.json["error"]["message"]
+
+
+def test_with_accounts_another_persons_file_does_not_exist(app, backend):
+    from tests.test_accounts import add_user, signed_in
+
+    add_user(app, "alice")
+    add_user(app, "bob")
+    alice, bob = signed_in(app, "alice"), signed_in(app, "bob")
+    conversation_id = new(alice)
+    post(alice, conversation_id, [{"type": "text", "text": "mine"}, file_part("diary.txt", b"dear diary")]).get_data()
+    [attachment] = alice.get(f"/api/conversations/{conversation_id}").json["messages"][0]["attachments"]
+    assert alice.get(f"/api/files/{attachment['id']}").data == b"dear diary"
+    refused = bob.get(f"/api/files/{attachment['id']}")
+    assert refused.status_code == 404 and refused.json["error"]["code"] == "file_not_found"
+    assert app.test_client().get(f"/api/files/{attachment['id']}").status_code == 401  # signed out
+
+
+def test_an_upstream_that_refuses_pictures_says_so_and_the_message_is_kept(client, backend):
+    from jarvis.errors import ApiError
+
+    backend.fail_next(ApiError(400, "image input is not supported by this model", code="invalid_request_error"))
+    conversation_id = new(client)
+    refused = post(client, conversation_id, [{"type": "text", "text": "What is this?"}, image_part(png())])
+    assert refused.status_code == 400 and "image input is not supported" in refused.json["error"]["message"]
+    [kept] = client.get(f"/api/conversations/{conversation_id}").json["messages"][:1]
+    assert kept["content"] == "What is this?" and kept["attachments"][0]["kind"] == "image"
