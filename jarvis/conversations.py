@@ -130,6 +130,31 @@ def read_conversation(conversation_id):
     return jsonify(conversation)
 
 
+@bp.get("/<conversation_id>/context")
+def context(conversation_id):
+    """How full the model's context is on the current branch: {"used": tokens, "estimated": whether counted from
+    characters (no answer said its usage yet), "window": the model's context or null when unknown}."""
+    conversation = _conversation_or_404(conversation_id)
+    model = request.args.get("model") or None
+    window = getattr(state.backend(), "context_window", None)
+    try:
+        tokens = window(model) if window is not None else None
+    except Exception:
+        log.warning("could not read the model's context window", exc_info=True)
+        tokens = None
+    messages = conversation["messages"]
+    last = next((m for m in reversed(messages) if m["role"] == "assistant" and m.get("stats")), None)
+    stats = last["stats"] if last else {}
+    if stats.get("prompt_tokens"):
+        later = messages[messages.index(last) + 1:]
+        used = stats["prompt_tokens"] + (stats.get("completion_tokens") or 0) + \
+            sum(len(m["content"]) for m in later) // 4
+        estimated = False
+    else:
+        used, estimated = sum(len(m["content"]) + len(m.get("reasoning") or "") for m in messages) // 4, True
+    return jsonify(used=used, estimated=estimated, window=tokens)
+
+
 @bp.get("/<conversation_id>/export")
 def export_one(conversation_id):
     """One conversation: ?format=json (the export format, one conversation) or markdown."""

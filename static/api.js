@@ -40,6 +40,10 @@ export const adminRemoveUser = (name) => call(`/api/admin/users/${encodeURICompo
 export const makeKey = (label) => call("/api/account/keys", { method: "POST", body: JSON.stringify({ label }) });
 /** @param {string} id */
 export const revokeKey = (id) => call(`/api/account/keys/${encodeURIComponent(id)}`, { method: "DELETE" });
+/** How full the model's context is on the conversation's branch: {used, estimated, window}.
+ * @param {string} id @param {string} [model] */
+export const context = (id, model) =>
+  call(`/api/conversations/${encodeURIComponent(id)}/context${model ? `?model=${encodeURIComponent(model)}` : ""}`);
 /** The tool servers (started if they are not) and their tools: [{name, enabled, available, error, tools}]. */
 export const listTools = () => call("/api/tools").then((body) => body.data);
 export const listConversations = () => call("/api/conversations").then((body) => body.data);

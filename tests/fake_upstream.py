@@ -98,6 +98,7 @@ class PeerClosed(Exception):
 class FakeUpstream:
     def __init__(self, models: tuple[str, ...] = ("fake-model",), tls: ssl.SSLContext | None = None):
         self.models = models  # what its /models lists
+        self.context = 4096  # what its /props says its context is, as llama.cpp's server does (None: no /props)
         self.scenario = Scenario()
         self.exchanges: list[Exchange] = []
         self._lock = threading.Condition()
@@ -215,6 +216,13 @@ class FakeUpstream:
             self.exchanges.append(exchange)
             self._lock.notify_all()
         try:
+            if path == "/props" and method == "GET":
+                if self.context is None:
+                    _send_json(sock, 404, {"error": {"message": "Not Found", "type": "not_found_error"}})
+                else:
+                    _send_json(sock, 200, {"default_generation_settings": {"n_ctx": self.context}})
+                self._record(exchange, finished_at=time.monotonic())
+                return True
             if path.endswith("/models") and method == "GET":
                 if scenario.models != "normal":
                     hostile.play_models(scenario.models, sock, scenario, _send, _pause)

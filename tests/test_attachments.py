@@ -250,3 +250,11 @@ def test_an_upstream_that_refuses_pictures_says_so_and_the_message_is_kept(clien
     assert refused.status_code == 400 and "image input is not supported" in refused.json["error"]["message"]
     [kept] = client.get(f"/api/conversations/{conversation_id}").json["messages"][:1]
     assert kept["content"] == "What is this?" and kept["attachments"][0]["kind"] == "image"
+
+
+def test_the_context_is_counted_from_the_text_when_no_answer_said_its_usage_and_the_window_may_be_unknown(
+        client, backend):
+    conversation_id = new(client)
+    post(client, conversation_id, "x" * 400).get_data()  # the fake backend's answers carry no usage
+    measured = client.get(f"/api/conversations/{conversation_id}/context").json
+    assert measured == {"used": (400 + len("w0 w1 w2 ")) // 4, "estimated": True, "window": None}

@@ -39,6 +39,10 @@ def test_a_pasted_picture_and_a_dropped_pdf_are_sent_and_shown_after_a_reload(ja
     text, image = exchange.body["messages"][-1]["content"]
     assert "The invoice total is 99 euros" in text["text"] and text["text"].startswith("What do these say?")
     assert base64.b64decode(image["image_url"]["url"].split(",", 1)[1]) == picture
+    # The context meter: the branch's tokens (the answer's usage) against the upstream's context (its /props).
+    meter = page.locator("#context-meter")
+    meter.wait_for()
+    assert meter.inner_text().endswith("/ 4.1k tokens of context"), meter.inner_text()
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     thumbnail = page.locator("[data-role=user] .attached img")
@@ -52,3 +56,9 @@ def test_a_pasted_picture_and_a_dropped_pdf_are_sent_and_shown_after_a_reload(ja
     assert not page.locator(".attachments").is_visible()  # the tray emptied when the message went
     problems.assert_clean()
     assert requests.get(jarvis.url + opened, timeout=5).headers["X-Content-Type-Options"] == "nosniff"
+    conversation_id = page.evaluate("() => localStorage.getItem('jarvis.conversation')") or \
+        requests.get(jarvis.url + "/api/conversations", timeout=5).json()["data"][0]["id"]
+    measured = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}/context", timeout=5).json()
+    saved = requests.get(f"{jarvis.url}/api/conversations/{conversation_id}", timeout=5).json()["messages"][-1]
+    assert measured == {"used": saved["stats"]["prompt_tokens"] + saved["stats"]["completion_tokens"],
+                        "estimated": False, "window": 4096}

@@ -5,6 +5,8 @@ this package knows which backend is running.
 
     backend.models()            -> OpenAI's model list object
     backend.status()            -> a little state for /healthz, or None
+    backend.context_window(m)   -> the model's context, in tokens, when the backend can tell (else None;
+                                   optional: a backend without it cannot)
     backend.open(request)       -> Generation; raises ApiError before any output
     generation.batches()        -> iterator of lists of `data:` payloads (JSON bytes),
                                    ends after [DONE]; raises StreamError on an abnormal end

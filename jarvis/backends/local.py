@@ -165,6 +165,9 @@ class LocalBackend:
         self.generations = 0
         self.tokens = 0
 
+    def context_window(self, model: str | None) -> int | None:
+        return self.context
+
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
                                             "owned_by": "jarvis"}]}

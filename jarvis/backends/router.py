@@ -92,6 +92,15 @@ class RouterBackend:
 
     # -- models ------------------------------------------------------------------------------------
 
+    def context_window(self, model: str | None) -> int | None:
+        """The context of the upstream that would answer `model` (the first that lists it)."""
+        model = model or self.default_model
+        for upstream in self.upstreams:
+            if model is None or model in upstream.models:
+                window = getattr(upstream.backend, "context_window", None)
+                return window(model) if window is not None else None
+        return None
+
     def models(self) -> dict:
         """Every upstream's models, merged (an id listed once, owned_by the upstream that answers it)."""
         self._fresh_lists()

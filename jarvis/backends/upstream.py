@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import gevent
 
@@ -25,6 +26,7 @@ from jarvis.upstreams import UpstreamConfig
 log = logging.getLogger(__name__)
 
 _ERROR_BODY_LIMIT = 65536
+CONTEXT_SECONDS = 300.0  # how long an upstream's context window is remembered
 _DRAIN_SECONDS = 1.0
 
 
@@ -45,6 +47,8 @@ class UpstreamBackend:
             headers["Authorization"] = f"Bearer {upstream.api_key}"  # to this upstream's host only
         self.client = http1.Client(upstream.url, settings.upstream_connect_seconds, headers,
                                    ca_file=settings.upstream_ca_file)
+        self.ca_file = settings.upstream_ca_file
+        self.window: tuple[int | None, float] | None = None  # the context window it told, and when
 
     def models(self) -> dict:
         """The upstream's model list, unchanged; within JARVIS_UPSTREAM_MODELS_SECONDS and
@@ -66,6 +70,28 @@ class UpstreamBackend:
 
     def status(self) -> None:
         return None  # /healthz never touches the upstream
+
+    def context_window(self, model: str | None) -> int | None:
+        """llama.cpp's context (`/props`: default_generation_settings.n_ctx, beside its /v1), asked once and
+        remembered for CONTEXT_SECONDS; None from any server that does not say (within 2 s)."""
+        now = time.monotonic()
+        if self.window is not None and now - self.window[1] < CONTEXT_SECONDS:
+            return self.window[0]
+        tokens = None
+        origin = self.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            with gevent.Timeout(2.0):
+                client = http1.Client(origin, 2.0, {"Accept": "application/json"}, ca_file=self.ca_file)
+                response = client.request("GET", "/props", None, {})
+                body = read_capped(response, 1024 * 1024, "/props") if response.status == 200 else b""
+                response.close()
+            settings = json.loads(body).get("default_generation_settings") if body else None
+            value = settings.get("n_ctx") if isinstance(settings, dict) else None
+            tokens = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+        except (gevent.Timeout, http1.UpstreamHTTPError, ApiError, ValueError, AttributeError, OSError):
+            tokens = None
+        self.window = (tokens, now)
+        return tokens
 
     def open(self, request: ChatRequest) -> UpstreamGeneration:
         """POST the request to its endpoint; return once the upstream has answered with a success status."""

@@ -133,6 +133,7 @@ async function openConversation(id) {
   }
   refreshActions();
   scrollToEnd();
+  showContext(id).catch(report);
   await refreshConversationList();
   document.body.classList.remove("sidebar-open");
   if (streaming) {
@@ -148,6 +149,7 @@ async function newConversation() {
   localStorage.removeItem(LAST_CONVERSATION);
   cancelEdit();
   messages.clear();
+  contextMeter.hidden = true;
   title.textContent = "New chat";
   refreshActions();
   document.body.classList.remove("sidebar-open");
@@ -217,7 +219,29 @@ async function settleWithServer(conversationId) {
     view.showSaved(message);
   }
   refreshActions();
+  showContext(conversationId).catch(report);
   await refreshConversationList();
+}
+
+const contextMeter = $("context-meter");
+
+/**
+ * How full the model's context is on this branch ("3.1k / 8k tokens"), when the server knows the model's
+ * context; hidden otherwise. Past 80% it warns.
+ * @param {string} conversationId
+ */
+async function showContext(conversationId) {
+  const { used, estimated, window } = await api.context(conversationId, modelPicker.value || undefined);
+  if (state.conversationId !== conversationId) return;
+  const known = typeof window === "number" && window > 0 && typeof used === "number";
+  contextMeter.hidden = !known;
+  if (!known) return;
+  const short = (/** @type {number} */ n) => (n >= 1000 ? `${(n / 1000).toFixed(n >= 10000 ? 0 : 1)}k` : String(n));
+  contextMeter.textContent = `${estimated ? "≈ " : ""}${short(used)} / ${short(window)} tokens of context`;
+  contextMeter.classList.toggle("near", used / window >= 0.8);
+  contextMeter.title = used / window >= 0.8
+    ? "Nearly full: older messages may be cut off by the model's server. Start a new chat, or edit an earlier message."
+    : "What this conversation's branch uses of the model's context window";
 }
 
 // -- sending ---------------------------------------------------------------------------
