@@ -11,6 +11,7 @@ import openai
 import pytest
 import requests
 
+from jarvis.settings import Settings
 from tests.clients import RawClient, chat_request, content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
@@ -258,6 +259,9 @@ def test_the_page_gets_the_embedded_models_stats(jarvis):
     in_band = next(value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value)
     assert in_band["tokens_source"] == "stream" and in_band["completion_tokens"] >= 3
     assert in_band["ttft_ms"] > 0 and in_band["tokens_per_second"] > 0 and in_band["thinking_ms"] is None
+    # The context meter's numbers: the embedded model's window is its JARVIS_LOCAL_CONTEXT.
+    measured = requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}/context", timeout=10).json()
+    assert measured["window"] == Settings().local_context and measured["used"] > 0, measured
 
 
 def test_the_embedded_model_continues_an_answer_cut_at_max_tokens_from_its_last_word(jarvis):
