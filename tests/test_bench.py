@@ -154,3 +154,11 @@ def test_tools_benchmark_smoke():  # no timing asserted
                 "in a page answer: tool_step → tool_result", "Stop while a tool runs → the server notes"):
         assert row in result.stdout, result.stdout
     assert "nan" not in result.stdout, result.stdout  # every Stop reached its source
+
+
+def test_attachments_benchmark_smoke():  # no timing asserted
+    result = subprocess.run([sys.executable, "bench/attachments.py", "--runs", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("text only (baseline)", "PDF, 10.", "photo, 4000 x 3000 JPEG"):
+        assert row in result.stdout, result.stdout
