@@ -62,7 +62,7 @@ def measure(client, backend, content, runs: int) -> dict:
             body = json.dumps({"content": content})
             gaps, last = [], [time.perf_counter()]
 
-            def tick():
+            def tick(gaps=gaps, last=last):
                 now = time.perf_counter()
                 gaps.append(now - last[0])
                 last[0] = now
