@@ -24,13 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import gevent  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jarvis import attachments, state  # noqa: E402
 from jarvis.factory import create_app  # noqa: E402
 from jarvis.settings import Settings  # noqa: E402
 from tests.fake_backend import FakeBackend  # noqa: E402
+from tests.hub import hub_gaps  # noqa: E402
 from tests.test_attachments import big_pdf, file_part, image_part  # noqa: E402
 
 
@@ -60,22 +60,12 @@ def measure(client, backend, content, runs: int) -> dict:
         for _ in range(runs):
             conversation_id = client.post("/api/conversations", json={}).json["id"]
             body = json.dumps({"content": content})
-            gaps, last = [], [time.perf_counter()]
-
-            def tick(gaps=gaps, last=last):
-                now = time.perf_counter()
-                gaps.append(now - last[0])
-                last[0] = now
-
-            ticker = gevent.get_hub().loop.timer(0.005, 0.005)
-            ticker.start(tick)
             started = time.perf_counter()
-            response = client.post(f"/api/conversations/{conversation_id}/messages", data=body,
-                                   content_type="application/json")
-            first = next(iter(response.response))
-            timings.append((time.perf_counter() - started) * 1000)
-            ticker.stop()
-            ticker.close()
+            with hub_gaps() as gaps:
+                response = client.post(f"/api/conversations/{conversation_id}/messages", data=body,
+                                       content_type="application/json")
+                first = next(iter(response.response))
+                timings.append((time.perf_counter() - started) * 1000)
             assert first and response.status_code == 200
             response.get_data()
             hub.append(max(gaps, default=0) * 1000)

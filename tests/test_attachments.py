@@ -9,12 +9,12 @@ import json
 import random
 import time
 
-import gevent
 import pytest
 from PIL import Image
 
 from jarvis import state
 from tests.clients import content_of, sse
+from tests.hub import hub_gaps
 
 
 def png(width: int = 4, height: int = 3, color=(200, 30, 30)) -> bytes:
@@ -166,24 +166,12 @@ def test_reading_a_large_pdf_never_stops_the_hub(make_client, backend):
     client = make_client()
     conversation_id = new(client)
     body = json.dumps({"content": [file_part("big.pdf", big, "application/pdf")]})  # (the client's work, before)
-    gaps, last = [], [time.monotonic()]
-
-    def tick():
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    ticker = gevent.get_hub().loop.timer(0.005, 0.005)
-    ticker.start(tick)
     started = time.monotonic()
-    try:
+    with hub_gaps() as gaps:
         response = client.post(f"/api/conversations/{conversation_id}/messages", data=body,
                                content_type="application/json")
         took = time.monotonic() - started
         response.get_data()
-    finally:
-        ticker.stop()
-        ticker.close()
     assert response.status_code == 200, response.get_json()
     assert "The total is 42" in backend.requests[0].body["messages"][0]["content"][0]["text"]
     print(f"a {len(big) / 1e6:.1f} MB PDF: sent and started in {took * 1000:.0f} ms; the hub's longest gap "

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 import time
 
-import gevent
 import psutil
 import pytest
 import requests
@@ -15,6 +14,7 @@ import requests
 from jarvis.mcp_client import ToolError, ToolServers
 from jarvis.settings import Settings, SettingsError
 from jarvis.tools_config import ToolsError, ToolServer, load
+from tests.hub import hub_gaps
 from tests.live import blocked_hub_reports, wait_until
 
 TIME_SERVER = (sys.executable, "-m", "mcp_server_time")
@@ -93,24 +93,12 @@ def servers():
 def test_a_real_stdio_server_lists_and_answers_its_tools_and_the_hub_keeps_running(servers):
     tools = servers(ToolServer("time", command=TIME_SERVER), ToolServer("clock", command=TIME_SERVER,
                                                                          tools=("convert_time",)))
-    gaps, last = [], [time.monotonic()]
-
-    def tick():  # what the hub does meanwhile: a 5 ms repeating timer, noting how far apart its ticks come
-        now = time.monotonic()
-        gaps.append(now - last[0])
-        last[0] = now
-
-    watching = gevent.get_hub().loop.timer(0.005, 0.005)
-    watching.start(tick)
     started = time.monotonic()
-    try:
+    with hub_gaps() as gaps:  # what the hub does meanwhile: a 5 ms repeating timer, noting how far apart it ticks
         listed = {server["name"]: server for server in tools.status()}
         answer = tools.call("time", "get_current_time", {"timezone": "UTC"})
         bad = tools.call("time", "get_current_time", {"timezone": "Nowhere/At_All"})
-    finally:
-        took = time.monotonic() - started
-        watching.stop()
-        watching.close()
+    took = time.monotonic() - started
     assert listed["time"]["available"] and listed["time"]["transport"] == "stdio"
     assert {tool["name"] for tool in listed["time"]["tools"]} == {"get_current_time", "convert_time"}
     assert "timezone" in listed["time"]["tools"][0]["parameters"]["properties"]
