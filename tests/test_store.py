@@ -536,3 +536,26 @@ def test_passwords_are_argon2id_with_owasps_cost_and_an_unknown_account_is_never
     with pytest.raises(passwords.BadPassword):
         passwords.hash_password("short")
     assert kept.startswith("$argon2id$v=19$m=19456,t=2,p=1$")  # OWASP's parameters
+
+
+def test_pictures_and_files_are_kept_once_per_hash_served_whole_and_deleted_with_their_conversation(store):
+    from jarvis.attachments import Attachment
+
+    data = bytes(range(256)) * 40  # every byte value: a BYTEA or BLOB that a text column would mangle
+    picture = Attachment("photo.png", "image/png", "image", data, sha256="ab" * 32, sent=b"small",
+                         sent_type="image/jpeg")
+    conversation = store.create_conversation("t")
+    for _ in range(2):
+        answer, _, _ = store.start_answer(conversation["id"], owner="test", user_content="look",
+                                          attachments=[picture])
+        store.finish_answer_later(answer, "ok", "complete").get(timeout=10)
+    first, second = [m for m in store.get_conversation(conversation["id"], every_version=True)["messages"]
+                     if m["role"] == "user"]
+    assert first["attachments"] == second["attachments"] and first["attachments"][0]["size"] == len(data)
+    file_id = first["attachments"][0]["id"]
+    kept = store.file(file_id)
+    assert bytes(kept["data"]) == data and bytes(kept["sent"]) == b"small" and kept["kind"] == "image"
+    assert [row["id"] for row in store.conversation_files(conversation["id"])] == [file_id]
+    assert set(store.files_for([file_id, "unknown"])) == {file_id}
+    assert store.delete_conversation(conversation["id"])
+    assert store.file(file_id) is None
