@@ -99,10 +99,9 @@ def test_a_pdfs_text_reaches_the_model_and_one_without_text_says_so(client, back
     assert "no text layer" in backend.requests[1].body["messages"][-1]["content"][0]["text"]
 
 
-def test_too_large_too_many_and_false_pictures_are_refused_and_nothing_is_saved(make_client, backend):
-    client = make_client(max_attachment_bytes=1024 * 1024)
+def test_too_large_too_many_and_false_pictures_are_refused_and_nothing_is_saved(client, backend):
     conversation_id = new(client)
-    big = post(client, conversation_id, [file_part("big.txt", b"a" * (1024 * 1024 + 1))])
+    big = post(client, conversation_id, [file_part("big.txt", b"a" * (12 * 1024 * 1024))])  # the limit: 10 MB
     assert big.status_code == 413 and big.json["error"]["code"] == "attachment_too_large"
     many = post(client, conversation_id, [image_part(png())] * 11)
     assert many.status_code == 400 and many.json["error"]["code"] == "too_many_attachments"
