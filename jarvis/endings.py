@@ -155,7 +155,7 @@ def report(ending: Ending, relay: Relay) -> None:
     if cancel_seconds is not None:
         metrics.CANCEL_LATENCY.observe(cancel_seconds)
     if ending.outcome is Outcome.UPSTREAM_ERROR:
-        metrics.UPSTREAM_ERRORS.labels(error_code or "unknown", upstream).inc()
+        metrics.UPSTREAM_ERRORS.labels(metrics.error_kind(error_code), upstream).inc()
 
     started = relay.clock.started
     fields = {"outcome": ending.label, "events": relay.events,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flask import Flask, Response, request
 
-from jarvis import errors, inputs, lifecycle, logs, security, state
+from jarvis import errors, inputs, lifecycle, logs, metrics, security, state
 from jarvis.backends import Backend, create_backend
 from jarvis.settings import Settings
 from jarvis.stores import ConversationStore, open_store
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     security.init_app(app, settings, store)
     app.before_request(_start_trace)
     app.after_request(_return_trace)
+    app.after_request(_count)
     app.after_request(inputs.close_if_body_unread)
 
     from jarvis import (
@@ -67,6 +68,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 def _start_trace() -> None:
     # The same greenlet serves the next keep-alive request: always set a fresh id.
     logs.trace_id_var.set(logs.new_trace_id(request.headers.get("X-Request-Id")))
+
+
+def _count(response: Response) -> Response:
+    metrics.count_request(request.url_rule.rule if request.url_rule is not None else None, response.status_code)
+    return response
 
 
 def _return_trace(response: Response) -> Response:

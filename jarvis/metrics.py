@@ -35,8 +35,31 @@ STREAM_DURATION = Histogram("jarvis_stream_duration_seconds", "Request start to 
                             buckets=_DURATION_BUCKETS)
 CANCEL_LATENCY = Histogram("jarvis_cancel_latency_seconds", "Client gone to backend generation cancelled",
                            buckets=_LATENCY_BUCKETS)
-UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (the error code) and upstream",
+UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (one of Jarvis's own error codes; "
+                          "an upstream's own code is `upstream_error`, and goes in the log) and upstream",
                           ["kind", "upstream"])
+HTTP_REQUESTS = Counter("jarvis_http_requests", "Requests answered, by route (its template: never an id) and "
+                        "status", ["route", "status"])
+
+# The kinds an upstream error is counted under: Jarvis's own codes for what went wrong with a backend. Any other
+# code (an upstream's error event or error body chooses its own) is counted as `upstream_error`: a label value
+# never comes from a request or an upstream, so the series stay bounded.
+ERROR_KINDS = frozenset({
+    "upstream_unreachable", "upstream_closed", "upstream_malformed", "upstream_redirect", "upstream_status",
+    "upstream_timeout", "upstream_disconnected", "upstream_incomplete", "upstream_too_large", "upstream_error",
+    "internal_error", "stream_inactivity", "stream_max_duration", "context_length_exceeded", "model_error",
+    "too_many_tool_steps", "cannot_continue", "answer_too_long", "answer_not_saved", "model_not_found", "unknown"})
+
+
+def error_kind(code: str | None) -> str:
+    """The label an error code is counted under (see ERROR_KINDS)."""
+    code = code or "unknown"
+    return code if code in ERROR_KINDS else "upstream_error"
+
+
+def count_request(rule: str | None, status: int) -> None:
+    """One request answered: its route's template (`unmatched` when no route took it) and its status."""
+    HTTP_REQUESTS.labels(rule or "unmatched", str(status) if 100 <= status < 600 else "other").inc()
 TOKENS = Counter("jarvis_tokens", "Tokens used, by direction: prompt (read) or completion (written); the "
                  "upstream's count when it sends one, else events with text", ["direction"])
 MODEL_QUEUE_DEPTH = Gauge("jarvis_model_queue_depth", "Requests waiting for the embedded model",

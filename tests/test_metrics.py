@@ -3,6 +3,7 @@
 import pytest
 import requests
 
+from jarvis import metrics
 from tests.clients import RawClient, chat_body, chat_request, metric, raw_client_on
 from tests.live import sse_events
 
@@ -53,3 +54,28 @@ def test_metrics_report_the_right_counts_across_two_workers(start_jarvis, upstre
 def worker_pids(jarvis) -> set[str]:
     """The pids of the workers that ended a stream, from the end lines' `[pid]` field."""
     return {line.split("] [")[1].split("]")[0] for line in jarvis.end_lines()}
+
+
+def test_no_label_takes_a_value_from_a_request_or_an_upstream(app, client, backend):
+    import re
+    import secrets
+
+    from jarvis.errors import ApiError, StreamError
+
+    hostile = "x" + secrets.token_hex(6)
+    backend.fail_next(ApiError(502, "upstream error", body={"error": {"message": "no", "type": "x", "code": hostile}}))
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    backend.enqueue(["w0 ", StreamError(hostile + "2", "broken mid-stream", "upstream_error")])
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                              "stream": True}).get_data()
+    client.get(f"/api/conversations/{hostile}")
+    client.get(f"/api/files/{hostile}")
+    client.get(f"/{hostile}/nothing/here")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert hostile not in text
+    routes = {rule.rule for rule in app.url_map.iter_rules()} | {"unmatched"}
+    counted = re.findall(r'^jarvis_http_requests_total\{route="([^"]*)",status="([^"]*)"\}', text, re.M)
+    assert ("/api/conversations/<conversation_id>", "404") in counted and ("unmatched", "404") in counted
+    assert all(route in routes and status.isdigit() for route, status in counted), counted
+    kinds = set(re.findall(r'^jarvis_upstream_errors_total\{kind="([^"]*)"', text, re.M))
+    assert "upstream_error" in kinds and kinds <= metrics.ERROR_KINDS, kinds
