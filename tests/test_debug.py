@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import statistics
+import sys
 import time
 import uuid
 
@@ -171,3 +172,24 @@ def test_debug_routes_need_the_key_when_one_is_set(start_jarvis):
     assert page.status_code == 200 and "Open streams: 0" in page.text
     as_sent, _, _, _ = check(jarvis.url, KEY)
     assert as_sent
+
+
+def test_the_doctor_names_nginx_and_its_fix_when_it_buffers_and_passes_the_readmes_config(jarvis, capsys):
+    from jarvis.doctor import main
+    from tests.nginx import BUFFERING_LOCATION, README_LOCATION, Nginx
+
+    verdicts = {}
+    for name, location in (("buffering", BUFFERING_LOCATION), ("the README's", README_LOCATION)):
+        proxy = Nginx(jarvis.port, location).start()
+        try:
+            status = main([proxy.url, "--direct", jarvis.url])
+        finally:
+            proxy.stop()
+        verdicts[name] = (status, capsys.readouterr().out)
+        print(f"--- nginx, {name} config: exit {status}\n{verdicts[name][1]}", file=sys.stderr)  # (-s shows it)
+    status, out = verdicts["buffering"]
+    assert status == 1 and "PROBLEM: events arrived bunched" in out
+    assert "nginx (Server: nginx/" in out and "is buffering this response; fix:" in out and "proxy_buffering off" in out
+    assert "(as sent: the hop in between buffers)" in out
+    status, out = verdicts["the README's"]
+    assert status == 0 and "OK: events arrived as sent" in out and "fix:" not in out
