@@ -32,8 +32,13 @@ CHECK_INTERVAL = 0.2
 def open_streams():
     """Every open stream in every worker of this node, oldest first."""
     listed = sorted(streams.node_streams(streams.OPEN), key=lambda stream: -stream["age_s"])
-    if request.args.get("format") == "html" or (request.accept_mimetypes.accept_html
-                                                and not request.accept_mimetypes.accept_json):
+    # A browser's Accept lists text/html first and */* below it: HTML for it; JSON for curl (*/* alone), an API
+    # client, or none at all.
+    chosen = request.args.get("format")
+    if chosen is None:
+        chosen = "html" if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html" \
+            else "json"
+    if chosen == "html":
         response = make_response(render_template("streams.html", streams=listed))
         response.headers["Content-Security-Policy"] = PAGE_CSP
         return response

@@ -83,6 +83,10 @@ def describe(relay, now: float) -> dict:
     else:
         phase = "waiting for first token"
     model = relay.request.body.get("model")
+    if not isinstance(model, str) or not model:  # the request named none: the one its backend answers with
+        backend = getattr(relay.backend, "backend", relay.backend)  # (a page's tool loop wraps its backend)
+        model = getattr(backend, "model_id", None) or getattr(backend, "model", None) or \
+            getattr(backend, "default_model", None)
     return {"trace_id": relay.request.trace_id, "route": "page" if page else f"/v1/{relay.request.endpoint}",
             "model": model[:100] if isinstance(model, str) else None, "upstream": relay.upstream,
             "phase": phase, "age_s": round(now - relay.clock.started, 3),

@@ -193,3 +193,30 @@ def test_the_doctor_names_nginx_and_its_fix_when_it_buffers_and_passes_the_readm
     assert "(as sent: the hop in between buffers)" in out
     status, out = verdicts["the README's"]
     assert status == 0 and "OK: events arrived as sent" in out and "fix:" not in out
+
+
+@pytest.mark.parametrize(("accept", "html"), [
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8", True),  # Chromium
+    ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", True),  # Firefox
+    ("*/*", False), (None, False), ("application/json", False)])
+def test_debug_streams_is_a_table_for_a_browser_and_json_for_everyone_else(client, backend, accept, html):
+    response = client.get("/debug/streams", headers={"Accept": accept} if accept else {})
+    assert response.status_code == 200
+    if html:
+        assert response.mimetype == "text/html" and b'http-equiv="refresh"' in response.data
+        assert b"<script" not in response.data  # it refreshes itself with the CSP unchanged
+    else:
+        assert response.mimetype == "application/json" and response.json["count"] == 0
+
+
+def test_debug_streams_names_the_model_a_request_without_one_is_answered_with(client, backend):
+    from tests.fake_backend import STALL
+
+    backend.model = "the-default-model"  # as JARVIS_MODEL is to an upstream (the embedded model: its file's name)
+    backend.enqueue(["w0 ", STALL])
+    stream = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "stream": True}, buffered=False)
+    next(iter(stream.response))
+    [listed] = client.get("/debug/streams").json["data"]
+    assert listed["model"] == "the-default-model"
+    stream.close()
