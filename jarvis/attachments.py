@@ -149,7 +149,7 @@ def _decode(kind: str, name: str, data: bytes, max_pixels: int) -> Attachment:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise refused(name, "is not UTF-8 text, a PDF or an image") from None
-    if text.lstrip()[:5].lower() == "<svg " or "<svg" in text[:1000].lower() and kind == "image":
+    if text.lstrip()[:5].lower() == "<svg " or (kind == "image" and "<svg" in text[:1000].lower()):
         raise refused(name, "is an SVG, which Jarvis does not accept (it can carry scripts)")
     attachment = Attachment(name, "text/plain; charset=utf-8", "text", data, text=text)
     return _hashed(attachment)

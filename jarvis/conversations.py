@@ -279,7 +279,7 @@ def _continue(conversation_id: str, conversation: dict, body: dict) -> Response:
                             "tools is answered again instead",
                        param="continue", code="not_continuable")
     answer = branch[-1]
-    chat = _chat_request(conversation, branch, model, trace_id, fields)
+    chat = _chat_request(conversation, branch, model, trace_id, fields, offer_tools=False)
     response = runs.start(conversation_id, message_id, chat, request.environ, client,
                           continued=(answer["content"], answer["reasoning"]), shown=shown,
                           ended=(answer["status"], answer["error"], answer.get("stats")), user_id=accounts.user_id())
@@ -298,7 +298,7 @@ def _count_field(body: dict, name: str) -> int | None:
 
 
 def _chat_request(conversation: dict, history: list[dict], model: str | None, trace_id: str,
-                  fields: dict | None = None) -> ChatRequest:
+                  fields: dict | None = None, *, offer_tools: bool = True) -> ChatRequest:
     """The upstream request for an answer to `history` (root first) with the conversation's settings. When
     `history` ends with an answer, the model is asked to continue its text, with the `fields` its server
     needs for that (jarvis.continuation)."""
@@ -313,7 +313,9 @@ def _chat_request(conversation: dict, history: list[dict], model: str | None, tr
                  "stream": True, "stream_options": {"include_usage": True}, **parameters,
                  **({"model": model} if model else {}), **(fields or {})}
     return ChatRequest(body=chat_body, raw=json.dumps(chat_body).encode(), stream=True, trace_id=trace_id,
-                       account=limits.account_of_request(), tools=conversation_settings.get("tools") or {})
+                       account=limits.account_of_request(),
+                       # (a continued answer goes on with its text: its tools are not offered again)
+                       tools=(conversation_settings.get("tools") or {}) if offer_tools else None)
 
 
 class _claim_errors:
