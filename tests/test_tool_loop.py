@@ -86,6 +86,21 @@ def send(client, conversation_id=None, content="What time is it?", **settings):
     return conversation_id, response
 
 
+def read_until(response, marker: bytes):
+    """The response's body, read up to the chunk that holds `marker`; the rest, still to read."""
+    body = iter(response.response)
+    for chunk in body:
+        if marker in chunk:
+            return body
+    raise AssertionError(f"{marker!r} never came")
+
+
+def stop_and_finish(client, conversation_id, rest) -> bytes:
+    """Stop the conversation's answer; what its stream said after that."""
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    return b"".join(rest)
+
+
 def page_events(response) -> list[dict]:
     return data_of(sse(response.get_data()))
 
@@ -157,14 +172,10 @@ def test_stop_while_a_tool_runs_cancels_it_on_the_server_and_the_next_message_wo
     client = tools_client()
     backend.enqueue(calls(("wait", {"seconds": 30})))
     conversation_id, response = send(client)
-    body = iter(response.response)
-    for chunk in body:
-        if b"tool_step" in chunk:
-            break
+    body = read_until(response, b"tool_step")
     wait_until(lambda: "started wait" in new_notes(client), 30, "the tool never started")
     stopped_at = time.monotonic()
-    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
-    rest = b"".join(body)
+    rest = stop_and_finish(client, conversation_id, body)
     took = time.monotonic() - stopped_at
     assert b'"status": "stopped"' in rest and rest.endswith(b"data: [DONE]\n\n")
     wait_until(lambda: "cancelled wait" in new_notes(client), 10, "the server never heard of the Stop")
@@ -277,12 +288,8 @@ def test_stop_while_the_model_writes_after_a_tool_keeps_the_step_and_the_text(to
     client = tools_client()
     backend.enqueue(calls(("big", {"size": 2})), ["After the tool ", STALL])
     conversation_id, response = send(client)
-    body = iter(response.response)
-    for chunk in body:
-        if b"After the tool" in chunk:
-            break
-    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
-    assert b'"status": "stopped"' in b"".join(body)
+    body = read_until(response, b"After the tool")
+    assert b'"status": "stopped"' in stop_and_finish(client, conversation_id, body)
     assert backend.generations[1].aborted.is_set()  # the second step's stream was cancelled at its source
     message = saved(client, conversation_id)
     assert message["status"] == "stopped" and message["content"] == "w0 w1 After the tool "
@@ -332,12 +339,8 @@ def test_the_reference_server_from_npm_answers_in_the_loop_with_progress_and_sto
     # Stop in a long operation: the run ends stopped, and the server still answers the next call.
     backend.enqueue(calls(("trigger-long-running-operation", {"duration": 60, "steps": 60})))
     _, response = send(client, conversation_id, "Again, longer")
-    body = iter(response.response)
-    for chunk in body:
-        if b"tool_progress" in chunk:
-            break
-    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
-    assert b'"status": "stopped"' in b"".join(body)
+    body = read_until(response, b"tool_progress")
+    assert b'"status": "stopped"' in stop_and_finish(client, conversation_id, body)
     backend.enqueue(calls(("echo", {"message": "still here"})), ["ok"])
     events = page_events(send(client, conversation_id, "Echo")[1])
     assert "still here" in [event["tool_result"] for event in events if "tool_result" in event][0]["content"]
@@ -363,9 +366,7 @@ def test_nobody_watching_a_loop_for_detached_seconds_stops_it_inside_a_tool(tool
     client = tools_client(detached_seconds=0.3)
     backend.enqueue(calls(("wait", {"seconds": 30})))
     conversation_id, response = send(client)
-    for chunk in response.response:
-        if b"tool_step" in chunk:
-            break
+    read_until(response, b"tool_step")
     response.close()  # the page leaves while the tool runs
     message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m, 10)
     assert "JARVIS_DETACHED_SECONDS" in message["error"] and message["tools"][0]["calls"][0]["result"] is None
