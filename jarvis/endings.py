@@ -156,6 +156,10 @@ def report(ending: Ending, relay: Relay) -> None:
         metrics.CANCEL_LATENCY.observe(cancel_seconds)
     if ending.outcome is Outcome.UPSTREAM_ERROR:
         metrics.UPSTREAM_ERRORS.labels(metrics.error_kind(error_code), upstream).inc()
+    if relay.generation is not None and upstream != "-":  # it answered (then, perhaps, broke)
+        metrics.UPSTREAM_UP.labels(upstream).set(0 if error_code in metrics.DOWN_KINDS else 1)
+    elif error_code in metrics.DOWN_KINDS and upstream != "-":  # one upstream, unreachable before answering
+        metrics.UPSTREAM_UP.labels(upstream).set(0)
 
     started = relay.clock.started
     fields = {"outcome": ending.label, "events": relay.events,

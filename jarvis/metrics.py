@@ -38,6 +38,12 @@ CANCEL_LATENCY = Histogram("jarvis_cancel_latency_seconds", "Client gone to back
 UPSTREAM_ERRORS = Counter("jarvis_upstream_errors", "Backend failures, by kind (one of Jarvis's own error codes; "
                           "an upstream's own code is `upstream_error`, and goes in the log) and upstream",
                           ["kind", "upstream"])
+UPSTREAM_UP = Gauge("jarvis_upstream_up", "1 when the upstream's last request got an answer, 0 when it could not "
+                    "be reached or failed before answering (from real requests, not its model list)", ["upstream"],
+                    multiprocess_mode="livemostrecent")
+# What says an upstream is down: it could not be reached, or broke before or while answering.
+DOWN_KINDS = frozenset({"upstream_unreachable", "upstream_closed", "upstream_timeout", "upstream_disconnected",
+                        "upstream_malformed", "upstream_incomplete"})
 HTTP_REQUESTS = Counter("jarvis_http_requests", "Requests answered, by route (its template: never an id) and "
                         "status", ["route", "status"])
 

@@ -79,3 +79,20 @@ def test_no_label_takes_a_value_from_a_request_or_an_upstream(app, client, backe
     assert all(route in routes and status.isdigit() for route, status in counted), counted
     kinds = set(re.findall(r'^jarvis_upstream_errors_total\{kind="([^"]*)"', text, re.M))
     assert "upstream_error" in kinds and kinds <= metrics.ERROR_KINDS, kinds
+
+
+def test_an_upstream_is_up_when_its_requests_get_answers_and_down_when_it_cannot_be_reached(client, backend):
+    import re
+
+    from jarvis.errors import ApiError
+
+    def up() -> str:
+        text = client.get("/metrics").get_data(as_text=True)
+        return re.search(r'^jarvis_upstream_up\{upstream="fake"\} (\S+)$', text, re.M).group(1)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    backend.fail_next(ApiError(502, "The upstream is unreachable", type_="upstream_error", code="upstream_unreachable"))
+    assert client.post("/v1/chat/completions", json=chat).status_code == 502
+    assert up() == "0.0"
+    client.post("/v1/chat/completions", json=chat).get_data()
+    assert up() == "1.0"

@@ -473,6 +473,8 @@ def test_an_upstream_with_listed_models_that_refuses_connections_is_unreachable_
     with pytest.raises(ApiError):
         ask()
     assert router.status()["upstreams"][0]["state"] == "unreachable"
+    from prometheus_client import REGISTRY  # down from its requests, though its model list is fixed
+    assert REGISTRY.get_sample_value("jarvis_upstream_up", {"upstream": "fixed"}) == 0
     monkeypatch.setattr(router_module, "COOL_DOWN_SECONDS", 0.0)  # its rest over: still unreachable, not up
     assert router.status()["upstreams"][0]["state"] == "unreachable"
     assert [model["id"] for model in router.models()["data"]] == ["m"]  # still listed: requests are its news

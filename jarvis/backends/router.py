@@ -21,6 +21,7 @@ import time
 
 import gevent
 
+from jarvis import metrics
 from jarvis.backends import Backend, ChatRequest, Generation
 from jarvis.errors import ApiError
 from jarvis.settings import Settings
@@ -57,6 +58,8 @@ class Upstream:
         return self.failed_at is not None and time.monotonic() - self.failed_at < COOL_DOWN_SECONDS
 
     def failed(self, error: ApiError) -> None:
+        if error.code in metrics.DOWN_KINDS:
+            metrics.UPSTREAM_UP.labels(self.name).set(0)  # (the one that answered instead is counted by its stream)
         self.failed_at = time.monotonic()
         self.last_error = error.code or str(error.status)
         # An upstream whose models are listed in the file is never asked for /models: its requests are
