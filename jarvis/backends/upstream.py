@@ -79,9 +79,9 @@ class UpstreamBackend:
             return self.window[0]
         tokens = None
         origin = self.base_url.rstrip("/").removesuffix("/v1")
+        client = http1.Client(origin, 2.0, {"Accept": "application/json"}, ca_file=self.ca_file)
         try:
             with gevent.Timeout(2.0):
-                client = http1.Client(origin, 2.0, {"Accept": "application/json"}, ca_file=self.ca_file)
                 response = client.request("GET", "/props", None, {})
                 body = read_capped(response, 1024 * 1024, "/props") if response.status == 200 else b""
                 response.close()
@@ -90,6 +90,8 @@ class UpstreamBackend:
             tokens = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
         except (gevent.Timeout, http1.UpstreamHTTPError, ApiError, ValueError, AttributeError, OSError):
             tokens = None
+        finally:
+            client.close()  # (its kept-alive connection: asked once every CONTEXT_SECONDS at most)
         self.window = (tokens, now)
         return tokens
 
