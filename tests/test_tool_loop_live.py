@@ -66,7 +66,15 @@ def test_the_page_shows_the_loop_live_through_a_reload_and_every_step_is_saved(s
     page.reload()  # mid-loop: the page re-attaches and gets the steps so far
     page.wait_for_selector("body[data-ready=true]")
     last_answer(page).locator(".tool-call").wait_for(timeout=10_000)
-    wait_status(page, "complete", 30)
+    try:
+        wait_status(page, "complete", 30)
+    except Exception as error:  # (once in five CI runs the page never showed the end: say what it showed)
+        shown = page.evaluate("() => { const a = [...document.querySelectorAll('[data-role=assistant]')].at(-1);"
+                              " return a && [a.dataset.status, a.querySelector('.error')?.textContent,"
+                              " a.querySelector('.content')?.textContent.slice(-200)]; }")
+        raise AssertionError(f"after the reload the answer showed {shown}; console errors "
+                             f"{problems.console_errors}, page errors {problems.page_errors}; the server's log:\n"
+                             f"{served.log()[-3000:]}") from error
     assert "Tool said: waited 2" in answer_text(page)
     done = last_answer(page).locator(".tool-call[data-state=done]")
     done.locator("summary").click()
