@@ -497,6 +497,13 @@ class Runs:
         lacks of it (`shown`: the characters of each it has; None: all) and its new text."""
         run = Run(self, conversation_id, message_id, chat, client, continued, ended, title, user_id)
         self.by_message[message_id] = run
+        # The tick renews the run's lease from now, while the backend opens: an open that took longer than
+        # LEASE_SECONDS (a tool loop starting its MCP servers on a busy machine took 4.5 s) let anyone who looked
+        # mark the answer interrupted while it was starting (a page reloaded then showed it ended). A Stop from
+        # another worker reaches it while it opens, too.
+        if self.ticker is None or self.ticker.dead:
+            self.ticker = gevent.spawn(self._tick)
+            self.store.listen(self._heard)  # PostgreSQL: Stops and deletes from other nodes, at once
         try:
             run.relay.open()
         except BaseException:
@@ -505,9 +512,6 @@ class Runs:
         after = [len(text) if count is None else count for text, count in zip(continued, shown, strict=True)]
         response = run.attach(environ, after[0], after[1])
         gevent.spawn(run._stream)
-        if self.ticker is None or self.ticker.dead:
-            self.ticker = gevent.spawn(self._tick)
-            self.store.listen(self._heard)  # PostgreSQL: Stops and deletes from other nodes, at once
         return response
 
     def _heard(self, kind: str, message_id: int) -> None:

@@ -348,3 +348,30 @@ def test_the_list_never_shows_an_answer_running_a_moment_after_it_ended_or_was_s
     assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
     assert running(conversation_id) is False  # the Stop answered, the list asked at once
     response.close()
+
+
+def test_an_answer_whose_backend_takes_longer_than_a_lease_to_open_is_never_seen_interrupted(client, backend,
+                                                                                           monkeypatch):
+    # A tool loop starting its MCP servers on a busy machine opened in 4.5 s, nearly a lease (6 s): its lease
+    # must be renewed while it opens. Here a lease of 0.3 s and an open of 1 s.
+    from jarvis import leases
+
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.3)
+    monkeypatch.setattr(leases, "RENEW_SECONDS", 0.1)
+    opened = backend.open
+
+    def slowly(request):
+        gevent.sleep(1.0)
+        return opened(request)
+
+    monkeypatch.setattr(backend, "open", slowly)
+    backend.enqueue(["w0 ", "w1 "])
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    sending = gevent.spawn(client.post, f"/api/conversations/{conversation_id}/messages", json={"content": "hi"})
+    seen = []
+    while not sending.ready():
+        gevent.sleep(0.1)
+        messages = client.get(f"/api/conversations/{conversation_id}").json["messages"]
+        seen += [m["status"] for m in messages if m["role"] == "assistant"]
+    assert sending.get().status_code == 200
+    assert "streaming" in seen and "interrupted" not in seen, seen  # a reader while it opened never marked it dead
