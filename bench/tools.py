@@ -123,7 +123,10 @@ def stop_latency(url: str, upstream: FakeUpstream, notes: Path, phase: str, runs
                         event["choices"][0]["delta"].get("content"):
                     break
                 if phase == "tool" and event and "tool_step" in event:
+                    deadline = time.monotonic() + 30
                     while "started wait" not in notes.read_text()[start:]:
+                        if time.monotonic() > deadline:
+                            raise SystemExit("the wait tool never started")
                         time.sleep(0.005)
                     break
             exchange = upstream.chats[-1]

@@ -45,10 +45,11 @@ async def wait(seconds: float, ctx: Context) -> str:
 
 
 @server.tool()
-def stuck(seconds: float) -> str:
-    """Block the whole server for this many seconds (a tool that cannot be cancelled)."""
+async def stuck(seconds: float) -> str:
+    """Block the whole server for this many seconds (a tool that cannot be cancelled: it holds the server's event
+    loop, so nothing else is answered meanwhile — not a cancellation, not a ping)."""
     note(f"started stuck {seconds}")
-    time.sleep(seconds)
+    time.sleep(seconds)  # (on purpose: the blocking this tool is for)
     note("finished stuck")
     return "unstuck"
 

@@ -369,9 +369,10 @@ def test_an_answer_whose_backend_takes_longer_than_a_lease_to_open_is_never_seen
     conversation_id = client.post("/api/conversations", json={}).json["id"]
     sending = gevent.spawn(client.post, f"/api/conversations/{conversation_id}/messages", json={"content": "hi"})
     seen = []
-    while not sending.ready():
-        gevent.sleep(0.1)
-        messages = client.get(f"/api/conversations/{conversation_id}").json["messages"]
-        seen += [m["status"] for m in messages if m["role"] == "assistant"]
+    with gevent.Timeout(10, AssertionError("the answer never started")):
+        while not sending.ready():  # (read as a page would, every 0.1 s, until the send returns)
+            gevent.sleep(0.1)
+            messages = client.get(f"/api/conversations/{conversation_id}").json["messages"]
+            seen += [m["status"] for m in messages if m["role"] == "assistant"]
     assert sending.get().status_code == 200
     assert "streaming" in seen and "interrupted" not in seen, seen  # a reader while it opened never marked it dead

@@ -371,3 +371,26 @@ def test_nobody_watching_a_loop_for_detached_seconds_stops_it_inside_a_tool(tool
     message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m, 10)
     assert "JARVIS_DETACHED_SECONDS" in message["error"] and message["tools"][0]["calls"][0]["result"] is None
     wait_until(lambda: "cancelled wait" in new_notes(client), 10, "the tool was not cancelled")
+
+
+@pytest.mark.long(10)  # (mostly waiting: the stuck server is reaped after 5 s)
+def test_a_server_stuck_in_a_tool_it_cannot_drop_is_restarted_after_a_stop(tools_client, backend, jarvis_log,
+                                                                          monkeypatch):
+    from jarvis import mcp_client
+
+    monkeypatch.setattr(mcp_client, "CANCEL_GRACE_SECONDS", 0.5)  # (5 s in a worker)
+    client = tools_client()
+    backend.enqueue(calls(("stuck", {"seconds": 20})))
+    conversation_id, response = send(client)
+    body = read_until(response, b"tool_step")
+    wait_until(lambda: "started stuck" in new_notes(client), 30, "the tool never started")
+    assert b'"status": "stopped"' in stop_and_finish(client, conversation_id, body)
+    wait_until(lambda: any("restarting it" in line for line in jarvis_log.messages()), 10,
+               lambda: "the stuck server was never given up")
+    # The next call is answered by a server started afresh, long before the stuck one would have woken.
+    backend.enqueue(calls(("big", {"size": 2})), ["ok"])
+    started = time.monotonic()
+    events = page_events(send(client, conversation_id, "Again")[1])
+    assert [e["tool_result"]["content"] for e in events if "tool_result" in e] == ["xx"]
+    assert time.monotonic() - started < 15, "the next call waited for the stuck server"
+    assert "finished stuck" not in new_notes(client)
