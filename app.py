@@ -1,21 +1,15 @@
-"""The WSGI app for gunicorn (`gunicorn app:app`); `python app.py` runs gunicorn with gunicorn.conf.py.
+"""Run from a checkout: `python app.py` is `jarvis serve` (its options, and gunicorn's, pass through), and
+`gunicorn app:app` serves the same app with the checkout's gunicorn.conf.py.
 
-`python app.py` must not import the app itself: gunicorn's gevent worker
-monkey-patches first and imports `app` afterwards.
+`python app.py` must not import the app itself: gunicorn's gevent worker monkey-patches first and imports
+the app afterwards.
 """
 
 import sys
 
 if __name__ == "__main__":
-    import os
+    from jarvis.cli import serve
 
-    from gunicorn.app.wsgiapp import run
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.chdir(here)
-    sys.argv = [sys.argv[0], "--config", os.path.join(here, "gunicorn.conf.py"), *sys.argv[1:], "app:app"]
-    sys.exit(run())
+    sys.exit(serve(sys.argv[1:], prog="python app.py"))
 else:
-    from jarvis import create_app
-
-    app = create_app()
+    from jarvis.wsgi import app  # noqa: F401 (gunicorn's app:app)

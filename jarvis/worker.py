@@ -221,6 +221,11 @@ class JarvisWorker(GeventWorker):
         global SHEDDER
         SHEDDER = self.shedder = Shedder(self.cfg.worker_connections)
         _raise_open_files_limit(self.cfg.worker_connections + _FILES_BESIDES_CONNECTIONS)
+        # Before the hub and its monitor thread start: a report of the worker's own start-up (an import
+        # that holds the hub on a busy machine) is then rate-limited, and a JSON object in JSON mode.
+        from jarvis import diagnostics
+
+        diagnostics.rate_limit_blocking_reports()
         super().init_process()
 
     def timeout_ctx(self):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refresh the page's third-party JavaScript from npm at the pinned versions below.
-# The files land in static/vendor/ with their licences; nothing is built or bundled.
+# The files land in jarvis/static/vendor/ with their licences; nothing is built or bundled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,7 @@ for archive in "$work"/*.tgz; do
   tar -xzf "$archive" -C "$work/$(basename "$archive" .tgz)"
 done
 
-vendor=static/vendor
+vendor=jarvis/static/vendor
 rm -rf "$vendor" && mkdir -p "$vendor"
 cp "$work/marked-$MARKED/package/lib/marked.esm.js" "$vendor/marked.esm.js"
 cp "$work/marked-$MARKED/package/LICENSE" "$vendor/marked.LICENSE"

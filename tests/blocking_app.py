@@ -15,3 +15,17 @@ def block_hub():
     seconds = float(request.args.get("seconds", "0.5"))
     _real_sleep(seconds)
     return {"blocked_seconds": seconds}
+
+
+@app.post("/test/stderr")
+def write_to_stderr():
+    """Write past logging, as libraries do: plain text on sys.stderr, and a greenlet that dies (gevent
+    prints its traceback)."""
+    import sys
+
+    import gevent
+
+    sys.stderr.write("a plain line on stderr\nand a second, unfinished")
+    sys.stderr.write(" until now\n")
+    gevent.spawn(lambda: 1 / 0).join()
+    return {"written": True}

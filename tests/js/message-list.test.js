@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { MessageList } from "../../static/page/message-list.js";
+import { MessageList } from "../../jarvis/static/page/message-list.js";
 
 /** A container that records its children, as #messages would show them. */
 function container() {

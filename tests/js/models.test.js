@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { preselectedModel } from "../../static/page/models.js";
+import { preselectedModel } from "../../jarvis/static/page/models.js";
 
 const models = [{ id: "small", owner: "gpu-a" }, { id: "big", owner: "gpu-b" }, { id: "tiny", owner: "gpu-a" }];
 

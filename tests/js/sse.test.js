@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { readEvents, SSEDecoder } from "../../static/sse.js";
+import { readEvents, SSEDecoder } from "../../jarvis/static/sse.js";
 
 const encoder = new TextEncoder();
 
