@@ -70,6 +70,8 @@ TOKENS = Counter("jarvis_tokens", "Tokens used, by direction: prompt (read) or c
                  "upstream's count when it sends one, else events with text", ["direction"])
 MODEL_QUEUE_DEPTH = Gauge("jarvis_model_queue_depth", "Requests waiting for the embedded model",
                           multiprocess_mode="livesum")
+MODEL_SLOTS_BUSY = Gauge("jarvis_model_slots_busy", "Slots of the embedded model holding an answer (each "
+                         "slot is one sequence of its batch)", multiprocess_mode="livesum")
 MODEL_QUEUE_WAIT = Histogram("jarvis_model_queue_wait_seconds", "Time a request waited for the embedded model",
                              buckets=_DURATION_BUCKETS)
 

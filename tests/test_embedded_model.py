@@ -26,11 +26,22 @@ def local(tmp_path, env=None, args=None) -> LiveServer:
     return LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.2", **(env or {})}, args).start()
 
 
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    server = local(tmp_path_factory.mktemp("model"))
+@pytest.fixture(scope="module", params=[1, 4], ids=["slots1", "slots4"])
+def model_server(request, tmp_path_factory):
+    """Every test here runs against one slot (answers one at a time, as before batching) and the default four."""
+    server = local(tmp_path_factory.mktemp("model"), {"JARVIS_LOCAL_SLOTS": str(request.param)})
+    server.slots = request.param
     yield server
     server.stop()
+
+
+def fill_slots(jarvis, max_tokens=120) -> list:
+    """Every slot generating (the next request waits in line): the streams' event iterators, each past its
+    first token."""
+    streams = [sse_events(stream(jarvis, max_tokens=max_tokens, trace_id=f"filler-{n}")) for n in range(jarvis.slots)]
+    for events in streams:
+        next(event for event in events if event[0] == "data")
+    return streams
 
 
 @pytest.fixture
@@ -51,8 +62,10 @@ def generation_ends(jarvis, trace_id: str = "") -> list[dict]:
     """The generations' end lines (of one stream's, with `trace_id`): on the module's shared server, a
     generation the last test left is still ending while the next test begins."""
     pattern = ((rf"\[{trace_id}\] " if trace_id else "")
-               + r"local generation end reason=(\w+) tokens=(\d+) cancel_to_stop_ms=([\d.-]+) duration_ms=([\d.]+)")
-    return [dict(zip(("reason", "tokens", "stop_ms", "duration_ms"), match, strict=True))
+               + r"local generation end reason=(\w+) slot=(\S+) tokens=(\d+) prompt_tokens=(\d+) "
+                 r"prompt_evaluated=(\d+) cancel_to_stop_ms=([\d.-]+) duration_ms=([\d.]+)")
+    return [dict(zip(("reason", "slot", "tokens", "prompt_tokens", "prompt_evaluated", "stop_ms", "duration_ms"),
+                     match, strict=True))
             for match in re.findall(pattern, jarvis.log())]
 
 
@@ -86,9 +99,7 @@ def test_openai_sdk_and_request_parameters(jarvis):
 
 def test_hub_stays_responsive_while_the_model_generates(jarvis):
     """Health checks answer fast and a queued stream's heartbeats arrive on time during generation."""
-    generating = stream(jarvis, max_tokens=120)
-    events = sse_events(generating)
-    next(event for event in events if event[0] == "data")  # the model is generating now
+    fillers = fill_slots(jarvis)  # the model is generating now, in every slot
     queued = stream(jarvis, max_tokens=5)
     ping_times, latencies = [], []
 
@@ -100,7 +111,7 @@ def test_hub_stays_responsive_while_the_model_generates(jarvis):
     reader = threading.Thread(target=read_queued)
     reader.start()
     finished = threading.Event()
-    threading.Thread(target=lambda: (list(events), finished.set())).start()
+    threading.Thread(target=lambda: ([list(events) for events in fillers], finished.set())).start()
     with requests.Session() as session:
         while not finished.is_set():
             started = time.monotonic()
@@ -192,34 +203,32 @@ def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis
 
 
 def test_second_request_waits_with_heartbeats_then_streams(jarvis):
-    first = stream(jarvis, max_tokens=100, trace_id="first")
-    first_events = sse_events(first)
-    next(event for event in first_events if event[0] == "data")
+    fillers = fill_slots(jarvis, max_tokens=100)
     second_events = list(sse_events(stream(jarvis, max_tokens=5, trace_id="second")))
-    assert list(first_events)[-1][0] == "done" and second_events[-1][0] == "done"
+    assert all(list(events)[-1][0] == "done" for events in fillers) and second_events[-1][0] == "done"
     first_token = next(index for index, event in enumerate(second_events) if event[0] == "data")
     pings_while_queued = [event for event in second_events[:first_token] if event[1] == ": ping"]
     assert len(pings_while_queued) >= 2
     assert content_of(second_events)
-    # One generation at a time: the second started only after the first had ended.
-    jarvis.wait_for_log("[second] local generation end")  # logged once its thread has finished
-    order = re.findall(r"\[(first|second)\] local generation (start|end)", jarvis.log())
-    assert order == [("first", "start"), ("first", "end"), ("second", "start"), ("second", "end")]
+    # Every slot busy: the waiting one started only after one of them had ended.
+    jarvis.wait_for_log("[second] local generation end")  # logged once the engine let go of it
+    order = re.findall(r"\[(filler-\d+|second)\] local generation (start|end)", jarvis.log())
+    second_start = order.index(("second", "start"))
+    assert [name for name, _ in order[:jarvis.slots]] == [f"filler-{n}" for n in range(jarvis.slots)]
+    assert any(event == "end" for _, event in order[:second_start]), order
 
 
 def test_client_leaving_while_queued_never_starts_a_generation(jarvis):
-    first = stream(jarvis, max_tokens=120)
-    first_events = sse_events(first)
-    next(event for event in first_events if event[0] == "data")
+    fillers = fill_slots(jarvis)
     queued = RawClient(jarvis.port)
     queued.send(chat_request({**LONG, "max_tokens": 5}, extra_headers="X-Request-Id: queued-client\r\n"))
     queued.read_until(b": ping\n\n")
     health = requests.get(jarvis.url + "/healthz").json()["model"]
-    assert health["queued"] == 1
+    assert health["queued"] == 1 and health["slots_busy"] == jarvis.slots
     generations = health["generations"]  # so far, this one included
     queued.close_rst()
     jarvis.wait_for_log("[queued-client] stream end outcome=client_stop")
-    assert list(first_events)[-1][0] == "done"
+    assert all(list(events)[-1][0] == "done" for events in fillers)
     health = requests.get(jarvis.url + "/healthz").json()["model"]
     assert health["queued"] == 0 and health["generations"] == generations  # the queued one never started
     assert "[queued-client] local generation start" not in jarvis.log()

@@ -1,22 +1,21 @@
-"""The embedded backend: a GGUF model run in-process by llama-cpp-python, off the gevent hub.
+"""The embedded backend: a GGUF model run in-process through llama-cpp-python's bindings, off the gevent hub.
 
-llama.cpp generation is CPU-bound C code; on the hub it would stop every other
-greenlet (heartbeats, other streams, health checks) until gunicorn killed the
-worker. So generation runs in a native thread from a one-thread pool, and
-hands each chunk back through a deque plus a libev async watcher (the
-thread-safe way to wake the hub). A cancel flag is checked between tokens.
+llama.cpp generation is CPU-bound C code; on the hub it would stop every other greenlet (heartbeats, other
+streams, health checks) until gunicorn killed the worker. So the model runs in one native thread (a
+one-thread pool): the batching engine of jarvis.backends.batching, which decodes up to JARVIS_LOCAL_SLOTS
+answers together. Each answer's chunks come back through a deque plus a libev async watcher (the
+thread-safe way to wake the hub).
 
 An answer whose last message is the assistant's own is continued: the prompt is the model's chat template
 over the messages before it, with the generation prompt, followed by that text as it is (a "prefill"), so
-the model goes on with the text instead of closing its turn and answering afresh (`continuing_handler`).
+the model goes on with the text instead of closing its turn and answering afresh (`chat_formatter`).
 
-A cancel also stops llama.cpp inside a decode: reading a long prompt is one
-decode of many seconds, and llama.cpp checks an abort callback after every
-node of its compute graph (`PromptAbort`).
+A Stop also stops llama.cpp inside a decode: reading a long prompt is one decode of many seconds, and
+llama.cpp checks an abort callback after every node of its compute graph (`PromptAbort`); the engine
+triggers it when every answer in the decode under way is stopped.
 
-One generation runs at a time per model. Waiting requests queue in FIFO order
-on a semaphore; a request cancelled while queued simply leaves the queue, and
-a generation's slot is released only once its thread has really finished.
+When every slot is busy, requests wait in FIFO order on a semaphore; a request cancelled while waiting
+simply leaves, and a slot is given back only once the engine has let go of its answer.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import ctypes
 import json
 import logging
 import os
-import threading
 import time
 
 import gevent
@@ -93,28 +91,44 @@ def load_llama(path: str, context: int, threads: int):
     return llama
 
 
-def continuing_handler(llama):
-    """A chat handler that formats with the model's own template (from its GGUF) and continues a final
-    assistant message; None when the model has no template (then llama-cpp-python's default, which
-    answers afresh, is left to jarvis.continuation to find out)."""
-    template = (getattr(llama, "metadata", None) or {}).get("tokenizer.chat_template")
-    if not template:
-        return None
+def load_model(path: str):
+    """The model alone (its weights and vocabulary), extra buffer types off (see above); jarvis.backends.batching
+    makes the context."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = False
+    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+    return model
+
+
+def chat_formatter(model):
+    """messages -> (prompt text, stop strings, add BOS): the model's own chat template from its GGUF, as
+    llama-cpp-python applies it (ChatML when the file has none). A final assistant message is continued:
+    the template over the messages before it, with the generation prompt, then that text as it is (a
+    "prefill"), so the model goes on with the text instead of answering afresh."""
     from llama_cpp import llama_chat_format
 
-    eos, bos = llama.token_eos(), llama.token_bos()
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=template, eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llama._model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+    template = model.metadata().get("tokenizer.chat_template")
+    if template:
+        eos, bos = model.token_eos(), model.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+    else:
+        formatter = llama_chat_format.format_chatml
 
-    def formatted(*, messages, **options):
-        if not messages or messages[-1]["role"] != "assistant":
-            return formatter(messages=messages, **options)
-        result = formatter(messages=messages[:-1], **options)
-        result.prompt += messages[-1]["content"]
-        return result
+    def format(messages: list[dict]) -> tuple[str, list[str], bool]:
+        continuing = messages and messages[-1]["role"] == "assistant"
+        result = formatter(messages=messages[:-1] if continuing else messages)
+        prompt = result.prompt + (messages[-1]["content"] if continuing else "")
+        stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+        return prompt, stop, not result.added_special and model.add_bos_token()
 
-    return llama_chat_format.chat_formatter_to_chat_completion_handler(formatted)
+    return format
 
 
 class PromptAbort:
@@ -129,13 +143,15 @@ class PromptAbort:
     then returns 2 and llama-cpp-python raises RuntimeError.
     """
 
-    def __init__(self, llama):
+    def __init__(self, context):
+        """`context`: a llama_context pointer, or a high-level Llama (bench/prompt_abort.py)."""
         from llama_cpp import llama_cpp as bindings
 
+        context = getattr(getattr(context, "_ctx", None), "ctx", context)
         self.flag = ctypes.create_string_buffer(2)
         # Kept on self: llama.cpp holds only raw pointers to both.
         self.callback = ctypes.cast(ctypes.CDLL(None).strlen, bindings.ggml_abort_callback)
-        bindings.llama_set_abort_callback(llama._ctx.ctx, self.callback, ctypes.cast(self.flag, ctypes.c_void_p))
+        bindings.llama_set_abort_callback(context, self.callback, ctypes.cast(self.flag, ctypes.c_void_p))
 
     def clear(self) -> None:
         self.flag[0] = b"\0"
@@ -147,21 +163,23 @@ class PromptAbort:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, settings: Settings, llama=None):
+    def __init__(self, settings: Settings, engine=None):
+        from jarvis.backends.batching import Engine
+
         self.model_path = settings.local_model
         self.model_id = model_id_for(settings.local_model)
         self.context = settings.local_context
         self.default_max_tokens = settings.local_max_tokens
-        self.pool = ThreadPool(1)
+        self.pool = ThreadPool(1)  # the engine's thread: it loads the model, then runs the batching loop
         started = time.monotonic()
-        self.llama = llama or self.pool.apply(load_llama, (settings.local_model, settings.local_context,
-                                                           settings.local_threads_or_cores))
-        log.info("embedded model %s loaded in %.2f s (%d threads, context %d)", self.model_id,
-                 time.monotonic() - started, settings.local_threads_or_cores, settings.local_context)
-        self.prompt_abort = PromptAbort(self.llama) if hasattr(self.llama, "_ctx") else None
-        self.continuing = continuing_handler(self.llama) if hasattr(self.llama, "_model") else None
-        self.slot = gevent.lock.Semaphore(1)
-        self.queued = 0
+        self.engine = engine or self.pool.apply(Engine, (settings.local_model, settings.local_slots or None,
+                                                         settings.local_context, settings.local_threads_or_cores))
+        self.slots = self.engine.slots_n
+        log.info("embedded model %s loaded in %.2f s (%d threads, %d slots of context %d)", self.model_id,
+                 time.monotonic() - started, settings.local_threads_or_cores, self.slots, settings.local_context)
+        self.pool.spawn(self.engine.run)
+        self.free = gevent.lock.Semaphore(self.slots)  # FIFO: a request waits here when every slot is busy
+        self.waiters: list[LocalGeneration] = []
         self.generations = 0
         self.tokens = 0
 
@@ -173,8 +191,9 @@ class LocalBackend:
                                             "owned_by": "jarvis"}]}
 
     def status(self) -> dict:
-        return {"model": self.model_id, "queued": self.queued, "busy": self.slot.locked(),
-                "generations": self.generations, "tokens": self.tokens}
+        busy = self.slots - self.free.counter
+        return {"model": self.model_id, "queued": len(self.waiters), "busy": busy == self.slots,
+                "slots": self.slots, "slots_busy": busy, "generations": self.generations, "tokens": self.tokens}
 
     def open(self, request: ChatRequest) -> LocalGeneration:
         if request.endpoint != "chat/completions":
@@ -185,32 +204,46 @@ class LocalBackend:
 
 
 class LocalGeneration:
-    """One request for the model: queued, then generating in the pool's thread."""
+    """One request for the model: waiting for a slot, then in the engine's batch (jarvis.backends.batching),
+    its chunks handed to the hub through a deque and a libev async watcher."""
 
-    interruptible = False  # read through a pump: its tokens come from the model's thread
+    interruptible = False  # read through a pump: its tokens come from the engine's thread
     upstream = None
     finished = False  # (the pump's END says when it is)
 
     def __init__(self, backend: LocalBackend, arguments: dict):
+        from jarvis.backends.batching import Answer
+
         self.backend = backend
-        self.arguments = arguments
-        self.cancel = threading.Event()
         self.chunks: collections.deque = collections.deque()
         self.wakeup = gevent.event.Event()
+        self.ended = gevent.event.Event()  # the engine is done with this answer (on the hub)
         self.async_watcher = None
-        self.thread_result = None
-        self.thread_running = False  # between _start_thread and the thread's end, on the hub's clock
         self.holds_slot = False
-        self.tokens = 0
+        self.submitted = False
+        self.engine_done = False  # set in the engine's thread
         self.reason = "queued"
         self.started = time.monotonic()
         self.cancelled_at: float | None = None
+        self.answer = Answer(sink=self._sink, model=backend.model_id, **arguments)
+
+    @property
+    def queue_position(self) -> int | None:
+        """1 for the next request to get a slot; None once it has one."""
+        try:
+            return self.backend.waiters.index(self) + 1
+        except ValueError:
+            return None
+
+    @property
+    def slot(self) -> int | None:
+        return self.answer.slot
 
     # -- the greenlet side ----------------------------------------------------
 
     def batches(self):
         yield from self._wait_for_slot()
-        self._start_thread()
+        self._submit()
         chunks = self.chunks
         while True:
             self.wakeup.clear()
@@ -232,29 +265,35 @@ class LocalGeneration:
             yield batch
 
     def _wait_for_slot(self):
-        self.backend.queued += 1
+        backend = self.backend
+        backend.waiters.append(self)
         metrics.MODEL_QUEUE_DEPTH.inc()
         queued_at = time.monotonic()
         try:
-            while not self.backend.slot.acquire(timeout=_QUEUE_POLL_SECONDS):
+            while not backend.free.acquire(timeout=_QUEUE_POLL_SECONDS if backend.free.counter == 0 else 0):
                 yield []  # still queued, still alive: keeps the relay's inactivity timer fresh
             self.holds_slot = True
         finally:
-            self.backend.queued -= 1
+            backend.waiters.remove(self)
             metrics.MODEL_QUEUE_DEPTH.dec()
             metrics.MODEL_QUEUE_WAIT.observe(time.monotonic() - queued_at)
 
-    def _start_thread(self) -> None:
+    def _submit(self) -> None:
         hub = gevent.get_hub()
         self.async_watcher = hub.loop.async_()
-        self.async_watcher.start(self.wakeup.set)
+        self.async_watcher.start(self._woken)
         self.backend.generations += 1
+        metrics.MODEL_SLOTS_BUSY.inc()
         self.started = time.monotonic()
         log.info("local generation start model=%s", self.backend.model_id)
-        if self.backend.prompt_abort is not None:
-            self.backend.prompt_abort.clear()  # on the hub, before the thread starts: ordered with abort()
-        self.thread_running = True
-        self.thread_result = self.backend.pool.spawn(self._generate, self.async_watcher)
+        self.submitted = True
+        self.backend.engine.submit(self.answer)
+
+    def _woken(self) -> None:
+        """On the hub, after the engine's thread sent something."""
+        self.wakeup.set()
+        if self.engine_done and not self.ended.is_set():
+            self.ended.set()
 
     def result(self) -> tuple[int, bytes]:
         """A non-streaming answer, built from the same cancellable token stream."""
@@ -269,94 +308,83 @@ class LocalGeneration:
         body = {"id": completion_id, "object": "chat.completion", "created": created,
                 "model": self.backend.model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(content)},
-                             "finish_reason": finish_reason}]}
+                             "finish_reason": finish_reason}],
+                "usage": {"prompt_tokens": self.answer.prompt_tokens,
+                          "completion_tokens": self.answer.completion_tokens,
+                          "total_tokens": self.answer.prompt_tokens + self.answer.completion_tokens}}
         return 200, json.dumps(body).encode()
 
     def abort(self) -> None:
-        """From any greenlet: stop generating now, inside a decode too (the prompt included)."""
-        if not self.cancel.is_set():
-            self.cancel.set()
+        """From any greenlet: stop generating now; inside a decode too when every answer in it is stopped."""
+        if self.cancelled_at is None:
             self.cancelled_at = time.monotonic()
-        # Only while this generation's thread runs: once it has ended, the flag may be the next one's.
-        if self.thread_running and self.backend.prompt_abort is not None:
-            self.backend.prompt_abort.trigger()
+        if self.submitted:
+            self.backend.engine.cancel(self.answer)
+        else:
+            self.answer.cancelled = True
 
     def close(self) -> None:
-        """Cancel the thread; hand the model to the next request only once the thread has finished."""
+        """Cancel; hand the slot to the next request only once the engine has let go of this answer."""
         self.abort()
         if not self.holds_slot:
             return
         self.holds_slot = False
-        if self.thread_result is None:
-            self.backend.slot.release()
+        if not self.submitted:
+            self.backend.free.release()
             return
         spawn(self._release_when_finished)  # not killable by the relay that is cancelling us
 
     def _release_when_finished(self) -> None:
         try:
-            self.thread_result.wait()
+            self.ended.wait()
         finally:
-            self.thread_running = False
             self.async_watcher.stop()
             self.async_watcher.close()
-            self.backend.slot.release()
+            self.backend.free.release()
+            metrics.MODEL_SLOTS_BUSY.dec()
             now = time.monotonic()
+            answer = self.answer
             stop_ms = f"{(now - self.cancelled_at) * 1000:.1f}" if self.reason == "cancelled" else "-"
-            log.info("local generation end reason=%s tokens=%d cancel_to_stop_ms=%s duration_ms=%.1f",
-                     self.reason, self.tokens, stop_ms, (now - self.started) * 1000)
+            log.info("local generation end reason=%s slot=%s tokens=%d prompt_tokens=%d prompt_evaluated=%d "
+                     "cancel_to_stop_ms=%s duration_ms=%.1f", self.reason, answer.slot, answer.completion_tokens,
+                     answer.prompt_tokens, answer.prompt_evaluated, stop_ms, (now - self.started) * 1000)
 
-    # -- the thread side (no gevent calls here except the async watcher's send) ----------------
+    # -- the engine's thread (no gevent calls here except the async watcher's send) ----------------
 
-    def _generate(self, wakeup) -> None:
-        model_id = self.backend.model_id
-        try:
-            continuing = self.backend.continuing
-            if continuing is not None and self.arguments["messages"][-1]["role"] == "assistant":
-                stream = continuing(llama=self.backend.llama, stream=True, **self.arguments)
-            else:
-                stream = self.backend.llama.create_chat_completion(stream=True, **self.arguments)
-            for chunk in stream:
-                if self.cancel.is_set():
-                    self.reason = "cancelled"
-                    break
-                chunk["model"] = model_id  # never the file path
-                chunk.get("choices", [{}])[0].pop("logprobs", None)
-                self.tokens += 1
+    def _sink(self, kind: str, value) -> None:
+        if kind == "chunk":
+            self.chunks.append(value)
+            if b'"content"' in value:
                 self.backend.tokens += 1
-                self.chunks.append(json.dumps(chunk).encode())
-                wakeup.send()
-            else:
-                self.reason = "complete"
-            stream.close()
-        except Exception as error:
-            self._failed(error)
-        self.chunks.append(_END)
-        wakeup.send()
-
-    def _failed(self, error: Exception) -> None:
-        """In the thread: an abort we asked for is a cancel; anything else is the answer's error."""
-        if self.cancel.is_set():
-            self.reason = "cancelled"  # llama_decode returned 2: PromptAbort stopped it
-            return
-        self.reason = "error"
-        if isinstance(error, ValueError):  # llama-cpp-python's way of saying the prompt does not fit
-            self.chunks.append(StreamError("context_length_exceeded", str(error), "invalid_request_error"))
-        else:
-            self.chunks.append(StreamError("model_error", f"The embedded model failed ({type(error).__name__}: "
-                                                          f"{error})", "server_error"))
+        elif kind == "error":
+            self.chunks.append(StreamError(value.code, str(value), value.kind))
+        else:  # end
+            self.reason = "cancelled" if self.answer.cancelled else value
+            self.chunks.append(_END)
+            self.engine_done = True
+        self.async_watcher.send()
 
 
 def _generation_arguments(body: dict, backend: LocalBackend) -> dict:
-    """Translate the OpenAI request into create_chat_completion arguments; ApiError on bad values."""
+    """Translate the OpenAI request into the engine's Answer fields; ApiError on bad values. Besides OpenAI's
+    parameters, the sampling extensions llama.cpp's and vLLM's servers take: top_k, min_p, and
+    repeat_penalty (vLLM: repetition_penalty)."""
+    from jarvis.backends.batching import Sampling
+
     arguments = {"messages": [_message(message, index) for index, message in enumerate(body["messages"])]}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     arguments["max_tokens"] = _number(max_tokens, "max_tokens", int, 1, backend.context) \
         if max_tokens is not None else backend.default_max_tokens
-    for name, kind, low, high in (("temperature", float, 0, 2), ("top_p", float, 0, 1),
-                                  ("seed", int, -(2**63), 2**63 - 1), ("presence_penalty", float, -2, 2),
-                                  ("frequency_penalty", float, -2, 2)):
+    sampling = {}
+    for name, field, kind, low, high in (
+            ("temperature", "temperature", float, 0, 2), ("top_p", "top_p", float, 0, 1),
+            ("top_k", "top_k", int, 0, 1_000_000), ("min_p", "min_p", float, 0, 1),
+            ("seed", "seed", int, -(2**63), 2**63 - 1), ("presence_penalty", "presence_penalty", float, -2, 2),
+            ("frequency_penalty", "frequency_penalty", float, -2, 2),
+            ("repeat_penalty", "repeat_penalty", float, 0, 2), ("repetition_penalty", "repeat_penalty", float, 0, 2)):
         if body.get(name) is not None:
-            arguments[name] = _number(body[name], name, kind, low, high)
+            sampling[field] = _number(body[name], name, kind, low, high)
+    arguments["sampling"] = Sampling(**sampling)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
