@@ -262,7 +262,11 @@ class Run:
         """The embedded model is busy with other answers: name them, so the page can offer to stop one."""
         others = [run.conversation_id for run in self.runs.by_message.values()
                   if run is not self and run.user_id == self.user_id]  # (someone else's are not named)
-        return [json.dumps(page_chunk(waiting={"for": others})).encode()]
+        waiting = {"for": others}
+        position = getattr(self.relay.generation, "queue_position", None)  # 1: the next to get a slot
+        if isinstance(position, int):
+            waiting["position"] = position
+        return [json.dumps(page_chunk(waiting=waiting)).encode()]
 
     def watched(self) -> bool:
         return bool(self.watchers)

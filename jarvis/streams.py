@@ -87,8 +87,11 @@ def describe(relay, now: float) -> dict:
         backend = getattr(relay.backend, "backend", relay.backend)  # (a page's tool loop wraps its backend)
         model = getattr(backend, "model_id", None) or getattr(backend, "model", None) or \
             getattr(backend, "default_model", None)
+    slot = getattr(relay.generation, "slot", None)  # the embedded model's slot (jarvis.backends.batching)
     return {"trace_id": relay.request.trace_id, "route": "page" if page else f"/v1/{relay.request.endpoint}",
             "model": model[:100] if isinstance(model, str) else None, "upstream": relay.upstream,
+            "slot": slot if isinstance(slot, int) else None,
+            "queue_position": getattr(relay.generation, "queue_position", None) if phase == "queued" else None,
             "phase": phase, "age_s": round(now - relay.clock.started, 3),
             "since_last_byte_s": round(now - relay.clock.last_event, 3), "events": relay.events, "bytes": relay.bytes,
             "client_attached": bool(watched), "worker": os.getpid()}
@@ -98,7 +101,8 @@ def summary_lines(relays) -> list[str]:
     """One line per open stream, for the top of a stack dump."""
     return [f"stream {stream['trace_id']} phase={stream['phase']} age={stream['age_s']:.1f}s "
             f"last_byte={stream['since_last_byte_s']:.1f}s route={stream['route']} upstream={stream['upstream']} "
-            f"events={stream['events']}" for stream in describe_all(relays)]
+            f"slot={'-' if stream['slot'] is None else stream['slot']} events={stream['events']}"
+            for stream in describe_all(relays)]
 
 
 def node_streams(relays) -> list[dict]:

@@ -51,14 +51,16 @@ def test_store_benchmark_smoke():
 @pytest.mark.serial
 def test_local_model_benchmark_smoke():
     result = subprocess.run(
-        [sys.executable, "bench/local_model.py", "--runs", "1", "--tokens", "10"],
+        [sys.executable, "bench/local_model.py", "--tokens", "8", "--concurrency", "1,2", "--history", "100",
+         "--no-llama-server"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "llama-cpp-python directly" in result.stdout and "through Jarvis" in result.stdout
+    assert "Jarvis, 4 slots" in result.stdout and "Jarvis, 1 slot (baseline)" in result.stdout
+    assert "with its prefix kept" in result.stdout and "prompt tokens read: None" not in result.stdout
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
 
 

@@ -324,3 +324,34 @@ def test_the_embedded_model_can_sit_beside_an_upstream_in_the_upstreams_file(tmp
     finally:
         server.stop()
         remote.stop()
+
+
+def test_a_conversations_next_turn_reads_only_its_new_tokens(jarvis):
+    history = [{"role": "user", "content": " ".join(f"Fact {n}: the sea is deep." for n in range(60))}]
+
+    def ask(messages, trace_id):
+        response = requests.post(jarvis.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": trace_id},
+                                 json={"messages": messages, "max_tokens": 20, "temperature": 0})
+        assert response.status_code == 200, response.text
+        jarvis.wait_for_log(f"[{trace_id}] local generation end")
+        return response.json(), generation_ends(jarvis, trace_id)[-1]
+
+    first, first_end = ask(history, "turn-1")
+    assert first["usage"]["prompt_tokens"] == int(first_end["prompt_tokens"]) > 400
+    turn = [*history, first["choices"][0]["message"], {"role": "user", "content": "And the sky?"}]
+    second, second_end = ask(turn, "turn-2")
+    assert second_end["slot"] == first_end["slot"]
+    assert int(second_end["prompt_tokens"]) > 400 and int(second_end["prompt_evaluated"]) < 30, second_end
+
+
+def test_debug_streams_and_metrics_show_the_slots_in_use(jarvis):
+    events = sse_events(stream(jarvis, max_tokens=200, trace_id="slotted"))
+    next(event for event in events if event[0] == "data")
+    shown = requests.get(jarvis.url + "/debug/streams", timeout=5).json()
+    slotted = next(item for item in shown["data"] if item["trace_id"] == "slotted")
+    assert slotted["slot"] in range(jarvis.slots) and slotted["phase"] == "answering"
+    metrics = requests.get(jarvis.url + "/metrics", timeout=5).text
+    assert re.search(r"^jarvis_model_slots_busy 1\.0$", metrics, re.M), metrics[-2000:]
+    table = requests.get(jarvis.url + "/debug/streams", headers={"Accept": "text/html"}, timeout=5).text
+    assert f"<td>{slotted['slot']}</td>" in table
+    list(events)

@@ -318,8 +318,9 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
 @pytest.mark.browser
 @pytest.mark.model
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
-    """The embedded model writes one answer at a time: the page names the one ahead and offers to stop it."""
-    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5"}).start()  # no upstream: the embedded model
+    """The embedded model with one slot writes one answer at a time: the page names the one ahead and offers to
+    stop it."""
+    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1"}).start()
     try:
         page, problems = open_page(context, jarvis.url)
         send(page, "Count from 1 to 400, separated by commas.")

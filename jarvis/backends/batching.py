@@ -5,8 +5,8 @@ one token for each of four answers costs little more than one (see bench/local_m
 high-level API decodes one sequence (its own server serialises requests for that reason); this engine
 uses its low-level bindings the way llama.cpp's server does:
 
-- one llama.cpp context with `slots` sequences (`n_seq_max`), each with its own part of the KV cache
-  (`JARVIS_LOCAL_CONTEXT` tokens each: `kv_unified` off);
+- one llama.cpp context with `slots` sequences (`n_seq_max`) over one KV cache of `JARVIS_LOCAL_CONTEXT`
+  tokens per slot (`kv_unified`: a prefix two slots share, such as the system prompt, is held once);
 - every step, one `llama_decode` of a batch holding the next token of every answer being generated and a
   chunk of every prompt being read, each token tagged with its sequence; then each answer's own sampler
   chain (temperature, top_k, top_p, min_p, seed, penalties, as llama-cpp-python builds it) picks from
@@ -16,8 +16,8 @@ uses its low-level bindings the way llama.cpp's server does:
   generating (measured as it runs), so a long prompt never holds other answers' tokens back for long;
   alone, a prompt is read in chunks of `batch` tokens;
 - a slot keeps its KV cache after an answer; a new request takes the free slot whose cached tokens share
-  the longest prefix with its prompt and reads only the rest (a conversation's next turn reads its new
-  message, not its history);
+  the longest prefix with its prompt, or shares a longer prefix another slot holds, and reads only the
+  rest (a conversation's next turn reads its new message, not its history);
 - the abort callback (`PromptAbort`) stops a decode only when every answer in that batch is cancelled;
   a cancelled answer in a mixed batch leaves before the next one. An aborted decode is rolled back (its
   sequences' cache cut to where the step began) and its live answers go on.
@@ -47,6 +47,7 @@ _allocate_lock = monkey.get_original("_thread", "allocate_lock")  # native: the 
 
 MIN_PREFILL_CHUNK = 2  # tokens of a prompt per step while others generate, at the least
 PREFILL_STEP_SECONDS = 0.2  # a prompt read alone: chunks of about this long (a newcomer waits one at most)
+SHARE_AT_LEAST = 16  # prompt tokens another slot must save before its cache is copied (a copy costs ~3 reads)
 PENALTY_LAST_N = 64  # as llama-cpp-python's last_n_tokens_size
 
 
@@ -145,8 +146,6 @@ class Engine:
                  on_step: Callable[[int], None] | None = None):
         import llama_cpp
 
-        from jarvis.backends.local import PromptAbort, chat_formatter, load_model
-
         self.bindings = llama_cpp
         self.model = load_model(model_path)
         self.vocab = self.model.vocab
@@ -159,7 +158,11 @@ class Engine:
         params.n_batch = params.n_ubatch = self.batch_size  # one ubatch a decode: an abort leaves none behind
         params.n_seq_max = slots
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = False  # each slot its own part of the cache: `context` tokens each
+        # One cache for every slot: a prompt's prefix another slot holds (the system prompt, a conversation
+        # continued in another slot) is shared by reference (llama_memory_seq_cp), not read again. Measured
+        # with the split cache (kv_unified off): two answers at once read their whole prompts, and their
+        # aggregate tokens/s fell to 0.54x one slot's, which reused the shared prefix.
+        params.kv_unified = False
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model.model, params)
         if not self.ctx:
@@ -232,9 +235,19 @@ class Engine:
         if not free:  # (the semaphore in front makes this impossible)
             self._refuse(answer, EngineError("model_busy", "Every slot of the embedded model is busy", "server_error"))
             return
-        # The free slot whose cache shares the longest prefix with this prompt; among equals the least recent.
+        # The free slot whose cache shares the longest prefix with this prompt (among equals the least recent);
+        # if another slot, busy or not, holds a longer one, its cells are shared into this slot first.
         slot = max(free, key=lambda slot: (common_prefix(slot.tokens, tokens), -slot.used))
+        source = max(self.slots, key=lambda other: common_prefix(other.tokens, tokens))
         keep = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token is read for its logits
+        shared = min(common_prefix(source.tokens, tokens), len(tokens) - 1)
+        if source is not slot and shared > keep + SHARE_AT_LEAST:
+            # Each slot has its own cache stream: llama.cpp copies a whole stream to another (at its next
+            # decode), then the copy's tail past the shared prefix is dropped.
+            self.bindings.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+            self.bindings.llama_memory_seq_cp(self.memory, source.seq_id, slot.seq_id, -1, -1)
+            slot.tokens[:] = source.tokens[:shared]
+            keep = shared
         self.bindings.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         slot.answer, slot.used = answer, time.monotonic()
@@ -441,6 +454,75 @@ def _overlap(text: str, stop: str) -> int:
         if stop.startswith(text[-size:]):
             return size
     return 0
+
+
+def load_model(path: str):
+    """The model alone (its weights and vocabulary), extra buffer types off (see above); jarvis.backends.batching
+    makes the context."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = False
+    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+    return model
+
+
+def chat_formatter(model):
+    """messages -> (prompt text, stop strings, add BOS): the model's own chat template from its GGUF, as
+    llama-cpp-python applies it (ChatML when the file has none). A final assistant message is continued:
+    the template over the messages before it, with the generation prompt, then that text as it is (a
+    "prefill"), so the model goes on with the text instead of answering afresh."""
+    from llama_cpp import llama_chat_format
+
+    template = model.metadata().get("tokenizer.chat_template")
+    if template:
+        eos, bos = model.token_eos(), model.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+    else:
+        formatter = llama_chat_format.format_chatml
+
+    def format(messages: list[dict]) -> tuple[str, list[str], bool]:
+        continuing = messages and messages[-1]["role"] == "assistant"
+        result = formatter(messages=messages[:-1] if continuing else messages)
+        prompt = result.prompt + (messages[-1]["content"] if continuing else "")
+        stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+        return prompt, stop, not result.added_special and model.add_bos_token()
+
+    return format
+
+
+class PromptAbort:
+    """Stops llama.cpp within one compute-graph node, from any thread, without the GIL.
+
+    llama.cpp calls the abort callback after every node (about 600 per decode for SmolLM2-135M).
+    A Python callback would take the GIL each time: measured, that made a 961-token prompt take
+    14.3 s instead of 7.5 s while another Python thread was busy, as the hub is under load. So the
+    callback is C: libc's `strlen`, over a two-byte flag. It returns 0 (go on) while the flag is
+    empty and 1 (abort) once a byte is written — read back as the callback's bool, which is the
+    low byte of the return register on the ABIs llama.cpp runs on (x86-64, AArch64). llama_decode
+    then returns 2 and llama-cpp-python raises RuntimeError.
+    """
+
+    def __init__(self, context):
+        """`context`: a llama_context pointer, or a high-level Llama (bench/prompt_abort.py)."""
+        from llama_cpp import llama_cpp as bindings
+
+        context = getattr(getattr(context, "_ctx", None), "ctx", context)
+        self.flag = ctypes.create_string_buffer(2)
+        # Kept on self: llama.cpp holds only raw pointers to both.
+        self.callback = ctypes.cast(ctypes.CDLL(None).strlen, bindings.ggml_abort_callback)
+        bindings.llama_set_abort_callback(context, self.callback, ctypes.cast(self.flag, ctypes.c_void_p))
+
+    def clear(self) -> None:
+        self.flag[0] = b"\0"
+
+    def trigger(self) -> None:
+        self.flag[0] = b"x"
 
 
 def default_slots(context: int, per_token: int) -> int:

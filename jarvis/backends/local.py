@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from gevent.threadpool import ThreadPool
 
 from jarvis import metrics
 from jarvis.backends import ChatRequest
+from jarvis.backends.batching import PromptAbort  # noqa: F401 (bench/prompt_abort.py imports it from here)
 from jarvis.errors import ApiError, StreamError
 from jarvis.logs import spawn
 from jarvis.settings import LOCAL_MODEL_ID, Settings
@@ -89,75 +89,6 @@ def load_llama(path: str, context: int, threads: int):
     # DEBUG and never printed anyway; failures reach Jarvis as exceptions, which it logs itself.
     logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
     return llama
-
-
-def load_model(path: str):
-    """The model alone (its weights and vocabulary), extra buffer types off (see above); jarvis.backends.batching
-    makes the context."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import llama_cpp
-    from llama_cpp import _internals
-
-    params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = False
-    model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
-    logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
-    return model
-
-
-def chat_formatter(model):
-    """messages -> (prompt text, stop strings, add BOS): the model's own chat template from its GGUF, as
-    llama-cpp-python applies it (ChatML when the file has none). A final assistant message is continued:
-    the template over the messages before it, with the generation prompt, then that text as it is (a
-    "prefill"), so the model goes on with the text instead of answering afresh."""
-    from llama_cpp import llama_chat_format
-
-    template = model.metadata().get("tokenizer.chat_template")
-    if template:
-        eos, bos = model.token_eos(), model.token_bos()
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template, eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
-    else:
-        formatter = llama_chat_format.format_chatml
-
-    def format(messages: list[dict]) -> tuple[str, list[str], bool]:
-        continuing = messages and messages[-1]["role"] == "assistant"
-        result = formatter(messages=messages[:-1] if continuing else messages)
-        prompt = result.prompt + (messages[-1]["content"] if continuing else "")
-        stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
-        return prompt, stop, not result.added_special and model.add_bos_token()
-
-    return format
-
-
-class PromptAbort:
-    """Stops llama.cpp within one compute-graph node, from any thread, without the GIL.
-
-    llama.cpp calls the abort callback after every node (about 600 per decode for SmolLM2-135M).
-    A Python callback would take the GIL each time: measured, that made a 961-token prompt take
-    14.3 s instead of 7.5 s while another Python thread was busy, as the hub is under load. So the
-    callback is C: libc's `strlen`, over a two-byte flag. It returns 0 (go on) while the flag is
-    empty and 1 (abort) once a byte is written — read back as the callback's bool, which is the
-    low byte of the return register on the ABIs llama.cpp runs on (x86-64, AArch64). llama_decode
-    then returns 2 and llama-cpp-python raises RuntimeError.
-    """
-
-    def __init__(self, context):
-        """`context`: a llama_context pointer, or a high-level Llama (bench/prompt_abort.py)."""
-        from llama_cpp import llama_cpp as bindings
-
-        context = getattr(getattr(context, "_ctx", None), "ctx", context)
-        self.flag = ctypes.create_string_buffer(2)
-        # Kept on self: llama.cpp holds only raw pointers to both.
-        self.callback = ctypes.cast(ctypes.CDLL(None).strlen, bindings.ggml_abort_callback)
-        bindings.llama_set_abort_callback(context, self.callback, ctypes.cast(self.flag, ctypes.c_void_p))
-
-    def clear(self) -> None:
-        self.flag[0] = b"\0"
-
-    def trigger(self) -> None:
-        self.flag[0] = b"x"
 
 
 class LocalBackend:

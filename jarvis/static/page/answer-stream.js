@@ -119,7 +119,7 @@ async function readAnswer(response, view, progressed) {
       if (chunk.stats) view.setStats(chunk.stats);
       if (typeof chunk.status === "string") status = chunk.status;
       if (typeof chunk.note === "string") note = chunk.note;
-      if (Array.isArray(chunk.waiting?.for)) showWaiting(view, chunk.waiting.for);
+      if (Array.isArray(chunk.waiting?.for)) showWaiting(view, chunk.waiting.for, chunk.waiting.position);
       const delta = chunk.choices?.[0]?.delta;
       if (delta && (delta.content || delta.reasoning_content)) view.setNote(null);
       view.applyDelta(delta);
@@ -142,11 +142,15 @@ async function readAnswer(response, view, progressed) {
  * @param {import("./message-view.js").MessageView} view
  * @param {unknown[]} others conversation ids
  */
-function showWaiting(view, others) {
+function showWaiting(view, others, position) {
+  const ahead = Number.isInteger(position) && position > 1 ? ` (${position - 1} ahead in line)` : "";
   const other = others.find((id) => typeof id === "string");
-  if (!other) return;
+  if (!other) {
+    view.setNote(`Waiting for the model to be free${ahead}…`);
+    return;
+  }
   const stopIt = button("Stop it", () => hooks.stopElsewhere(other).catch(report));
-  view.setNote("Waiting for another answer to finish —", stopIt);
+  view.setNote(`Waiting for another answer to finish${ahead} —`, stopIt);
 }
 
 /** Stop: the server stops the answer at its source; this page stops reading at once. */
