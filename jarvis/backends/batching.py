@@ -15,9 +15,10 @@ uses its low-level bindings the way llama.cpp's server does:
 - prompts are read in chunks sized so that a step costs about two plain decode steps while others are
   generating (measured as it runs), so a long prompt never holds other answers' tokens back for long;
   alone, a prompt is read in chunks of `batch` tokens;
-- a slot keeps its KV cache after an answer; a new request takes the free slot whose cached tokens share
-  the longest prefix with its prompt, or shares a longer prefix another slot holds, and reads only the
-  rest (a conversation's next turn reads its new message, not its history);
+- a slot keeps its KV cache after an answer; a new request takes a free slot whose cache its prompt mostly
+  continues (a conversation's next turn: it reads its new message, not its history), else the least
+  recently used free slot, into which a prefix another slot holds (the system prompt) is copied; only the
+  rest is read;
 - the abort callback (`PromptAbort`) stops a decode only when every answer in that batch is cancelled;
   a cancelled answer in a mixed batch leaves before the next one. An aborted decode is rolled back (its
   sequences' cache cut to where the step began) and its live answers go on.
@@ -235,9 +236,14 @@ class Engine:
         if not free:  # (the semaphore in front makes this impossible)
             self._refuse(answer, EngineError("model_busy", "Every slot of the embedded model is busy", "server_error"))
             return
-        # The free slot whose cache shares the longest prefix with this prompt (among equals the least recent);
-        # if another slot, busy or not, holds a longer one, its cells are shared into this slot first.
-        slot = max(free, key=lambda slot: (common_prefix(slot.tokens, tokens), -slot.used))
+        # A free slot whose cache this prompt mostly continues (it keeps at least half of what the slot
+        # holds: a conversation's next turn), the longest such; else the least recently used free slot, so a
+        # new conversation does not evict a cached one for the sake of a shared system prompt (llama.cpp's
+        # server chooses by the same kind of similarity). A longer prefix held by any slot is copied in.
+        similar = [slot for slot in free if (shared := common_prefix(slot.tokens, tokens)) and
+                   shared * 2 >= len(slot.tokens)]
+        slot = (max(similar, key=lambda slot: common_prefix(slot.tokens, tokens)) if similar
+                else min(free, key=lambda slot: slot.used))
         source = max(self.slots, key=lambda other: common_prefix(other.tokens, tokens))
         keep = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token is read for its logits
         shared = min(common_prefix(source.tokens, tokens), len(tokens) - 1)
