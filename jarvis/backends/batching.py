@@ -181,7 +181,6 @@ class Engine:
         self.on_step = on_step  # (called with the batch's token count after each decode: the tests' probe)
         self.decode_seconds: float | None = None  # a step of generation alone (moving average)
         self.prompt_token_seconds: float | None = None  # the cost of one more prompt token in a step
-        self.busy = 0  # slots holding an answer (read by the hub for metrics)
         self.piece = ctypes.create_string_buffer(256)
 
     # -- from any thread ------------------------------------------------------------------------------
@@ -257,7 +256,6 @@ class Engine:
         self.bindings.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         slot.answer, slot.used = answer, time.monotonic()
-        self.busy += 1
         answer.slot = slot.seq_id
         answer.stop = [text for text in [*stop, *answer.stop] if text]
         answer.prompt_tokens, answer.prompt_evaluated = len(tokens), len(tokens) - keep
@@ -445,7 +443,6 @@ class Engine:
     def _finish(self, slot: _Slot, reason: str, finish_reason: str | None = None) -> None:
         answer = slot.answer
         slot.answer, slot.used = None, time.monotonic()
-        self.busy -= 1
         if answer._sampler is not None:
             self.bindings.llama_sampler_free(answer._sampler)
             answer._sampler = None

@@ -201,7 +201,7 @@ class LocalGeneration:
         metrics.MODEL_QUEUE_DEPTH.inc()
         queued_at = time.monotonic()
         try:
-            while not backend.free.acquire(timeout=_QUEUE_POLL_SECONDS if backend.free.counter == 0 else 0):
+            while not backend.free.acquire(timeout=_QUEUE_POLL_SECONDS):
                 yield []  # still queued, still alive: keeps the relay's inactivity timer fresh
             self.holds_slot = True
         finally:
