@@ -16,7 +16,8 @@ from tests.clients import RawClient, chat_request, content_of
 from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
 
-pytestmark = [pytest.mark.live, pytest.mark.model, pytest.mark.serial]
+# Only the tests that judge the model's pace run alone (serial); the rest run in the parallel phase.
+pytestmark = [pytest.mark.live, pytest.mark.model]
 
 LONG = {"messages": [{"role": "user", "content": "Count from 1 to 300, separated by commas."}],
         "temperature": 0, "seed": 1, "stream": True}
@@ -35,13 +36,20 @@ def model_server(request, tmp_path_factory):
     server.stop()
 
 
-def fill_slots(jarvis, max_tokens=120) -> list:
+def fill_slots(jarvis, max_tokens=2000) -> list:
     """Every slot generating (the next request waits in line): the streams' event iterators, each past its
-    first token."""
+    first token. Long enough to outlast any test on any machine: a test closes them when it is done
+    (`close_all`), so no verdict depends on how fast the model generates."""
     streams = [sse_events(stream(jarvis, max_tokens=max_tokens, trace_id=f"filler-{n}")) for n in range(jarvis.slots)]
     for events in streams:
         next(event for event in events if event[0] == "data")
     return streams
+
+
+def close_all(streams) -> None:
+    """Leave the streams (each a client gone: its generation is cancelled at once)."""
+    for events in streams:
+        events.close()
 
 
 @pytest.fixture
@@ -97,6 +105,7 @@ def test_openai_sdk_and_request_parameters(jarvis):
             client.chat.completions.create(model="m", temperature="hot", messages=LONG["messages"])
 
 
+@pytest.mark.serial
 def test_hub_stays_responsive_while_the_model_generates(jarvis):
     """Health checks answer fast and a queued stream's heartbeats arrive on time during generation."""
     fillers = fill_slots(jarvis)  # the model is generating now, in every slot
@@ -110,25 +119,26 @@ def test_hub_stays_responsive_while_the_model_generates(jarvis):
 
     reader = threading.Thread(target=read_queued)
     reader.start()
-    finished = threading.Event()
-    threading.Thread(target=lambda: ([list(events) for events in fillers], finished.set())).start()
+    deadline = time.monotonic() + 30
     with requests.Session() as session:
-        while not finished.is_set():
+        # A window of six heartbeats (1.2 s at 0.2 s) with every slot generating, however fast the model.
+        while (len(ping_times) < 6 or len(latencies) < 10) and time.monotonic() < deadline:
             started = time.monotonic()
             assert session.get(jarvis.url + "/healthz", timeout=5).ok
             latencies.append(time.monotonic() - started)
-            finished.wait(0.02)  # a health checker, not a busy loop
+            time.sleep(0.02)  # a health checker's interval, not a wait for an event
+    close_all(fillers)  # the queued stream gets a slot and ends
     reader.join(30)
-    # A hub that ran the generation would answer nothing until the 120 tokens were done (seconds), and the
+    # A hub that ran the generation would answer nothing until the generation was done (seconds), and the
     # monitor would report it blocked; a free one answers in milliseconds, tens on a slow machine.
-    assert len(latencies) >= 10
+    assert len(latencies) >= 10 and len(ping_times) >= 6, (len(latencies), ping_times)
     assert max(latencies) < 0.5, sorted(latencies)[-5:]
     gaps = [later - earlier for earlier, later in zip(ping_times, ping_times[1:], strict=False)]
-    assert len(gaps) >= 3
     assert max(gaps) < 0.2 + 0.5, gaps  # heartbeat 0.2 s; a blocked hub would hold them all to the end
     assert "appears to be blocked" not in jarvis.log()
 
 
+@pytest.mark.serial
 def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
     started = time.monotonic()
     first = stream(jarvis, max_tokens=250, trace_id="two-chunks")
@@ -174,6 +184,7 @@ def first_token_seconds(jarvis, trace_id=None, **body) -> float:
     return seconds
 
 
+@pytest.mark.serial
 def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis):
     """llama.cpp reads a prompt in one long decode; the abort callback stops it within a graph node.
     Every limit is relative to this machine's own pace, measured here: a prompt of the same length read
@@ -203,9 +214,15 @@ def test_stop_while_the_model_reads_a_long_prompt_stops_inside_the_prompt(jarvis
 
 
 def test_second_request_waits_with_heartbeats_then_streams(jarvis):
-    fillers = fill_slots(jarvis, max_tokens=100)
-    second_events = list(sse_events(stream(jarvis, max_tokens=5, trace_id="second")))
-    assert all(list(events)[-1][0] == "done" for events in fillers) and second_events[-1][0] == "done"
+    fillers = fill_slots(jarvis)
+    second_events, freed = [], False
+    for event in sse_events(stream(jarvis, max_tokens=5, trace_id="second")):
+        second_events.append(event)
+        if not freed and [value for _, value, _ in second_events].count(": ping") == 2:
+            fillers[0].close()  # two heartbeats while in line: one slot's client leaves, freeing it
+            freed = True
+    close_all(fillers)
+    assert second_events[-1][0] == "done"
     first_token = next(index for index, event in enumerate(second_events) if event[0] == "data")
     pings_while_queued = [event for event in second_events[:first_token] if event[1] == ": ping"]
     assert len(pings_while_queued) >= 2
@@ -215,7 +232,7 @@ def test_second_request_waits_with_heartbeats_then_streams(jarvis):
     order = re.findall(r"\[(filler-\d+|second)\] local generation (start|end)", jarvis.log())
     second_start = order.index(("second", "start"))
     assert [name for name, _ in order[:jarvis.slots]] == [f"filler-{n}" for n in range(jarvis.slots)]
-    assert any(event == "end" for _, event in order[:second_start]), order
+    assert ("filler-0", "end") in order[:second_start], order
 
 
 def test_client_leaving_while_queued_never_starts_a_generation(jarvis):
@@ -228,7 +245,8 @@ def test_client_leaving_while_queued_never_starts_a_generation(jarvis):
     generations = health["generations"]  # so far, this one included
     queued.close_rst()
     jarvis.wait_for_log("[queued-client] stream end outcome=client_stop")
-    assert all(list(events)[-1][0] == "done" for events in fillers)
+    close_all(fillers)
+    jarvis.wait_for_log("local generation end", count=jarvis.slots)
     health = requests.get(jarvis.url + "/healthz").json()["model"]
     assert health["queued"] == 0 and health["generations"] == generations  # the queued one never started
     assert "[queued-client] local generation start" not in jarvis.log()
@@ -262,7 +280,7 @@ def test_missing_model_file_stops_start_up_with_a_clear_message():
 
 
 def test_the_page_gets_the_embedded_models_stats(jarvis):
-    conversation = requests.post(jarvis.url + "/api/conversations", json={}).json()
+    conversation = requests.post(jarvis.url + "/api/conversations", json={"settings": {"max_tokens": 30}}).json()
     events = list(sse_events(requests.post(f"{jarvis.url}/api/conversations/{conversation['id']}/messages",
                                            json={"content": "Name three colours."}, stream=True, timeout=60)))
     in_band = next(value["stats"] for kind, value, _ in events if kind == "data" and "stats" in value)
@@ -345,7 +363,7 @@ def test_a_conversations_next_turn_reads_only_its_new_tokens(jarvis):
 
 
 def test_debug_streams_and_metrics_show_the_slots_in_use(jarvis):
-    events = sse_events(stream(jarvis, max_tokens=60, trace_id="slotted"))
+    events = sse_events(stream(jarvis, max_tokens=2000, trace_id="slotted"))  # left once seen, below
     next(event for event in events if event[0] == "data")
     shown = requests.get(jarvis.url + "/debug/streams", timeout=5).json()
     slotted = next(item for item in shown["data"] if item["trace_id"] == "slotted")
@@ -354,4 +372,4 @@ def test_debug_streams_and_metrics_show_the_slots_in_use(jarvis):
     assert re.search(r"^jarvis_model_slots_busy 1\.0$", metrics, re.M), metrics[-2000:]
     table = requests.get(jarvis.url + "/debug/streams", headers={"Accept": "text/html"}, timeout=5).text
     assert f"<td>{slotted['slot']}</td>" in table
-    list(events)
+    events.close()
