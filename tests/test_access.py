@@ -111,6 +111,28 @@ def test_security_headers_on_every_response(client):
     assert "unsafe-inline" not in page
 
 
+def test_the_page_preloads_every_module_it_imports_so_the_browser_fetches_them_at_once(client):
+    """Without the list the browser finds the module graph a level per round trip (main.js, its imports,
+    theirs, then the vendored libraries): each link must name a module the page really imports, and the
+    whole graph must be there."""
+    import re
+    from pathlib import Path
+
+    import jarvis
+
+    html = client.get("/").get_data(as_text=True)
+    preloaded = re.findall(r'<link rel="modulepreload" href="/static/([^"]+)">', html)
+    static = Path(jarvis.__file__).parent / "static"
+    page_scripts = {f"page/{path.name}" for path in (static / "page").glob("*.js")} - {"page/main.js"}
+    assert page_scripts <= set(preloaded), page_scripts - set(preloaded)  # every page module, however deep
+    assert {"api.js", "sse.js", "markdown.js", "vendor/marked.esm.js", "vendor/purify.es.mjs",
+            "vendor/highlight.min.js", "vendor/katex.mjs"} <= set(preloaded)  # the libraries, three levels down
+    assert len(preloaded) == len(set(preloaded)) and "page/main.js" not in preloaded
+    for path in preloaded:
+        with client.get(f"/static/{path}") as response:
+            assert response.status_code == 200, path
+
+
 def test_message_count_and_size_limits(make_client):
     client = make_client(max_messages=3, max_message_chars=100)
     response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * 4})

@@ -345,7 +345,7 @@ def test_the_embedded_model_can_sit_beside_an_upstream_in_the_upstreams_file(tmp
 
 
 def test_a_conversations_next_turn_reads_only_its_new_tokens(jarvis):
-    history = [{"role": "user", "content": " ".join(f"Fact {n}: the sea is deep." for n in range(30))}]
+    history = [{"role": "user", "content": " ".join(f"Fact {n}: the sea is deep." for n in range(20))}]
 
     def ask(messages, trace_id):
         response = requests.post(jarvis.url + "/v1/chat/completions", timeout=60, headers={"X-Request-Id": trace_id},
@@ -355,11 +355,11 @@ def test_a_conversations_next_turn_reads_only_its_new_tokens(jarvis):
         return response.json(), generation_ends(jarvis, trace_id)[-1]
 
     first, first_end = ask(history, "turn-1")
-    assert first["usage"]["prompt_tokens"] == int(first_end["prompt_tokens"]) > 250
+    assert first["usage"]["prompt_tokens"] == int(first_end["prompt_tokens"]) > 150
     turn = [*history, first["choices"][0]["message"], {"role": "user", "content": "And the sky?"}]
     second, second_end = ask(turn, "turn-2")
     assert second_end["slot"] == first_end["slot"]
-    assert int(second_end["prompt_tokens"]) > 250 and int(second_end["prompt_evaluated"]) < 30, second_end
+    assert int(second_end["prompt_tokens"]) > 150 and int(second_end["prompt_evaluated"]) < 30, second_end
 
 
 def test_debug_streams_and_metrics_show_the_slots_in_use(jarvis):

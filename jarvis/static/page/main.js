@@ -358,7 +358,8 @@ async function openSearchResult(conversationId, messageId) {
 /** Fills the model picker: grouped by upstream when the models come from several. */
 async function loadModels() {
   try {
-    const models = await api.listModels();
+    // Asked together: each is a round trip, and the health answer only picks the preselected model.
+    const [models, health] = await Promise.all([api.listModels(), api.health().catch(() => ({}))]);
     const option = (/** @type {string} */ id) => {
       const element = document.createElement("option");
       element.value = element.textContent = id;
@@ -377,7 +378,6 @@ async function loadModels() {
     } else {
       modelPicker.replaceChildren(...models.map((model) => option(model.id)));
     }
-    const health = await api.health().catch(() => ({}));
     const upstreams = Array.isArray(health.upstreams) ? health.upstreams : [];
     const chosen = preselectedModel(models, upstreams, localStorage.getItem(LAST_MODEL));
     if (chosen) modelPicker.value = chosen;
@@ -469,8 +469,9 @@ function typing(event) {
 
 async function start() {
   await signInIfNeeded();
-  await loadModels();
-  const conversations = await refreshConversationList();
+  // The model list and the conversation list load together; a conversation opens once both are there (it
+  // may choose its model in the picker).
+  const [, conversations] = await Promise.all([loadModels(), refreshConversationList()]);
   const remembered = localStorage.getItem(LAST_CONVERSATION);
   const last = conversations.find((/** @type {any} */ c) => c.id === remembered) ?? conversations[0];
   if (last) await openConversation(last.id);
