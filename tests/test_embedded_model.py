@@ -172,7 +172,8 @@ def test_stop_after_two_chunks_stops_the_thread_within_one_token(jarvis):
 
 
 def long_prompt(word: str) -> str:
-    """About 220 words (a second or two to read on one thread); prompts made with different words share no prefix, so none reuses another's cache."""
+    """About 220 words (a second or two to read on one thread); prompts made with different words share no
+    prefix, so none reuses another's cache."""
     return " ".join(f"{word} {n}: the quick brown fox jumps over the lazy dog." for n in range(20))
 
 
