@@ -61,6 +61,13 @@ def test_without_an_account_nothing_is_asked_and_the_first_account_turns_account
     assert alice.get("/api/conversations").status_code == 200
 
 
+def test_an_unknown_name_is_checked_against_a_hash_made_with_todays_argon2_settings():
+    """The dummy hash is written in the source: were Argon2's settings raised, checking an unknown name would
+    cost less than checking a real password, and tell the names apart by time."""
+    assert not passwords.HASHER.check_needs_rehash(passwords._DUMMY)
+    assert passwords.verify(None, "anything at all") is False
+
+
 def test_an_unknown_name_and_a_wrong_password_get_the_same_answer_and_a_new_session_replaces_the_old(app):
     add_user(app, "alice")
     client = app.test_client()
