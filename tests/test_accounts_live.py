@@ -156,7 +156,7 @@ def test_an_unknown_name_and_a_wrong_password_take_the_same_time(start_jarvis, u
 
     def median_ms(body) -> float:
         times = []
-        for _ in range(50):  # each from an address of its own (behind a proxy on loopback: X-Forwarded-For),
+        for _ in range(30):  # each from an address of its own (behind a proxy on loopback: X-Forwarded-For),
             # so that the guessing limit never answers instead of the password check
             response = http.post(server.url + "/api/session", json=body,
                                  headers={"X-Forwarded-For": next(addresses)}, timeout=10)

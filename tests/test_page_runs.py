@@ -1,6 +1,7 @@
 """The answer belongs to the server (Chromium and live gunicorn): reloads, closed tabs, two tabs, lost
 networks and dead workers never stop it; Stop always does, from any tab and any worker."""
 
+import concurrent.futures
 import os
 import signal
 import statistics
@@ -285,8 +286,8 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
 
     # A second page on the same worker gets the live events; one on the other worker follows the store.
     stream_path = f"{jarvis.url}/api/conversations/{conversation_id}/messages/{message}/stream"
-    same = follow_lags(beside, stream_path, 100)
-    elsewhere = follow_lags(other, stream_path, 100)
+    with concurrent.futures.ThreadPoolExecutor(2) as followers:  # both pages at once
+        same, elsewhere = followers.map(lambda session: follow_lags(session, stream_path, 100), (beside, other))
     for where, lags in (("the same worker", same), ("another worker", elsewhere)):
         print(f"re-attach on {where}: lag p50 {statistics.median(lags) * 1000:.1f} ms, "
               f"max {max(lags) * 1000:.1f} ms over {len(lags)} tokens")
