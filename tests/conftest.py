@@ -64,14 +64,40 @@ gc.callbacks.append(_resource_warnings_shown_during_collection)
 # -- order ------------------------------------------------------------------------------------
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: the blocks are cut from what runs
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `long` first: xdist hands tests out in this order, so a 40 s test started last would
-    end the parallel phase alone, 40 s after the rest (the longest first makes the shortest phase)."""
-    def seconds(item) -> float:  # @pytest.mark.long(40): about 40 s; the longest goes first
+    """Tests marked `long` start first, spread over the workers: a 40 s test started last would end the
+    parallel phase alone, 40 s after the rest.
+
+    xdist's worksteal hands each worker a contiguous block of this order at the start (the first quarter of
+    the tests to the first of four workers, and so on) and later moves tests from the end of one block to
+    another worker. Sorted longest-first, every long test fell in the first worker's block, which ran them
+    one after another (about 200 s of them), while the others stole them late and ended the phase with
+    them. So each block starts with its share of the long tests (the longest to the block with the fewest
+    seconds so far) and goes on with the others in the order collected."""
+    def seconds(item) -> float:  # @pytest.mark.long(40): about 40 s
         marker = item.get_closest_marker("long")
         return -1.0 if marker is None else float(marker.args[0]) if marker.args else 10.0
 
-    items.sort(key=seconds, reverse=True)  # stable: otherwise as collected
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    long = sorted((item for item in items if seconds(item) >= 0), key=seconds, reverse=True)
+    rest = [item for item in items if seconds(item) < 0]
+    # The blocks' sizes as worksteal cuts them: each worker in turn gets an equal share of what is left.
+    sizes, left = [], len(items)
+    for index in range(workers):
+        sizes.append(left // (workers - index))
+        left -= sizes[-1]
+    blocks: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for item in long:
+        open_blocks = [index for index in range(workers) if len(blocks[index]) < sizes[index]]
+        index = min(open_blocks, key=lambda index: loads[index])
+        blocks[index].append(item)
+        loads[index] += seconds(item)
+    for index in range(workers):
+        while len(blocks[index]) < sizes[index]:
+            blocks[index].append(rest.pop(0))
+    items[:] = [item for block in blocks for item in block]
 
 
 # -- phase times ----------------------------------------------------------------------------

@@ -198,12 +198,14 @@ def blocked_hub_reports(log: str) -> list[str]:
     """gevent's blocked-hub reports in a server's log, each from its header on, leaving out those that are
     not a serving worker's hub: one still starting (gunicorn's load_wsgi and post_worker_init, before it
     accepts any connection), which may take over 20 ms on a slow machine (Werkzeug compiling routes, a
-    first import reading its file); and a hub that gevent's own monitor thread came to have, reported
-    "blocked" while that thread sleeps between its checks."""
+    first import reading its file), or opening its listening socket's server in gunicorn's run() (seen
+    once in a busy parallel phase: 'server = StreamServer(' in the stack); and a hub that gevent's own
+    monitor thread came to have, reported "blocked" while that thread sleeps between its checks."""
     reports = []
     for report in log.split("appears to be blocked")[1:]:
         blocked = report.split("Info:", 1)[0]
-        starting = "in load_wsgi" in blocked or "in post_worker_init" in blocked
+        starting = any(step in blocked for step in ("in load_wsgi", "in post_worker_init", "server = StreamServer(",
+                                                    "server.start()"))
         monitor = "gevent/_monitor.py" in blocked and "thread_sleep" in blocked and "/jarvis/" not in blocked
         if not starting and not monitor:
             reports.append(report)

@@ -70,6 +70,7 @@ def test_the_first_account_turns_accounts_on_and_a_revoked_key_fails_on_every_wo
 
 
 @pytest.mark.browser
+@pytest.mark.long(6)
 def test_in_the_page_one_person_never_sees_anothers_conversations(start_jarvis, upstream, context):
     server = start_jarvis()
     for name in ("alice", "bob"):

@@ -25,6 +25,7 @@ GIVE = """([kind, name, type, data]) => {
 }"""
 
 
+@pytest.mark.long(6)
 def test_a_pasted_picture_and_a_dropped_pdf_are_sent_and_shown_after_a_reload(jarvis, upstream, context):
     picture, pdf = png(30, 20, (250, 10, 10)), text_pdf("The invoice total is 99 euros")
     page, problems = open_page(context, jarvis.url)

@@ -10,7 +10,7 @@ from tests.live import ROOT
 pytestmark = pytest.mark.live
 
 
-@pytest.mark.long
+@pytest.mark.long(16)
 def test_bench_run_smoke():  # no timing asserted: it runs beside other tests
     result = subprocess.run(
         [sys.executable, "bench/run.py", "--smoke", "--floor", "--baseline", "HEAD"], cwd=ROOT, capture_output=True,
@@ -64,7 +64,7 @@ def test_local_model_benchmark_smoke():
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
 
 
-@pytest.mark.long
+@pytest.mark.long(15)
 @pytest.mark.model
 def test_prompt_abort_benchmark_smoke():  # no timing asserted
     result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
@@ -74,7 +74,7 @@ def test_prompt_abort_benchmark_smoke():  # no timing asserted
         assert row in result.stdout, result.stdout
 
 
-@pytest.mark.long
+@pytest.mark.long(14)
 def test_failover_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)

@@ -124,6 +124,7 @@ def test_a_usr1_dump_starts_with_one_line_per_open_stream(start_jarvis, upstream
         client.close()
 
 
+@pytest.mark.long(6)
 def test_the_doctor_tells_a_clean_path_from_a_buffering_and_a_gzipping_proxy(jarvis):
     as_sent, sentence, headers, arrivals = check(jarvis.url)
     print(f"direct: {sentence}")
@@ -174,6 +175,7 @@ def test_debug_routes_need_the_key_when_one_is_set(start_jarvis):
     assert as_sent
 
 
+@pytest.mark.long(8)
 def test_the_doctor_names_nginx_and_its_fix_when_it_buffers_and_passes_the_readmes_config(jarvis, capsys):
     from jarvis.doctor import main
     from tests.nginx import BUFFERING_LOCATION, README_LOCATION, Nginx

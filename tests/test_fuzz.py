@@ -79,6 +79,7 @@ def test_chat_completions_with_random_bytes(server, data, content_type):
 @FUZZ
 @given(create=JSON, rename=JSON, message=JSON | st.fixed_dictionaries({"content": st.text(max_size=30)},
                                                                       optional={"regenerate": JSON, "edit": JSON}))
+@pytest.mark.long(6)
 def test_page_api_with_random_json(server, create, rename, message):
     created = post(server, "/api/conversations", json.dumps(create).encode())
     assert created.status_code < 500

@@ -150,7 +150,7 @@ def test_the_cookie_secret_is_shared_so_a_page_signed_in_on_a_is_signed_in_on_b(
         assert requests.get(b.url + "/api/conversations", timeout=5).status_code == 401
 
 
-@pytest.mark.long
+@pytest.mark.long(11)
 def test_kill_9_of_a_whole_node_mid_answer_is_interrupted_on_the_other_within_the_lease(nodes, upstream):
     from jarvis import leases
 

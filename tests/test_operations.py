@@ -172,7 +172,8 @@ def test_json_logs_every_line_the_server_writes_is_a_json_object(start_jarvis):
     assert any(entry["logger"] == "gunicorn.error" and entry["message"].startswith("Booting worker")
                for entry in entries)
     assert any(entry["message"] == "Shutting down: Master" for entry in entries)
-    assert "block_hub" in one(event="hub_blocked")["report"]
+    # The block this test made is reported (one more may come from the worker's own start on a busy machine).
+    assert any("block_hub" in entry["report"] for entry in entries if entry.get("event") == "hub_blocked")
     dump = one(event="stack_dump")
     assert "Greenlets" in dump["stacks"] and dump["reason"] == "SIGUSR1" and dump["open_streams"] == []
     assert "File " in one(event="faulthandler_dump")["stacks"]

@@ -32,7 +32,7 @@ def timed(method, url: str, **kwargs) -> tuple[requests.Response, float]:
     return response, time.monotonic() - started
 
 
-@pytest.mark.long
+@pytest.mark.long(14)
 def test_with_postgresql_stopped_the_page_api_answers_503_in_time_v1_and_healthz_keep_serving_and_then_it_recovers(
         cluster, upstream, tmp_path):
     url = cluster.new_database()
@@ -133,7 +133,7 @@ def test_an_answer_outlives_a_30_s_database_outage_on_two_workers_and_two_nodes(
         b.stop()
 
 
-@pytest.mark.long
+@pytest.mark.long(13)
 def test_past_the_retry_limit_the_client_is_told_and_the_loss_is_logged_naming_the_answer(cluster, upstream,
                                                                                           tmp_path):
     upstream.scenario.tokens, upstream.scenario.interval = 400, 0.02

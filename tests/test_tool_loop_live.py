@@ -54,6 +54,7 @@ def notes_since(server, start: int) -> str:
     return server.notes.read_text()[start:]
 
 
+@pytest.mark.long(13)
 def test_the_page_shows_the_loop_live_through_a_reload_and_every_step_is_saved(served, upstream, context):
     upstream.scenario = calls("wait", seconds=2)
     page, problems = open_page(context, served.url)

@@ -126,6 +126,7 @@ def test_a_server_that_cannot_start_is_unavailable_saying_why_and_the_others_wor
 
 
 @pytest.mark.live
+@pytest.mark.long(7)
 def test_the_worker_starts_its_tool_servers_lazily_lists_them_and_a_kill_9_leaves_no_orphan(tmp_path, start_jarvis):
     path = write(tmp_path, f'''
 [[mcp]]
