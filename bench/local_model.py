@@ -17,6 +17,7 @@ A health checker polls /healthz throughout; gevent's monitor reports any block o
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -131,7 +132,9 @@ def health_checker(port: int):
 
 def blocked_reports(log: Path) -> int:
     """gevent monitor reports, leaving out those of the worker's own start (no request was waiting then)."""
-    reports = log.read_text().split("appears to be blocked")[1:]
+    # Each report starts with a line of 80 '=' (its words can also appear in another thread's stack).
+    parts = re.split(r"^={80}$", log.read_text(), flags=re.M)[1:]
+    reports = [part for part in parts if "appears to be blocked" in part]
     return sum("in init_process" not in report.split("Info:")[0] for report in reports)
 
 

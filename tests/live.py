@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -194,6 +195,17 @@ def _read1_chunks(response: requests.Response):
         yield chunk
 
 
+def hub_reports(log: str) -> list[str]:
+    """gevent's blocked-hub reports in a log, each from its header line ("... appears to be blocked") on.
+
+    Each starts with a line of 80 '='. Split on that, not on the header's words: a report lists every
+    thread's stack with its source lines, and a second monitor thread caught writing its own report shows
+    gevent's line `'\n%s : Greenlet %s appears to be blocked' %` (seen on a busy machine: one report
+    counted as two)."""
+    return [part.split("\n", 1)[1] if "\n" in part else "" for part in re.split(r"^={80}$", log, flags=re.M)[1:]
+            if "appears to be blocked" in part]
+
+
 def blocked_hub_reports(log: str) -> list[str]:
     """gevent's blocked-hub reports in a server's log, each from its header on, leaving out those that are
     not a serving worker's hub: one still starting (gunicorn's load_wsgi and post_worker_init, before it
@@ -202,7 +214,7 @@ def blocked_hub_reports(log: str) -> list[str]:
     once in a busy parallel phase: 'server = StreamServer(' in the stack); and a hub that gevent's own
     monitor thread came to have, reported "blocked" while that thread sleeps between its checks."""
     reports = []
-    for report in log.split("appears to be blocked")[1:]:
+    for report in hub_reports(log):
         blocked = report.split("Info:", 1)[0]
         starting = any(step in blocked for step in ("in load_wsgi", "in post_worker_init", "server = StreamServer(",
                                                     "server.start()"))

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.clients import RawClient, chat_body, chat_request, content_of
-from tests.live import sse_events, wait_until
+from tests.live import hub_reports, sse_events, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -97,9 +97,22 @@ def test_blocked_hub_reports_are_rate_limited(start_jarvis):
     log = jarvis.wait_for_log("block_hub")
     # Of the three blocks, one is reported. (On a busy machine the worker's own start-up may have been
     # reported too, before it served: that report does not count against the first one after.)
-    reports = [report for report in log.split("appears to be blocked")[1:] if "block_hub" in report]
+    reports = [report for report in hub_reports(log) if "block_hub" in report.split("Info:", 1)[0]]
     assert len(reports) == 1, f"{len(reports)} reports:\n{log[-6000:]}"
     assert requests.get(jarvis.url + "/healthz").ok
+
+
+def test_a_report_whose_stacks_show_gevents_header_line_counts_once():
+    """A second monitor thread caught writing its own report shows gevent's source line with the header's
+    words in the first report's stacks: counted by the words, one report was two (a busy parallel phase)."""
+    report = "\n".join(["=" * 80, "", "Thu Dec  3 01:40:00 2026 : Greenlet <main> appears to be blocked",
+                        "    Reported by <GreenletTracer>", "Blocked Stack (for thread id 0x1):",
+                        '  File "tests/blocking_app.py", line 16, in block_hub', "Info:",
+                        '  File "gevent/_tracer.py", line 106, in did_block_hub_report',
+                        "    '\\n%s : Greenlet %s appears to be blocked' %", '  File "x.py", line 1, in block_hub'])
+    log = "[INFO] booting\n" + report + "\n[INFO] serving\n" + report + "\n"
+    assert len(hub_reports(log)) == 2 and log.count("appears to be blocked") == 4
+    assert all(part.split("Info:", 1)[0].count("appears to be blocked") == 1 for part in hub_reports(log))
 
 
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
