@@ -138,6 +138,24 @@ def blocked_reports(log: Path) -> int:
     return sum("in init_process" not in report.split("Info:")[0] for report in reports)
 
 
+def second_turn(server, history: int) -> tuple[float, float, str]:
+    """Time to first token of a conversation's second turn with its first kept in a slot, and again after
+    four other conversations took every slot; and the server's log."""
+    first, second = history_turns(max(1, history // 13))
+    stream(server.base, first[:1], 8)  # turn one: read whole, kept in its slot
+    kept = stream(server.base, second, 1, trace_id="turn-two-kept")["ttft"]
+    for n in range(4):  # four other conversations at once (prompts not asked before): every slot's cache replaced
+        threading.Thread(target=stream, args=(server.base, prompt(100 + n), 8)).start()
+    wait_until(server.port, lambda model: model["slots_busy"] > 0)
+    wait_until(server.port, lambda model: model["slots_busy"] == 0 and model["queued"] == 0)
+    cold = stream(server.base, second, 1, trace_id="turn-two-again")["ttft"]
+    deadline = time.monotonic() + 10  # a generation's end line comes once its thread has let go, after the stream
+    ended = "[turn-two-again] local generation end"
+    while ended not in (log := server.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return kept, cold, log
+
+
 def history_turns(words: int) -> tuple[list[dict], list[dict]]:
     notes = " ".join(f"Note {n}: the meeting moved to room {n % 7}." for n in range(words))
     first = [{"role": "user", "content": notes},
@@ -170,24 +188,12 @@ def main():
                 rows[name] = {n: concurrent(server.base, n, args.tokens) for n in levels}
                 stop_checking()
                 health += latencies
+                if name == "Jarvis, 4 slots":  # then a conversation's second turn, on the same server
+                    kept, cold, log = second_turn(server, args.history)
             finally:
                 server.stop()
             if checking:
                 blocked += blocked_reports(server.log)
-
-        server = jarvis(workdir, 4, threads)
-        try:
-            first, second = history_turns(max(1, args.history // 13))
-            stream(server.base, first[:1], 8)  # turn one: read whole, kept in its slot
-            kept = stream(server.base, second, 1, trace_id="turn-two-kept")["ttft"]
-            for n in range(4):  # four other conversations at once: every slot's cache replaced
-                threading.Thread(target=stream, args=(server.base, prompt(n), 8)).start()
-            wait_until(server.port, lambda model: model["slots_busy"] > 0)
-            wait_until(server.port, lambda model: model["slots_busy"] == 0 and model["queued"] == 0)
-            cold = stream(server.base, second, 1, trace_id="turn-two-again")["ttft"]
-            log = server.log.read_text()
-        finally:
-            server.stop()
         evaluated = {trace: line.split("prompt_evaluated=")[1].split()[0] for line in log.splitlines()
                      for trace in ("turn-two-kept", "turn-two-again") if f"[{trace}] local generation end" in line}
 

@@ -211,14 +211,19 @@ def blocked_hub_reports(log: str) -> list[str]:
     not a serving worker's hub: one still starting (gunicorn's load_wsgi and post_worker_init, before it
     accepts any connection), which may take over 20 ms on a slow machine (Werkzeug compiling routes, a
     first import reading its file), or opening its listening socket's server in gunicorn's run() (seen
-    once in a busy parallel phase: 'server = StreamServer(' in the stack); and a hub that gevent's own
-    monitor thread came to have, reported "blocked" while that thread sleeps between its checks."""
+    once in a busy parallel phase: 'server = StreamServer(' in the stack); a hub that gevent's own
+    monitor thread came to have, reported "blocked" while that thread sleeps between its checks; and one
+    caught in gunicorn's heartbeat (below)."""
     reports = []
     for report in hub_reports(log):
         blocked = report.split("Info:", 1)[0]
         starting = any(step in blocked for step in ("in load_wsgi", "in post_worker_init", "server = StreamServer(",
                                                     "server.start()"))
         monitor = "gevent/_monitor.py" in blocked and "thread_sleep" in blocked and "/jarvis/" not in blocked
-        if not starting and not monitor:
+        # gunicorn's once-a-second heartbeat, an os.utime of a file in /dev/shm (jarvis/server_config.py): a
+        # call of microseconds, so a report there is the OS not running the worker for 20 ms (seen once with
+        # one core kept busy and PostgreSQL writing), not anything the worker did.
+        heartbeat = blocked.rstrip().endswith("os.utime(self._tmp.fileno(), (new_time, new_time))")
+        if not starting and not monitor and not heartbeat:
             reports.append(report)
     return reports

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at tiny sizes, so they cannot rot (no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 
@@ -60,7 +61,8 @@ def test_local_model_benchmark_smoke():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Jarvis, 4 slots" in result.stdout and "Jarvis, 1 slot (baseline)" in result.stdout
-    assert "with its prefix kept" in result.stdout and "prompt tokens read: None" not in result.stdout
+    assert "with its prefix kept" in result.stdout and re.search(r"prompt tokens read: \d+ vs \d+\)", result.stdout), \
+        result.stdout  # both turns' counts read from the log (the second's was None: read before its line)
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
 
 

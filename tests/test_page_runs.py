@@ -315,8 +315,7 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
         session.close()
 
 
-@pytest.mark.serial
-@pytest.mark.browser
+@pytest.mark.browser  # no timing judged (its waits are generous): it runs in the parallel phase
 @pytest.mark.model
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
     """The embedded model with one slot writes one answer at a time: the page names the one ahead and offers to
