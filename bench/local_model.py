@@ -17,7 +17,6 @@ A health checker polls /healthz throughout; gevent's monitor reports any block o
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jarvis.settings import Settings, resolve_local_model  # noqa: E402
+from tests.live import hub_reports  # noqa: E402
 from tests.net import free_port, wait_for_http  # noqa: E402
 
 TOPICS = ["rivers", "mountains", "cities", "birds", "trees", "stars", "ships", "songs"]
@@ -132,10 +132,7 @@ def health_checker(port: int):
 
 def blocked_reports(log: Path) -> int:
     """gevent monitor reports, leaving out those of the worker's own start (no request was waiting then)."""
-    # Each report starts with a line of 80 '=' (its words can also appear in another thread's stack).
-    parts = re.split(r"^={80}$", log.read_text(), flags=re.M)[1:]
-    reports = [part for part in parts if "appears to be blocked" in part]
-    return sum("in init_process" not in report.split("Info:")[0] for report in reports)
+    return sum("in init_process" not in report.split("Info:")[0] for report in hub_reports(log.read_text()))
 
 
 def second_turn(server, history: int) -> tuple[float, float, str]:
