@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import requests
 
 from tests.clients import RawClient, chat_body, chat_request, content_of
-from tests.live import hub_reports, sse_events, wait_until
+from tests.live import ROOT, hub_reports, sse_events, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -113,6 +115,43 @@ def test_a_report_whose_stacks_show_gevents_header_line_counts_once():
     log = "[INFO] booting\n" + report + "\n[INFO] serving\n" + report + "\n"
     assert len(hub_reports(log)) == 2 and log.count("appears to be blocked") == 4
     assert all(part.split("Info:", 1)[0].count("appears to be blocked") == 1 for part in hub_reports(log))
+
+
+PATCH_IN_A_FRESH_PROCESS = """
+import importlib.metadata, json, sys
+reads = []
+real = importlib.metadata.distributions
+importlib.metadata.distributions = lambda **kw: reads.append(1) or real(**kw)
+from jarvis.worker import JarvisWorker
+worker = JarvisWorker.__new__(JarvisWorker)  # gunicorn's own patch() needs only the (no) listeners
+worker.sockets = []
+worker.patch()
+import fakeplugin, gevent.monkey
+print(json.dumps({"reads": len(reads), "events": fakeplugin.events,
+                  "patched": gevent.monkey.is_module_patched("socket"),
+                  "restored": importlib.metadata.entry_points.__module__}))
+"""
+
+
+def test_the_worker_patches_reading_gevents_plugins_once_per_kind_and_still_calls_them(tmp_path):
+    """gevent looks its plugins up 25 times while it patches, each look-up reading every installed package's
+    metadata (0.11 s of a worker's start): the worker reads each of the five kinds once, and a plugin
+    installed for two of them is still called for every event."""
+    (tmp_path / "fakeplugin.py").write_text("events = []\ndef seen(event):\n    events.append(type(event).__name__)\n")
+    info = tmp_path / "fakeplugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[gevent.plugins.monkey.will_patch_module]\nfake = fakeplugin:seen\n"
+                                           "[gevent.plugins.monkey.did_patch_all]\nfake = fakeplugin:seen\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", PATCH_IN_A_FRESH_PROCESS], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["patched"] and result["restored"] == "importlib.metadata"
+    assert result["events"].count("GeventWillPatchModuleEvent") >= 10, result  # one per module patched
+    assert result["events"][-1] == "GeventDidPatchAllEvent", result
+    assert result["reads"] == 5, result  # gevent alone: 25
 
 
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
