@@ -26,7 +26,7 @@ import pytest
 from jarvis import create_app, state
 from jarvis.settings import Settings
 from tests import live
-from tests.browser import browser, context  # noqa: F401 (fixtures for the browser tests)
+from tests.browser import _tabs, browser, context  # noqa: F401 (fixtures for the browser tests)
 from tests.fake_backend import FakeBackend
 from tests.fake_upstream import FakeUpstream
 from tests.live import LiveServer
@@ -125,6 +125,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         phases.write(line + "\n")
     terminalreporter.write_sep("-", "test phases")
     terminalreporter.write(PHASES_FILE.read_text())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's outcome on the test's item (`outcome_setup`, `outcome_call`): the browser context's
+    teardown hands a failed test's tabs to no one (tests/browser.py)."""
+    report = (yield).get_result()
+    setattr(item, f"outcome_{report.when}", report.outcome)
 
 
 # -- CPU per test (JARVIS_TEST_CPU=FILE) -----------------------------------------------------

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.browser import open_page, send, wait_status
+from tests.browser import open_page, private_page, send, wait_status
 from tests.fake_upstream import Scenario
 from tests.test_page_runs import STOP_LIMIT
 
@@ -118,8 +118,8 @@ def test_a_page_reloaded_mid_thought_never_shows_its_own_short_thinking_time(jar
     page.wait_for_function(f"() => {LAST} && {LAST}.querySelector('.thinking-content').textContent.split(' ')"
                            ".length >= 50", polling="raf")
     # Every label the reloaded page ever shows, from its first node on (installed before its scripts run:
-    # on a slow machine the answer may end before the page is ready).
-    page.add_init_script("""
+    # on a slow machine the answer may end before the page is ready). The tab is not handed on with it.
+    private_page(page).add_init_script("""
       window.__labels = [];
       new MutationObserver(() => {
         const label = document.querySelector('[data-role=assistant]:last-of-type .thinking summary');
