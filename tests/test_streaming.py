@@ -2,6 +2,7 @@
 
 import json
 import socket
+import threading
 import time
 import uuid
 
@@ -15,24 +16,37 @@ from tests.upstream_shapes import answer_chunks
 pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 
-@pytest.mark.parametrize("framing, crlf", [("chunked", False), ("close", False), ("chunked", True),
-                                           ("close", True)])
 @pytest.mark.serial
-def test_tokens_arrive_at_the_upstreams_pace(jarvis, framing, crlf):
+def test_tokens_arrive_at_the_upstreams_pace(jarvis):
+    """Four streams at once, one per framing of the upstream's body (chunked or closed by the upstream,
+    LF or CRLF lines), each judged alone: run one after another they took 1.4 s each."""
     interval = 0.2
-    response = jarvis.chat(fault={"tokens": 8, "interval": interval, "stamp": True, "framing": framing,
-                                  "crlf": crlf, "comments": True})
-    arrivals = []
-    for kind, value, arrived in sse_events(response):
-        if kind == "data" and value["choices"] and value["choices"][0]["delta"].get("content"):
-            sent = float(value["choices"][0]["delta"]["content"].rstrip("|"))
-            arrivals.append((sent, arrived))
-    assert len(arrivals) == 8
-    lags = [arrived - sent for sent, arrived in arrivals]
-    # Each token reaches the client while the upstream is still producing the next one (a few ms on a slow
-    # machine); a relay that buffers delivers them all at the end, up to 7 intervals late.
-    assert max(lags) < interval, lags
-    assert arrivals[-1][1] - arrivals[0][1] > 7 * interval * 0.9
+    framings = [("chunked", False), ("close", False), ("chunked", True), ("close", True)]
+    responses = [jarvis.chat(fault={"tokens": 8, "interval": interval, "stamp": True, "framing": framing,
+                                    "crlf": crlf, "comments": True}) for framing, crlf in framings]
+    results: dict = {}
+
+    def read(index, response):
+        arrivals = []
+        for kind, value, arrived in sse_events(response):
+            if kind == "data" and value["choices"] and value["choices"][0]["delta"].get("content"):
+                sent = float(value["choices"][0]["delta"]["content"].rstrip("|"))
+                arrivals.append((sent, arrived))
+        results[index] = arrivals
+
+    readers = [threading.Thread(target=read, args=pair) for pair in enumerate(responses)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(30)
+    for index, framing in enumerate(framings):
+        arrivals = results[index]
+        assert len(arrivals) == 8, (framing, arrivals)
+        lags = [arrived - sent for sent, arrived in arrivals]
+        # Each token reaches the client while the upstream is still producing the next one (a few ms on a
+        # slow machine); a relay that buffers delivers them all at the end, up to 7 intervals late.
+        assert max(lags) < interval, (framing, lags)
+        assert arrivals[-1][1] - arrivals[0][1] > 7 * interval * 0.9, framing
 
 
 def test_stream_is_openai_shaped_and_ends_right_after_done(jarvis):
