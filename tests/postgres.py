@@ -79,15 +79,26 @@ class PostgresCluster:
         return self.url(name)
 
     def stop(self) -> None:
-        """Fast shutdown by PID (SIGINT), then the directory goes."""
+        """Immediate shutdown by PID (SIGQUIT): the directory goes next, so nothing a fast shutdown would
+        write first is kept."""
         if self.pid is not None:
             try:
-                os.kill(self.pid, signal.SIGINT)
+                os.kill(self.pid, signal.SIGQUIT)
                 deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    os.kill(self.pid, 0)
-                    time.sleep(0.05)
-                os.kill(self.pid, signal.SIGKILL)
+                while _running(self.pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if _running(self.pid):
+                    os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Is the process there and not a zombie? The server, started by pg_ctl, is reaped by init, which
+    took 1.6-1.8 s here after the server had exited in 7 ms: a zombie till then, to `kill(pid, 0)` too."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
