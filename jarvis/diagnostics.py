@@ -133,18 +133,25 @@ def dump_blocked_worker() -> None:
     dump_greenlets("worker timeout")
 
 
-_REPORT_WINDOW = [float("-inf")]  # when the last blocked-hub report was printed
+# Where a worker still starting is blocked: gunicorn's load_wsgi (the app's imports; Werkzeug compiling its
+# routes) and post_worker_init, and its run() creating and starting the listening server. On a busy
+# machine these take over GEVENT_MAX_BLOCKING_TIME and are reported: printed, but not counted against the
+# next report, which is about the worker serving. (Counted, the report of a start-up printed just after
+# the worker began serving — the monitor builds a report after the fact — held back the first real one.)
+_STARTING = ("in load_wsgi", "in post_worker_init", "server = StreamServer(", "server.start()")
 
 
-def open_report_window() -> None:
-    """Once the worker serves: a report of its own start-up (printed) does not hold back the next one."""
-    _REPORT_WINDOW[0] = float("-inf")
+def is_start_up_report(report: str) -> bool:
+    """Does a blocked-hub report show the worker still starting (its blocked stack, before "Info:")?"""
+    blocked = report.split("Info:", 1)[0]
+    return any(step in blocked for step in _STARTING)
 
 
 def rate_limit_blocking_reports() -> None:
     """Let gevent's monitor print a blocked-hub report at most every REPORT_EVERY_SECONDS (each one
-    naming how many were left out before it); the monitor keeps looking as before. gevent keeps the
-    printing in `_show_blocking_report` so that it "can be overridden at runtime" (gevent/_monitor.py)."""
+    naming how many were left out before it; a report of the worker's start-up is printed and not
+    counted); the monitor keeps looking as before. gevent keeps the printing in `_show_blocking_report`
+    so that it "can be overridden at runtime" (gevent/_monitor.py)."""
     from gevent import _monitor
 
     monitor_class = _monitor.PeriodicMonitoringThread
@@ -154,15 +161,19 @@ def rate_limit_blocking_reports() -> None:
     # The OS's own lock: the monitor is a native thread, and waiting on gevent's patched Lock there would
     # give that thread a hub of its own, which gevent then monitors too.
     lock = monkey.get_original("_thread", "allocate_lock")()
-    last, left_out = _REPORT_WINDOW, [0]
+    last, left_out = [float("-inf")], [0]
 
     def show_rate_limited(self, hub, report, active_greenlet):
+        starting = is_start_up_report("\n".join(report))
         with lock:
             now = time.monotonic()
-            if now - last[0] < REPORT_EVERY_SECONDS:
+            if starting:
+                skipped = 0
+            elif now - last[0] < REPORT_EVERY_SECONDS:
                 left_out[0] += 1
                 return active_greenlet, report
-            skipped, left_out[0], last[0] = left_out[0], 0, now
+            else:
+                skipped, left_out[0], last[0] = left_out[0], 0, now
         if skipped:
             report = [f"({skipped} more blocked-hub reports in the last {REPORT_EVERY_SECONDS:g} s were left out)",
                       *report]

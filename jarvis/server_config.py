@@ -152,7 +152,6 @@ def post_worker_init(worker):
         security.trust_proxies(worker._trusted)
     diagnostics.install_stack_dump()
     diagnostics.json_greenlet_errors()
-    diagnostics.open_report_window()
     diagnostics.rate_limit_blocking_reports()
     lifecycle.watch_worker(worker)
 

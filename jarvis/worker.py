@@ -243,7 +243,8 @@ class JarvisWorker(GeventWorker):
         SHEDDER = self.shedder = Shedder(self.cfg.worker_connections)
         _raise_open_files_limit(self.cfg.worker_connections + _FILES_BESIDES_CONNECTIONS)
         # Before the hub and its monitor thread start: a report of the worker's own start-up (an import
-        # that holds the hub on a busy machine) is then rate-limited, and a JSON object in JSON mode.
+        # that holds the hub on a busy machine) is then printed as the others are (a JSON object in JSON
+        # mode), without holding back the first report of the worker serving.
         from jarvis import diagnostics
 
         diagnostics.rate_limit_blocking_reports()

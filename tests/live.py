@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from jarvis.diagnostics import is_start_up_report
 from tests.clients import chat_body, parse_event_block
 from tests.net import free_port
 
@@ -217,8 +218,7 @@ def blocked_hub_reports(log: str) -> list[str]:
     reports = []
     for report in hub_reports(log):
         blocked = report.split("Info:", 1)[0]
-        starting = any(step in blocked for step in ("in load_wsgi", "in post_worker_init", "server = StreamServer(",
-                                                    "server.start()"))
+        starting = is_start_up_report(report)
         monitor = "gevent/_monitor.py" in blocked and "thread_sleep" in blocked and "/jarvis/" not in blocked
         # gunicorn's once-a-second heartbeat, an os.utime of a file in /dev/shm (jarvis/server_config.py): a
         # call of microseconds, so a report there is the OS not running the worker for 20 ms (seen once with

@@ -1,5 +1,6 @@
 """Operating Jarvis under gunicorn: graceful shutdown, stack dumps on SIGUSR1, log reopening, a blocked hub."""
 
+import io
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import requests
@@ -152,6 +154,29 @@ def test_the_worker_patches_reading_gevents_plugins_once_per_kind_and_still_call
     assert result["events"].count("GeventWillPatchModuleEvent") >= 10, result  # one per module patched
     assert result["events"][-1] == "GeventDidPatchAllEvent", result
     assert result["reads"] == 5, result  # gevent alone: 25
+
+
+def test_a_report_of_the_workers_start_up_never_holds_back_the_first_while_it_serves():
+    """The monitor builds a report after the fact, so a busy machine's report of the worker's start-up
+    could be printed after it began serving: counted, it held back the test above's first report."""
+    from gevent import _monitor
+
+    from jarvis import diagnostics
+
+    diagnostics.rate_limit_blocking_reports()  # (this process runs no monitor thread: only its printing)
+    stream = io.StringIO()
+    hub = types.SimpleNamespace(exception_stream=stream)
+
+    def report(where: str) -> list[str]:
+        return ["=" * 80, "Thu Dec  3 03:50:00 2026 : Greenlet <main> appears to be blocked",
+                "Blocked Stack (for thread id 0x1):", f'  File "x.py", line 1, in {where}', "Info:",
+                '  File "gunicorn/workers/base.py", line 150, in load_wsgi']
+
+    for where in ("load_wsgi", "block_hub", "block_hub", "load_wsgi"):
+        _monitor.PeriodicMonitoringThread._show_blocking_report(None, hub, report(where), None)
+    printed = [line for line in stream.getvalue().splitlines() if line.startswith('  File "x.py"')]
+    assert printed == ['  File "x.py", line 1, in load_wsgi', '  File "x.py", line 1, in block_hub',
+                       '  File "x.py", line 1, in load_wsgi'], stream.getvalue()  # the second block_hub left out
 
 
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
