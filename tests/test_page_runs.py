@@ -10,10 +10,11 @@ import time
 
 import pytest
 import requests
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from jarvis import leases
 from jarvis.runs import FOLLOW_SECONDS, TICK_SECONDS, WATCHED_FLUSH_SECONDS
-from tests.browser import answer_text, last_answer, open_page, send, wait_status, wait_text_longer
+from tests.browser import POLL_MS, answer_text, last_answer, open_page, send, wait_status, wait_text_longer
 from tests.clients import data_of, page_text
 from tests.fake_upstream import Scenario
 from tests.live import LiveServer, sse_events, wait_until
@@ -320,7 +321,11 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
     """The embedded model with one slot writes one answer at a time: the page names the one ahead and offers to
     stop it."""
-    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1"}).start()
+    # The first answer must still be running when Stop is clicked: at the default 512 tokens it lasted
+    # ~7 s, and once (a fresh clone's parallel phase) had ended on its own by then. 3,000 tokens (~40 s)
+    # outlast the test's steps on any machine; it is stopped long before.
+    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1",
+                                   "JARVIS_LOCAL_MAX_TOKENS": "3000"}).start()
     try:
         page, problems = open_page(context, jarvis.url)
         send(page, "Count from 1 to 400, separated by commas.")
@@ -332,7 +337,15 @@ def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_pa
         page.get_by_text("Waiting for another answer to finish").wait_for(timeout=5000)
         # The other conversation, marked running (this one is listed and running too: it waits for the model).
         assert page.locator("nav li.running", has_text="Count from 1 to 400").count() == 1
-        last_answer(page).get_by_role("button", name="Stop it").click()
+        # The waiting note comes again with every heartbeat (0.5 s here). Its button must stay the same node:
+        # replaced each time, a click whose press and release straddled the swap was lost (the answer ahead
+        # then ran to its end). A build that replaces it does so within one heartbeat; four are allowed.
+        stop_it = last_answer(page).get_by_role("button", name="Stop it")
+        stop_it.evaluate("button => { button.dataset.shown = 'first'; }")
+        with pytest.raises(PlaywrightTimeout):
+            page.wait_for_function("() => !document.querySelector('[data-shown=first]')", timeout=2000,
+                                   polling=POLL_MS)
+        stop_it.click()
         wait_status(page, "complete", timeout=30)
         assert answer_text(page).strip()
         saved = requests.get(f"{jarvis.url}/api/conversations/{first}").json()["messages"][-1]

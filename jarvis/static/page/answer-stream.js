@@ -149,8 +149,8 @@ function showWaiting(view, others, position) {
     view.setNote(`Waiting for the model to be free${ahead}…`);
     return;
   }
-  const stopIt = button("Stop it", () => hooks.stopElsewhere(other).catch(report));
-  view.setNote(`Waiting for another answer to finish${ahead} —`, stopIt);
+  const text = `Waiting for another answer to finish${ahead} —`;
+  view.setNote(text, button("Stop it", () => hooks.stopElsewhere(other).catch(report)), `${text}\n${other}`);
 }
 
 /** Stop: the server stops the answer at its source; this page stops reading at once. */

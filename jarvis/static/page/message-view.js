@@ -49,6 +49,8 @@ export class MessageView {
     this.errorNote = document.createElement("p");
     this.errorNote.className = "error";
     this.errorNote.hidden = true;
+    /** @type {string | null} what the passing note says now (see setNote) */
+    this.noteKey = null;
     this.statsLine = document.createElement("p");
     this.statsLine.className = "stats";
     this.statsLine.hidden = true;
@@ -311,16 +313,22 @@ export class MessageView {
       interrupted: "Interrupted: the answer was cut short.",
     };
     const note = notes[/** @type {keyof typeof notes} */ (status)];
+    this.noteKey = null;
     this.errorNote.hidden = !note;
     this.errorNote.textContent = note ? `${note}${status === "error" && traceId ? ` (trace ${traceId})` : ""}` : "";
   }
 
   /**
-   * A passing note while the answer streams ("Reconnecting…"), or none.
+   * A passing note while the answer streams ("Reconnecting…"), or none. A note set again with the same
+   * `key` while it shows is left as it is, its button too: the waiting note comes with every heartbeat,
+   * and a button replaced between a click's press and its release never got the click.
    * @param {string | null} text
    * @param {HTMLElement | null} [action]
+   * @param {string | null} [key]
    */
-  setNote(text, action = null) {
+  setNote(text, action = null, key = null) {
+    if (key !== null && key === this.noteKey && !this.errorNote.hidden) return;
+    this.noteKey = key;
     if (!text && !action && this.errorNote.hidden && !this.errorNote.firstChild) return; // every delta clears it
     this.errorNote.hidden = !text;
     this.errorNote.replaceChildren(...(text ? [text] : []), ...(action ? [" ", action] : []));
