@@ -43,8 +43,15 @@ def fill_slots(jarvis, max_tokens=2000) -> list:
     streams = []
     for n in range(jarvis.slots):  # one after another: each after the first reads the same prompt from its cache
         streams.append(sse_events(stream(jarvis, max_tokens=max_tokens, trace_id=f"filler-{n}")))
-        next(event for event in streams[-1] if event[0] == "data")
+        first_token(streams[-1])
     return streams
+
+
+def first_token(events) -> tuple:
+    """Read a stream's events up to its first token's (the first data event carries only the role: a
+    stream shown as answering in /debug/streams once that arrived was still waiting for its first token)."""
+    return next(event for event in events
+                if event[0] == "data" and event[1]["choices"] and event[1]["choices"][0]["delta"].get("content"))
 
 
 def close_all(streams) -> None:
@@ -180,7 +187,7 @@ def long_prompt(word: str) -> str:
 def first_token_seconds(jarvis, trace_id=None, **body) -> float:
     started = time.monotonic()
     events = sse_events(stream(jarvis, trace_id=trace_id, **body))
-    next(event for event in events if event[0] == "data" and event[1]["choices"][0]["delta"].get("content"))
+    first_token(events)
     seconds = time.monotonic() - started
     list(events)
     return seconds
@@ -261,7 +268,7 @@ def test_sigterm_during_generation_ends_with_shutdown_and_stops_the_thread(tmp_p
     jarvis = local(tmp_path, args=["--graceful-timeout", "2"])
     try:
         events = sse_events(stream(jarvis, max_tokens=2000))
-        next(event for event in events if event[0] == "data")
+        first_token(events)
         jarvis.send_signal(signal.SIGTERM)
         rest = list(events)
         assert rest[-1][0] == "done"
@@ -368,7 +375,7 @@ def test_a_conversations_next_turn_reads_only_its_new_tokens(jarvis):
 
 def test_debug_streams_and_metrics_show_the_slots_in_use(jarvis):
     events = sse_events(stream(jarvis, max_tokens=2000, trace_id="slotted"))  # left once seen, below
-    next(event for event in events if event[0] == "data")
+    first_token(events)
     shown = requests.get(jarvis.url + "/debug/streams", timeout=5).json()
     slotted = next(item for item in shown["data"] if item["trace_id"] == "slotted")
     assert slotted["slot"] in range(jarvis.slots) and slotted["phase"] == "answering"
