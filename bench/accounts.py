@@ -58,11 +58,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     arguments = parser.parse_args()
     upstream = FakeUpstream()
-    data = tempfile.mkdtemp(prefix="jarvis-bench-accounts-")
+    scratch = tempfile.TemporaryDirectory(prefix="jarvis-bench-accounts-")  # the data and metrics, removed at the end
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")},
-           "JARVIS_DATA_DIR": data, "JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_TITLES": "0",
-           "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="jarvis-bench-metrics-")}
+           "JARVIS_DATA_DIR": os.path.join(scratch.name, "data"), "JARVIS_UPSTREAM_URL": upstream.url,
+           "JARVIS_TITLES": "0", "PROMETHEUS_MULTIPROC_DIR": os.path.join(scratch.name, "metrics")}
+    os.mkdir(env["PROMETHEUS_MULTIPROC_DIR"])
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
                                "--bind", f"127.0.0.1:{port}", "-w", "1", "app:app"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,6 +124,7 @@ def main() -> int:
         server.terminate()
         server.wait(10)
         upstream.stop()
+        scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -81,8 +81,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     runs = parser.parse_args().runs
     backend = FakeBackend(["ok"])
-    app = create_app(Settings(data_dir=tempfile.mkdtemp(prefix="jarvis-bench-attachments-"), titles=False),
-                     backend=backend)
+    with tempfile.TemporaryDirectory(prefix="jarvis-bench-attachments-") as data:  # removed at the end
+        return run(runs, backend, create_app(Settings(data_dir=data, titles=False), backend=backend))
+
+
+def run(runs: int, backend, app) -> int:
     client = app.test_client()
     pdf, jpeg = big_pdf("The total is 42"), photo()
     cases = [("text only (baseline)", "What is the total?"),

@@ -163,7 +163,8 @@ def main() -> int:
     rows = [row("the SDK alone, asyncio (baseline)", direct),
             row("Jarvis's client, from the gevent hub", jarvis_client(runs), baseline)]
     upstream = FakeUpstream()
-    folder = Path(tempfile.mkdtemp(prefix="jarvis-bench-tools-"))
+    scratch = tempfile.TemporaryDirectory(prefix="jarvis-bench-tools-")  # removed at the end
+    folder = Path(scratch.name)
     notes = folder / "notes"
     notes.touch()
     test_server = [sys.executable, "-m", "tests.mcp_test_server", str(notes)]
@@ -173,7 +174,8 @@ def main() -> int:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("JARVIS_")},
            "JARVIS_DATA_DIR": str(folder / "data"), "JARVIS_UPSTREAM_URL": upstream.url, "JARVIS_TITLES": "0",
            "JARVIS_TOOLS_FILE": str(folder / "tools.toml"), "JARVIS_MAX_RUNS_PER_CLIENT": "100",
-           "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="jarvis-bench-metrics-")}
+           "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics")}
+    (folder / "metrics").mkdir()
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
                                "--bind", f"127.0.0.1:{port}", "-w", "1", "app:app"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -200,6 +202,7 @@ def main() -> int:
         server.terminate()
         server.wait(10)
         upstream.stop()
+        scratch.cleanup()
 
 
 if __name__ == "__main__":
