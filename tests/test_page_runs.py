@@ -321,16 +321,25 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
     """The embedded model with one slot writes one answer at a time: the page names the one ahead and offers to
     stop it."""
-    # The first answer must still be running when Stop is clicked: at the default 512 tokens it lasted
-    # ~7 s, and once (a fresh clone's parallel phase) had ended on its own by then. 3,000 tokens (~40 s)
-    # outlast the test's steps on any machine; it is stopped long before.
-    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1",
-                                   "JARVIS_LOCAL_MAX_TOKENS": "3000"}).start()
+    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1"}).start()
     try:
+        # The first answer must still be running when Stop is clicked: at the default 512 tokens it lasted
+        # ~7 s, and once (a fresh clone's parallel phase) had ended on its own by then. Its conversation's
+        # own max_tokens, 3,000 (~40 s), outlasts the test's steps on any machine; it is stopped long before.
+        # The second answer keeps the default: given 3,000 too, a rambling one could outlast the wait for its
+        # end. Temperature 0: the first answer is the same every run (a long line of digits). An empty
+        # conversation is not listed, so the page opens one imported with a first exchange.
+        conversation = {"title": "Count from 1 to 400", "settings": {"max_tokens": 3000, "temperature": 0},
+                        "messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]}
+        first = requests.post(f"{jarvis.url}/api/conversations/import", timeout=10, json={
+            "format": "jarvis.conversations", "version": 1, "conversations": [conversation]}).json()["data"][0]
         page, problems = open_page(context, jarvis.url)
+        page.evaluate("id => localStorage.setItem('jarvis.conversation', id)", first)
+        page.reload()
+        page.wait_for_selector("body[data-ready=true]")
         send(page, "Count from 1 to 400, separated by commas.")
         wait_text_longer(page, 20)
-        first = page.evaluate("localStorage.getItem('jarvis.conversation')")
+        assert page.evaluate("localStorage.getItem('jarvis.conversation')") == first
         page.get_by_role("button", name="+ New chat").click()  # the first answer runs on, unwatched
         page.wait_for_function(f"() => localStorage.getItem('jarvis.conversation') !== {first!r}")
         send(page, "Say hello.")
