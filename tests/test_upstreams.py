@@ -17,7 +17,7 @@ from jarvis.errors import ApiError
 from jarvis.settings import Settings, SettingsError
 from tests.clients import RawClient, chat_request, content_of, data_of
 from tests.fake_upstream import FakeUpstream, Scenario
-from tests.live import ROOT, sse_events, wait_until
+from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
 
 KEY_A, KEY_B = "sk-upstream-a-0123456789", "sk-upstream-b-9876543210"
@@ -44,21 +44,67 @@ api_key_file = "{tmp_path / 'key-b'}"
 """)
 
 
-@pytest.fixture
-def pair():
+ROUTED = {"KEY_A": KEY_A, "JARVIS_UPSTREAM_HEADERS_SECONDS": "1"}
+
+
+def two_upstreams() -> tuple[FakeUpstream, FakeUpstream]:
     """Two fake upstreams with their own models and one they share."""
-    a, b = FakeUpstream(("alpha", "shared")), FakeUpstream(("beta", "shared"))
+    return FakeUpstream(("alpha", "shared")), FakeUpstream(("beta", "shared"))
+
+
+# Most tests here leave the router as they found it (every upstream up), so they share one pair and one
+# Jarvis in front of it (a gunicorn start saved per test, as with the marker shared_servers); a test that
+# fails an upstream over (the router then rests it) has its own, `own_pair` and `own_routed`.
+
+
+@pytest.fixture(scope="module")
+def module_pair():
+    a, b = two_upstreams()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def module_routed(tmp_path_factory, module_pair):
+    folder = tmp_path_factory.mktemp("routed")
+    server = LiveServer(folder, {"JARVIS_UPSTREAMS_FILE": two_tables(folder, *module_pair), **ROUTED})
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def pair(module_pair):
+    """The module's two upstreams, reset (no exchanges, the default scenario)."""
+    return tuple(upstream.reset() for upstream in module_pair)
+
+
+@pytest.fixture
+def routed(module_routed, pair):
+    """The module's Jarvis in front of both, `a` first, its log read from this test's start. A test that
+    left an upstream resting or unreachable takes it down with it: the next one gets a new one."""
+    yield module_routed.for_next_test()
+    try:
+        health = requests.get(module_routed.url + "/healthz", timeout=10).json()
+        states = [upstream["state"] for upstream in health["upstreams"]]
+    except requests.RequestException:
+        states = None
+    if states != ["up", "up"]:
+        module_routed.stop()
+
+
+@pytest.fixture
+def own_pair():
+    a, b = two_upstreams()
     yield a, b
     a.stop()
     b.stop()
 
 
 @pytest.fixture
-def routed(start_jarvis, tmp_path, pair):
-    """Jarvis in front of both, `a` first."""
-    a, b = pair
-    return start_jarvis({"JARVIS_UPSTREAMS_FILE": two_tables(tmp_path, a, b), "KEY_A": KEY_A,
-                         "JARVIS_UPSTREAM_HEADERS_SECONDS": "1"})
+def own_routed(start_jarvis, tmp_path, own_pair):
+    """A Jarvis of the test's own in front of `own_pair`, `a` first."""
+    return start_jarvis({"JARVIS_UPSTREAMS_FILE": two_tables(tmp_path, *own_pair), **ROUTED})
 
 
 def chat(jarvis, model: str | None, fault: dict | None = None) -> list:
@@ -212,8 +258,9 @@ FAILURES = {
 
 @pytest.mark.live
 @pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
-def test_the_next_upstream_answers_unseen_when_the_first_fails_before_its_first_byte(routed, pair, failure):
-    a, b = pair
+def test_the_next_upstream_answers_unseen_when_the_first_fails_before_its_first_byte(own_routed, own_pair,
+                                                                                    failure):
+    routed, (a, b) = own_routed, own_pair
     requests.get(routed.url + "/v1/models", timeout=10)  # both lists known
     if failure is None:
         a.stop()
@@ -298,10 +345,11 @@ def test_sdk_streams_a_text_completion_from_the_upstream_that_has_the_model(sdk,
 
 
 @pytest.mark.live
-def test_sdk_embeddings_with_failover(sdk, pair):
-    a, b = pair
+def test_sdk_embeddings_with_failover(own_routed, own_pair):
+    a, b = own_pair
     a.scenario = FAILURES["503"]
-    result = sdk.embeddings.create(model="shared", input=["one", "three"])
+    with openai.OpenAI(base_url=own_routed.url + "/v1", api_key="unused", max_retries=0) as sdk:
+        result = sdk.embeddings.create(model="shared", input=["one", "three"])
     assert [item.embedding[0] for item in result.data] == [3.0, 5.0]
     assert len(a.to("/embeddings")) == 1 and len(b.to("/embeddings")) == 1
 
