@@ -78,3 +78,19 @@ def test_a_failed_tests_tabs_are_not_handed_on(_tabs, context, site):
     assert page.is_closed() and _tabs.context is not old and _tabs.spare is None
     again, _ = open_page(_tabs.context, site.url)
     assert again is not page and again.evaluate("localStorage.length") == 0
+
+
+def test_a_test_that_closed_its_tab_hands_on_a_new_tab_in_the_same_context_as_clean(_tabs, context, site):
+    page, _ = open_page(_tabs.context, site.url)
+    context.grant_permissions(["clipboard-read"], origin=site.url)
+    page.evaluate("localStorage.setItem('last', 'x'); document.cookie = 'old=1'")
+    page.close()
+    old = _tabs.context
+
+    _tabs.hand_over(keep=True)
+
+    assert _tabs.context is old and _tabs.spare is not None and _tabs.spare is not page
+    again, _ = open_page(_tabs.context, site.url)
+    assert again.evaluate("localStorage.length") == 0 and site.hits["/cached.js"] == 2  # the cache emptied
+    assert [cookie["name"] for cookie in _tabs.context.cookies()] == ["visited"]
+    assert again.evaluate("navigator.permissions.query({name: 'clipboard-read'}).then(s => s.state)") == "prompt"
