@@ -8,7 +8,7 @@ import gzip
 import http.client
 import socket
 
-from tests.net import accept_in_threads, read_http_request
+from tests.net import accept_in_threads, close_now, read_http_request
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "upgrade"}
 
@@ -23,7 +23,7 @@ class BufferingProxy:
         accept_in_threads(self.listener, self._serve)
 
     def stop(self) -> None:
-        self.listener.close()
+        close_now(self.listener)
 
     def _serve(self, client: socket.socket) -> None:
         with client:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from tests import hostile_upstream as hostile
-from tests.net import read_http_request
+from tests.net import close_now, read_http_request
 from tests.upstream_shapes import answer_chunks, repeated
 
 
@@ -153,11 +153,12 @@ class FakeUpstream:
         return self
 
     def stop(self) -> None:
+        """Refuse new connections and cut the open ones, at once (close_now)."""
         self._running = False
-        self._listener.close()
+        close_now(self._listener)
         for sock in list(self._open_sockets):
             try:
-                sock.close()
+                close_now(sock)
             except OSError:
                 pass
 

@@ -9,7 +9,7 @@ import urllib.request
 
 
 def accept_in_threads(listener: socket.socket, handle) -> None:
-    """Accept on `listener` until it is closed, each connection handed to `handle(sock)` on a daemon
+    """Accept on `listener` until it is closed (close_now), each connection handed to `handle(sock)` on a daemon
     thread of its own; the accepting runs on a daemon thread too."""
 
     def accept() -> None:
@@ -21,6 +21,18 @@ def accept_in_threads(listener: socket.socket, handle) -> None:
             threading.Thread(target=handle, args=(sock,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
+
+
+def close_now(sock: socket.socket) -> None:
+    """Close a listening or connected socket so that it is closed at once. close() alone leaves a thread
+    blocked in accept() or recv() on it blocked, and Linux keeps the socket open while it is: a stopped
+    server's port went on accepting (a stopped fake upstream took the next request, seen at half speed).
+    shutdown() first wakes them: accept() fails and new connections are refused."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected, or closed already
+    sock.close()
 
 
 def free_port() -> int:

@@ -10,6 +10,8 @@ import socket
 import struct
 import threading
 
+from tests.net import close_now
+
 
 class CuttableProxy:
     def __init__(self, target_port: int):
@@ -72,5 +74,5 @@ class CuttableProxy:
         return len(pairs)
 
     def stop(self) -> None:
-        self._listener.close()
+        close_now(self._listener)
         self.cut()

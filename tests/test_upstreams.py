@@ -256,6 +256,22 @@ FAILURES = {
 }
 
 
+def test_a_stopped_upstream_refuses_at_once_as_the_refused_case_needs():
+    """The premise of the "refused" case below: FakeUpstream.stop() closed its listener under the thread
+    blocked accepting on it, which Linux does not wake, so the port went on accepting, and a request made
+    after the stop could be taken (seen once at half speed). Its open connections are cut too."""
+    import socket
+
+    upstream = FakeUpstream()
+    kept = socket.create_connection(("127.0.0.1", upstream.port), timeout=5)
+    wait_until(lambda: upstream.connections == 1, 5, lambda: "the connection was never accepted")
+    upstream.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", upstream.port), timeout=5)
+    assert kept.recv(1) == b""  # cut: the peer sees its end
+    kept.close()
+
+
 @pytest.mark.live
 @pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
 def test_the_next_upstream_answers_unseen_when_the_first_fails_before_its_first_byte(own_routed, own_pair,
