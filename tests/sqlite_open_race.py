@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ def main() -> int:
         for child in children:
             child.join(30)
         errors = [error for error in (results.get(timeout=5) for _ in children) if error]
+        shutil.rmtree(folder)
         if errors:
             failed.append(errors[0])
     print(f"{len(failed)} of {trials} trials failed", *failed[:3], sep="\n")
