@@ -132,10 +132,28 @@ def _refuse_unauthenticated_exposure(server):
 
 def _prepare_metrics_directory():
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="jarvis-metrics-")
+        _remove_stale_metrics_directories()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"jarvis-metrics-{os.getpid()}-")
         _OWN_METRICS_DIR.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     for stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(stale)  # counts from an earlier run
+
+
+def _remove_stale_metrics_directories():
+    """The metrics directories of masters that are gone without their on_exit (kill -9, a crash, the
+    machine's power): each is named after its master's PID, and one whose PID runs no process is removed
+    (a PID used again by another process keeps its directory: a leak, never a loss). Without this, each
+    such stop left a directory in the temporary folder for good."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "jarvis-metrics-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[2])
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):  # not one of ours, or a process of another user's: left alone
+            continue
 
 
 def when_ready(server):

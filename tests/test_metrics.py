@@ -1,5 +1,7 @@
 """/metrics counts streams by outcome, summed across gunicorn workers."""
 
+import os
+
 import pytest
 import requests
 
@@ -96,3 +98,32 @@ def test_an_upstream_is_up_when_its_requests_get_answers_and_down_when_it_cannot
     assert up() == "0.0"
     client.post("/v1/chat/completions", json=chat).get_data()
     assert up() == "1.0"
+
+
+def test_a_metrics_directory_left_by_a_killed_master_is_removed_when_jarvis_starts_again(tmp_path, monkeypatch):
+    """A master stopped by kill -9 (or a crash) never ran on_exit, so its metrics directory stayed in the
+    temporary folder for good (285 of them after a day of this suite). The next start removes the ones
+    whose master is gone, and only those."""
+    import subprocess
+    import tempfile
+
+    from jarvis import server_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # unset, as without an operator's own
+    monkeypatch.setattr(server_config, "_OWN_METRICS_DIR", [])
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its PID now runs nothing
+    stale = tmp_path / f"jarvis-metrics-{gone.pid}-x1"
+    stale.mkdir()
+    (stale / "counter_1234.db").write_bytes(b"counts")
+    running = tmp_path / f"jarvis-metrics-{os.getpid()}-x2"  # a master still running
+    running.mkdir()
+    unnamed = tmp_path / "jarvis-metrics-x3"  # not named after a PID (as before this change): left alone
+    unnamed.mkdir()
+
+    server_config._prepare_metrics_directory()
+
+    made = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    assert os.path.basename(made).startswith(f"jarvis-metrics-{os.getpid()}-") and os.path.isdir(made)
+    assert not stale.exists() and running.is_dir() and unnamed.is_dir()
