@@ -141,14 +141,17 @@ def _prepare_metrics_directory():
 
 def _remove_stale_metrics_directories():
     """The metrics directories of masters that are gone without their on_exit (kill -9, a crash, the
-    machine's power): each is named after its master's PID, and one whose PID runs no process is removed
-    (a PID used again by another process keeps its directory: a leak, never a loss). Without this, each
-    such stop left a directory in the temporary folder for good."""
+    machine's power): each is named after its master's PID, and one whose PID runs no process is removed,
+    or runs this master, which has not made its own yet (a container's master is PID 1 at every start). A
+    PID used again by another process keeps its directory: a leak, never a loss. Without this, each such
+    stop left a directory in the temporary folder for good."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), "jarvis-metrics-*-*")):
         try:
             pid = int(os.path.basename(path).split("-")[2])
             if os.stat(path).st_uid != os.getuid():
                 continue
+            if pid == os.getpid():
+                raise ProcessLookupError  # a directory of an earlier master with this PID
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)

@@ -117,8 +117,11 @@ def test_a_metrics_directory_left_by_a_killed_master_is_removed_when_jarvis_star
     stale = tmp_path / f"jarvis-metrics-{gone.pid}-x1"
     stale.mkdir()
     (stale / "counter_1234.db").write_bytes(b"counts")
-    running = tmp_path / f"jarvis-metrics-{os.getpid()}-x2"  # a master still running
+    running = tmp_path / f"jarvis-metrics-{os.getppid()}-x2"  # a master still running
     running.mkdir()
+    # An earlier master's with this one's PID (PID 1 in a container, say): not this one's, made below.
+    same_pid = tmp_path / f"jarvis-metrics-{os.getpid()}-x4"
+    same_pid.mkdir()
     unnamed = tmp_path / "jarvis-metrics-x3"  # not named after a PID (as before this change): left alone
     unnamed.mkdir()
 
@@ -126,4 +129,4 @@ def test_a_metrics_directory_left_by_a_killed_master_is_removed_when_jarvis_star
 
     made = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     assert os.path.basename(made).startswith(f"jarvis-metrics-{os.getpid()}-") and os.path.isdir(made)
-    assert not stale.exists() and running.is_dir() and unnamed.is_dir()
+    assert not stale.exists() and not same_pid.exists() and running.is_dir() and unnamed.is_dir()
