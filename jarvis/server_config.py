@@ -148,15 +148,21 @@ def _remove_stale_metrics_directories():
     for path in glob.glob(os.path.join(tempfile.gettempdir(), "jarvis-metrics-*-*")):
         try:
             pid = int(os.path.basename(path).split("-")[2])
-            if os.stat(path).st_uid != os.getuid():
-                continue
-            if pid == os.getpid():
-                raise ProcessLookupError  # a directory of an earlier master with this PID
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (ValueError, OSError):  # not one of ours, or a process of another user's: left alone
+            ours = os.stat(path).st_uid == os.getuid()
+        except (ValueError, OSError):  # not named after a PID, or gone meanwhile
             continue
+        if ours and (pid == os.getpid() or not _process_exists(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): it exists
+        return True
+    return True
 
 
 def when_ready(server):

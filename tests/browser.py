@@ -105,16 +105,12 @@ class _Tabs:
                 return
             open_tabs = [page for page in self.context.pages if not page.is_closed()]
             reusable = [page for page in open_tabs if page in self.problems and page not in self.private]
-            if reusable:
-                self.spare = reusable[0]
-            else:
-                self.spare = self.context.new_page()
-                self.problems[self.spare] = PageProblems(self.spare)  # (detached below, as a kept tab's)
-                open_tabs.append(self.spare)
+            self.spare = reusable[0] if reusable else self.context.new_page()
             for page in open_tabs:
                 if page is not self.spare:
                     page.close()
-            self.problems[self.spare].detach()
+            if self.spare in self.problems:
+                self.problems[self.spare].detach()
             self.spare.goto("about:blank")  # unloads the test's document: its fetches end
             self.spare.unroute_all()
             self.context.clear_cookies()
