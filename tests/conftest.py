@@ -267,9 +267,9 @@ def _shares_servers(request) -> bool:
 
 @pytest.fixture
 def upstream(request):
-    """The fault-injecting fake upstream: the test's own, or its module's (marker shared_servers)."""
+    """The fault-injecting fake upstream: the test's own, or the shared one (marker shared_servers)."""
     if _shares_servers(request):
-        yield request.getfixturevalue("module_upstream").reset()
+        yield request.getfixturevalue("shared_upstream").reset()
         return
     server = FakeUpstream()
     yield server
@@ -298,28 +298,31 @@ def start_jarvis(tmp_path, upstream):
 @pytest.fixture
 def jarvis(request, start_jarvis):
     """Jarvis with default settings (heartbeat 5 s) in front of the fake upstream: the test's own, or
-    its module's (marker shared_servers)."""
+    the shared one (marker shared_servers)."""
     if _shares_servers(request):
-        return request.getfixturevalue("module_jarvis").for_next_test()
+        return request.getfixturevalue("shared_jarvis").for_next_test()
     return start_jarvis()
 
 
 # A module whose tests leave nothing behind that the next could see (no settings of their own, no
-# conversations listed, no counters read) is marked `shared_servers`: its tests share one upstream and
-# one Jarvis, which saves a gunicorn start (about 0.5 s of CPU, a second on a slow machine) per test.
-# Each test gets the upstream reset and Jarvis's log from its own start (for_next_test); start_jarvis
-# still starts a Jarvis of the test's own, in front of the module's upstream.
+# conversations listed, no counters read) is marked `shared_servers`: its tests, and those of every other
+# such module that run in the same test process, share one upstream and one Jarvis, which saves a
+# gunicorn start (about 0.5 s of CPU, a second on a slow machine) per test. Shared by the process, not
+# the module: pytest-xdist hands a module's tests to all four processes, so one server per module was
+# started up to four times (twelve modules share). Each test gets the upstream reset and Jarvis's log
+# from its own start (for_next_test: no stream open, no conversation kept, started again if the last
+# test left it dead); start_jarvis still starts a Jarvis of the test's own, in front of the shared upstream.
 
 
-@pytest.fixture(scope="module")
-def module_upstream():
+@pytest.fixture(scope="session")
+def shared_upstream():
     server = FakeUpstream()
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def module_jarvis(tmp_path_factory, module_upstream):
-    server = LiveServer(tmp_path_factory.mktemp("jarvis"), {"JARVIS_UPSTREAM_URL": module_upstream.url})
+@pytest.fixture(scope="session")
+def shared_jarvis(tmp_path_factory, shared_upstream):
+    server = LiveServer(tmp_path_factory.mktemp("jarvis"), {"JARVIS_UPSTREAM_URL": shared_upstream.url})
     yield server.start()
     server.stop()

@@ -146,7 +146,7 @@ class FakeUpstream:
                 if exchange.path.endswith(endpoint) and (endpoint != "/completions" or "/chat/" not in exchange.path)]
 
     def reset(self) -> FakeUpstream:
-        """Forget every exchange and go back to the default scenario: a module's next test starts clean."""
+        """Forget every exchange and go back to the default scenario: the next test that shares it starts clean."""
         with self._lock:
             self.scenario = Scenario()
             self.exchanges = []

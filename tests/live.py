@@ -100,7 +100,7 @@ class LiveServer:
             return log.read().decode(errors="replace")
 
     def for_next_test(self) -> LiveServer:
-        """A server shared by a module's tests, handed to the next one once the last one's streams have
+        """A server shared by tests (marker shared_servers), handed to the next one once the last one's streams have
         ended (their end lines are written after their last byte): its log read from here on, and
         started again if the last test left it dead."""
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0

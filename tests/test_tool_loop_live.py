@@ -29,12 +29,12 @@ def tools_file(path, notes) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, module_upstream):
+def served(tmp_path_factory, shared_upstream):
     """One Jarvis with the two tool servers for the module's tests (each has its own conversation)."""
     folder = tmp_path_factory.mktemp("tools")
     notes = folder / "notes"
     notes.touch()
-    server = LiveServer(folder, {"JARVIS_UPSTREAM_URL": module_upstream.url,
+    server = LiveServer(folder, {"JARVIS_UPSTREAM_URL": shared_upstream.url,
                                  "JARVIS_TOOLS_FILE": tools_file(folder / "tools.toml", notes)})
     server.notes = notes
     yield server.start()
@@ -42,8 +42,8 @@ def served(tmp_path_factory, module_upstream):
 
 
 @pytest.fixture
-def upstream(module_upstream):
-    return module_upstream.reset()
+def upstream(shared_upstream):
+    return shared_upstream.reset()
 
 
 def calls(name: str, **arguments) -> Scenario:
