@@ -28,7 +28,7 @@ STOP_LIMIT = 1.0
 # The same, asked on another worker: its tick (TICK_SECONDS) turns the flag in the store into the cancel.
 STOP_ELSEWHERE_LIMIT = TICK_SECONDS + STOP_LIMIT
 
-pytestmark = [pytest.mark.live]
+pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
 ALL_300 = " ".join(f"w{i}" for i in range(300))
 
