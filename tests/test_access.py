@@ -121,7 +121,8 @@ def test_the_page_preloads_every_module_it_imports_so_the_browser_fetches_them_a
     import jarvis
 
     html = client.get("/").get_data(as_text=True)
-    preloaded = re.findall(r'<link rel="modulepreload" href="/static/([^"]+)">', html)
+    version = re.search(r'<script type="module" src="/static/v/([0-9a-f]+)/page/main\.js">', html).group(1)
+    preloaded = re.findall(rf'<link rel="modulepreload" href="/static/v/{version}/([^"]+)">', html)
     static = Path(jarvis.__file__).parent / "static"
     page_scripts = {f"page/{path.name}" for path in (static / "page").glob("*.js")} - {"page/main.js"}
     assert page_scripts <= set(preloaded), page_scripts - set(preloaded)  # every page module, however deep
@@ -129,8 +130,57 @@ def test_the_page_preloads_every_module_it_imports_so_the_browser_fetches_them_a
             "vendor/highlight.min.js", "vendor/katex.mjs"} <= set(preloaded)  # the libraries, three levels down
     assert len(preloaded) == len(set(preloaded)) and "page/main.js" not in preloaded
     for path in preloaded:
-        with client.get(f"/static/{path}") as response:
+        with client.get(f"/static/v/{version}/{path}") as response:
             assert response.status_code == 200, path
+
+
+def test_the_pages_files_are_cached_for_good_under_their_version(client):
+    """Every file the page names is under /static/v/<version>/, kept by a browser for a year; any other
+    version is served but not to keep; /static/... still serves each file to revalidate."""
+    import re
+    from pathlib import Path
+
+    import jarvis
+
+    static = Path(jarvis.__file__).parent / "static"
+    html = client.get("/").get_data(as_text=True)
+    named = re.findall(r'(?:href|src)="(/static/[^"]+)"', html)
+    assert len(named) >= 20 and {re.match(r"/static/v/([0-9a-f]{16})/", url).group(1) for url in named} == \
+        {named[0].split("/")[3]}  # one version, everywhere
+    version = named[0].split("/")[3]
+    for url in named:
+        with client.get(url) as response:
+            assert response.status_code == 200, url
+            assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable", url
+            assert response.data == (static / url.split("/", 4)[4]).read_bytes(), url
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    with client.get("/static/v/0123456789abcdef/page/main.js") as other:  # a page from before an upgrade
+        assert other.status_code == 200 and other.headers["Cache-Control"] == "no-cache"
+        assert other.data == (static / "page" / "main.js").read_bytes()
+    with client.get("/static/page/main.js") as plain:
+        assert plain.status_code == 200 and plain.headers["Cache-Control"] == "no-cache"
+    for missing in (f"/static/v/{version}/page/nope.js", f"/static/v/{version}/%2e%2e/factory.py",
+                    f"/static/v/{version}/..%2f..%2fjarvis/factory.py"):
+        assert client.get(missing).status_code == 404, missing
+
+
+def test_the_static_version_changes_with_any_files_bytes_or_name(tmp_path):
+    from jarvis.page import static_version
+
+    def version_of(files: dict[str, bytes]) -> str:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        return static_version(str(folder))
+
+    files = {"page/main.js": b"import './a.js';", "page/a.js": b"export {};", "chat.css": b"body {}"}
+    first = version_of(files)
+    assert version_of(dict(files)) == first  # the same files: the same version, on any node
+    assert version_of({**files, "chat.css": b"body { }"}) != first
+    assert version_of({"page/main.js": files["page/main.js"], "page/b.js": b"export {};",
+                       "chat.css": files["chat.css"]}) != first  # a file renamed
+    assert version_of({**files, "vendor/new.js": b""}) != first  # a file added
 
 
 def test_message_count_and_size_limits(make_client):

@@ -102,6 +102,21 @@ def test_reload_after_stop_keeps_the_partial_answer(jarvis, upstream, context):
     problems.assert_clean()
 
 
+def test_a_reload_takes_every_file_of_the_page_from_the_cache(jarvis, context):
+    """The page's files are versioned and kept (jarvis/page.py): a reload fetches none of them again, not
+    even to hear 304 (a transfer size of 0 is the browser's cache; a revalidation's is its headers)."""
+    page, problems = open_page(context, jarvis.url)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    files = page.evaluate("() => performance.getEntriesByType('resource').filter((entry) =>"
+                          " new URL(entry.name).pathname.startsWith('/static/'))"
+                          ".map((entry) => [new URL(entry.name).pathname, entry.transferSize, entry.decodedBodySize])")
+    assert len(files) >= 20, files  # its modules, the libraries and the style sheets
+    fetched = [(path, size) for path, size, body in files if size != 0 or body == 0 or "/static/v/" not in path]
+    assert fetched == [], fetched
+    problems.assert_clean()
+
+
 def test_upstream_error_mid_stream_is_shown_inline_and_the_page_stays_usable(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=10, error_event_after=3)
     page, problems = open_page(context, jarvis.url)
@@ -366,7 +381,8 @@ def test_hostile_corpus_renders_inert(jarvis, upstream, context, canary):
     requested = []
     page.on("request", lambda request: requested.append(request.url))
     rendered = page.evaluate("""async (corpus) => {
-        const { renderMarkdown } = await import('/static/markdown.js');
+        const page = document.querySelector('script[type=module]').src;  // the page's own module
+        const { renderMarkdown } = await import(new URL('../markdown.js', page));
         const results = [];
         for (const text of corpus) {
             const holder = document.createElement('div');

@@ -127,7 +127,8 @@ MATH = {
 def render(page, texts: list[str]) -> list[dict]:
     """Each text rendered by the page's renderer into the chat: its HTML, text and how long it took (ms)."""
     return page.evaluate("""async (texts) => {
-        const { renderMarkdown } = await import('/static/markdown.js');
+        const page = document.querySelector('script[type=module]').src;  // the page's own module
+        const { renderMarkdown } = await import(new URL('../markdown.js', page));
         return texts.map((text) => {
             const holder = document.createElement('div');
             holder.className = 'message assistant';
