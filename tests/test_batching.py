@@ -124,12 +124,13 @@ def test_stop_one_of_four_mid_answer_ends_it_within_a_step_and_the_others_are_un
 
 
 def test_the_next_turn_of_a_conversation_reads_only_what_is_new(engine):
-    # ~370 tokens: reading a prompt costs about as much CPU per token as generating one (one thread).
-    history = [{"role": "user", "content": " ".join(f"Fact {n}: the sky is blue." for n in range(36))}]
+    # ~190 tokens, past anything a next turn could read anew (< 30): reading a prompt costs CPU per token
+    # (one thread), so no longer than that.
+    history = [{"role": "user", "content": " ".join(f"Fact {n}: the sky is blue." for n in range(18))}]
     first = Run(engine, history, max_tokens=30, temperature=0)
     engine.submit(first.answer)
     first.wait()
-    assert first.answer.prompt_evaluated > 300  # (the system prompt's tokens may come from an earlier answer)
+    assert first.answer.prompt_evaluated > 150  # (the system prompt's tokens may come from an earlier answer)
     # Another conversation in between takes another slot; the first's cache stays where it was.
     solo(engine, "Say hi.", temperature=0, max_tokens=5)
     turn = [*history, {"role": "assistant", "content": first.content}, {"role": "user", "content": "And grass?"}]
@@ -142,7 +143,7 @@ def test_the_next_turn_of_a_conversation_reads_only_what_is_new(engine):
     assert second.answer.slot == first.answer.slot
     assert second.answer.prompt_tokens == len(tokens)
     assert second.answer.prompt_evaluated == len(tokens) - common_prefix(cached, tokens)
-    assert second.answer.prompt_evaluated < 30 < 300 < second.answer.prompt_tokens
+    assert second.answer.prompt_evaluated < 30 < 150 < second.answer.prompt_tokens
 
 
 def test_a_cancel_stops_the_decode_under_way_at_once_not_at_its_end(engine):
