@@ -117,6 +117,36 @@ def test_a_reload_takes_every_file_of_the_page_from_the_cache(jarvis, context):
     problems.assert_clean()
 
 
+def test_a_selection_in_an_earlier_answer_outlives_the_next_answers_end(jarvis, upstream, context):
+    """Reading while an answer streams: text selected in an earlier message (to copy it) is still selected
+    when the answer ends and the page brings its list in line with the server's (message-list.js)."""
+    upstream.scenario = Scenario(tokens=3)
+    page, problems = open_page(context, jarvis.url)
+    send(page, "first question")
+    wait_status(page, "complete")
+    upstream.scenario = Scenario(tokens=400, interval=0.02)
+    send(page, "second question")
+    wait_text_longer(page, 10)
+    selected = page.evaluate("""() => {
+        const first = document.querySelectorAll('[data-role=assistant] .content')[0];
+        const range = document.createRange();
+        range.selectNodeContents(first);
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+        return getSelection().toString();
+    }""")
+    assert selected.strip() == "w0 w1 w2"
+    # The answer ends (stopped); the page reads the conversation from the server, brings its list in line,
+    # then asks for the conversation list: once that is asked for, the list has been brought in line.
+    with page.expect_request(lambda request: request.method == "GET"
+                             and request.url.endswith("/api/conversations")) as listed:
+        page.get_by_role("button", name="Stop", exact=True).click()
+    listed.value.response()
+    wait_status(page, "stopped")
+    assert page.evaluate("getSelection().toString()") == selected
+    problems.assert_clean()
+
+
 def test_upstream_error_mid_stream_is_shown_inline_and_the_page_stays_usable(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=10, error_event_after=3)
     page, problems = open_page(context, jarvis.url)

@@ -6,12 +6,28 @@ import { test } from "node:test";
 
 import { MessageList } from "../../jarvis/static/page/message-list.js";
 
-/** A container that records its children, as #messages would show them. */
+/** A container that records its children, as #messages would show them, and each change made to them. */
 function container() {
   return {
     children: [],
-    append(element) { this.children.push(element); },
-    replaceChildren(...elements) { this.children = elements; },
+    changes: 0,
+    append(element) { this.changes += 1; this.children.push(element); },
+    insertBefore(element, before) {
+      this.changes += 1;
+      const at = this.children.indexOf(element);
+      if (at >= 0) this.children.splice(at, 1); // moved, as the DOM moves a node already in place elsewhere
+      const index = before === null ? this.children.length : this.children.indexOf(before);
+      assert.ok(index >= 0, "insertBefore a node that is not a child");
+      this.children.splice(index, 0, element);
+      return element;
+    },
+    removeChild(element) {
+      this.changes += 1;
+      const at = this.children.indexOf(element);
+      assert.ok(at >= 0, "removeChild of a node that is not a child");
+      this.children.splice(at, 1);
+      return element;
+    },
   };
 }
 
@@ -66,4 +82,25 @@ test("a view named by the server is found by that id; removeFrom drops it and wh
   assert.equal(list.find(9), null);
   assert.equal(list.find(10), null);
   assert.deepEqual(shown.children, ["user:a"]);
+});
+
+test("bringing the list in line with an unchanged conversation touches no element; a change moves only what moved", () => {
+  const shown = container();
+  const list = new MessageList(shown, view);
+  CONVERSATION.forEach((message) => list.add(message));
+  shown.changes = 0;
+  assert.deepEqual(list.reconcile(CONVERSATION), []);
+  assert.equal(shown.changes, 0); // each answer's end: a selection or a scrolled code block elsewhere is left alone
+  list.reconcile([...CONVERSATION, { id: 5, role: "user", content: "e" }]);
+  assert.equal(shown.changes, 1); // the new one, added
+  assert.deepEqual(shown.children, ["user:a", "assistant:b", "user:c", "assistant:d", "user:e"]);
+  shown.changes = 0;
+  list.reconcile([CONVERSATION[0], CONVERSATION[1], { id: 5, role: "user", content: "e" }]);
+  assert.equal(shown.changes, 2); // two dropped; the three kept not moved
+  assert.deepEqual(shown.children, ["user:a", "assistant:b", "user:e"]);
+  shown.changes = 0;
+  list.removeFrom(list.find(2));
+  assert.deepEqual([shown.children, shown.changes], [["user:a"], 2]);
+  list.clear();
+  assert.deepEqual(shown.children, []);
 });

@@ -5,8 +5,13 @@
  * page's views and the server's messages drifting apart.
  *
  * The list knows views only through `element` and `id` (null until the server has named the message),
- * and its container only through `append` and `replaceChildren`: the page passes MessageViews and the
- * #messages element; the unit tests (tests/js/) plain objects.
+ * and its container only through `children`, `append`, `insertBefore` and `removeChild`: the page passes
+ * MessageViews and the #messages element; the unit tests (tests/js/) plain objects.
+ *
+ * Bringing the screen in line (`show`) moves only the elements out of place. Every answer's end brings
+ * the list in line with the server's; putting all the elements back each time (`replaceChildren`) took
+ * away a selection the reader had made in an earlier message, scrolled every code block back to its
+ * start, and made the browser lay out and paint the whole conversation again.
  */
 
 /** @typedef {{element: any, id: number | null}} View */
@@ -14,7 +19,8 @@
 /** @template {View} V */
 export class MessageList {
   /**
-   * @param {{append: (element: any) => void, replaceChildren: (...elements: any[]) => void}} container
+   * @param {{children: ArrayLike<any>, append: (element: any) => void, insertBefore: (element: any, before: any) => any,
+   *   removeChild: (element: any) => any}} container
    * @param {(message: any) => V} makeView
    */
   constructor(container, makeView) {
@@ -66,7 +72,7 @@ export class MessageList {
     if (index < 0) return;
     this.order.slice(index).forEach((gone) => { if (gone.id !== null) this.byId.delete(gone.id); });
     this.order = this.order.slice(0, index);
-    this.container.replaceChildren(...this.order.map((kept) => kept.element));
+    this.show();
   }
 
   /**
@@ -81,7 +87,20 @@ export class MessageList {
   clear() {
     this.order = [];
     this.byId.clear();
-    this.container.replaceChildren();
+    this.show();
+  }
+
+  /** The container shows `order`'s elements, in order: those not in it removed, those out of place moved,
+   * the others left as they are. */
+  show() {
+    const wanted = new Set(this.order.map((view) => view.element));
+    for (const child of Array.from(this.container.children)) {
+      if (!wanted.has(child)) this.container.removeChild(child);
+    }
+    this.order.forEach((view, index) => {
+      const here = this.container.children[index] ?? null;
+      if (here !== view.element) this.container.insertBefore(view.element, here);
+    });
   }
 
   /**
@@ -108,7 +127,7 @@ export class MessageList {
     for (const [id] of this.byId) if (!wanted.has(id)) this.byId.delete(id);
     order.push(...unnamed); // the newest things this page added, still unknown to the server
     this.order = order;
-    this.container.replaceChildren(...order.map((view) => view.element));
+    this.show();
     return added;
   }
 
