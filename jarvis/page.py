@@ -7,8 +7,9 @@ import hashlib
 import posixpath
 import re
 from pathlib import Path
+from stat import S_ISREG
 
-from flask import Blueprint, current_app, render_template, send_from_directory, url_for
+from flask import Blueprint, current_app, g, render_template, send_from_directory, url_for
 
 bp = Blueprint("page", __name__)
 
@@ -51,13 +52,24 @@ def page_modules(static_folder: str, entry: str = "page/main.js") -> tuple[str, 
 VERSIONED_MAX_AGE = 365 * 24 * 3600
 
 
-@functools.cache
 def static_version(static_folder: str) -> str:
-    """A hash of every file under static/ (its path and bytes), read once per process: it changes with any
-    file, so an upgraded Jarvis's page never gets an old file from a browser's cache."""
+    """A hash of every file under static/ (its path and bytes): it changes with any file, so an upgraded
+    Jarvis's page never gets an old file from a browser's cache. Hashed again only when a file's size or
+    time changes (a stat of each: 0.4 ms for the 29), so a page edited under a running server is not kept stale."""
+    stamps = []
+    for path in sorted(Path(static_folder).rglob("*")):
+        stat = path.stat()
+        if S_ISREG(stat.st_mode):
+            stamps.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return _hash_of(static_folder, tuple(stamps))
+
+
+@functools.lru_cache(maxsize=4)
+def _hash_of(static_folder: str, files: tuple) -> str:
     root = Path(static_folder)
     digest = hashlib.sha256()
-    for path in sorted(path for path in root.rglob("*") if path.is_file()):
+    for name, _, _ in files:
+        path = Path(name)
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
@@ -65,8 +77,11 @@ def static_version(static_folder: str) -> str:
 
 @bp.app_template_global()
 def static_url(filename: str) -> str:
-    """The URL of a file under static/, with the version that lets a browser keep it."""
-    return url_for("page.versioned_static", version=static_version(current_app.static_folder), filename=filename)
+    """The URL of a file under static/, with the version that lets a browser keep it (worked out once a
+    request: the page names 27 files)."""
+    if "static_version" not in g:
+        g.static_version = static_version(current_app.static_folder)
+    return url_for("page.versioned_static", version=g.static_version, filename=filename)
 
 
 @bp.get("/static/v/<version>/<path:filename>")

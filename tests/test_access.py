@@ -164,23 +164,34 @@ def test_the_pages_files_are_cached_for_good_under_their_version(client):
         assert client.get(missing).status_code == 404, missing
 
 
-def test_the_static_version_changes_with_any_files_bytes_or_name(tmp_path):
+def test_the_static_version_changes_with_any_files_bytes_or_name_while_the_server_runs(tmp_path):
+    import os
+
     from jarvis.page import static_version
 
-    def version_of(files: dict[str, bytes]) -> str:
-        folder = tmp_path / str(len(list(tmp_path.iterdir())))
-        for name, data in files.items():
-            (folder / name).parent.mkdir(parents=True, exist_ok=True)
-            (folder / name).write_bytes(data)
-        return static_version(str(folder))
-
+    folder = tmp_path / "static"
+    (folder / "page").mkdir(parents=True)
     files = {"page/main.js": b"import './a.js';", "page/a.js": b"export {};", "chat.css": b"body {}"}
-    first = version_of(files)
-    assert version_of(dict(files)) == first  # the same files: the same version, on any node
-    assert version_of({**files, "chat.css": b"body { }"}) != first
-    assert version_of({"page/main.js": files["page/main.js"], "page/b.js": b"export {};",
-                       "chat.css": files["chat.css"]}) != first  # a file renamed
-    assert version_of({**files, "vendor/new.js": b""}) != first  # a file added
+    later = [1_700_000_000]
+
+    def write(name: str, data: bytes) -> None:  # an edit, a moment after the last one
+        (folder / name).write_bytes(data)
+        later[0] += 1
+        os.utime(folder / name, (later[0], later[0]))
+
+    for name, data in files.items():
+        write(name, data)
+    first = static_version(str(folder))
+    assert static_version(str(folder)) == first
+    write("chat.css", b"body { }")  # edited under a running server: a new version at once
+    edited = static_version(str(folder))
+    assert edited != first
+    write("chat.css", b"body {}")
+    assert static_version(str(folder)) == first  # the same bytes: the same version (and on every node)
+    (folder / "page" / "a.js").rename(folder / "page" / "b.js")
+    assert static_version(str(folder)) not in (first, edited)  # a file renamed
+    write("vendor.js", b"")
+    assert static_version(str(folder)) not in (first, edited)  # a file added
 
 
 def test_message_count_and_size_limits(make_client):
