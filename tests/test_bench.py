@@ -69,7 +69,7 @@ def test_local_model_benchmark_smoke():
 @pytest.mark.long(15)
 @pytest.mark.model
 def test_prompt_abort_benchmark_smoke():  # no timing asserted
-    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "20", "--runs", "1", "--cancels", "1"],
+    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "10", "--runs", "1", "--cancels", "1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("no callback", "Jarvis: strlen over a flag (C)", "a Python ctypes callback", "cancel -> llama_decode"):

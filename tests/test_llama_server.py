@@ -18,7 +18,7 @@ import requests
 
 from jarvis.settings import resolve_local_model
 from tests.clients import RawClient, chat_request
-from tests.live import ROOT, sse_events, wait_until
+from tests.live import ROOT, LiveServer, sse_events, wait_until
 from tests.net import free_port
 
 pytestmark = [pytest.mark.live, pytest.mark.llama_server, pytest.mark.serial]
@@ -60,9 +60,19 @@ def llama_server(tmp_path_factory):
             process.kill()
 
 
+@pytest.fixture(scope="module")
+def module_jarvis(tmp_path_factory, llama_server):
+    """One Jarvis for the module's tests (a start is a second on a slow machine): each is handed it with no
+    stream open and no conversation kept (LiveServer.for_next_test)."""
+    server = LiveServer(tmp_path_factory.mktemp("jarvis"),
+                        {"JARVIS_UPSTREAM_URL": llama_server[1], "JARVIS_HEARTBEAT_SECONDS": "1"})
+    yield server.start()
+    server.stop()
+
+
 @pytest.fixture
-def jarvis(start_jarvis, llama_server):
-    return start_jarvis({"JARVIS_HEARTBEAT_SECONDS": "1"}, upstream_url=llama_server[1])
+def jarvis(module_jarvis):
+    return module_jarvis.for_next_test()
 
 
 def test_the_real_server_refuses_a_request_id_that_is_not_a_uuid(llama_server):
