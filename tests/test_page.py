@@ -117,9 +117,11 @@ def test_a_reload_takes_every_file_of_the_page_from_the_cache(jarvis, context):
     problems.assert_clean()
 
 
-def test_a_selection_in_an_earlier_answer_outlives_the_next_answers_end(jarvis, upstream, context):
-    """Reading while an answer streams: text selected in an earlier message (to copy it) is still selected
-    when the answer ends and the page brings its list in line with the server's (message-list.js)."""
+def test_a_selection_and_the_keyboards_place_outlive_the_next_answers_end(jarvis, upstream, context):
+    """Reading while an answer streams: text selected in an earlier message (to copy it) is still selected,
+    and a sidebar button a keyboard user has tabbed to still has the focus, when the answer ends and the
+    page brings its message list (message-list.js) and its conversation list (conversation-list.js) in line
+    with the server's."""
     upstream.scenario = Scenario(tokens=3)
     page, problems = open_page(context, jarvis.url)
     send(page, "first question")
@@ -136,14 +138,19 @@ def test_a_selection_in_an_earlier_answer_outlives_the_next_answers_end(jarvis, 
         return getSelection().toString();
     }""")
     assert selected.strip() == "w0 w1 w2"
+    # The keyboard's place: the conversation's Rename button in the sidebar (the conversation is marked as
+    # answering now; its mark and Stop button go when the answer ends).
+    page.locator("#conversation-list li.running").wait_for()
+    page.evaluate("document.querySelector('#conversation-list li.running [aria-label^=Rename]').focus()")
     # The answer ends (stopped); the page reads the conversation from the server, brings its list in line,
-    # then asks for the conversation list: once that is asked for, the list has been brought in line.
-    with page.expect_request(lambda request: request.method == "GET"
-                             and request.url.endswith("/api/conversations")) as listed:
-        page.get_by_role("button", name="Stop", exact=True).click()
-    listed.value.response()
+    # then asks for the conversation list: once that is answered and shown, both lists are in line.
+    with page.expect_response(lambda response: response.request.method == "GET"
+                              and response.url.endswith("/api/conversations")):
+        page.evaluate("document.querySelector('#stop').click()")  # (a click would move the focus)
+    page.wait_for_function("() => !document.querySelector('#conversation-list li.running')")
     wait_status(page, "stopped")
     assert page.evaluate("getSelection().toString()") == selected
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Rename first question"
     problems.assert_clean()
 
 

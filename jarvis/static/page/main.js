@@ -12,7 +12,7 @@
  */
 import * as api from "../api.js";
 import { detach, followAnswer, hooks, reattachNow, stop } from "./answer-stream.js";
-import { showConversations } from "./conversation-list.js";
+import { ConversationList, conversationItem } from "./conversation-list.js";
 import * as attach from "./attach.js";
 import { $, button, report } from "./dom.js";
 import { adminDialog, addUser, openAdmin, shown as shownAdminError } from "./admin.js";
@@ -38,6 +38,9 @@ const helpDialog = /** @type {HTMLDialogElement} */ ($("help-dialog"));
 
 /** @type {MessageList<MessageView>} */
 const messages = new MessageList(messagesView, (message) => new MessageView(message));
+const sidebar = new ConversationList(conversationList, (id) => conversationItem(id, {
+  open: openConversation, rename: renameConversation, remove: removeConversation, stop: stopElsewhere,
+}));
 
 // -- the messages' actions ---------------------------------------------------------------
 
@@ -111,9 +114,7 @@ function scrollToEnd() {
 
 async function refreshConversationList() {
   const conversations = await api.listConversations();
-  showConversations(conversationList, conversations, state.conversationId, {
-    open: openConversation, rename: renameConversation, remove: removeConversation, stop: stopElsewhere,
-  });
+  sidebar.show(conversations, state.conversationId);
   return conversations;
 }
 

@@ -13,6 +13,7 @@
  * away a selection the reader had made in an earlier message, scrolled every code block back to its
  * start, and made the browser lay out and paint the whole conversation again.
  */
+import { placeInOrder } from "./dom.js";
 
 /** @typedef {{element: any, id: number | null}} View */
 
@@ -93,14 +94,7 @@ export class MessageList {
   /** The container shows `order`'s elements, in order: those not in it removed, those out of place moved,
    * the others left as they are. */
   show() {
-    const wanted = new Set(this.order.map((view) => view.element));
-    for (const child of Array.from(this.container.children)) {
-      if (!wanted.has(child)) this.container.removeChild(child);
-    }
-    this.order.forEach((view, index) => {
-      const here = this.container.children[index] ?? null;
-      if (here !== view.element) this.container.insertBefore(view.element, here);
-    });
+    placeInOrder(this.container, this.order.map((view) => view.element));
   }
 
   /**
