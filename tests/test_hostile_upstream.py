@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.clients import chat_body, page_text
-from tests.live import sse_events
+from tests.live import LiveServer, sse_events
 
 pytestmark = [pytest.mark.live, pytest.mark.shared_servers]
 
@@ -70,17 +70,33 @@ def test_surrogate_halves_are_saved_as_the_emoji_they_make(jarvis, upstream):
     jarvis.assert_log_clean()
 
 
-def test_a_silent_upstream_fails_a_whole_answer_at_the_inactivity_limit(start_jarvis):
-    jarvis = start_jarvis({"JARVIS_STREAM_INACTIVITY_SECONDS": "1"})
+@pytest.fixture(scope="module")
+def impatient_server(tmp_path_factory, shared_upstream):
+    server = LiveServer(tmp_path_factory.mktemp("impatient"), {
+        "JARVIS_UPSTREAM_URL": shared_upstream.url, "JARVIS_STREAM_INACTIVITY_SECONDS": "1",
+        "JARVIS_UPSTREAM_MODELS_SECONDS": "1"})
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def impatient(impatient_server, upstream):
+    """Jarvis with short deadlines (1 s without a byte, 1 s for the model list) in front of the shared
+    upstream, reset for each test: one start for the module's five deadline tests, not five."""
+    return impatient_server.for_next_test()
+
+
+def test_a_silent_upstream_fails_a_whole_answer_at_the_inactivity_limit(impatient):
+    jarvis = impatient
     started = time.monotonic()
     response = chat(jarvis, "silent", stream=False)
     assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
     assert time.monotonic() - started < 2.5
 
 
-def test_models_from_a_dripping_upstream_end_at_their_deadline(start_jarvis, upstream):
+def test_models_from_a_dripping_upstream_end_at_their_deadline(impatient, upstream):
     upstream.scenario.models, upstream.scenario.drip_seconds = "drip", 0.1
-    jarvis = start_jarvis({"JARVIS_UPSTREAM_MODELS_SECONDS": "1"})
+    jarvis = impatient
     started = time.monotonic()
     response = requests.get(jarvis.url + "/v1/models", timeout=10)
     assert response.status_code == 504 and "JARVIS_UPSTREAM_MODELS_SECONDS" in response.json()["error"]["message"]
@@ -94,9 +110,9 @@ def test_models_from_a_dripping_upstream_end_at_their_deadline(start_jarvis, ups
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hello"}]}),
 ])
 def test_a_non_streamed_answer_that_drips_ends_at_the_inactivity_limit_not_the_streams_maximum(
-        start_jarvis, path, body):
+        impatient, path, body):
     # The body is about 300 bytes at one byte per 0.05 s: 15 s whole, each byte well inside the limit.
-    jarvis = start_jarvis({"JARVIS_STREAM_INACTIVITY_SECONDS": "1"})
+    jarvis = impatient
     started = time.monotonic()
     response = requests.post(jarvis.url + path, json={**body, "x_fault": {"hostile": "drip_json",
                                                                           "drip_seconds": 0.05}}, timeout=30)
