@@ -130,7 +130,7 @@ def test_stop_after_a_reload_closes_the_upstream_within_250_ms(jarvis, upstream,
 @pytest.mark.serial
 @pytest.mark.browser
 def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, upstream, context):
-    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "2"})
+    jarvis = start_jarvis({"JARVIS_DETACHED_SECONDS": "1"})
     upstream.scenario = Scenario(tokens=1000, interval=0.02)
     page, _ = open_page(context, jarvis.url)
     send(page, "long answer")
@@ -139,7 +139,7 @@ def test_nobody_watching_for_detached_seconds_stops_the_answer(start_jarvis, ups
     closed = time.monotonic()
     page.close()
     exchange = upstream.wait_until_ended(upstream.wait_for_exchange(), timeout=5)
-    assert exchange.closed_at is not None and 2.0 <= exchange.closed_at - closed < 2.0 + STOP_LIMIT, \
+    assert exchange.closed_at is not None and 1.0 <= exchange.closed_at - closed < 1.0 + STOP_LIMIT, \
         exchange.closed_at - closed
     print(f"\ndetached: upstream closed {exchange.closed_at - closed:.2f} s after the last tab closed")
     jarvis.wait_for_log("outcome=detached")
