@@ -5,30 +5,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { ConversationList } from "../../jarvis/static/page/conversation-list.js";
-
-/** A container that records its children, as #conversation-list would show them, and each change made. */
-function container() {
-  return {
-    children: [],
-    changes: 0,
-    insertBefore(element, before) {
-      this.changes += 1;
-      const at = this.children.indexOf(element);
-      if (at >= 0) this.children.splice(at, 1); // moved, as the DOM moves a node already in place elsewhere
-      const index = before === null ? this.children.length : this.children.indexOf(before);
-      assert.ok(index >= 0, "insertBefore a node that is not a child");
-      this.children.splice(index, 0, element);
-      return element;
-    },
-    removeChild(element) {
-      this.changes += 1;
-      const at = this.children.indexOf(element);
-      assert.ok(at >= 0, "removeChild of a node that is not a child");
-      this.children.splice(at, 1);
-      return element;
-    },
-  };
-}
+import { container } from "./fake-container.js";
 
 /** Items that record what they were made for and every update, their element an object named by id. */
 function items() {
