@@ -61,6 +61,16 @@ def _resource_warnings_shown_during_collection(phase, info):
 gc.callbacks.append(_resource_warnings_shown_during_collection)
 
 
+def pytest_unconfigure(config):
+    """llama-cpp-python opens /dev/null twice when imported and never closes it: every run that loaded the
+    model ended with four lines of "Exception ignored ... ResourceWarning: unclosed file", as if a test had
+    leaked something. The run is over here: they are closed."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        if (devnull := getattr(utils, name, None)) is not None:
+            devnull.close()
+
+
 # -- order ------------------------------------------------------------------------------------
 
 

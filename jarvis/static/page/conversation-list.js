@@ -52,27 +52,26 @@ export class ConversationList {
 
 /**
  * One conversation's item in the page: its title opens it, ✎ renames it, × deletes it, ■ (while an
- * answer is written there) stops that answer. `update` changes an element only when its value changes.
+ * answer is written there) stops that answer. `update` keeps the item and its buttons: it sets the title
+ * where it shows when it changed, the marks, and adds or removes the ■.
  * @param {string} id
  * @param {ListActions} actions
  * @returns {Item}
  */
 export function conversationItem(id, actions) {
   const item = document.createElement("li");
-  let title = "";
+  /** @type {string | null} */ let title = null;
   const open = button("", () => actions.open(id).catch(report));
   open.className = "open";
-  const rename = button("✎", () => actions.rename(id, title).catch(report));
+  const rename = button("✎", () => actions.rename(id, title ?? "").catch(report));
   const remove = button("×", () => actions.remove(id).catch(report));
   const halt = button("■", () => actions.stop(id).catch(report));
   halt.title = "An answer is being written here: stop it";
   item.append(open, rename, remove);
-  /** @type {[string, boolean, boolean] | null} */ let shown = null;
   return {
     element: item,
     update(newTitle, running, current) {
-      if (shown && shown[0] === newTitle && shown[1] === running && shown[2] === current) return;
-      if (!shown || shown[0] !== newTitle) {
+      if (newTitle !== title) {
         title = newTitle;
         open.textContent = newTitle;
         rename.setAttribute("aria-label", `Rename ${newTitle}`);
@@ -85,7 +84,6 @@ export function conversationItem(id, actions) {
       else open.removeAttribute("aria-current");
       if (running && halt.parentNode !== item) item.insertBefore(halt, rename);
       if (!running && halt.parentNode === item) halt.remove();
-      shown = [newTitle, running, current];
     },
   };
 }
