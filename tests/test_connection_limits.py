@@ -30,6 +30,7 @@ BURST_LIMIT = 3.0  # /healthz while 2100 slow bodies expire together: see that t
 # health check queued behind it waited 2.9-4.4 s on a slow machine. That is the storm's own figure
 # (printed); the test asks only that the worker drain it, within this bound.
 STORM_LIMIT = 30.0
+WAVE = 10  # attacks (of 100 connections each) set up together in the six-thousand test: below the listen queue
 
 
 def hold_off(jarvis, attacks: list[SlowClients], deadline: float, key: str | None = None) -> list[float]:
@@ -166,15 +167,23 @@ def test_six_thousand_slow_bodies_from_sixty_addresses_are_shed_oldest_first_and
     jarvis = start_jarvis({"JARVIS_MAX_STREAMS": "10"}, args=["-w", "1"])
     attacks = [SlowClients(jarvis.port, 100, "slow_body", source=f"127.0.0.{10 + index}", body_bytes=1_000_000)
                for index in range(60)]
-    for attack in attacks:
-        attack.start()
+    waves = [attacks[start:start + WAVE] for start in range(0, len(attacks), WAVE)]
+    storm = []
     try:
-        wait_until(lambda: all(opened is not None for attack in attacks for opened in attack.opened_at), 60,
-                   lambda: "the attack could not open its connections")
-        started = time.monotonic()  # queued behind the storm, as in hold_off: its own figure
-        assert requests.get(jarvis.url + "/healthz", timeout=STORM_LIMIT).ok
-        print(f"connection storm: /healthz behind 6000 new connections answered in "
-              f"{(time.monotonic() - started) * 1000:.0f} ms")
+        # In waves of 1,000 connections, each once the worker has taken the last in (a /healthz queued behind
+        # it is answered), so that the waves' order is the worker's. All at once, 6,000 connects overflowed
+        # the listen queue (2,048) and the kernel's retries let some in seconds late: at half speed the
+        # second attack's connections were all younger than 1,500 others.
+        for wave in waves:
+            for attack in wave:
+                attack.start()
+            wait_until(lambda: all(opened is not None for attack in wave for opened in attack.opened_at), 60,
+                       lambda: "the attack could not open its connections")
+            started = time.monotonic()
+            assert requests.get(jarvis.url + "/healthz", timeout=STORM_LIMIT).ok
+            storm.append(time.monotonic() - started)
+        print(f"connection storm: /healthz behind each 1000 new connections answered in "
+              f"{', '.join(f'{seconds * 1000:.0f}' for seconds in storm)} ms")
         wait_until(lambda: sum(attack.open_count for attack in attacks) <= 4500, 30,
                    lambda: f"{sum(attack.open_count for attack in attacks)} attacking connections still open")
         latencies = poll_health(jarvis, 3)
@@ -182,17 +191,21 @@ def test_six_thousand_slow_bodies_from_sixty_addresses_are_shed_oldest_first_and
                                timeout=10)
         assert content_of(sse_events(stream)) == "w0 w1 w2 "
         held = sum(attack.open_count for attack in attacks)
-        closed_first = [attack.closed_at.count(None) < 100 for attack in attacks]
+        ended = [sum(closed is not None for attack in wave for closed in attack.closed_at) for wave in waves]
     finally:
         for attack in attacks:
             attack.stop()
     # Once the attack is held, /healthz answers in 5-40 ms on a slow machine; a full worker would not
     # answer within the 5 s at all (without shedding: every poll timed out).
     print(f"/healthz while 6000 slow bodies were held: max {max(latencies) * 1000:.0f} ms over {len(latencies)} "
-          f"checks; {held} attacking connections still held")
+          f"checks; {held} attacking connections still held; ended by wave: {ended}")
     assert max(latencies) < HEALTH_LIMIT
     assert 4000 <= held <= 4500
-    assert closed_first[0] and closed_first[1], "the oldest connections were not the ones shed"
+    # Oldest first: 1,500 shed, from the first waves, and none of the 2,000 newest. Not "the first wave
+    # whole": the shedder counts a connection's age from when its route began to read the body, in an order
+    # the test does not see (measured: 512-520 of the first wave shed and 981-989 of the second). Shed at
+    # random, every wave lost 100-320 (measured); newest first, this test's own /healthz went first.
+    assert ended[0] > 0 and ended[-2:] == [0, 0], f"not the oldest shed: ended by wave {ended}"
     log = jarvis.log()
     assert "shed a connection still waiting for its request body" in log
     jarvis.assert_log_clean()
