@@ -177,8 +177,8 @@ def test_six_thousand_slow_bodies_from_sixty_addresses_are_shed_oldest_first_and
         for wave in waves:
             for attack in wave:
                 attack.start()
-            wait_until(lambda: all(opened is not None for attack in wave for opened in attack.opened_at), 60,
-                       lambda: "the attack could not open its connections")
+            wait_until(lambda wave=wave: all(opened is not None for attack in wave for opened in attack.opened_at),
+                       60, lambda: "the attack could not open its connections")
             started = time.monotonic()
             assert requests.get(jarvis.url + "/healthz", timeout=STORM_LIMIT).ok
             storm.append(time.monotonic() - started)
