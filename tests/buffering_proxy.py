@@ -33,19 +33,21 @@ class BufferingProxy:
                     return
                 method, path, headers, body = request
                 upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=60)
-                forwarded = {name: value for name, value in headers.items() if name not in _HOP}
-                upstream.request(method, path, body=body or None, headers=forwarded)
-                response = upstream.getresponse()
-                data = response.read()  # the whole response, held: this is the fault
-                out = [(name, value) for name, value in response.getheaders() if name.lower() not in _HOP]
-                if self.compress and data:
-                    data = gzip.compress(data)
-                    out.append(("Content-Encoding", "gzip"))
-                out.append(("Via", "1.1 buffering-proxy"))
-                head = f"HTTP/1.1 {response.status} {response.reason}\r\n" + "".join(
-                    f"{name}: {value}\r\n" for name, value in out) + \
-                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-                client.sendall(head.encode("latin-1") + data)
-                upstream.close()
+                try:  # closed however it ends (a page closed mid-reply left it to the collector: a ResourceWarning)
+                    forwarded = {name: value for name, value in headers.items() if name not in _HOP}
+                    upstream.request(method, path, body=body or None, headers=forwarded)
+                    response = upstream.getresponse()
+                    data = response.read()  # the whole response, held: this is the fault
+                    out = [(name, value) for name, value in response.getheaders() if name.lower() not in _HOP]
+                    if self.compress and data:
+                        data = gzip.compress(data)
+                        out.append(("Content-Encoding", "gzip"))
+                    out.append(("Via", "1.1 buffering-proxy"))
+                    head = f"HTTP/1.1 {response.status} {response.reason}\r\n" + "".join(
+                        f"{name}: {value}\r\n" for name, value in out) + \
+                        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                    client.sendall(head.encode("latin-1") + data)
+                finally:
+                    upstream.close()
             except OSError:
                 return
