@@ -33,7 +33,7 @@ class BufferingProxy:
                     return
                 method, path, headers, body = request
                 upstream = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=60)
-                try:  # closed however it ends (a page closed mid-reply left it to the collector: a ResourceWarning)
+                try:  # closed however it ends: a client gone mid-reply left it to the garbage collector
                     forwarded = {name: value for name, value in headers.items() if name not in _HOP}
                     upstream.request(method, path, body=body or None, headers=forwarded)
                     response = upstream.getresponse()
