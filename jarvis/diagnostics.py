@@ -19,6 +19,7 @@ import faulthandler
 import fcntl
 import io
 import os
+import re
 import signal
 import sys
 import time
@@ -142,9 +143,18 @@ _STARTING = ("in load_wsgi", "in post_worker_init", "server = StreamServer(", "s
 
 
 def is_start_up_report(report: str) -> bool:
-    """Does a blocked-hub report show the worker still starting (its blocked stack, before "Info:")?"""
-    blocked = report.split("Info:", 1)[0]
-    return any(step in blocked for step in _STARTING)
+    """Does a blocked-hub report show the worker still starting? Its blocked stack (before "Info:") says;
+    or, when that stack is a lone frame without its callers (seen: a generator's, `ast.iter_child_nodes`,
+    while pydantic read a model's source during the app's imports — so a start-up counted as serving),
+    the hub thread's own stack, which the report's "Info:" lists a moment later with every caller."""
+    blocked, _, info = report.partition("Info:")
+    if any(step in blocked for step in _STARTING):
+        return True
+    thread = re.search(r"Blocked Stack \(for thread id (0x[0-9a-f]+)\)", blocked)
+    if thread is None:
+        return False
+    own = re.search(rf"^Thread {thread.group(1)} .*?(?=^\*{{80}}$|\Z)", info, flags=re.M | re.S)
+    return own is not None and any(step in own.group(0) for step in _STARTING)
 
 
 def rate_limit_blocking_reports() -> None:

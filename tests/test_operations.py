@@ -13,8 +13,9 @@ import types
 import pytest
 import requests
 
+from jarvis.diagnostics import is_start_up_report
 from tests.clients import RawClient, chat_body, chat_request, content_of
-from tests.live import ROOT, hub_reports, sse_events, wait_until
+from tests.live import ROOT, blocked_hub_reports, hub_reports, sse_events, wait_until
 
 pytestmark = pytest.mark.live
 
@@ -117,6 +118,34 @@ def test_a_report_whose_stacks_show_gevents_header_line_counts_once():
     log = "[INFO] booting\n" + report + "\n[INFO] serving\n" + report + "\n"
     assert len(hub_reports(log)) == 2 and log.count("appears to be blocked") == 4
     assert all(part.split("Info:", 1)[0].count("appears to be blocked") == 1 for part in hub_reports(log))
+
+
+
+def lone_frame_report(hub_thread_stack: list[str]) -> str:
+    """A blocked-hub report, as gevent writes it, whose blocked stack is one generator frame without its
+    callers (as one was in a fresh clone's parallel phase) and whose "Info:" lists the hub thread's stack."""
+    return "\n".join(["=" * 80, "", "Thu Dec  3 14:40:03 2026 : Greenlet <main> appears to be blocked",
+                      "    Reported by <GreenletTracer>", "Blocked Stack (for thread id 0x7fb0c8b3cb80):",
+                      '  File "/usr/lib/python3.11/ast.py", line 272, in iter_child_nodes',
+                      "    for name, field in iter_fields(node):", "", "Info:", "*" * 80, "* Threads", "*" * 80,
+                      "Thread 0x7fb0c60286c0 (None) (CURRENT)", "",
+                      '  File "gevent/_monitor.py", line 206, in __call__', "", "*" * 80,
+                      "Thread 0x7fb0c8b3cb80 (None)", "", *hub_thread_stack, "", "*" * 80, "* Greenlets",
+                      "*" * 80, '  File "gunicorn/workers/base.py", line 146, in load_wsgi'])
+
+
+def test_a_start_up_report_whose_blocked_stack_is_a_lone_frame_is_known_by_the_hub_threads_stack():
+    """Counted as serving, such a start-up report failed a test that allows no report while serving."""
+    arbiter = ['  File "gunicorn/arbiter.py", line 247, in run', '  File "gunicorn/arbiter.py", line 642, '
+               'in spawn_worker', '  File "gunicorn/workers/base.py", line 140, in init_process']
+    starting = lone_frame_report([*arbiter, '  File "gunicorn/workers/base.py", line 146, in load_wsgi',
+                                  '  File "pydantic/_internal/_docs_extraction.py", line 98, in extract'])
+    serving = lone_frame_report([*arbiter, '  File "gunicorn/workers/ggevent.py", line 131, in handle_request',
+                                 '  File "jarvis/tools.py", line 40, in read'])
+    assert is_start_up_report(starting)
+    # Only the hub thread's own stack counts, not another thread's or a greenlet's (load_wsgi above)
+    assert not is_start_up_report(serving)
+    assert blocked_hub_reports(serving) and not blocked_hub_reports(starting)
 
 
 PATCH_IN_A_FRESH_PROCESS = """
