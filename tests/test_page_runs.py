@@ -325,14 +325,16 @@ def test_a_stop_and_a_page_on_another_worker_reach_the_answer(start_jarvis, upst
 def test_a_prompt_queued_behind_a_detached_answer_says_so_and_can_stop_it(tmp_path, context):
     """The embedded model with one slot writes one answer at a time: the page names the one ahead and offers to
     stop it."""
-    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1"}).start()
+    jarvis = LiveServer(tmp_path, {"JARVIS_HEARTBEAT_SECONDS": "0.5", "JARVIS_LOCAL_SLOTS": "1",
+                                   "JARVIS_LOCAL_MAX_TOKENS": "64"}).start()
     try:
         # The first answer must still be running when Stop is clicked: at the default 512 tokens it lasted
         # ~7 s, and once (a fresh clone's parallel phase) had ended on its own by then. Its conversation's
         # own max_tokens, 3,000 (~40 s), outlasts the test's steps on any machine; it is stopped long before.
-        # The second answer keeps the default: given 3,000 too, a rambling one could outlast the wait for its
-        # end. Temperature 0: the first answer is the same every run (a long line of digits). An empty
-        # conversation is not listed, so the page opens one imported with a first exchange.
+        # The second answer gets the server's default, 64 here (JARVIS_LOCAL_MAX_TOKENS): at the built-in 512
+        # a rambling one outlasted the 30 s wait for its end at half speed in the parallel phase. Temperature
+        # 0: the first answer is the same every run (a long line of digits). An empty conversation is not
+        # listed, so the page opens one imported with a first exchange.
         conversation = {"title": "Count from 1 to 400", "settings": {"max_tokens": 3000, "temperature": 0},
                         "messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]}
         first = requests.post(f"{jarvis.url}/api/conversations/import", timeout=10, json={
