@@ -120,7 +120,6 @@ def test_a_report_whose_stacks_show_gevents_header_line_counts_once():
     assert all(part.split("Info:", 1)[0].count("appears to be blocked") == 1 for part in hub_reports(log))
 
 
-
 def lone_frame_report(hub_thread_stack: list[str]) -> str:
     """A blocked-hub report, as gevent writes it, whose blocked stack is one generator frame without its
     callers (as one was in a fresh clone's parallel phase) and whose "Info:" lists the hub thread's stack."""
