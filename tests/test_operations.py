@@ -99,10 +99,13 @@ def test_blocked_hub_reports_are_rate_limited(start_jarvis):
     jarvis = start_jarvis(app="tests.blocking_app:app")
     for _ in range(3):  # each report is printed while the hub is still blocked, before the request returns
         assert requests.post(jarvis.url + "/test/block-hub?seconds=0.4").ok
-    log = jarvis.wait_for_log("block_hub")
-    # Of the three blocks, one is reported. (On a busy machine the worker's own start-up may have been
-    # reported too, before it served: that report does not count against the first one after.)
-    reports = [report for report in hub_reports(log) if "block_hub" in report.split("Info:", 1)[0]]
+    log = jarvis.wait_for_log("appears to be blocked")
+    # Of the three blocks, one is reported (without the limit: three). Not necessarily naming block_hub: in a
+    # fresh clone's busy parallel phase the report's stack was the first request's teardown (Werkzeug closing
+    # it), gevent's monitor thread having run only once the sleep was over, and the three blocks' "block_hub"
+    # never appeared. So every report of a serving worker counts, whatever its stack; one of the worker's
+    # start-up (a busy machine's) neither counts here nor against the first one after.
+    reports = blocked_hub_reports(log)
     assert len(reports) == 1, f"{len(reports)} reports:\n{log[-6000:]}"
     assert requests.get(jarvis.url + "/healthz").ok
 
