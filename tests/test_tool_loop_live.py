@@ -142,7 +142,8 @@ def test_twenty_tool_loops_at_once_never_block_the_hub(tmp_path, upstream):
     notes = tmp_path / "notes"
     server = LiveServer(tmp_path, {"JARVIS_UPSTREAM_URL": upstream.url, "GEVENT_MAX_BLOCKING_TIME": "0.02",
                                    "JARVIS_MAX_RUNS_PER_CLIENT": "50",
-                                   "JARVIS_TOOLS_FILE": tools_file(tmp_path / "tools.toml", notes)}).start()
+                                   "JARVIS_TOOLS_FILE": tools_file(tmp_path / "tools.toml", notes)},
+                        app="tests.every_report_app:app").start()
     try:
         upstream.scenario = calls("get_current_time", timezone="UTC")
         post_message(server.url)  # the servers start (a worker's first call)
@@ -156,7 +157,13 @@ def test_twenty_tool_loops_at_once_never_block_the_hub(tmp_path, upstream):
         for events, _ in results:
             assert events[-1]["status"] == "complete"
             assert [e["tool_result"]["is_error"] for e in events if "tool_result" in e] == [False]
-        reports = blocked_hub_reports(server.log())
-        assert reports == [], reports[0][:3000]
+        # Every report printed (tests/every_report_app.py: not the first in 10 s), and those that caught the hub
+        # in the tool client's code count: a wait there for the loop's thread that did not yield (the client
+        # waiting with the real time.sleep: a report at each 20 ms check of the servers' start, and calls of
+        # over 20 ms). Not the others: with one core kept busy, the worker not scheduled for 20 ms was
+        # reported inside a call of microseconds (uuid4's os.urandom as a request began).
+        reports = [report for report in blocked_hub_reports(server.log())
+                   if "/jarvis/mcp_client.py" in report.split("Info:", 1)[0]]
+        assert reports == [], f"{len(reports)} reports; the first:\n{reports[0][:3000]}"
     finally:
         server.stop()
