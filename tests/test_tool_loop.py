@@ -389,8 +389,8 @@ def test_a_server_stuck_in_a_tool_it_cannot_drop_is_restarted_after_a_stop(tools
                lambda: "the stuck server was never given up")
     # The next call is answered by a server started afresh, long before the stuck one would have woken (90 s
     # after it started): 1-2 s here, 17.5 s in a half-speed parallel phase (a Python MCP server's start is
-    # 1.3 CPU-s of importing the SDK, with a quarter of a core), so the limit is 3x that; waiting for the
-    # stuck server takes over 80 s. (Stuck for 20 s with a limit of 15, half speed failed it.)
+    # 1.3 CPU-s of importing the SDK, with a quarter of a core), so the limit is 3x that; a client that waits
+    # for the stuck server gets the tool's 30 s timeout instead. (Stuck 20 s, limit 15: half speed failed it.)
     backend.enqueue(calls(("big", {"size": 2})), ["ok"])
     started = time.monotonic()
     events = page_events(send(client, conversation_id, "Again")[1])
