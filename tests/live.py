@@ -69,6 +69,9 @@ class LiveServer:
             try:
                 wait_until(self._answers, timeout, lambda: f"gunicorn did not answer within {timeout} s:\n{self.log()}")
                 return self
+            except AssertionError:
+                self.stop()  # a start that never answered leaves no gunicorn behind (its test has no teardown)
+                raise
             except RuntimeError:
                 # Another test process took the free port between our pick and gunicorn's bind: pick again.
                 if attempt == 2 or "Address already in use" not in self.log():

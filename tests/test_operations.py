@@ -291,3 +291,14 @@ def test_json_logs_every_line_the_server_writes_is_a_json_object(start_jarvis):
     assert "a plain line on stderr" in stray and "and a second, unfinished until now" in stray
     died = one(event="greenlet_error")  # gevent's report of the greenlet that died, its traceback one field
     assert died["message"].endswith("failed with ZeroDivisionError") and "1 / 0" in died["exception"]
+
+
+def test_a_live_server_that_never_answers_is_stopped_before_the_test_fails(tmp_path):
+    # A module's server that did not answer in time (a starved machine: 30 s) failed its fixture's set-up,
+    # which has no teardown: the gunicorn master and its worker ran on after the run had ended.
+    from tests.live import LiveServer
+
+    server = LiveServer(tmp_path)
+    with pytest.raises(AssertionError, match="did not answer within"):
+        server.start(timeout=0.01)  # gunicorn cannot answer the first poll: Python is still starting
+    assert server.process.poll() is not None
