@@ -245,10 +245,14 @@ def send_message(conversation_id):
     try:
         response = runs.start(conversation_id, message_id, chat, request.environ, client, title=plan.title,
                               user_id=accounts.user_id())
-    except ApiError:
+    except ApiError as error:
         if plan.versioned:  # a regenerate or an edit the backend refused: the tree stays as it was
             user_message = history[-1]["id"] if plan.content is not None else None
             state.store().abandon_answer(conversation_id, message_id, user_message, previous_leaf)
+        else:  # kept, ended (refused, or stopped before it began): the page names what it shows by these
+            error.headers["X-Message-Id"] = str(message_id)
+            if plan.content is not None:
+                error.headers["X-User-Message-Id"] = str(history[-1]["id"])
         raise
     response.headers["X-Message-Id"] = str(message_id)
     if plan.content is not None:

@@ -512,6 +512,14 @@ class Runs:
             run.relay.open()
         except BaseException:
             self.forget(run)
+            if not run.final_saved.is_set():  # its end is being saved: a read of the conversation waits for it
+                self.ending[conversation_id] = run
+            if run.relay.stopping is Outcome.STOPPED:
+                # A Stop before the backend began: an answer stopped like any other, with nothing in it yet
+                # (saved so; a continuation as it had ended), not an error for the page that sent it, which
+                # is still reading this response for the ids of what it shows.
+                status, error, stats = run.ended_before or ("stopped", None, run.answer.stats())
+                return sse_response(iter([OPENING, _final_events({"status": status, "error": error, "stats": stats})]))
             raise
         after = [len(text) if count is None else count for text, count in zip(continued, shown, strict=True)]
         response = run.attach(environ, after[0], after[1])

@@ -5,8 +5,10 @@ import sqlite3
 import time
 
 import gevent
+import gevent.event
 import pytest
 
+from jarvis.errors import ApiError
 from jarvis.runs import missing_text
 from tests.clients import content_of, sse
 from tests.fake_backend import QUEUED, STALL, Pause
@@ -60,6 +62,62 @@ def test_stop_stops_the_answer_at_its_source_and_is_idempotent(client, backend):
     assert message["content"] == "w0 "
     assert client.post("/api/conversations/nope/stop").status_code == 404
 
+
+
+def _opening_slowly(backend, monkeypatch) -> gevent.event.Event:
+    """The backend takes its time to answer (an upstream still loading a model): open() waits, as a
+    socket read would, until the relay interrupts it. Returns the Event set once open() is waiting."""
+    waiting, real_open = gevent.event.Event(), backend.open
+
+    def open_slowly(request):
+        waiting.set()
+        gevent.sleep(30)
+        return real_open(request)
+
+    monkeypatch.setattr(backend, "open", open_slowly)
+    return waiting
+
+
+@pytest.mark.parametrize("kind", ["send", "regenerate"])
+def test_a_stop_before_the_backend_answered_is_a_stopped_answer_and_names_its_messages(client, backend, monkeypatch,
+                                                                                        kind):
+    # The page is still waiting for this response when its Stop comes: it learns the new messages' ids from
+    # it (a page that never learned them showed a second copy of them later), and the answer ended as any
+    # stopped one does: 200, status "stopped", kept (a regenerate's version too), not a 499.
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    sse(client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "first"}).get_data())
+    waiting = _opening_slowly(backend, monkeypatch)
+    body = {"content": "hi"} if kind == "send" else {"regenerate": True}
+    sending = gevent.spawn(client.post, f"/api/conversations/{conversation_id}/messages", json=body)
+    assert waiting.wait(5)
+    assert client.post(f"/api/conversations/{conversation_id}/stop").status_code == 202
+    response = sending.get(timeout=5)
+    assert response.status_code == 200
+    events = sse(response.get_data())
+    assert events[-1][0] == "done" and events[-2][1]["status"] == "stopped" and content_of(events) == ""
+    message = settle(lambda: (m := saved(client, conversation_id))["status"] == "stopped" and m)
+    assert message["id"] == int(response.headers["X-Message-Id"]) and message["content"] == ""
+    messages = client.get(f"/api/conversations/{conversation_id}").json["messages"]
+    if kind == "send":
+        assert messages[-2]["id"] == int(response.headers["X-User-Message-Id"]) and messages[-2]["content"] == "hi"
+    else:
+        assert len(messages) == 2 and len(message["versions"]) == 2
+    assert not client.get(f"/api/conversations/{conversation_id}").json["running"]
+
+
+def test_a_send_the_backend_refused_names_the_messages_it_kept(client, backend):
+    # Not a regenerate or an edit (those leave the tree as it was): the question and the failed answer stay,
+    # and the page that shows them learns their ids from the refusal itself.
+    conversation_id = client.post("/api/conversations", json={}).json["id"]
+    backend.fail_next(ApiError(400, "This model's maximum context length is 8192 tokens",
+                               code="context_length_exceeded"))
+    refused = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": "too long"})
+    assert refused.status_code == 400 and refused.json["error"]["code"] == "context_length_exceeded"
+    settle(lambda: not client.get(f"/api/conversations/{conversation_id}").json["running"])
+    messages = client.get(f"/api/conversations/{conversation_id}").json["messages"]
+    named = [int(refused.headers["X-User-Message-Id"]), int(refused.headers["X-Message-Id"])]
+    assert [message["id"] for message in messages] == named
+    assert messages[0]["content"] == "too long" and messages[1]["status"] == "error"
 
 def test_a_page_leaving_does_not_stop_the_answer(client, backend):
     conversation_id, message_id, response = start(client, backend, ["w0 ", Pause(0.2), "w1 ", "w2 "])
