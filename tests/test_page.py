@@ -13,6 +13,7 @@ import requests
 
 from tests.browser import (
     ASSISTANT,
+    POLL_MS,
     PageProblems,
     answer_text,
     last_answer,
@@ -93,6 +94,46 @@ def test_send_then_stop_twenty_times(jarvis, upstream, context):
     send(page, "and now a whole answer")
     wait_status(page, "complete")  # no connection-cap hang after twenty stops
     assert last_answer(page).locator(".content").inner_text().strip() == "w0 w1 w2 w3 w4"
+    # Each question and answer shown once, named by the server (a Stop before the first response came
+    # used to leave an unnamed copy, shown again below each later answer).
+    page.wait_for_function(f"() => ({SHOWN_MESSAGES})().every(([, id]) => id !== null)", polling=POLL_MS,
+                           timeout=10_000)
+    assert len(page.evaluate(SHOWN_MESSAGES)) == 42
+    problems.assert_clean()
+
+
+SHOWN_MESSAGES = """() => Array.from(document.querySelectorAll("#messages > [data-role]")).map((element) => [
+  element.dataset.role, element.dataset.id ?? null, element.querySelector(".content").textContent.trim()])"""
+
+
+def test_a_stop_before_the_answers_first_response_leaves_no_copy_behind(jarvis, upstream, context):
+    # The upstream takes the request but would answer only 10 s later (a server loading its model), so
+    # Jarvis's response (with the new messages' ids) has not reached the page when Stop is clicked. The
+    # page must still learn which messages its question and answer are: a page that dropped the response
+    # kept them unnamed, and every later answer's end put that unnamed pair back at the bottom of the
+    # conversation — an empty stopped answer and a second copy of the question below the newest answer.
+    page, problems = open_page(context, jarvis.url)
+    upstream.scenario = Scenario(tokens=400, interval=0.02, headers_delay=10.0)  # (the model list came at once)
+    send(page, "stopped at once")
+    exchange = upstream.wait_for_exchange(1)
+    page.get_by_role("button", name="Stop", exact=True).click()
+    wait_status(page, "stopped")
+    upstream.wait_until_ended(exchange, timeout=5)
+    assert exchange.closed_at is not None, "the upstream was not cancelled"
+    upstream.scenario = Scenario(tokens=5)
+    send(page, "and now a whole answer")
+    wait_status(page, "complete")
+    expected = [["user", "stopped at once"], ["assistant", ""], ["user", "and now a whole answer"],
+                ["assistant", "w0 w1 w2 w3 w4"]]
+    # The answer's end brings the page in line with the server (every message named by its id).
+    page.wait_for_function(f"() => ({SHOWN_MESSAGES})().every(([, id]) => id !== null)", polling=POLL_MS,
+                           timeout=10_000)
+    shown = page.evaluate(SHOWN_MESSAGES)
+    assert [[role, text] for role, _, text in shown] == expected, shown
+    conversation, = requests.get(f"{jarvis.url}/api/conversations", timeout=5).json()["data"]
+    saved = requests.get(f"{jarvis.url}/api/conversations/{conversation['id']}", timeout=5).json()["messages"]
+    assert [str(message["id"]) for message in saved] == [id for _, id, _ in shown]
+    assert saved[1]["status"] == "stopped"
     problems.assert_clean()
 
 

@@ -44,6 +44,25 @@ test("reconcile drops what the server no longer has, adds what it has new, and k
   assert.equal(failed.id, null);
 });
 
+test("an unnamed question stays where it was asked: a later answer's end does not move it below that answer", () => {
+  const shown = container();
+  const list = new MessageList(shown, view);
+  list.add(CONVERSATION[0]);
+  list.add(CONVERSATION[1]);
+  list.add({ role: "user", content: "refused" }); // refused before the server kept it: never named
+  list.add({ role: "assistant", content: "its error" });
+  const question = list.add({ role: "user", content: "c" }); // sent again: named, answered
+  const answer = list.add({ role: "assistant", content: "d" });
+  list.name(question, 3);
+  list.name(answer, 4);
+  assert.deepEqual(list.reconcile(CONVERSATION), []);
+  assert.deepEqual(shown.children, ["user:a", "assistant:b", "user:refused", "assistant:its error", "user:c", "assistant:d"]);
+  const next = list.add({ role: "user", content: "on its way" }); // sent, not yet named
+  list.reconcile(CONVERSATION);
+  assert.deepEqual(shown.children.slice(-3), ["user:c", "assistant:d", "user:on its way"]);
+  assert.equal(list.last(), next);
+});
+
 test("a view named by the server is found by that id; removeFrom drops it and what follows", () => {
   const shown = container();
   const list = new MessageList(shown, view);

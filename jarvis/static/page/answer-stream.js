@@ -3,7 +3,9 @@
  * The answer stream: starting an answer, attaching to it, re-attaching after any break, and Stop.
  * The server owns the answer: it saves every answer as it streams, so this page only shows what the
  * server has and what is arriving. Stop asks the server to stop it at its source and stops reading
- * at once; the server keeps the partial answer with status "stopped".
+ * at once; the server keeps the partial answer with status "stopped". A Stop before the answer's first
+ * response has come waits for that response (it comes as soon as the server has stopped the answer): it
+ * names the question and the answer, which a page that stopped reading would never learn.
  */
 import * as api from "../api.js";
 import { readEvents } from "../sse.js";
@@ -12,6 +14,9 @@ import { state } from "./state.js";
 
 const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 30000;
+// How long a Stop waits for the answer's first response before it stops reading anyway. The server
+// answers at once when it has the answer and stops it; a server that has not answered by then may never.
+const STOP_WAITS_FOR_START_MS = 10000;
 
 /** What the rest of the page does when a stream starts or ends; set once by main.js. */
 export const hooks = {
@@ -35,7 +40,9 @@ export const hooks = {
  */
 export async function followAnswer(conversationId, view, messageId, start, started = () => {}) {
   /** @type {import("./state.js").Following} */
-  const following = { conversationId, view, messageId, traceId: null, controller: null, stopping: null, wake: null };
+  const following = {
+    conversationId, view, messageId, traceId: null, controller: null, starting: false, stopping: null, wake: null,
+  };
   state.following = following;
   hooks.streaming(true);
   let ending = { status: "interrupted", error: /** @type {string | null} */ (null) };
@@ -45,15 +52,25 @@ export async function followAnswer(conversationId, view, messageId, start, start
     for (let first = true; ; first = false) {
       following.controller = new AbortController();
       try {
+        following.starting = first && !!start;
         const response = first && start
           ? await start(following.controller.signal)
           : await api.attach(conversationId, /** @type {number} */ (following.messageId), view.text.length,
             view.reasoning.length, following.controller.signal);
         if (first && start) {
+          following.starting = false;
           following.messageId = Number(response.headers.get("X-Message-Id")) || null;
           following.traceId = response.headers.get("X-Request-Id");
           if (following.messageId) hooks.named(view, following.messageId);
           started(response);
+          if (following.stopping) { // Stopped while this response was on its way: it named the messages
+            // A Stop that reached the server before the answer had started found nothing to stop: again.
+            if (response.ok && (await following.stopping) === false) {
+              following.stopping = api.stopAnswer(conversationId).catch(report);
+            }
+            following.controller.abort();
+            break;
+          }
         }
         if (!response.ok) {
           const failure = await response.json().catch(() => ({}));
@@ -67,6 +84,7 @@ export async function followAnswer(conversationId, view, messageId, start, start
           break;
         }
       } catch (failure) {
+        following.starting = false;
         lastFailure = failure;
         if (!following.stopping && !following.controller.signal.aborted) console.warn("the answer's stream broke", failure);
       }
@@ -159,7 +177,12 @@ export function stop() {
   if (!following || following.stopping) return;
   following.view.setNote("Stopping…");
   following.stopping = api.stopAnswer(following.conversationId).catch(report);
-  following.controller?.abort();
+  if (following.starting) {
+    const controller = following.controller;
+    setTimeout(() => controller?.abort(), STOP_WAITS_FOR_START_MS);
+  } else {
+    following.controller?.abort();
+  }
   following.wake?.();
 }
 

@@ -99,8 +99,10 @@ export class MessageList {
 
   /**
    * Brings the list in line with the server's messages, by id: shown in the server's order, views of
-   * messages the server no longer has dropped, new ones added. Views the server has not named (a
-   * message whose request failed before the server kept it) are the newest on the page: they stay last.
+   * messages the server no longer has dropped, new ones added. A view the server has not named (a
+   * message whose request failed before the server kept it, or one still on its way) stays where it was:
+   * before the first named view that followed it, or last when none did. (Kept last whatever came
+   * after, a refused question and its error moved below every later answer at that answer's end.)
    * Returns the messages that had no view.
    * @param {{id: number}[]} messages
    */
@@ -108,7 +110,6 @@ export class MessageList {
     const wanted = new Set(messages.map((message) => message.id));
     /** @type {V[]} */ const order = [];
     const added = [];
-    const unnamed = this.order.filter((view) => view.id === null);
     for (const message of messages) {
       let view = this.byId.get(message.id);
       if (!view) {
@@ -119,8 +120,19 @@ export class MessageList {
       order.push(view);
     }
     for (const [id] of this.byId) if (!wanted.has(id)) this.byId.delete(id);
-    order.push(...unnamed); // the newest things this page added, still unknown to the server
-    this.order = order;
+    /** @type {Map<V | null, V[]>} the unnamed views, by the first named view kept that followed them */
+    const before = new Map();
+    /** @type {V[]} */ let waiting = [];
+    for (const view of this.order) {
+      if (view.id === null) {
+        waiting.push(view);
+      } else if (waiting.length && wanted.has(view.id)) {
+        before.set(view, waiting);
+        waiting = [];
+      }
+    }
+    if (waiting.length) before.set(null, waiting);
+    this.order = order.flatMap((view) => [...(before.get(view) ?? []), view]).concat(before.get(null) ?? []);
     this.show();
     return added;
   }
