@@ -9,7 +9,10 @@ own USR1 handler (reopen the log files) still runs after ours.
 gevent's monitor thread reports a hub blocked for more than GEVENT_MAX_BLOCKING_TIME
 (0.1 s) with every thread's stack, about 20 KB each time: `rate_limit_blocking_reports`
 prints the first in full, then at most one every REPORT_EVERY_SECONDS, saying how many
-were left out since.
+were left out since. A report left out is not built either: building one formats every
+thread's stack in the monitor's thread, which holds the GIL the blocked worker needs. (A worker
+starting on a starved machine — a quarter of a core, importing the MCP SDK — was reported 62
+times in 28 s, 1.6 MB, and did not answer within 30 s.)
 """
 
 from __future__ import annotations
@@ -157,11 +160,37 @@ def is_start_up_report(report: str) -> bool:
     return own is not None and any(step in own.group(0) for step in _STARTING)
 
 
+_worker_starting = [False]  # a gunicorn worker between its fork and its first wait for connections
+
+
+def _new_limits() -> dict:
+    """When the last report of a serving worker and of a starting one was printed, and how many of each
+    were left out since."""
+    return {"last": float("-inf"), "left_out": 0, "last_start": float("-inf"), "left_out_starting": 0}
+
+
+_LIMITS = _new_limits()
+
+
+def worker_starting() -> None:
+    """The worker is loading the app: its blocked-hub reports are start-up reports (see below)."""
+    _worker_starting[0] = True
+
+
+def worker_serving() -> None:
+    """The worker waits for connections: from now on its reports are about serving."""
+    _worker_starting[0] = False
+
+
 def rate_limit_blocking_reports() -> None:
     """Let gevent's monitor print a blocked-hub report at most every REPORT_EVERY_SECONDS (each one
-    naming how many were left out before it; a report of the worker's start-up is printed and not
-    counted); the monitor keeps looking as before. gevent keeps the printing in `_show_blocking_report`
-    so that it "can be overridden at runtime" (gevent/_monitor.py)."""
+    naming how many were left out before it), and build only those it prints. A worker's start-up is
+    limited on its own (at most one report every REPORT_EVERY_SECONDS while it starts) and does not hold
+    back the first report of it serving; a start-up report built after the worker began serving (the
+    monitor reports after the fact) is printed and not counted. gevent keeps the printing in
+    `_show_blocking_report` so that it "can be overridden at runtime" (gevent/_monitor.py); the check
+    itself, `monitor_blocking`, is replaced by one that asks before it builds, where gevent has the
+    members it uses (gevent 26: `_greenlet_tracer.did_block_hub`, `did_block_hub_report`)."""
     from gevent import _monitor
 
     monitor_class = _monitor.PeriodicMonitoringThread
@@ -171,19 +200,47 @@ def rate_limit_blocking_reports() -> None:
     # The OS's own lock: the monitor is a native thread, and waiting on gevent's patched Lock there would
     # give that thread a hub of its own, which gevent then monitors too.
     lock = monkey.get_original("_thread", "allocate_lock")()
-    last, left_out = [float("-inf")], [0]
 
-    def show_rate_limited(self, hub, report, active_greenlet):
-        starting = is_start_up_report("\n".join(report))
+    def worth_building() -> bool:
+        """Would a report be printed now? Counted as left out when not."""
         with lock:
             now = time.monotonic()
+            limits = _LIMITS
+            if _worker_starting[0]:
+                if now - limits["last_start"] < REPORT_EVERY_SECONDS:
+                    limits["left_out_starting"] += 1
+                    return False
+                limits["last_start"] = now
+            elif now - limits["last"] < REPORT_EVERY_SECONDS:
+                limits["left_out"] += 1
+                return False
+            return True
+
+    def monitor_blocking(self, hub):
+        did_block = self._greenlet_tracer.did_block_hub(hub)
+        if not did_block or not worth_building():
+            return None
+        active_greenlet = did_block[1]
+        report = self._greenlet_tracer.did_block_hub_report(
+            hub, active_greenlet, {"greenlet_stacks": False, "current_thread_ident": self.monitor_thread_ident})
+        _monitor.notify(_monitor.EventLoopBlocked(active_greenlet, _monitor.GEVENT_CONFIG.max_blocking_time,
+                                                  report, hub=hub))
+        return self._show_blocking_report(hub, report, active_greenlet)
+
+    def show_rate_limited(self, hub, report, active_greenlet):
+        starting = _worker_starting[0] or is_start_up_report("\n".join(report))
+        with lock:
+            now, limits = time.monotonic(), _LIMITS
             if starting:
                 skipped = 0
-            elif now - last[0] < REPORT_EVERY_SECONDS:
-                left_out[0] += 1
+            elif now - limits["last"] < REPORT_EVERY_SECONDS:
+                limits["left_out"] += 1
                 return active_greenlet, report
             else:
-                skipped, left_out[0], last[0] = left_out[0], 0, now
+                skipped, limits["left_out"], limits["last"] = limits["left_out"], 0, now
+            started, limits["left_out_starting"] = limits["left_out_starting"], 0
+        if started:
+            report = [f"({started} more blocked-hub reports while the worker started were left out)", *report]
         if skipped:
             report = [f"({skipped} more blocked-hub reports in the last {REPORT_EVERY_SECONDS:g} s were left out)",
                       *report]
@@ -195,4 +252,8 @@ def rate_limit_blocking_reports() -> None:
         return show(self, hub, report, active_greenlet)
 
     monitor_class._show_blocking_report = show_rate_limited
+    tracer = getattr(_monitor, "GreenletTracer", None)
+    if all(hasattr(tracer, name) for name in ("did_block_hub", "did_block_hub_report")) and \
+            all(hasattr(_monitor, name) for name in ("notify", "EventLoopBlocked", "GEVENT_CONFIG")):
+        monitor_class.monitor_blocking = monitor_blocking
     monitor_class._jarvis_rate_limited = True

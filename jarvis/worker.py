@@ -248,7 +248,15 @@ class JarvisWorker(GeventWorker):
         from jarvis import diagnostics
 
         diagnostics.rate_limit_blocking_reports()
+        diagnostics.worker_starting()
         super().init_process()
+
+    def run(self):
+        from jarvis import diagnostics
+
+        # Runs when run() first waits: the listening servers are started, the worker serves.
+        gevent.spawn(diagnostics.worker_serving)
+        super().run()
 
     def patch(self):
         """gunicorn's monkey-patching (gevent's `patch_all`), with gevent's plugin look-ups read once each.

@@ -103,6 +103,14 @@ def test_accounts_benchmark_smoke():  # no timing asserted
         assert row in result.stdout, result.stdout
 
 
+
+def test_worker_start_benchmark_smoke():  # no timing asserted; not held to a CPU quota (no cgroup needed)
+    result = subprocess.run([sys.executable, "bench/worker_start.py", "--runs", "1", "--cpus", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for row in ("floor (no monitor)", "every report (gevent's own)", "jarvis ", "jarvis / floor"):
+        assert row in result.stdout, result.stdout
+
 @pytest.mark.long
 def test_search_benchmark_smoke():
     result = subprocess.run([sys.executable, "bench/search.py", "--conversations", "200", "--runs", "2"], cwd=ROOT,

@@ -216,6 +216,47 @@ def test_a_report_of_the_workers_start_up_never_holds_back_the_first_while_it_se
                        '  File "x.py", line 1, in load_wsgi'], stream.getvalue()  # the second block_hub left out
 
 
+
+def test_a_starting_worker_has_its_blocked_hub_reports_built_at_most_once_every_ten_seconds(monkeypatch):
+    """gevent's monitor checks the hub every 0.1 s and builds a report (every thread's stack, formatted in
+    its own thread, holding the GIL) each time it finds it blocked. A worker starting on a quarter of a
+    core was found blocked 62 times in 28 s and did not answer within 30 s: only the reports printed are
+    built now. Driven here as the monitor thread would, with a hub blocked at every check."""
+    from gevent import _monitor
+
+    from jarvis import diagnostics
+
+    diagnostics.rate_limit_blocking_reports()
+    monkeypatch.setattr(diagnostics, "_LIMITS", diagnostics._new_limits())
+    monkeypatch.setattr(diagnostics, "_worker_starting", [False])
+    built = []
+
+    def build(hub, active_greenlet, options):
+        built.append(diagnostics._worker_starting[0])
+        where = "load_wsgi" if diagnostics._worker_starting[0] else "block_hub"
+        return ["=" * 80, "Thu Dec  3 03:50:00 2026 : Greenlet <main> appears to be blocked",
+                "Blocked Stack (for thread id 0x1):", f'  File "x.py", line 1, in {where}', "Info:"]
+
+    stream = io.StringIO()
+    hub = types.SimpleNamespace(exception_stream=stream)
+    tracer = types.SimpleNamespace(did_block_hub=lambda hub: (True, "<main>"), did_block_hub_report=build)
+    monitor = types.SimpleNamespace(_greenlet_tracer=tracer, monitor_thread_ident=1)
+    monitor._show_blocking_report = lambda *args: _monitor.PeriodicMonitoringThread._show_blocking_report(
+        monitor, *args)
+    check = _monitor.PeriodicMonitoringThread.monitor_blocking
+    diagnostics.worker_starting()
+    for _ in range(60):  # six seconds of a start blocked at every check
+        check(monitor, hub)
+    assert built == [True], built  # gevent's own check: 60 reports built and printed
+    diagnostics.worker_serving()
+    for _ in range(5):
+        check(monitor, hub)
+    assert built == [True, False], built  # the first while serving, not held back by the start-up's
+    printed = stream.getvalue()
+    assert printed.count("appears to be blocked") == 2
+    assert "(59 more blocked-hub reports while the worker started were left out)" in printed
+    assert diagnostics._LIMITS["left_out"] == 4
+
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
     jarvis = start_jarvis(args=["--timeout", "2"], app="tests.blocking_app:app")
     worker = jarvis.worker().pid
