@@ -29,6 +29,12 @@ window.addEventListener("unhandledrejection", (event) => {
 """
 
 
+def _described(message) -> str:
+    """A console error's text; for a request that failed ("Failed to load resource: ... 401"), which one."""
+    url = (message.location or {}).get("url") or ""
+    return f"{message.text} ({url})" if message.text.startswith("Failed to load resource") and url else message.text
+
+
 class PageProblems:
     """Console errors, page errors and unhandled rejections seen by a page."""
 
@@ -36,7 +42,7 @@ class PageProblems:
         self.page = page
         self.console_errors: list[str] = []
         self.page_errors: list[str] = []
-        self._listeners = [("console", lambda message: self.console_errors.append(message.text)
+        self._listeners = [("console", lambda message: self.console_errors.append(_described(message))
                             if message.type == "error" else None),
                            ("pageerror", lambda error: self.page_errors.append(str(error)))]
         for event, listener in self._listeners:

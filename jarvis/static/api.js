@@ -1,21 +1,35 @@
 // @ts-check
 /** The page's JSON API for conversations. Errors come back as Error with the server's message. */
 
+let asking = 0; // calls on their way
+/** @type {(() => void)[]} */ const whenNoneAsking = [];
+let leaving = false; // signing out: the page reloads next, and asks nothing more
+
 /**
  * @param {string} path
  * @param {RequestInit} [options]
  */
 async function call(path, options = {}) {
-  const response = await fetch(path, {
-    ...options,
-    headers: options.body ? { "Content-Type": "application/json" } : {},
-  });
-  if (!response.ok) {
-    const body = await response.json().catch(() => ({}));
-    throw new Error(body?.error?.message || `HTTP ${response.status}`);
+  if (leaving) return new Promise(() => {}); // (asked with the session gone, it would only be refused)
+  asking += 1;
+  try {
+    const response = await fetch(path, {
+      ...options,
+      headers: options.body ? { "Content-Type": "application/json" } : {},
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body?.error?.message || `HTTP ${response.status}`);
+    }
+    return response.status === 204 ? null : response.json();
+  } finally {
+    asking -= 1;
+    if (asking === 0) whenNoneAsking.splice(0).forEach((resolve) => resolve());
   }
-  return response.status === 204 ? null : response.json();
 }
+
+// How long a sign-out waits for the calls already on their way.
+const SIGN_OUT_WAITS_MS = 3000;
 
 export const sessionState = () => call("/api/session");
 /** @param {string} key */
@@ -23,7 +37,22 @@ export const signIn = (key) => call("/api/session", { method: "POST", body: JSON
 /** @param {string} username @param {string} password */
 export const signInAs = (username, password) =>
   call("/api/session", { method: "POST", body: JSON.stringify({ username, password }) });
-export const signOut = () => call("/api/session", { method: "DELETE" });
+/** Ends the session once the calls on their way have their answers (a call the server reads after the
+ * session ended is refused, 401, and the browser reports it), asking nothing more: the page reloads next. */
+export async function signOut() {
+  leaving = true;
+  if (asking) {
+    await new Promise((resolve) => {
+      whenNoneAsking.push(() => resolve(undefined));
+      setTimeout(resolve, SIGN_OUT_WAITS_MS);
+    });
+  }
+  const response = await fetch("/api/session", { method: "DELETE" }).catch((error) => ({ ok: false, error }));
+  if (!response.ok) {
+    leaving = false; // still signed in: the page goes on
+    throw ("error" in response ? response.error : new Error(`HTTP ${response.status}`));
+  }
+}
 export const account = () => call("/api/account");
 /** Your own usage this month: {total: {requests, prompt_tokens, completion_tokens}, days, limits}. */
 export const usage = () => call("/api/usage");
