@@ -9,10 +9,12 @@ own USR1 handler (reopen the log files) still runs after ours.
 gevent's monitor thread reports a hub blocked for more than GEVENT_MAX_BLOCKING_TIME
 (0.1 s) with every thread's stack, about 20 KB each time: `rate_limit_blocking_reports`
 prints the first in full, then at most one every REPORT_EVERY_SECONDS, saying how many
-were left out since. A report left out is not built either: building one formats every
-thread's stack in the monitor's thread, which holds the GIL the blocked worker needs. (A worker
-starting on a starved machine — a quarter of a core, importing the MCP SDK — was reported 62
-times in 28 s, 1.6 MB, and did not answer within 30 s.)
+were left out since. A check that finds the hub "blocked" while its thread was waiting for a
+CPU (Linux's schedstat: it ran less than the limit and spent most of the rest runnable, not run)
+is a busy machine, not a block: one line says so, without stacks. A report left out is not built
+either: building one formats every thread's stack in the monitor's thread, which holds the GIL the
+blocked worker needs. (A worker starting on a starved machine — a quarter of a core, importing
+the MCP SDK — was reported 62 times in 28 s, 1.6 MB, and did not answer within 30 s.)
 """
 
 from __future__ import annotations
@@ -161,12 +163,41 @@ def is_start_up_report(report: str) -> bool:
 
 
 _worker_starting = [False]  # a gunicorn worker between its fork and its first wait for connections
+_now = time.monotonic
+
+
+def hub_thread_times(hub) -> tuple[float, float] | None:
+    """The seconds the main hub's thread has spent on a CPU and waiting for one (runnable, not run), from
+    Linux's /proc schedstat; None for another hub, or where the kernel does not keep them."""
+    if not getattr(hub, "main_hub", False):
+        return None
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/schedstat", "rb") as stats:
+            ran, waited = stats.read().split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
+def starved(before: tuple[float, tuple[float, float] | None] | None, now: float,
+            times: tuple[float, float] | None, max_blocking: float) -> tuple[float, float, float] | None:
+    """Was a hub found blocked since the monitor's last check (`before`: its time and the thread's times)
+    in fact not run? It ran for less than the blocking limit, and spent most of the time it did not run
+    waiting for a CPU (a thread blocked in a system call sleeps instead, which is a block). Returns the
+    window's seconds (wall, ran, waited) when so."""
+    if before is None or before[1] is None or times is None:
+        return None
+    wall, ran, waited = now - before[0], times[0] - before[1][0], times[1] - before[1][1]
+    if wall > 0 and ran < max_blocking and waited >= (wall - ran) / 2:
+        return wall, ran, waited
+    return None
 
 
 def _new_limits() -> dict:
     """When the last report of a serving worker and of a starting one was printed, and how many of each
     were left out since."""
-    return {"last": float("-inf"), "left_out": 0, "last_start": float("-inf"), "left_out_starting": 0}
+    return {"last": float("-inf"), "left_out": 0, "last_start": float("-inf"), "left_out_starting": 0,
+            "last_starved": float("-inf"), "starved": 0}
 
 
 _LIMITS = _new_limits()
@@ -216,9 +247,36 @@ def rate_limit_blocking_reports() -> None:
                 return False
             return True
 
+    def note_starved(hub, window: tuple[float, float, float]) -> None:
+        """A check that found the hub "blocked" while its thread waited for a CPU: one line at most every
+        REPORT_EVERY_SECONDS, counting those in between; no stacks (nothing here held the hub)."""
+        with lock:
+            now, limits = _now(), _LIMITS
+            limits["starved"] += 1
+            if now - limits["last_starved"] < REPORT_EVERY_SECONDS:
+                return
+            count, limits["starved"], limits["last_starved"] = limits["starved"], 0, now
+        wall, ran, waited = (round(seconds * 1000) for seconds in window)
+        line = (f"the hub's thread waited {waited} ms of {wall} ms for a CPU (it ran {ran} ms): the machine is "
+                f"busy, nothing in this worker blocked the hub ({count} such check(s) since the last line)")
+        if logs.json_mode():
+            logs.write_line(logs.json_line("WARNING", "gevent.monitor", line, event="hub_starved", waited_ms=waited,
+                                           wall_ms=wall, ran_ms=ran, checks=count))
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")  # as gunicorn's lines (no logging in this thread)
+            print(f"[{stamp}] [{os.getpid()}] [WARNING] gevent.monitor {line}", file=hub.exception_stream)
+
     def monitor_blocking(self, hub):
+        now, times = _now(), hub_thread_times(hub)
+        before, self._jarvis_last_check = getattr(self, "_jarvis_last_check", None), (now, times)
         did_block = self._greenlet_tracer.did_block_hub(hub)
-        if not did_block or not worth_building():
+        if not did_block:
+            return None
+        window = starved(before, now, times, _monitor.GEVENT_CONFIG.max_blocking_time)
+        if window is not None:
+            note_starved(hub, window)
+            return None
+        if not worth_building():
             return None
         active_greenlet = did_block[1]
         report = self._greenlet_tracer.did_block_hub_report(

@@ -257,6 +257,69 @@ def test_a_starting_worker_has_its_blocked_hub_reports_built_at_most_once_every_
     assert "(59 more blocked-hub reports while the worker started were left out)" in printed
     assert diagnostics._LIMITS["left_out"] == 4
 
+
+@pytest.mark.parametrize("ran, waited, starved", [
+    (0.004, 0.090, True),  # runnable for 90 ms of 100, not run: another process had the CPUs
+    (0.100, 0.000, False),  # on a CPU the whole time: code held the hub
+    (0.060, 0.040, False),  # ran past the limit (a block on a busy machine is still a block)
+    (0.001, 0.002, False),  # asleep in a system call (a blocking read): a block, and no CPU wanted
+])
+def test_a_hub_found_blocked_while_its_thread_waited_for_a_cpu_is_a_busy_machine(ran, waited, starved):
+    from jarvis import diagnostics
+
+    window = diagnostics.starved((10.0, (1.0, 2.0)), 10.1, (1.0 + ran, 2.0 + waited), max_blocking=0.02)
+    assert (window is not None) == starved, window
+
+
+def test_the_main_hubs_thread_times_come_from_the_kernel_and_grow_as_it_runs():
+    from jarvis import diagnostics
+
+    hub = types.SimpleNamespace(main_hub=True)
+    before = diagnostics.hub_thread_times(hub)
+    assert before is not None  # Linux keeps schedstat (CI's kernel too); else starvation is never assumed
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # 50 ms on a CPU, in this thread (the process's main thread)
+        pass
+    after = diagnostics.hub_thread_times(hub)
+    assert after[0] - before[0] >= 0.04 and after[1] >= before[1]
+    assert diagnostics.hub_thread_times(types.SimpleNamespace(main_hub=False)) is None
+
+
+def test_a_starved_hub_gets_one_line_and_no_report(monkeypatch):
+    """One core kept busy beside a worker told to report blocks over 20 ms: the OS not running the worker
+    for 20 ms was reported as a block, with 20 KB of stacks of wherever it happened to be (seen: uuid4)."""
+    from gevent import _monitor
+
+    from jarvis import diagnostics
+
+    diagnostics.rate_limit_blocking_reports()
+    monkeypatch.setattr(diagnostics, "_LIMITS", diagnostics._new_limits())
+    monkeypatch.setattr(diagnostics, "_worker_starting", [False])
+    clock, times = [100.0], [(1.0, 2.0)]
+    monkeypatch.setattr(diagnostics, "_now", lambda: clock[0])
+    monkeypatch.setattr(diagnostics, "hub_thread_times", lambda hub: times[0])
+    built = []
+    stream = io.StringIO()
+    hub = types.SimpleNamespace(exception_stream=stream, main_hub=True)
+    tracer = types.SimpleNamespace(did_block_hub=lambda hub: (True, "<main>"),
+                                   did_block_hub_report=lambda *args: built.append(1) or ["appears to be blocked"])
+    monitor = types.SimpleNamespace(_greenlet_tracer=tracer, monitor_thread_ident=1)
+    monitor._show_blocking_report = lambda *args: _monitor.PeriodicMonitoringThread._show_blocking_report(
+        monitor, *args)
+    check = _monitor.PeriodicMonitoringThread.monitor_blocking
+    check(monitor, hub)  # the first check has no window before it: reported
+    assert built == [1]
+    for _ in range(3):  # then three checks 0.1 s apart, the thread run 5 ms and kept waiting 90 ms of each
+        clock[0] += 0.1
+        times[0] = (times[0][0] + 0.005, times[0][1] + 0.09)
+        check(monitor, hub)
+    assert built == [1]
+    lines = [line for line in stream.getvalue().splitlines() if "waited" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        "[WARNING] gevent.monitor the hub's thread waited 90 ms of 100 ms for a CPU (it ran 5 ms): the machine is "
+        "busy, nothing in this worker blocked the hub (1 such check(s) since the last line)"), lines
+    assert diagnostics._LIMITS["starved"] == 2
+
 def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
     jarvis = start_jarvis(args=["--timeout", "2"], app="tests.blocking_app:app")
     worker = jarvis.worker().pid
