@@ -137,6 +137,31 @@ def test_a_stop_before_the_answers_first_response_leaves_no_copy_behind(jarvis, 
     problems.assert_clean()
 
 
+
+def test_a_stop_whose_answer_never_got_a_first_response_still_stops_and_keeps_the_page_in_order(jarvis, upstream,
+                                                                                             context):
+    # The send never reaches the server (held here, as a proxy that stalls would): Stop cannot learn its ids,
+    # and stops reading after a few seconds anyway. The question stays where it was asked, unnamed.
+    page, problems = open_page(context, jarvis.url)
+    held = []
+    page.route("**/messages", lambda route: held.append(route))
+    with page.expect_request("**/messages"):
+        send(page, "into the void")
+    page.get_by_role("button", name="Stop", exact=True).click()
+    wait_status(page, "stopped", timeout=30)
+    page.unroute("**/messages")
+    upstream.scenario = Scenario(tokens=5)
+    send(page, "and now a whole answer")
+    wait_status(page, "complete")
+    # The answer's end brings the page in line with the server, then offers to regenerate the last answer.
+    last_answer(page).get_by_role("button", name="Regenerate").wait_for()
+    shown = page.evaluate(SHOWN_MESSAGES)
+    assert [[role, text] for role, _, text in shown] == [
+        ["user", "into the void"], ["assistant", ""], ["user", "and now a whole answer"],
+        ["assistant", "w0 w1 w2 w3 w4"]], shown
+    assert len(held) == 1  # and the server never saw it
+    problems.assert_clean()
+
 def start_a_long_answer(context, jarvis, upstream, prompt: str):
     """Open the page and send a prompt whose answer streams for seconds; return once text shows."""
     upstream.scenario = Scenario(tokens=400, interval=0.02)

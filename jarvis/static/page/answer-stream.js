@@ -16,7 +16,7 @@ const RETRY_FIRST_MS = 500;
 const RETRY_MAX_MS = 30000;
 // How long a Stop waits for the answer's first response before it stops reading anyway. The server
 // answers at once when it has the answer and stops it; a server that has not answered by then may never.
-const STOP_WAITS_FOR_START_MS = 10000;
+const STOP_WAITS_FOR_START_MS = 5000;
 
 /** What the rest of the page does when a stream starts or ends; set once by main.js. */
 export const hooks = {
