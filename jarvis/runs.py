@@ -512,7 +512,7 @@ class Runs:
             run.relay.open()
         except BaseException:
             self.forget(run)
-            if not run.final_saved.is_set():  # its end is being saved: a read of the conversation waits for it
+            if run.relay.closed and not run.final_saved.is_set():  # its end is being saved: a read waits for it
                 self.ending[conversation_id] = run
             if run.relay.stopping is Outcome.STOPPED:
                 # A Stop before the backend began: an answer stopped like any other, with nothing in it yet
