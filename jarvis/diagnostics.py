@@ -235,8 +235,7 @@ def rate_limit_blocking_reports() -> None:
     def worth_building() -> bool:
         """Would a report be printed now? Counted as left out when not."""
         with lock:
-            now = time.monotonic()
-            limits = _LIMITS
+            now, limits = _now(), _LIMITS
             if _worker_starting[0]:
                 if now - limits["last_start"] < REPORT_EVERY_SECONDS:
                     limits["left_out_starting"] += 1
@@ -288,7 +287,7 @@ def rate_limit_blocking_reports() -> None:
     def show_rate_limited(self, hub, report, active_greenlet):
         starting = _worker_starting[0] or is_start_up_report("\n".join(report))
         with lock:
-            now, limits = time.monotonic(), _LIMITS
+            now, limits = _now(), _LIMITS
             if starting:
                 skipped = 0
             elif now - limits["last"] < REPORT_EVERY_SECONDS:

@@ -146,6 +146,7 @@ class Run:
         self.unsaved_since: float | None = None  # the first of the saves failing in a row
         self.saved_chars = 0  # of content, in the store's last accepted save
         self.final_saved = gevent.event.Event()  # the store has the answer's end (its run row is gone)
+        self.ended_as: dict | None = None  # how it ended, as saved: {"status", "error", "stats"}
 
     # -- start and stream ------------------------------------------------------------------
 
@@ -291,7 +292,9 @@ class Run:
                 (self.answer.content, self.answer.reasoning) == self.continued:
             status, error_message, self.kept_stats = self.ended_before  # added nothing: as it had ended
         self.answer.end()  # text still held back (a stop or an error ended it mid-tag) is saved too
-        self._save_final(status, error_message if status != "complete" else None, attempt=1)
+        error_message = error_message if status != "complete" else None
+        self.ended_as = {"status": status, "error": error_message, "stats": self.kept_stats or self.answer.stats()}
+        self._save_final(attempt=1)
 
     def _retitle(self, was: str) -> None:
         """Ask the model for a title of a few words (not shown as an answer, not a run), within
@@ -316,17 +319,19 @@ class Run:
         if title and self.runs.store.retitle(self.conversation_id, was, title):
             log.info("titled the conversation from its first answer")
 
-    def _save_final(self, status: str, error: str | None, attempt: int, first_failed: float | None = None) -> None:
+    def _save_final(self, attempt: int, first_failed: float | None = None) -> None:
         """The last save and the end of the run: retried with back-off until the store takes it (a full
         disk, a held lock, a database away), for at most JARVIS_STORE_RETRY_SECONDS; the text waits here
         meanwhile. It wins over an `interrupted` mark another process set while this one could not renew
-        its lease. Past the limit the loss is logged at ERROR, naming the answer and what was lost."""
+        its lease. Past the limit the loss is logged at ERROR, naming the answer and what was lost. Saves
+        `ended_as`, as ended() set it."""
+        assert self.ended_as is not None
+        status = self.ended_as["status"]
         limit = self.runs.settings.max_answer_chars
         content = self.answer.content[:limit]
         result = self.runs.store.finish_answer_later(
-            self.message_id, content, status, error, reasoning=self.answer.reasoning[:limit],
-            stats=self.kept_stats or self.answer.stats(), reasoning_moved=self.answer.reasoning_moved,
-            tools=self.answer.tools)
+            self.message_id, content, status, self.ended_as["error"], reasoning=self.answer.reasoning[:limit],
+            stats=self.ended_as["stats"], reasoning_moved=self.answer.reasoning_moved, tools=self.answer.tools)
 
         def saved(result):
             if result.successful():
@@ -348,7 +353,7 @@ class Run:
             if attempt == 1 or attempt % 10 == 0:
                 log.warning("the answer's last save failed (%s); trying again for up to %g s", result.exception,
                             retry_seconds)
-            gevent.spawn_later(delay, self._save_final, status, error, attempt + 1, began)
+            gevent.spawn_later(delay, self._save_final, attempt + 1, began)
 
         result.rawlink(saved)
 
@@ -514,12 +519,11 @@ class Runs:
             self.forget(run)
             if run.relay.closed and not run.final_saved.is_set():  # its end is being saved: a read waits for it
                 self.ending[conversation_id] = run
-            if run.relay.stopping is Outcome.STOPPED:
+            if run.ended_as is not None and run.relay.ending.outcome is Outcome.STOPPED:
                 # A Stop before the backend began: an answer stopped like any other, with nothing in it yet
                 # (saved so; a continuation as it had ended), not an error for the page that sent it, which
-                # is still reading this response for the ids of what it shows.
-                status, error, stats = run.ended_before or ("stopped", None, run.answer.stats())
-                return sse_response(iter([OPENING, _final_events({"status": status, "error": error, "stats": stats})]))
+                # is still reading this response for the ids of what it shows. It ends as it was saved.
+                return sse_response(iter([OPENING, _final_events(run.ended_as)]))
             raise
         after = [len(text) if count is None else count for text, count in zip(continued, shown, strict=True)]
         response = run.attach(environ, after[0], after[1])

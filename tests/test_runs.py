@@ -65,13 +65,15 @@ def test_stop_stops_the_answer_at_its_source_and_is_idempotent(client, backend):
 
 
 def _opening_slowly(backend, monkeypatch) -> gevent.event.Event:
-    """The backend takes its time to answer (an upstream still loading a model): open() waits, as a
-    socket read would, until the relay interrupts it. Returns the Event set once open() is waiting."""
-    waiting, real_open = gevent.event.Event(), backend.open
+    """The backend has not answered yet (an upstream still loading a model): open() waits for an answer
+    that never comes, as a socket read would, until the relay interrupts it (a Stop). Returns the Event set
+    once open() is waiting."""
+    waiting, answered, real_open = gevent.event.Event(), gevent.event.Event(), backend.open
 
     def open_slowly(request):
         waiting.set()
-        gevent.sleep(30)
+        if not answered.wait(30):  # never set: only the relay's interruption ends this wait in time
+            raise AssertionError("the Stop never interrupted the backend's open()")
         return real_open(request)
 
     monkeypatch.setattr(backend, "open", open_slowly)
