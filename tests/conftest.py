@@ -264,8 +264,10 @@ def postgres_cluster():
 
 @pytest.fixture
 def database_url(postgres_cluster):
-    """A fresh, empty database for this test."""
-    return postgres_cluster.new_database()
+    """A fresh, empty database for this test (given back emptied afterwards: PostgresCluster.recycle)."""
+    url = postgres_cluster.new_database()
+    yield url
+    postgres_cluster.recycle(url)
 
 
 # -- live ---------------------------------------------------------------------------------

@@ -429,6 +429,34 @@ def test_postgres_refuses_a_newer_schema_and_another_node_finds_the_shared_secre
         PostgresStore(database_url)
 
 
+def test_a_database_given_back_by_its_test_is_handed_on_empty_and_its_sessions_ended(postgres_cluster):
+    """The tests' databases are recycled (tests/postgres.py): the next test gets it as a new one would be."""
+    import psycopg
+
+    from jarvis.stores.postgres import PostgresStore
+
+    url = postgres_cluster.new_database()
+    store = PostgresStore(url)
+    old_secret = store.secret()
+    store.close()
+    lingering = psycopg.connect(url, autocommit=True)  # a killed server's session, say, holding a lock
+    lingering.execute("CREATE SCHEMA extra; CREATE TABLE extra.kept (id int)")
+    lingering.execute("BEGIN; LOCK TABLE jarvis_schema IN ACCESS EXCLUSIVE MODE")
+    postgres_cluster.recycle(url)
+    assert postgres_cluster.new_database() == url
+    with pytest.raises(psycopg.OperationalError):
+        lingering.execute("SELECT 1")  # its session was ended
+    lingering.close()
+    with psycopg.connect(url, autocommit=True) as connection:
+        assert connection.execute("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
+                                  "AND nspname <> 'information_schema'").fetchall() == [("public",)]
+        assert connection.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+                                  ).fetchone() == (0,)
+    store = PostgresStore(url)  # migrates afresh: a new secret, as on a new database
+    assert store.secret() != old_secret
+    store.close()
+
+
 def test_postgres_unreachable_is_a_clear_error():
     from jarvis.stores.postgres import PostgresStore
 
