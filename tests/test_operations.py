@@ -49,6 +49,7 @@ def test_sigterm_lets_a_stream_that_ends_in_time_complete(start_jarvis, upstream
     assert jarvis.process.wait(10) == 0
 
 
+@pytest.mark.shared_servers  # the process's Jarvis: default settings, nothing left behind
 def test_sigusr1_dumps_every_greenlet_and_thread_and_streams_keep_running(jarvis, upstream):
     response = jarvis.chat(fault={"tokens": 30, "interval": 0.05})
     events = sse_events(response)
@@ -342,6 +343,7 @@ def test_worker_killed_for_blocking_its_hub_dumps_where_it_was(start_jarvis):
     assert "was sent SIGKILL" not in jarvis.log()
 
 
+@pytest.mark.shared_servers
 def test_a_stream_survives_a_neighbour_that_pipelines(jarvis):
     """The watcher steps aside when the client pipelines; the stream still completes."""
     client = RawClient(jarvis.port)
