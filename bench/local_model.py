@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jarvis.settings import Settings, resolve_local_model  # noqa: E402
-from tests.live import hub_reports  # noqa: E402
+from tests.live import blocked_hub_reports  # noqa: E402
 from tests.net import free_port, wait_for_http  # noqa: E402
 
 TOPICS = ["rivers", "mountains", "cities", "birds", "trees", "stars", "ships", "songs"]
@@ -130,9 +130,15 @@ def health_checker(port: int):
     return latencies, lambda: (done.set(), thread.join())
 
 
-def blocked_reports(log: Path) -> int:
-    """gevent monitor reports, leaving out those of the worker's own start (no request was waiting then)."""
-    return sum("in init_process" not in report.split("Info:")[0] for report in hub_reports(log.read_text()))
+def blocked_reports(log: Path) -> list[str]:
+    """gevent monitor reports of a serving worker's hub, as the tests count them (tests.live.blocked_hub_reports:
+    not the worker's own start, nor the monitor's or gunicorn's heartbeat's own moments)."""
+    return blocked_hub_reports(log.read_text())
+
+
+def where(report: str) -> str:
+    """The last lines of a report's blocked stack: where the hub was."""
+    return " | ".join(line.strip() for line in report.split("Info:", 1)[0].strip().splitlines()[-4:])
 
 
 def second_turn(server, history: int) -> tuple[float, float, str]:
@@ -170,7 +176,7 @@ def main():
     levels = [int(n) for n in args.concurrency.split(",")]
     settings = Settings.from_env({key: value for key, value in os.environ.items() if key != "JARVIS_UPSTREAM_URL"})
     threads = settings.local_threads_or_cores
-    rows, health, blocked = {}, [], 0
+    rows, health, blocked = {}, [], []
     with tempfile.TemporaryDirectory() as workdir:
         targets = [("Jarvis, 4 slots", lambda: jarvis(workdir, 4, threads)),
                    ("Jarvis, 1 slot (baseline)", lambda: jarvis(workdir, 1, threads))]
@@ -209,7 +215,9 @@ def main():
           f"(prompt tokens read: {evaluated.get('turn-two-kept')} vs {evaluated.get('turn-two-again')})")
     health.sort()
     print(f"/healthz during Jarvis's runs: {len(health)} checks, median {statistics.median(health) * 1000:.1f} ms, "
-          f"max {health[-1] * 1000:.1f} ms; gevent monitor reports of a hub blocked > 20 ms: {blocked}")
+          f"max {health[-1] * 1000:.1f} ms; gevent monitor reports of a hub blocked > 20 ms: {len(blocked)}")
+    for report in blocked:
+        print(f"  blocked at: {where(report)}")
 
 
 def wait_until(port: int, condition, timeout: float = 300) -> None:

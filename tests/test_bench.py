@@ -63,7 +63,10 @@ def test_local_model_benchmark_smoke():
     assert "Jarvis, 4 slots" in result.stdout and "Jarvis, 1 slot (baseline)" in result.stdout
     assert "with its prefix kept" in result.stdout and re.search(r"prompt tokens read: \d+ vs \d+\)", result.stdout), \
         result.stdout  # both turns' counts read from the log (the second's was None: read before its line)
-    assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout
+    # Counted as the tests count them (tests.live.blocked_hub_reports): a report of the worker's start (opening
+    # its listening socket, a system call of microseconds, seen while a busy machine did not run it) is not a
+    # block of a serving hub; each one counted is printed with where the hub was.
+    assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout, result.stdout
 
 
 @pytest.mark.long(15)
