@@ -130,12 +130,6 @@ def health_checker(port: int):
     return latencies, lambda: (done.set(), thread.join())
 
 
-def blocked_reports(log: Path) -> list[str]:
-    """gevent monitor reports of a serving worker's hub, as the tests count them (tests.live.blocked_hub_reports:
-    not the worker's own start, nor the monitor's or gunicorn's heartbeat's own moments)."""
-    return blocked_hub_reports(log.read_text())
-
-
 def where(report: str) -> str:
     """The last lines of a report's blocked stack: where the hub was."""
     return " | ".join(line.strip() for line in report.split("Info:", 1)[0].strip().splitlines()[-4:])
@@ -196,7 +190,8 @@ def main():
             finally:
                 server.stop()
             if checking:
-                blocked += blocked_reports(server.log)
+                # Counted as the tests count them: not the worker's start, nor the monitor's or heartbeat's moments.
+                blocked += blocked_hub_reports(server.log.read_text())
         evaluated = {trace: line.split("prompt_evaluated=")[1].split()[0] for line in log.splitlines()
                      for trace in ("turn-two-kept", "turn-two-again") if f"[{trace}] local generation end" in line}
 
