@@ -7,7 +7,11 @@ reads the same long prompt with no callback, with each callback, and with each w
 second Python thread keeps the GIL busy (as the gevent hub does under load); then it
 cancels the prompt at random moments and reports how long llama.cpp took to stop.
 
-    python bench/prompt_abort.py [--words 400] [--runs 3] [--cancels 10]
+    python bench/prompt_abort.py [--words 400] [--runs 3] [--cancels 10] [--no-busy]
+
+--no-busy leaves out the column read while another thread keeps the GIL busy: the Python callback waits
+for the GIL at every node there, and the spinning thread burns a core all the while (3 of the 4.7 CPU-s
+of the test suite's smoke run).
 """
 
 import argparse
@@ -74,6 +78,7 @@ def main():
     parser.add_argument("--words", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cancels", type=int, default=10)
+    parser.add_argument("--no-busy", action="store_true", help="leave out the GIL-busy column")
     args = parser.parse_args()
     settings = Settings.from_env({key: value for key, value in os.environ.items() if key != "JARVIS_UPSTREAM_URL"})
     llama = load_llama(settings.local_model, settings.local_context, settings.local_threads_or_cores)
@@ -98,15 +103,19 @@ def main():
     for name, callback in callbacks.items():
         data = ctypes.cast(prompt_abort.flag, ctypes.c_void_p) if callback is prompt_abort.callback else None
         bindings.llama_set_abort_callback(context, callback, data)
-        rows.append((name, timed(llama, tokens, args.runs, busy=False), timed(llama, tokens, args.runs, busy=True)))
+        rows.append((name, timed(llama, tokens, args.runs, busy=False),
+                     None if args.no_busy else timed(llama, tokens, args.runs, busy=True)))
     bindings.llama_set_abort_callback(context, prompt_abort.callback, ctypes.cast(prompt_abort.flag, ctypes.c_void_p))
     latencies = cancel_latencies(llama, tokens, prompt_abort, args.cancels, rows[1][1])
 
     print(f"Reading a {len(tokens)}-token prompt ({settings.local_threads_or_cores} thread(s)); medians of "
-          f"{args.runs}; the callback runs {calls[0] // max(1, 2 * args.runs)} times per prompt")
+          f"{args.runs}; the callback runs {calls[0] // max(1, args.runs * (1 if args.no_busy else 2))} times per prompt")
     print(f"{'abort callback':<34}{'idle ms':>10}{'tok/s':>8}{'GIL busy ms':>14}{'tok/s':>8}")
     base = rows[0][1]
     for name, idle, busy in rows:
+        if busy is None:
+            print(f"{name:<34}{idle * 1000:>10.0f}{len(tokens) / idle:>8.0f}{'-':>14}{'-':>8}   ({idle / base:.2f}x)")
+            continue
         print(f"{name:<34}{idle * 1000:>10.0f}{len(tokens) / idle:>8.0f}{busy * 1000:>14.0f}{len(tokens) / busy:>8.0f}"
               f"   ({idle / base:.2f}x, {busy / base:.2f}x of no callback idle)")
     if latencies:

@@ -69,23 +69,24 @@ def test_local_model_benchmark_smoke():
     assert "gevent monitor reports of a hub blocked > 20 ms: 0" in result.stdout, result.stdout
 
 
-@pytest.mark.long(15)
 @pytest.mark.model
 def test_prompt_abort_benchmark_smoke():  # no timing asserted
-    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "10", "--runs", "1", "--cancels", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    # --no-busy: the GIL-busy column's spinning thread was 3.5 of the script's 4.7 CPU-s here (each Python
+    # callback waits out the spinner's switch interval), and it is the same timing code as the idle column.
+    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "10", "--runs", "1", "--cancels", "1",
+                             "--no-busy"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("no callback", "Jarvis: strlen over a flag (C)", "a Python ctypes callback", "cancel -> llama_decode"):
         assert row in result.stdout, result.stdout
 
 
-@pytest.mark.long(14)
-def test_failover_benchmark_smoke():
-    result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+def test_failover_benchmark_smoke():  # --smoke: one case of each kind, five gunicorn starts instead of nine
+    result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1", "--smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("one upstream (JARVIS_UPSTREAM_URL)", "two, the first refuses the connection",
-                "two, the first dead (timeout 1 s)", "failover cost"):
+                "two, the first dead (timeout 1 s)", "failover cost (median, minus one upstream): refused",
+                ", 503 "):
         assert row in result.stdout, result.stdout
 
 
