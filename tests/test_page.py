@@ -63,15 +63,18 @@ def test_tokens_appear_as_they_arrive(jarvis, upstream, context):
 
 @pytest.mark.long
 @pytest.mark.timeout(240)
-def test_send_then_stop_twenty_times(jarvis, upstream, context):
+def test_send_then_stop_a_dozen_times(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=400, interval=0.02)
     page, problems = open_page(context, jarvis.url)
-    rng = random.Random(4)
+    # Twelve Stops, twice Chromium's six connections to a host (a stream left open by a Stop would hang a later
+    # send), each wait before the Stop twice and none four times, in a fixed shuffled order. It was twenty
+    # random draws (a third of the test's 6.6 CPU-s more) that left out one wait in their first twelve.
+    waits = [0, 0, 0, 0, 1, 1, 3, 3, 8, 8, 15, 15]
+    random.Random(4).shuffle(waits)
     stop_to_cancel = []
-    for run in range(20):
+    for run, wait_tokens in enumerate(waits):
         send(page, f"prompt {run}")
         page.wait_for_selector(f"{ASSISTANT}[data-status=streaming] >> nth=-1")
-        wait_tokens = rng.choice([0, 0, 1, 3, 8, 15])
         if wait_tokens:
             wait_text_longer(page, 3 * wait_tokens)
         exchange = upstream.wait_for_exchange(run + 1)
@@ -89,16 +92,16 @@ def test_send_then_stop_twenty_times(jarvis, upstream, context):
           f"{statistics.median(stop_to_cancel) * 1000:.1f} ms, max {max(stop_to_cancel) * 1000:.1f} ms; "
           f"server: client gone -> upstream closed p50 {statistics.median(server_side):.1f} ms, "
           f"max {max(server_side):.1f} ms over {len(server_side)} stops")
-    assert page.locator(f"{ASSISTANT}[data-status=stopped]").count() == 20
+    assert page.locator(f"{ASSISTANT}[data-status=stopped]").count() == len(waits)
     upstream.scenario = Scenario(tokens=5)
     send(page, "and now a whole answer")
-    wait_status(page, "complete")  # no connection-cap hang after twenty stops
+    wait_status(page, "complete")  # no connection-cap hang after a dozen stops
     assert last_answer(page).locator(".content").inner_text().strip() == "w0 w1 w2 w3 w4"
     # Each question and answer shown once, named by the server (a Stop before the first response came
     # used to leave an unnamed copy, shown again below each later answer).
     page.wait_for_function(f"() => ({SHOWN_MESSAGES})().every(([, id]) => id !== null)", polling=POLL_MS,
                            timeout=10_000)
-    assert len(page.evaluate(SHOWN_MESSAGES)) == 42
+    assert len(page.evaluate(SHOWN_MESSAGES)) == 2 * (len(waits) + 1)
     problems.assert_clean()
 
 
