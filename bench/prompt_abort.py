@@ -108,8 +108,9 @@ def main():
     bindings.llama_set_abort_callback(context, prompt_abort.callback, ctypes.cast(prompt_abort.flag, ctypes.c_void_p))
     latencies = cancel_latencies(llama, tokens, prompt_abort, args.cancels, rows[1][1])
 
+    reads = max(1, args.runs * (1 if args.no_busy else 2))  # the Python callback's reads: idle, and busy
     print(f"Reading a {len(tokens)}-token prompt ({settings.local_threads_or_cores} thread(s)); medians of "
-          f"{args.runs}; the callback runs {calls[0] // max(1, args.runs * (1 if args.no_busy else 2))} times per prompt")
+          f"{args.runs}; the callback runs {calls[0] // reads} times per prompt")
     print(f"{'abort callback':<34}{'idle ms':>10}{'tok/s':>8}{'GIL busy ms':>14}{'tok/s':>8}")
     base = rows[0][1]
     for name, idle, busy in rows:
