@@ -10,7 +10,7 @@ cancels the prompt at random moments and reports how long llama.cpp took to stop
     python bench/prompt_abort.py [--words 400] [--runs 3] [--cancels 10] [--no-busy]
 
 --no-busy leaves out the column read while another thread keeps the GIL busy: the Python callback waits
-for the GIL at every node there, and the spinning thread burns a core all the while (3 of the 4.7 CPU-s
+for the GIL at every node there, and the spinning thread burns a core all the while (3.5 of the 4.7 CPU-s
 of the test suite's smoke run).
 """
 
