@@ -67,8 +67,8 @@ def test_send_then_stop_a_dozen_times(jarvis, upstream, context):
     upstream.scenario = Scenario(tokens=400, interval=0.02)
     page, problems = open_page(context, jarvis.url)
     # Twelve Stops, twice Chromium's six connections to a host (a stream left open by a Stop would hang a later
-    # send), each wait before the Stop twice and none four times, in a fixed shuffled order. It was twenty
-    # random draws (a third of the test's 6.6 CPU-s more) that left out one wait in their first twelve.
+    # send), each wait before the Stop twice and none four times, in a fixed shuffled order. Twenty random
+    # draws cost 6.6 CPU-s in the parallel phase, and their first twelve left one wait out.
     waits = [0, 0, 0, 0, 1, 1, 3, 3, 8, 8, 15, 15]
     random.Random(4).shuffle(waits)
     stop_to_cancel = []
