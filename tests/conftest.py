@@ -30,6 +30,17 @@ from tests.browser import _tabs, browser, context  # noqa: F401 (fixtures for th
 from tests.fake_backend import FakeBackend
 from tests.fake_upstream import FakeUpstream
 from tests.live import LiveServer
+from tests.phases import (  # noqa: F401 (the hooks of the README's two phases)
+    PARALLEL,
+    SERIAL,
+    pytest_collection_finish,
+    pytest_configure,
+    pytest_itemcollected,
+    pytest_runtest_setup,
+    pytest_xdist_make_scheduler,
+    second_phase,
+    serial_ids_cleanup,
+)
 
 # -- bytecode -------------------------------------------------------------------------------
 
@@ -62,6 +73,11 @@ gc.callbacks.append(_resource_warnings_shown_during_collection)
 
 
 def pytest_unconfigure(config):
+    serial_ids_cleanup(config)
+    _close_llama_cpp_devnull()
+
+
+def _close_llama_cpp_devnull():
     """llama-cpp-python opens /dev/null twice when imported and never closes it: every run that loaded the
     model ended with four lines of "Exception ignored ... ResourceWarning: unclosed file", as if a test had
     leaked something. The run is over here: they are closed."""
@@ -89,6 +105,8 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("long")
         return -1.0 if marker is None else float(marker.args[0]) if marker.args else 10.0
 
+    if second_phase(config):
+        return  # each kind is handed whole to one test process, in the order collected
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     long = sorted((item for item in items if seconds(item) >= 0), key=seconds, reverse=True)
     rest = [item for item in items if seconds(item) < 0]
@@ -122,16 +140,16 @@ def pytest_sessionstart(session):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """What each phase of the README's test command took, printed above the serial phase's last line:
-    the parallel phase ("not serial") starts .pytest_cache/phases.txt, every run adds its line."""
+    the parallel phase (PARALLEL) starts .pytest_cache/phases.txt, every run adds its line."""
     markers = config.option.markexpr
-    if hasattr(config, "workerinput") or markers not in ("not serial", "serial"):
+    if hasattr(config, "workerinput") or markers not in (PARALLEL, SERIAL):
         return  # an xdist worker (the controller reports the whole phase), or not one of the two phases
     stats = terminalreporter.stats
     counts = ", ".join(f"{len(stats[key])} {key}" for key in ("passed", "failed", "error", "skipped") if stats.get(key))
     line = (f"-m {markers!r}: {counts or 'nothing ran'}, exit {int(exitstatus)}, "
             f"{time.monotonic() - config.stash[_STARTED]:.0f} s on {os.cpu_count()} cores")
     PHASES_FILE.parent.mkdir(exist_ok=True)
-    with open(PHASES_FILE, "w" if markers == "not serial" else "a") as phases:
+    with open(PHASES_FILE, "w" if markers == PARALLEL else "a") as phases:
         phases.write(line + "\n")
     terminalreporter.write_sep("-", "test phases")
     terminalreporter.write(PHASES_FILE.read_text())
