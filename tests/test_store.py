@@ -435,16 +435,15 @@ from gevent import monkey
 monkey.patch_all()  # as in gunicorn's gevent worker: without it the store polls and never listens
 import gevent.event, psycopg
 from jarvis.stores.postgres import PostgresStore
+from tests.live import wait_until
 
 url = sys.argv[1]
 owner, other = PostgresStore(url), PostgresStore(url)
 heard, done = [], gevent.event.Event()
 owner.listen(lambda kind, message_id: (heard.append((kind, message_id)), done.set()))
 with psycopg.connect(url, autocommit=True) as admin:  # listening before anything is sent
-    for _ in range(500):
-        if admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").fetchone()[0]:
-            break
-        gevent.sleep(0.02)
+    wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").fetchone()[0],
+               10, lambda: "the store never listened")
 for kind in ("stop", "deleted"):
     conversation = other.create_conversation("t")
     answer, _, _ = other.start_answer(conversation["id"], owner="elsewhere-host 1 - node", user_content="hi")
