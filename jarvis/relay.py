@@ -253,6 +253,8 @@ class Relay:
             yield from self._read()
         except GeneratorExit:
             self.happened.client_left_mid_write = True
+            if self.stopped_at is None:  # the failed write was the first sign: the cancel is timed from it
+                self.stopped_at = time.monotonic()
             raise
         finally:
             ticker.stop()
