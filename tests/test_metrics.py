@@ -64,6 +64,12 @@ def test_no_label_takes_a_value_from_a_request_or_an_upstream(app, client, backe
 
     from jarvis.errors import ApiError, StreamError
 
+    def requests_by_route(text: str) -> dict:
+        return {(route, status): float(count) for route, status, count in re.findall(
+            r'^jarvis_http_requests_total\{route="([^"]*)",status="([^"]*)"\} (\S+)', text, re.M)}
+
+    # The counters are the process's: another test's app (one with a route of its own) may have counted first.
+    before = requests_by_route(client.get("/metrics").get_data(as_text=True))
     hostile = "x" + secrets.token_hex(6)
     backend.fail_next(ApiError(502, "upstream error", body={"error": {"message": "no", "type": "x", "code": hostile}}))
     client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
@@ -76,7 +82,7 @@ def test_no_label_takes_a_value_from_a_request_or_an_upstream(app, client, backe
     text = client.get("/metrics").get_data(as_text=True)
     assert hostile not in text
     routes = {rule.rule for rule in app.url_map.iter_rules()} | {"unmatched"}
-    counted = re.findall(r'^jarvis_http_requests_total\{route="([^"]*)",status="([^"]*)"\}', text, re.M)
+    counted = [key for key, count in requests_by_route(text).items() if count > before.get(key, 0)]  # this test's
     assert ("/api/conversations/<conversation_id>", "404") in counted and ("unmatched", "404") in counted
     assert all(route in routes and status.isdigit() for route, status in counted), counted
     kinds = set(re.findall(r'^jarvis_upstream_errors_total\{kind="([^"]*)"', text, re.M))
