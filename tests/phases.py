@@ -6,7 +6,9 @@ in-process tier: every test neither live, browser nor serial, marked `in_process
 serial tests judge timing, so they never share the machine with each other or with a live test; beside
 the in-process tests (one test process, mostly one core) they passed as alone, and that tier's CPU (about
 45 of the parallel phase's 230 CPU-s on an idle hour) goes to the core the serial tests leave idle:
-measured on an idle hour of this 2-core machine, 135 s + 90 s before, 108 s + 92 s after.
+measured on an idle hour of this 2-core machine, 135 s + 90 s before, 108 s + 92 s after. Where
+no core is spare (scripts/slow-check --half-cores), the second phase is bound by CPU instead and the total
+is what it was (317 s before, 323 s after, in one hour).
 
 A conftest imports the hooks below (tests/conftest.py does; tests/test_phases.py's project too).
 """
