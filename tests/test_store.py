@@ -442,8 +442,8 @@ owner, other = PostgresStore(url), PostgresStore(url)
 heard, done = [], gevent.event.Event()
 owner.listen(lambda kind, message_id: (heard.append((kind, message_id)), done.set()))
 with psycopg.connect(url, autocommit=True) as admin:  # listening before anything is sent
-    wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").fetchone()[0],
-               10, lambda: "the store never listened")
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+    wait_until(lambda: admin.execute(listening).fetchone()[0], 10, lambda: "the store never listened")
 for kind in ("stop", "deleted"):
     conversation = other.create_conversation("t")
     answer, _, _ = other.start_answer(conversation["id"], owner="elsewhere-host 1 - node", user_content="hi")
