@@ -40,7 +40,9 @@ def second_phase(config) -> bool:
 def pytest_xdist_make_scheduler(config, log):
     """The second phase's two test processes: every serial test to one, in the order collected, every
     in-process test to the other. (xdist's own `--dist loadgroup` does this by marker, but it names the
-    groups by rewriting a private attribute that pytest 9 no longer reads: it ran both kinds in both.)"""
+    groups by rewriting a private attribute that pytest 9 no longer reads: it ran both kinds in both.) The
+    scheduler overrides `_split_scope`, as xdist's own LoadFileScheduling does; tests/test_phases.py fails if
+    a later xdist stops calling it."""
     if not second_phase(config):
         return None
     from xdist.scheduler import LoadScopeScheduling
