@@ -155,16 +155,23 @@ def cpu_share(process: psutil.Process, window: float = 0.25) -> float:
 def test_a_client_leaving_stops_the_real_server_generating(jarvis, llama_server):
     server = psutil.Process(llama_server[0].pid)
     client = RawClient(jarvis.port)
-    client.send(chat_request({**COUNT, "max_tokens": 1500, "stream": True},
+    # Its end of turn (<|im_end|>, token 2) barred: left alone, SmolLM2 ends this answer after 121 tokens
+    # (1.8 s on one thread), within the 3 s below, so a server that went on generating after the client left
+    # would pass. Barred, it writes all 1,500 (about 20 s).
+    client.send(chat_request({**COUNT, "max_tokens": 1500, "stream": True, "logit_bias": {"2": -100}},
                              extra_headers="X-Request-Id: leaving-client\r\n"))
     client.read_until(b'"content"', count=10)
-    assert cpu_share(server) > 0.5  # generating: about one core
+    # Generating: about one core, less where other work shares it (0.32 with each core shared 1:2, where the
+    # old limit of 0.5 failed); idle, about 0.01. "Stopped" is judged against this run's own figure.
+    generating = cpu_share(server)
+    assert generating > 0.1, generating
     left = client.close_rst()
     jarvis.wait_for_log("[leaving-client] stream end outcome=client_stop")
     samples = []  # (seconds since the client left, at the end of the window; cores used in the window)
-    while not samples or samples[-1][1] >= 0.2:
+    while not samples or samples[-1][1] >= generating / 4:
         share = cpu_share(server)
         samples.append((round(time.monotonic() - left, 3), round(share, 2)))
         assert samples[-1][0] < 3.0, samples
-    print(f"real server idle within {samples[-1][0]:.2f} s of the client leaving: {samples}")
+    print(f"real server idle within {samples[-1][0]:.2f} s of the client leaving (generating: {generating:.2f} "
+          f"cores): {samples}")
 
