@@ -457,7 +457,7 @@ other.close()
 """
 
 
-def test_postgres_a_stop_and_a_delete_on_one_node_are_heard_by_another_at_once(database_url):
+def test_postgres_a_stop_and_a_delete_on_one_node_are_heard_by_another_without_a_tick(database_url):
     """The notification itself, with no tick to race it: the live two-node tests see a Stop arrive, but on a
     busy machine the owner's tick (every 0.1 s) can read the flag before the notification is read."""
     result = subprocess.run([sys.executable, "-c", HEARS, database_url], cwd=ROOT, capture_output=True, text=True,
