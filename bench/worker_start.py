@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def start_once(upstream: FakeUpstream, env: dict, app: str, held: Path | None) -
     finally:
         log = server.log()
         server.stop()
+        shutil.rmtree(folder, ignore_errors=True)  # its data, logs and tools file: one folder a start
     return took, log.count("appears to be blocked"), len(log.encode())
 
 

@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -30,7 +31,10 @@ def _bindir() -> str:
 class PostgresCluster:
     def __init__(self):
         self.bindir = _bindir()
-        self.base = tempfile.mkdtemp(prefix="jarvis-pg-")
+        parent = tempfile.gettempdir()
+        if os.geteuid() == 0 and not os.stat(parent).st_mode & stat.S_IXOTH:
+            parent = "/tmp"  # a private TMPDIR (mktemp -d makes it 0700): the postgres user could not reach the data
+        self.base = tempfile.mkdtemp(prefix="jarvis-pg-", dir=parent)
         self.data = os.path.join(self.base, "data")
         self.port = free_port()
         self.as_user: list[str] = []
@@ -46,9 +50,13 @@ class PostgresCluster:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
 
     def start(self) -> PostgresCluster:
-        self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
-                  "-E", "UTF8", "--locale=C", "--no-sync")
-        return self.resume()
+        try:
+            self._run(os.path.join(self.bindir, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
+                      "-E", "UTF8", "--locale=C", "--no-sync")
+            return self.resume()
+        except BaseException:
+            self.stop()  # a cluster that never started leaves no folder behind either
+            raise
 
     def resume(self) -> PostgresCluster:
         """Start the server (again, after pause(): the same port, the same data)."""

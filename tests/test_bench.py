@@ -1,8 +1,11 @@
 """The benchmark scripts run end to end at tiny sizes, so they cannot rot (no timing is asserted)."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -11,12 +14,25 @@ from tests.live import ROOT
 pytestmark = pytest.mark.live
 
 
+def bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run a benchmark script (or `-c CODE`) from the checkout, with a temporary folder of its own as TMPDIR,
+    and check that it leaves nothing there: every data folder, log, PostgreSQL cluster and metrics folder
+    it made is removed by the time it exits (a script run over and over must not fill /tmp)."""
+    scratch = tempfile.mkdtemp(prefix="jarvis-bench-tmp-")  # short: a PostgreSQL socket's path is limited
+    os.chmod(scratch, 0o755)  # as /tmp lets them, the postgres user reaches a cluster's folder made in it
+    try:
+        result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                env={**os.environ, "TMPDIR": scratch})
+        left = sorted(os.listdir(scratch))
+        assert left == [], f"{args[0]} left {left} in its TMPDIR\n{result.stdout}{result.stderr}"
+        return result
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @pytest.mark.long(16)
 def test_bench_run_smoke():  # no timing asserted: it runs beside other tests
-    result = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--floor", "--baseline", "HEAD"], cwd=ROOT, capture_output=True,
-        text=True, timeout=240,
-    )
+    result = bench("bench/run.py", "--smoke", "--floor", "--baseline", "HEAD", timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     for heading in (
         "1. Added latency",
@@ -37,13 +53,7 @@ def test_bench_run_smoke():  # no timing asserted: it runs beside other tests
 
 @pytest.mark.serial
 def test_store_benchmark_smoke():
-    result = subprocess.run(
-        [sys.executable, "bench/store_hub_block.py", "--writes", "50"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = bench("bench/store_hub_block.py", "--writes", "50", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "store thread (Jarvis)" in result.stdout and "directly on the hub" in result.stdout
 
@@ -51,15 +61,9 @@ def test_store_benchmark_smoke():
 @pytest.mark.model
 @pytest.mark.serial
 def test_local_model_benchmark_smoke():
-    result = subprocess.run(
-        # One concurrency level (2: the slots shared): a second level is the same loop again, 1.1 s of the serial phase.
-        [sys.executable, "bench/local_model.py", "--tokens", "8", "--concurrency", "2", "--history", "100",
-         "--no-llama-server"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    # One concurrency level (2: the slots shared): a second level is the same loop again, 1.1 s of the serial phase.
+    result = bench("bench/local_model.py", "--tokens", "8", "--concurrency", "2", "--history", "100",
+                   "--no-llama-server", timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Jarvis, 4 slots" in result.stdout and "Jarvis, 1 slot (baseline)" in result.stdout
     assert "with its prefix kept" in result.stdout and re.search(r"prompt tokens read: \d+ vs \d+\)", result.stdout), \
@@ -74,16 +78,14 @@ def test_local_model_benchmark_smoke():
 def test_prompt_abort_benchmark_smoke():  # no timing asserted
     # --no-busy: the GIL-busy column's spinning thread was 3.5 of the script's 4.7 CPU-s here (each Python
     # callback waits out the spinner's switch interval), and it is the same timing code as the idle column.
-    result = subprocess.run([sys.executable, "bench/prompt_abort.py", "--words", "10", "--runs", "1", "--cancels", "1",
-                             "--no-busy"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = bench("bench/prompt_abort.py", "--words", "10", "--runs", "1", "--cancels", "1", "--no-busy", timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("no callback", "Jarvis: strlen over a flag (C)", "a Python ctypes callback", "cancel -> llama_decode"):
         assert row in result.stdout, result.stdout
 
 
 def test_failover_benchmark_smoke():  # --smoke: one case of each kind, five gunicorn starts instead of nine
-    result = subprocess.run([sys.executable, "bench/failover.py", "--runs", "1", "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = bench("bench/failover.py", "--runs", "1", "--smoke", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("one upstream (JARVIS_UPSTREAM_URL)", "two, the first refuses the connection",
                 "two, the first dead (timeout 1 s)", "failover cost (median, minus one upstream): refused",
@@ -93,15 +95,13 @@ def test_failover_benchmark_smoke():  # --smoke: one case of each kind, five gun
 
 @pytest.mark.long
 def test_store_load_benchmark_smoke():
-    result = subprocess.run([sys.executable, "bench/store_load.py", "--answers", "20", "--seconds", "1"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = bench("bench/store_load.py", "--answers", "20", "--seconds", "1", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SQLite (WAL, its own thread)" in result.stdout and "PostgreSQL (pool, wait_poll)" in result.stdout
 
 
 def test_accounts_benchmark_smoke():  # no timing asserted
-    result = subprocess.run([sys.executable, "bench/accounts.py", "--runs", "2"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = bench("bench/accounts.py", "--runs", "2", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("no accounts (baseline)", "with a personal key", "with a session cookie", "sign-in, unknown name",
                 "account with limits"):
@@ -110,16 +110,14 @@ def test_accounts_benchmark_smoke():  # no timing asserted
 
 
 def test_worker_start_benchmark_smoke():  # no timing asserted; not held to a CPU quota (no cgroup needed)
-    result = subprocess.run([sys.executable, "bench/worker_start.py", "--runs", "1", "--cpus", "0"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = bench("bench/worker_start.py", "--runs", "1", "--cpus", "0", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("floor (no monitor)", "every report (gevent's own)", "jarvis ", "jarvis / floor"):
         assert row in result.stdout, result.stdout
 
 @pytest.mark.long
 def test_search_benchmark_smoke():
-    result = subprocess.run([sys.executable, "bench/search.py", "--conversations", "200", "--runs", "2"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = bench("bench/search.py", "--conversations", "200", "--runs", "2", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SQLite      rare word" in result.stdout and "PostgreSQL  prefix" in result.stdout
 
@@ -131,8 +129,7 @@ def test_profile_summary_gives_a_socket_call_to_whoever_made_it(tmp_path):
         "SocketMixin.recv (gevent/_socketcommon.py:657) 6\n"
         "Hub.run (gevent/hub.py:647) 3\n"
         "write_chunk (gunicorn/util.py:342);SocketMixin.sendall (gevent/_socketcommon.py:693) 1\n")
-    result = subprocess.run([sys.executable, "bench/profile_summary.py", str(profile), "--cpu-us", "50"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = bench("bench/profile_summary.py", str(profile), "--cpu-us", "50", timeout=60)
     assert result.returncode == 0, result.stderr
     rows = {line[:45].strip(): line[45:].split() for line in result.stdout.splitlines()[1:]}
     assert rows["upstream HTTP client"] == ["60.0%", "30.0"]
@@ -157,15 +154,14 @@ print(stream.tokens, stream.complete)
 
 
 def test_the_bench_client_counts_a_token_split_across_http_chunks():
-    result = subprocess.run([sys.executable, "-c", SPLIT_TOKENS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = bench("-c", SPLIT_TOKENS, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3", "True"]
 
 
 @pytest.mark.long(20)
 def test_tools_benchmark_smoke():  # no timing asserted
-    result = subprocess.run([sys.executable, "bench/tools.py", "--runs", "1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=180)
+    result = bench("bench/tools.py", "--runs", "1", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("the SDK alone, asyncio (baseline)", "Jarvis's client, from the gevent hub",
                 "in a page answer: tool_step → tool_result", "Stop while a tool runs → the server notes"):
@@ -174,8 +170,7 @@ def test_tools_benchmark_smoke():  # no timing asserted
 
 
 def test_attachments_benchmark_smoke():  # no timing asserted
-    result = subprocess.run([sys.executable, "bench/attachments.py", "--runs", "1"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = bench("bench/attachments.py", "--runs", "1", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     for row in ("text only (baseline)", "PDF, 10.", "photo, 4000 x 3000 JPEG"):
         assert row in result.stdout, result.stdout
