@@ -115,6 +115,7 @@ def test_worker_start_benchmark_smoke():  # no timing asserted; not held to a CP
     for row in ("floor (no monitor)", "every report (gevent's own)", "jarvis ", "jarvis / floor"):
         assert row in result.stdout, result.stdout
 
+
 @pytest.mark.long
 def test_search_benchmark_smoke():
     result = bench("bench/search.py", "--conversations", "200", "--runs", "2", timeout=120)
